@@ -1,0 +1,201 @@
+"""Defensive image and mask decoding for training, batch scoring and the HTTP server.
+
+Everything raysky decodes may come from an untrusted upload or a half-copied archive, so every
+failure (empty, truncated, not an image, too many pixels, odd mode) surfaces as one exception
+type, :class:`ImageDecodeError`, whose ``reason`` is short enough to go into a results table.
+
+Decisions worth knowing:
+
+* Only raster formats that dermoscopy images actually come in are opened (JPEG/MPO, PNG, TIFF,
+  BMP, WebP, GIF). Restricting Pillow's plugin list keeps formats such as EPS, which shell out
+  to Ghostscript, away from untrusted bytes.
+* The pixel count is checked from the header, before any pixel data is decoded. Pillow's own
+  decompression-bomb error is caught and reported the same way. Pillow's global
+  ``MAX_IMAGE_PIXELS`` and the process-wide warning filters are never modified: the server
+  decodes in threads, and ``warnings.catch_warnings`` is not thread-safe. This is still safe,
+  because Pillow only warns above its own limit (about 89 MP), which is larger than
+  ``DEFAULT_MAX_PIXELS``. Such an image is therefore rejected here right after the warning.
+* Transparency is composited onto white, which is how viewers show it, so the model sees what
+  the person who exported the image saw.
+* High-bit-depth images are scaled to 8 bits by their full range, not clipped. Pillow's own
+  ``convert("L")`` clips 16-bit values at 255, which would turn a 16-bit image white.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from raysky import storage
+
+DEFAULT_MAX_PIXELS = 64_000_000
+"""Largest image (width x height) decoded by default: 8000 x 8000, far above any dermoscope."""
+
+ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "MPO", "PNG", "TIFF", "BMP", "WEBP", "GIF")
+"""Pillow format plugins tried when opening untrusted bytes."""
+
+# Modes Pillow converts to RGB correctly by itself (no alpha, 8 bits per channel).
+_DIRECT_TO_RGB = frozenset({"RGB", "L", "1", "CMYK", "YCbCr", "LAB", "HSV", "RGBX"})
+_WITH_ALPHA = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
+
+
+class ImageDecodeError(ValueError):
+    """Bytes that cannot be used as an image. ``reason`` is a short phrase for result tables."""
+
+    def __init__(self, source: str, reason: str):
+        self.source = source
+        self.reason = reason
+        super().__init__(f"{source}: {reason}")
+
+
+def _open(data: bytes, source: str, max_pixels: int) -> Image.Image:
+    """Open, size-check, fully decode and orient an image, in any mode."""
+    if not data:
+        raise ImageDecodeError(source, "empty file")
+    try:
+        image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError(source, f"image too large ({exc})") from None
+    except UnidentifiedImageError:
+        raise ImageDecodeError(source, "not an image") from None
+    except Exception as exc:  # Pillow plugins raise many types on malformed headers.
+        raise ImageDecodeError(source, f"corrupt image header ({exc})") from None
+    width, height = image.size
+    if width <= 0 or height <= 0:
+        raise ImageDecodeError(source, f"invalid image size {width}x{height}")
+    if width * height > max_pixels:
+        raise ImageDecodeError(
+            source, f"image too large ({width * height} pixels > limit {max_pixels})"
+        )
+    try:
+        # Decode every pixel now, so truncated or corrupt data fails here and not later.
+        image.load()
+    except Exception as exc:
+        reason = "truncated image" if "truncated" in str(exc).lower() else "corrupt image data"
+        raise ImageDecodeError(source, f"{reason} ({exc})") from None
+    # A malformed EXIF block must not reject a readable image: it is then kept as stored.
+    # In place keeps ``image.format``, which tells 16-bit PNG data apart below.
+    with contextlib.suppress(Exception):
+        ImageOps.exif_transpose(image, in_place=True)
+    return image
+
+
+def _scaled_gray(image: Image.Image) -> np.ndarray:
+    """A single-channel high-bit-depth image (I;16*, I, F) as uint8, scaled by its full range."""
+    values = np.asarray(image).astype(np.float64)
+    if image.mode.startswith("I;16") or (image.mode == "I" and image.format == "PNG"):
+        full_scale = 65535.0
+    else:
+        # 32-bit integer or float data has no fixed range: floats in [0, 1] are normalised
+        # intensities, anything else is stretched from its own minimum and maximum.
+        low, high = float(np.nanmin(values)), float(np.nanmax(values))
+        if low >= 0.0 and high <= 1.0 and image.mode == "F":
+            full_scale = 1.0
+        elif low >= 0.0 and high <= 255.0:
+            full_scale = 255.0
+        elif low >= 0.0 and high <= 65535.0:
+            full_scale = 65535.0
+        else:
+            values = values - low
+            full_scale = max(high - low, 1e-12)
+    scaled = np.nan_to_num(values / full_scale * 255.0, nan=0.0)
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def _to_rgb(image: Image.Image, source: str) -> Image.Image:
+    mode = image.mode
+    if mode == "P":
+        # Palette images may carry transparency in the palette or in info["transparency"].
+        image = image.convert("RGBA")
+        mode = image.mode
+    if mode in _WITH_ALPHA:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode in _DIRECT_TO_RGB:
+        try:
+            return image.convert("RGB")
+        except (ValueError, OSError) as exc:
+            raise ImageDecodeError(source, f"unsupported mode {mode} ({exc})") from None
+    if mode.startswith("I") or mode == "F":
+        return Image.fromarray(_scaled_gray(image)).convert("RGB")
+    raise ImageDecodeError(source, f"unsupported mode {mode}")
+
+
+def decode_image(
+    data: bytes, source: str = "<bytes>", max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Image.Image:
+    """Decode image bytes into an 8-bit RGB :class:`PIL.Image.Image`, or raise.
+
+    Grayscale, palette, CMYK and 16/32-bit images are converted to RGB. Alpha is composited onto
+    white, and EXIF orientation is applied. Images with more than ``max_pixels`` pixels are
+    rejected from their header alone, before decoding. Any problem raises
+    :class:`ImageDecodeError` with ``source`` (a URI or upload name) in its message.
+    """
+    return _to_rgb(_open(data, source, max_pixels), source)
+
+
+def decode_mask(
+    data: bytes, source: str = "<bytes>", max_pixels: int = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
+    """Decode a lesion mask into a ``uint8`` array of shape ``(H, W)`` holding 0 and 1.
+
+    Masks whose values are all 0 or 1 are used as they are. Otherwise a pixel is lesion when it
+    is above half the full scale (``> 127`` for 8-bit masks). Colour masks take the maximum over
+    their colour channels, and alpha is ignored. Palette masks use their palette indices, as
+    segmentation tools write them. Bad bytes raise :class:`ImageDecodeError`.
+    """
+    image = _open(data, source, max_pixels)
+    if image.mode.startswith("I") or image.mode == "F":
+        raw = np.asarray(image)
+        if raw.size and np.nanmin(raw) >= 0 and np.nanmax(raw) <= 1:
+            return np.nan_to_num(raw).astype(np.uint8)
+        values = _scaled_gray(image)
+    elif image.mode in ("P", "L", "1"):
+        values = np.asarray(image.convert("L") if image.mode == "1" else image)
+    else:
+        try:
+            values = np.asarray(image.convert("RGB")).max(axis=2)
+        except (ValueError, OSError) as exc:
+            raise ImageDecodeError(source, f"unsupported mask mode {image.mode} ({exc})") from None
+    if values.size and values.max() <= 1:
+        return values.astype(np.uint8)
+    return (values > 127).astype(np.uint8)
+
+
+def encode_png(image: Image.Image | np.ndarray) -> bytes:
+    """Encode a PIL image or a ``uint8``/``bool`` array (``HxW``, ``HxWx3``, ``HxWx4``) as PNG.
+
+    A 2-D array holding only 0 and 1, or a bool array, is treated as a mask and written as
+    0/255, so that it can be viewed and read back by :func:`decode_mask`.
+    """
+    if isinstance(image, np.ndarray):
+        array = image
+        if array.dtype == bool or (
+            array.ndim == 2 and array.dtype == np.uint8 and array.size and array.max() <= 1
+        ):
+            array = array.astype(np.uint8) * 255
+        if array.dtype != np.uint8 or array.ndim not in (2, 3) or (
+            array.ndim == 3 and array.shape[2] not in (3, 4)
+        ):
+            raise ValueError(
+                f"encode_png needs a uint8 or bool array of shape HxW, HxWx3 or HxWx4, got "
+                f"{array.dtype} {array.shape}"
+            )
+        image = Image.fromarray(array)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def load_rgb(uri: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Read ``uri`` (local path or ``s3://``) and decode it with :func:`decode_image`."""
+    return decode_image(storage.read_bytes(uri), source=str(uri), max_pixels=max_pixels)
+
+
+def load_mask(uri: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Read ``uri`` (local path or ``s3://``) and decode it with :func:`decode_mask`."""
+    return decode_mask(storage.read_bytes(uri), source=str(uri), max_pixels=max_pixels)

@@ -1,0 +1,42 @@
+"""The record every dataset reader returns, and the error every reader raises."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+
+@dataclass
+class LesionRecord:
+    """One dermoscopic image and what is known about it.
+
+    Only ``image_id`` and ``image_uri`` are always set. ``label`` is a canonical class code
+    (see :mod:`raysky.data.taxonomy`); ``age`` is in years; ``sex`` and ``site`` are the raw
+    values from the source, which :class:`raysky.data.metadata.MetadataVocab` folds and encodes.
+    """
+
+    image_id: str
+    image_uri: str
+    mask_uri: str | None = None
+    label: str | None = None
+    lesion_id: str | None = None
+    age: float | None = None
+    sex: str | None = None
+    site: str | None = None
+
+    def to_dict(self) -> dict:
+        """Plain-dict form, used as a Ray Data row."""
+        return asdict(self)
+
+
+RECORD_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(LesionRecord))
+
+
+class DatasetError(ValueError):
+    """A malformed dataset: names the file, the row (1-based, header is row 1) and the problem."""
+
+    def __init__(self, file: str, problem: str, row: int | None = None):
+        self.file = file
+        self.row = row
+        self.problem = problem
+        where = f"{file}, row {row}" if row is not None else file
+        super().__init__(f"{where}: {problem}")

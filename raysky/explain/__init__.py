@@ -1,0 +1,19 @@
+"""Grad-CAM heatmaps and the lesion-focus score."""
+
+from raysky.explain.gradcam import (
+    Explanation,
+    GradCAMExplainer,
+    cam_from_gradients,
+    combine_stream_cams,
+    lesion_focus,
+    normalize_heatmaps,
+)
+
+__all__ = [
+    "Explanation",
+    "GradCAMExplainer",
+    "cam_from_gradients",
+    "combine_stream_cams",
+    "lesion_focus",
+    "normalize_heatmaps",
+]

@@ -1,0 +1,100 @@
+"""Grad-CAM over both classifier streams, computed from the prediction's own forward pass.
+
+The classifier exposes its two last feature maps, so no hooks are needed: the explainer runs
+the encoders once, marks their outputs as differentiable leaves, and differentiates the target
+logits back to them through the (cheap) fusion and head only. That gives the heatmap for the
+price of the prediction plus a small backward pass, and nothing is left registered on the model
+between calls, so repeated use cannot leak hooks.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from raysky.models.classifier import DualStreamClassifier
+
+
+class Explanation(NamedTuple):
+    """Class probabilities (float32 ``[B, C]``) and heatmaps (float32 ``[B, H, W]`` in [0, 1])."""
+
+    probabilities: torch.Tensor
+    heatmaps: torch.Tensor
+
+
+def cam_from_gradients(feature_map: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM for one layer: ReLU of the feature maps weighted by their spatially pooled gradients."""
+    weights = gradients.float().mean(dim=(2, 3), keepdim=True)
+    return F.relu((weights * feature_map.float()).sum(dim=1))
+
+
+def normalize_heatmaps(cams: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Scale each map to [0, 1] by its maximum; an all-zero map stays zero."""
+    peak = cams.flatten(1).amax(dim=1).clamp_min(eps)
+    return (cams / peak[:, None, None]).clamp_(0.0, 1.0)
+
+
+def combine_stream_cams(cams: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+    """Upsample each stream's CAM to ``size``, normalise each, sum them and renormalise.
+
+    Normalising per stream first keeps one stream's larger activations from hiding the other.
+    """
+    resized = [
+        F.interpolate(cam[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+        for cam in cams
+    ]
+    return normalize_heatmaps(sum(normalize_heatmaps(c) for c in resized))
+
+
+def lesion_focus(heatmaps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Share of each heatmap's mass inside its lesion mask, in [0, 1]; NaN for an empty heatmap.
+
+    This is the number behind the paper's claim that the model looks at the lesion: 1.0 means
+    all of the evidence lies on the lesion, the mask's own area fraction is what chance gives.
+    """
+    heat = heatmaps.float().flatten(1)
+    inside = (heat * masks.float().flatten(1)).sum(1)
+    total = heat.sum(1)
+    return torch.where(total > 0, inside / total.clamp_min(1e-12), torch.full_like(total, float("nan")))
+
+
+class GradCAMExplainer:
+    """Predict and explain a batch in one pass; targets default to the predicted class."""
+
+    def __init__(self, model: DualStreamClassifier):
+        self.model = model
+
+    def __call__(self, image: torch.Tensor, mask: torch.Tensor,
+                 metadata: dict[str, torch.Tensor] | None = None,
+                 targets: torch.Tensor | None = None,
+                 autocast=None) -> Explanation:
+        """Return probabilities and heatmaps at the input's resolution.
+
+        ``autocast`` is an optional context manager factory (see ``raysky.models.runtime``)
+        applied to the forward pass. Gradients are enabled here even if the caller is under
+        ``no_grad``, since Grad-CAM cannot work without them.
+        """
+        import contextlib
+
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError("Grad-CAM needs autograd: call the explainer outside torch.inference_mode()")
+        ctx = autocast or contextlib.nullcontext
+        with torch.no_grad(), ctx():
+            full_map, lesion_map = self.model.encode(image, mask)
+        # Leaves cut here: the backward pass stops at the feature maps and never re-enters the
+        # DenseNet encoders, which is where almost all of the compute is.
+        full_map = full_map.detach().requires_grad_(True)
+        lesion_map = lesion_map.detach().requires_grad_(True)
+        with torch.enable_grad(), ctx():
+            logits = self.model.classify(full_map, lesion_map, metadata)
+        logits = logits.float()
+        if targets is None:
+            targets = logits.argmax(dim=1)
+        score = logits.gather(1, targets.to(logits.device).long().view(-1, 1)).sum()
+        full_grad, lesion_grad = torch.autograd.grad(score, (full_map, lesion_map))
+        cams = [cam_from_gradients(full_map.detach(), full_grad),
+                cam_from_gradients(lesion_map.detach(), lesion_grad)]
+        heatmaps = combine_stream_cams(cams, tuple(image.shape[-2:]))
+        return Explanation(torch.softmax(logits.detach(), dim=1), heatmaps.detach())

@@ -1,0 +1,132 @@
+"""The full per-image pipeline shared by batch scoring and the live endpoint.
+
+segment -> suppress background -> classify -> Grad-CAM, on a batch of decoded images of any
+sizes, returning masks and heatmaps at each image's original resolution.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from raysky.data.taxonomy import malignant_indices
+from raysky.explain.gradcam import GradCAMExplainer, lesion_focus
+from raysky.models.checkpoint import LoadedModel, load_checkpoint
+from raysky.models.preprocess import images_to_tensor, resize_map
+from raysky.models.runtime import autocast, prepare_for_device, select_device
+
+MASK_THRESHOLD = 0.5
+
+
+@dataclass
+class LesionPrediction:
+    """Everything raysky says about one image; masks and heatmaps are at the original size."""
+
+    probabilities: np.ndarray  # float32 [C], sums to 1
+    predicted_class: str
+    malignant_prob: float
+    mask: np.ndarray  # uint8 HxW, 0/1
+    lesion_area_frac: float
+    heatmap: np.ndarray | None  # float32 HxW in [0, 1], None when not explained
+    lesion_focus: float  # NaN when not explained or the heatmap is empty
+
+
+class LesionPipeline:
+    """Segmenter plus classifier plus explainer, on one device, in one precision."""
+
+    def __init__(self, segmenter: LoadedModel, classifier: LoadedModel, use_gpu: bool = False,
+                 precision: str = "fp32"):
+        if segmenter.kind != "segmenter" or classifier.kind != "classifier":
+            raise ValueError(
+                f"expected a segmenter and a classifier checkpoint, got {segmenter.kind} and "
+                f"{classifier.kind}; check the order of --segmenter and --classifier"
+            )
+        self.device = select_device(use_gpu)
+        self.precision = precision
+        self.segmenter_meta = segmenter.meta
+        self.classifier_meta = classifier.meta
+        self.segmenter = prepare_for_device(segmenter.model.eval(), self.device)
+        self.classifier = prepare_for_device(classifier.model.eval(), self.device)
+        self.explainer = GradCAMExplainer(self.classifier)
+        self.classes: tuple[str, ...] = classifier.classes
+        self.malignant = malignant_indices(self.classes)
+        self.vocab = self.classifier.vocab
+
+    @classmethod
+    def from_uris(cls, segmenter_uri: str, classifier_uri: str, use_gpu: bool = False,
+                  precision: str = "fp32") -> LesionPipeline:
+        """Load both checkpoints (local or ``s3://``) and build the pipeline."""
+        return cls(load_checkpoint(segmenter_uri, "segmenter"),
+                   load_checkpoint(classifier_uri, "classifier"), use_gpu, precision)
+
+    @property
+    def segmenter_version(self) -> str:
+        """Version id of the segmenter's weights."""
+        return self.segmenter_meta["version"]
+
+    @property
+    def classifier_version(self) -> str:
+        """Version id of the classifier's weights."""
+        return self.classifier_meta["version"]
+
+    def _autocast(self):
+        return autocast(self.device, self.precision)
+
+    def _input(self, images: Sequence[np.ndarray], meta: dict) -> torch.Tensor:
+        norm = meta["normalization"]
+        tensor = images_to_tensor(images, meta["input_size"], norm["mean"], norm["std"])
+        return tensor.to(self.device)
+
+    def segment(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """Lesion probabilities at the segmenter's input size, ``[B, h, w]`` float32."""
+        with torch.inference_mode(), self._autocast():
+            logits = self.segmenter(self._input(images, self.segmenter_meta))
+        return torch.sigmoid(logits.float())[:, 0]
+
+    def __call__(self, images: Sequence[np.ndarray], metadata: Sequence[dict] | None = None,
+                 explain: bool = True) -> list[LesionPrediction]:
+        """Score a batch of RGB uint8 arrays; ``metadata`` holds ``age``/``sex``/``site`` dicts."""
+        if not images:
+            return []
+        metadata = metadata or [{}] * len(images)
+        seg_prob = self.segment(images)
+        cls_input = self._input(images, self.classifier_meta)
+        size = cls_input.shape[-2:]
+        cls_mask = torch.nn.functional.interpolate(seg_prob[:, None], size=size, mode="bilinear",
+                                                   align_corners=False)
+        cls_mask = (cls_mask > MASK_THRESHOLD).float()
+        meta_tensors = self.vocab.encode_batch(
+            [m.get("age") for m in metadata], [m.get("sex") for m in metadata],
+            [m.get("site") for m in metadata],
+        )
+        if explain:
+            probs, heatmaps = self.explainer(cls_input, cls_mask, meta_tensors, autocast=self._autocast)
+        else:
+            with torch.inference_mode(), self._autocast():
+                logits = self.classifier(cls_input, cls_mask, meta_tensors)
+            probs, heatmaps = torch.softmax(logits.float(), dim=1), None
+        probs = probs.cpu()
+        results = []
+        for i, image in enumerate(images):
+            height, width = image.shape[:2]
+            mask = (resize_map(seg_prob[i], height, width) > MASK_THRESHOLD).astype(np.uint8)
+            heatmap, focus = None, float("nan")
+            if heatmaps is not None:
+                heatmap = np.clip(resize_map(heatmaps[i], height, width), 0.0, 1.0)
+                focus = float(lesion_focus(torch.from_numpy(heatmap)[None],
+                                           torch.from_numpy(mask)[None])[0])
+            p = probs[i].numpy().astype(np.float32)
+            p = p / p.sum()
+            results.append(LesionPrediction(
+                probabilities=p,
+                predicted_class=self.classes[int(p.argmax())],
+                malignant_prob=float(p[self.malignant].sum()) if self.malignant else 0.0,
+                mask=mask,
+                lesion_area_frac=float(mask.mean()),
+                heatmap=heatmap,
+                lesion_focus=focus,
+            ))
+        return results

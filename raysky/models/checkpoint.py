@@ -1,0 +1,175 @@
+"""One self-describing checkpoint format for both models, on local disk or S3.
+
+A checkpoint is a directory (or S3 prefix) holding ``model.safetensors`` and ``config.json``.
+The JSON carries everything needed to rebuild and use the model without the code that trained
+it guessing: kind, preset, full architecture config, classes, input size, normalisation,
+metadata vocabulary, and a version id derived from the weights' bytes, so two checkpoints with
+the same version are bit-identical.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import nn
+
+from raysky import __version__, storage
+from raysky.data.metadata import MetadataVocab
+from raysky.models.classifier import DualStreamClassifier
+from raysky.models.config import (
+    ClassifierConfig,
+    SegmenterConfig,
+    config_from_dict,
+    config_to_dict,
+)
+from raysky.models.segmenter import DeepUNet
+
+FORMAT = "raysky-checkpoint/1"
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+@dataclass
+class LoadedModel:
+    """A model rebuilt from a checkpoint, with its JSON description."""
+
+    model: nn.Module
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        """``segmenter`` or ``classifier``."""
+        return self.meta["kind"]
+
+    @property
+    def version(self) -> str:
+        """Version id derived from the weights."""
+        return self.meta["version"]
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """Class codes in logit order (classifiers only; empty for segmenters)."""
+        return tuple(self.meta.get("classes", ()))
+
+
+def model_kind(model: nn.Module) -> str:
+    """Name the kind of a raysky model; anything else is a ``TypeError``."""
+    model = getattr(model, "module", model)  # unwrap DDP
+    if isinstance(model, DeepUNet):
+        return "segmenter"
+    if isinstance(model, DualStreamClassifier):
+        return "classifier"
+    raise TypeError(f"not a raysky model: {type(model).__name__}")
+
+
+def serialize_weights(model: nn.Module) -> bytes:
+    """Weights as safetensors bytes (contiguous CPU tensors, so channels_last models work too)."""
+    model = getattr(model, "module", model)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    return save_safetensors(state)
+
+
+def weights_version(weights: bytes, kind: str) -> str:
+    """A short content hash of the weights, prefixed by kind (e.g. ``seg-3fa2c1d09e4b``)."""
+    return f"{kind[:3]}-{hashlib.sha256(weights).hexdigest()[:12]}"
+
+
+def describe(model: nn.Module, preset: str, weights: bytes, extra: dict | None = None) -> dict:
+    """Build the checkpoint's JSON description for ``model`` and its serialized weights."""
+    inner = getattr(model, "module", model)
+    kind = model_kind(inner)
+    config = inner.config
+    meta = {
+        "format": FORMAT,
+        "kind": kind,
+        "preset": preset,
+        "config": config_to_dict(config),
+        "input_size": config.input_size,
+        "normalization": {"mean": list(config.mean), "std": list(config.std)},
+        "version": weights_version(weights, kind),
+        "raysky_version": __version__,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if kind == "classifier":
+        meta["classes"] = list(config.classes)
+        meta["metadata_vocab"] = inner.vocab.to_dict()
+    if extra:
+        meta["extra"] = extra
+    return meta
+
+
+def save_checkpoint(model: nn.Module, uri: str, preset: str, extra: dict | None = None) -> dict:
+    """Write ``model`` as a checkpoint directory at ``uri`` and return its JSON description."""
+    weights = serialize_weights(model)
+    meta = describe(model, preset, weights, extra)
+    storage.makedirs(uri)
+    storage.write_bytes(storage.join(uri, WEIGHTS_FILE), weights)
+    storage.write_bytes(storage.join(uri, CONFIG_FILE), json.dumps(meta, indent=2).encode())
+    return meta
+
+
+def read_checkpoint_meta(uri: str) -> dict:
+    """Read only a checkpoint's ``config.json``; errors name the URI and what is wrong."""
+    config_uri = storage.join(uri, CONFIG_FILE)
+    try:
+        meta = json.loads(storage.read_bytes(config_uri))
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{uri}: not a raysky checkpoint (no {CONFIG_FILE})") from exc
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{config_uri}: invalid JSON ({exc})") from exc
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{config_uri}: unsupported checkpoint format {meta.get('format')!r}, expected {FORMAT}")
+    return meta
+
+
+def build_from_meta(meta: dict) -> nn.Module:
+    """Construct an untrained model with the architecture a checkpoint describes."""
+    if meta["kind"] == "segmenter":
+        return DeepUNet(config_from_dict(SegmenterConfig, meta["config"]))
+    if meta["kind"] == "classifier":
+        vocab = MetadataVocab.from_dict(meta["metadata_vocab"])
+        return DualStreamClassifier(config_from_dict(ClassifierConfig, meta["config"]), vocab)
+    raise ValueError(f"unknown checkpoint kind {meta['kind']!r}")
+
+
+def load_checkpoint(uri: str, expected_kind: str | None = None) -> LoadedModel:
+    """Load a checkpoint from a local path or ``s3://`` URI, in eval mode on the CPU.
+
+    ``expected_kind`` guards against swapped ``--segmenter``/``--classifier`` arguments.
+    """
+    meta = read_checkpoint_meta(uri)
+    if expected_kind and meta["kind"] != expected_kind:
+        raise ValueError(f"{uri}: is a {meta['kind']} checkpoint, but a {expected_kind} was expected")
+    model = build_from_meta(meta)
+    weights = storage.read_bytes(storage.join(uri, WEIGHTS_FILE))
+    model.load_state_dict(load_safetensors(weights))
+    return LoadedModel(model=model.eval(), meta=meta)
+
+
+def load_encoder_weights(encoder: nn.Module, uri: str) -> tuple[int, int]:
+    """Load pretrained weights (a timm/torchvision state dict) from a file or URI into ``encoder``.
+
+    Accepts ``.safetensors`` or a ``torch.save`` state dict (optionally under ``state_dict``).
+    Classifier-head keys are ignored. Returns ``(loaded, total)`` tensor counts; a file that
+    matches none of the encoder's tensors is an error rather than a silent no-op.
+    """
+    data = storage.read_bytes(uri)
+    if uri.endswith(".safetensors"):
+        state = load_safetensors(data)
+    else:
+        import io
+
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+    own = encoder.state_dict()
+    matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not matched:
+        raise ValueError(f"{uri}: no tensor matches the encoder's parameters (wrong architecture?)")
+    encoder.load_state_dict(matched, strict=False)
+    return len(matched), len(own)

@@ -1,0 +1,54 @@
+"""Device, precision and threading choices shared by training, scoring and serving."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+from torch import nn
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def select_device(use_gpu: bool = False) -> torch.device:
+    """CUDA when asked for and present, else CPU; asking for a GPU that is absent is an error."""
+    if use_gpu:
+        if not torch.cuda.is_available():
+            raise RuntimeError("--gpu was given but torch sees no CUDA device on this node")
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def autocast(device: torch.device | str, precision: str = "fp32") -> contextlib.AbstractContextManager:
+    """bf16 autocast on CPU or CUDA when ``precision='bf16'``, else a no-op context.
+
+    bf16 needs no loss scaling, so the same context serves training and inference on both
+    device types.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    device_type = torch.device(device).type
+    return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+
+
+def prepare_for_device(model: nn.Module, device: torch.device, channels_last: bool | None = None) -> nn.Module:
+    """Move ``model`` to ``device``; channels_last defaults on for CUDA, where it pays off."""
+    model = model.to(device)
+    if channels_last if channels_last is not None else device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def set_torch_threads(num_threads: int | None = None) -> int:
+    """Set torch's intra-op threads explicitly and return the count used.
+
+    Ray sets ``OMP_NUM_THREADS=1`` inside actors and Serve replicas, which would leave a CPU
+    model on one core; callers pass the CPUs they were granted, or we use all visible cores.
+    """
+    if num_threads is None or num_threads <= 0:
+        num_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(int(num_threads))
+    return int(num_threads)

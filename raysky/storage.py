@@ -1,0 +1,137 @@
+"""One way to read and write bytes at a local path or an ``s3://`` URI.
+
+Everything in raysky that touches storage goes through this module, so local folders and S3
+behave the same. The S3 endpoint, region and credentials come from the standard AWS
+environment variables (``AWS_ENDPOINT_URL``, ``AWS_REGION``, ``AWS_ACCESS_KEY_ID`` ...), which is
+how moto, MinIO and real S3 are all reached without code changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import posixpath
+from functools import lru_cache
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+
+def is_s3(uri: str) -> bool:
+    """Return True when ``uri`` names an S3 object or prefix (``s3://bucket/key``)."""
+    return str(uri).startswith("s3://")
+
+
+@lru_cache(maxsize=8)
+def _s3_filesystem(endpoint: str | None, region: str | None) -> pafs.S3FileSystem:
+    kwargs: dict = {}
+    if endpoint:
+        parsed = urlparse(endpoint)
+        # pyarrow wants the host:port without the scheme, plus the scheme on its own.
+        kwargs["endpoint_override"] = parsed.netloc or parsed.path
+        kwargs["scheme"] = parsed.scheme or "https"
+    kwargs["region"] = region or "us-east-1"
+    return pafs.S3FileSystem(**kwargs)
+
+
+def s3_filesystem() -> pafs.S3FileSystem:
+    """Return a pyarrow S3 filesystem configured from the AWS environment variables.
+
+    ``AWS_ENDPOINT_URL_S3`` wins over ``AWS_ENDPOINT_URL``, matching boto3's precedence, so a
+    local S3 server such as moto is picked up without any raysky-specific setting.
+    """
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    return _s3_filesystem(endpoint, region)
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """Split ``uri`` into a pyarrow filesystem and the path that filesystem understands."""
+    uri = str(uri)
+    if is_s3(uri):
+        return s3_filesystem(), uri[len("s3://") :].rstrip("/")
+    if uri.startswith("file://"):
+        uri = uri[len("file://") :]
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path segments onto a local path or S3 URI without losing the ``s3://`` scheme."""
+    base = str(base)
+    if is_s3(base):
+        return "s3://" + posixpath.join(base[len("s3://") :].rstrip("/"), *parts)
+    return os.path.join(base, *parts)
+
+
+def exists(uri: str) -> bool:
+    """Return True when a file or directory exists at ``uri``."""
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def is_dir(uri: str) -> bool:
+    """Return True when ``uri`` is a directory (or a non-empty S3 prefix)."""
+    fs, path = resolve(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.Directory:
+        return True
+    if is_s3(uri) and info.type == pafs.FileType.NotFound:
+        return bool(list_files(uri, limit=1))
+    return False
+
+
+def read_bytes(uri: str) -> bytes:
+    """Read a whole object; raises FileNotFoundError naming ``uri`` when it is absent."""
+    fs, path = resolve(uri)
+    try:
+        with fs.open_input_stream(path) as stream:
+            return stream.read()
+    except (FileNotFoundError, OSError) as exc:
+        if fs.get_file_info(path).type == pafs.FileType.NotFound:
+            raise FileNotFoundError(f"{uri}: no such file or object") from exc
+        raise
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write ``data`` to ``uri``, creating parent directories for local paths."""
+    fs, path = resolve(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    with fs.open_output_stream(path) as stream:
+        stream.write(data)
+
+
+def makedirs(uri: str) -> None:
+    """Create a directory (a no-op for S3, where prefixes need no creation)."""
+    fs, path = resolve(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        os.makedirs(path, exist_ok=True)
+
+
+def list_files(uri: str, suffixes: tuple[str, ...] | None = None, limit: int | None = None) -> list[str]:
+    """List files under ``uri`` recursively, as URIs of the same kind, sorted by name.
+
+    ``suffixes`` filters by case-insensitive extension (for example ``(".jpg", ".png")``).
+    """
+    fs, path = resolve(uri)
+    selector = pafs.FileSelector(path, recursive=True, allow_not_found=True)
+    out: list[str] = []
+    for info in fs.get_file_info(selector):
+        if info.type != pafs.FileType.File:
+            continue
+        if suffixes and not info.path.lower().endswith(suffixes):
+            continue
+        out.append(("s3://" + info.path) if is_s3(uri) else info.path)
+    out.sort()
+    return out[:limit] if limit is not None else out
+
+
+def delete(uri: str) -> None:
+    """Delete a file or a whole directory/prefix; missing targets are ignored."""
+    fs, path = resolve(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        fs.delete_file(path)
+    elif info.type == pafs.FileType.Directory or is_s3(uri):
+        with contextlib.suppress(FileNotFoundError, OSError):
+            fs.delete_dir(path)

@@ -1,0 +1,52 @@
+"""Shared fixtures: the bundled real sample, an embedded S3 server, and a local Ray."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_DIR = REPO / "data" / "sample"
+
+# Tests must be reproducible and must never reach the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+@pytest.fixture(scope="session")
+def sample_dir() -> Path:
+    """The bundled 35-image HAM10000 sample (real images, masks and metadata)."""
+    assert (SAMPLE_DIR / "HAM10000_metadata.csv").exists(), "bundled sample is missing"
+    return SAMPLE_DIR
+
+
+@pytest.fixture
+def sample_copy(tmp_path: Path, sample_dir: Path) -> Path:
+    """A writable copy of the sample, for tests that damage or extend it."""
+    target = tmp_path / "sample"
+    shutil.copytree(sample_dir, target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A real S3 endpoint (moto server) on 127.0.0.1, with AWS_* variables pointing at it."""
+    from raysky.local_s3 import local_s3
+
+    with local_s3() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3):
+    """A local Ray instance sized for this 2-core machine, sharing the S3 environment."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": dict(s3.env)})
+    yield ray
+    ray.shutdown()
