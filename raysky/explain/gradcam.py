@@ -85,16 +85,14 @@ class GradCAMExplainer:
             full_map, lesion_map = self.model.encode(image, mask)
         # Leaves cut here: the backward pass stops at the feature maps and never re-enters the
         # DenseNet encoders, which is where almost all of the compute is.
-        full_map = full_map.detach().requires_grad_(True)
-        lesion_map = lesion_map.detach().requires_grad_(True)
+        maps = [m.detach().requires_grad_(True) for m in (full_map, lesion_map) if m is not None]
         with torch.enable_grad(), ctx():
-            logits = self.model.classify(full_map, lesion_map, metadata)
+            logits = self.model.classify(maps[0], maps[1] if len(maps) > 1 else None, metadata)
         logits = logits.float()
         if targets is None:
             targets = logits.argmax(dim=1)
         score = logits.gather(1, targets.to(logits.device).long().view(-1, 1)).sum()
-        full_grad, lesion_grad = torch.autograd.grad(score, (full_map, lesion_map))
-        cams = [cam_from_gradients(full_map.detach(), full_grad),
-                cam_from_gradients(lesion_map.detach(), lesion_grad)]
+        grads = torch.autograd.grad(score, maps)
+        cams = [cam_from_gradients(m.detach(), g) for m, g in zip(maps, grads, strict=True)]
         heatmaps = combine_stream_cams(cams, tuple(image.shape[-2:]))
         return Explanation(torch.softmax(logits.detach(), dim=1), heatmaps.detach())

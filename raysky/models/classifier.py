@@ -17,7 +17,7 @@ class ClassifierOutput(NamedTuple):
 
     logits: torch.Tensor
     full_features: torch.Tensor
-    lesion_features: torch.Tensor
+    lesion_features: torch.Tensor | None
 
 
 def suppress_background(image: torch.Tensor, mask: torch.Tensor, min_area: float = 0.01) -> torch.Tensor:
@@ -111,20 +111,25 @@ class DualStreamClassifier(nn.Module):
         self.config = config
         self.vocab = vocab or MetadataVocab()
         self.full_encoder = self._make_encoder(config)
-        self.lesion_encoder = self._make_encoder(config)
         channels = self.full_encoder.num_features
         dim = config.embed_dim
         self.full_proj = nn.Linear(channels, dim)
-        self.lesion_proj = nn.Linear(channels, dim)
         self.stream_embedding = nn.Parameter(torch.zeros(2, dim))
-        self.fusion = BidirectionalFusion(dim, config.num_heads, config.fusion_layers, config.dropout)
+        # The single-stream variant exists for the paper's ablation: same head, no lesion view.
+        self.lesion_encoder = self._make_encoder(config) if config.use_lesion_stream else None
+        self.lesion_proj = nn.Linear(channels, dim) if config.use_lesion_stream else None
+        self.fusion = (
+            BidirectionalFusion(dim, config.num_heads, config.fusion_layers, config.dropout)
+            if config.use_lesion_stream
+            else None
+        )
         self.metadata = (
             MetadataTransformer(self.vocab, dim, config.metadata_heads, config.metadata_layers,
                                 config.dropout)
             if config.use_metadata
             else None
         )
-        head_in = dim * (3 if config.use_metadata else 2)
+        head_in = dim * (1 + int(config.use_lesion_stream) + int(config.use_metadata))
         self.head = nn.Sequential(nn.LayerNorm(head_in), nn.Dropout(config.dropout),
                                   nn.Linear(head_in, config.num_classes))
 
@@ -136,18 +141,26 @@ class DualStreamClassifier(nn.Module):
     def _tokens(self, fmap: torch.Tensor, proj: nn.Linear, stream: int) -> torch.Tensor:
         return proj(fmap.flatten(2).transpose(1, 2)) + self.stream_embedding[stream].to(fmap.dtype)
 
-    def encode(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both streams' last feature maps: the full image and the background-suppressed lesion."""
+    def encode(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Both streams' last feature maps: the full image and the background-suppressed lesion.
+
+        The lesion map is ``None`` for the single-stream ablation.
+        """
         full_map = self.full_encoder.forward_features(image)
+        if self.lesion_encoder is None:
+            return full_map, None
         lesion_map = self.lesion_encoder.forward_features(suppress_background(image, mask))
         return full_map, lesion_map
 
-    def classify(self, full_map: torch.Tensor, lesion_map: torch.Tensor,
+    def classify(self, full_map: torch.Tensor, lesion_map: torch.Tensor | None,
                  metadata: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """Logits from the two feature maps (cross-attention fusion, metadata, head)."""
-        full, lesion = self.fusion(self._tokens(full_map, self.full_proj, 0),
-                                   self._tokens(lesion_map, self.lesion_proj, 1))
-        pooled = [full.mean(1), lesion.mean(1)]
+        """Logits from the feature maps (cross-attention fusion, metadata, head)."""
+        full = self._tokens(full_map, self.full_proj, 0)
+        if self.fusion is None or lesion_map is None:
+            pooled = [full.mean(1)]
+        else:
+            full, lesion = self.fusion(full, self._tokens(lesion_map, self.lesion_proj, 1))
+            pooled = [full.mean(1), lesion.mean(1)]
         if self.metadata is not None:
             batch = full_map.shape[0]
             if metadata is None:

@@ -42,6 +42,7 @@ class ClassifierConfig:
     embed_dim: int = 256
     num_heads: int = 8
     fusion_layers: int = 1
+    use_lesion_stream: bool = True
     use_metadata: bool = True
     metadata_layers: int = 2
     metadata_heads: int = 4
