@@ -6,7 +6,7 @@ type, :class:`ImageDecodeError`, whose ``reason`` is short enough to go into a r
 
 Decisions worth knowing:
 
-* Only raster formats that dermoscopy images actually come in are opened (JPEG/MPO, PNG, TIFF,
+* Only raster formats that dermoscopy images actually come in are opened (JPEG, PNG, TIFF,
   BMP, WebP, GIF). Restricting Pillow's plugin list keeps formats such as EPS, which shell out
   to Ghostscript, away from untrusted bytes.
 * The pixel count is checked from the header, before any pixel data is decoded. Pillow's own
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -34,7 +35,7 @@ from raysky import storage
 DEFAULT_MAX_PIXELS = 64_000_000
 """Largest image (width x height) decoded by default: 8000 x 8000, far above any dermoscope."""
 
-ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "MPO", "PNG", "TIFF", "BMP", "WEBP", "GIF")
+ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "TIFF", "BMP", "WEBP", "GIF")
 """Pillow format plugins tried when opening untrusted bytes."""
 
 # Modes Pillow converts to RGB correctly by itself (no alpha, 8 bits per channel).
@@ -43,12 +44,17 @@ _WITH_ALPHA = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 
 
 class ImageDecodeError(ValueError):
-    """Bytes that cannot be used as an image. ``reason`` is a short phrase for result tables."""
+    """Bytes that cannot be used as an image.
 
-    def __init__(self, source: str, reason: str):
+    ``reason`` is a short, stable phrase for result tables (``"empty file"``, ``"truncated
+    image"``, ``"not an image"`` ...); ``detail`` holds Pillow's own message, when there is one.
+    """
+
+    def __init__(self, source: str, reason: str, detail: str | None = None):
         self.source = source
         self.reason = reason
-        super().__init__(f"{source}: {reason}")
+        self.detail = detail
+        super().__init__(f"{source}: {reason}" + (f" ({detail})" if detail else ""))
 
 
 def _open(data: bytes, source: str, max_pixels: int) -> Image.Image:
@@ -58,11 +64,15 @@ def _open(data: bytes, source: str, max_pixels: int) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except Image.DecompressionBombError as exc:
-        raise ImageDecodeError(source, f"image too large ({exc})") from None
+        # Pillow's hard limit (twice MAX_IMAGE_PIXELS) fired before our own check could run.
+        pixels = re.search(r"\d+", str(exc))
+        limit = min(max_pixels, 2 * (Image.MAX_IMAGE_PIXELS or max_pixels))
+        count = pixels.group(0) if pixels else "too many"
+        raise ImageDecodeError(source, f"image too large ({count} pixels > limit {limit})") from None
     except UnidentifiedImageError:
         raise ImageDecodeError(source, "not an image") from None
     except Exception as exc:  # Pillow plugins raise many types on malformed headers.
-        raise ImageDecodeError(source, f"corrupt image header ({exc})") from None
+        raise ImageDecodeError(source, "corrupt image header", str(exc)) from None
     width, height = image.size
     if width <= 0 or height <= 0:
         raise ImageDecodeError(source, f"invalid image size {width}x{height}")
@@ -75,7 +85,7 @@ def _open(data: bytes, source: str, max_pixels: int) -> Image.Image:
         image.load()
     except Exception as exc:
         reason = "truncated image" if "truncated" in str(exc).lower() else "corrupt image data"
-        raise ImageDecodeError(source, f"{reason} ({exc})") from None
+        raise ImageDecodeError(source, reason, str(exc)) from None
     # A malformed EXIF block must not reject a readable image: it is then kept as stored.
     # In place keeps ``image.format``, which tells 16-bit PNG data apart below.
     with contextlib.suppress(Exception):
@@ -119,7 +129,7 @@ def _to_rgb(image: Image.Image, source: str) -> Image.Image:
         try:
             return image.convert("RGB")
         except (ValueError, OSError) as exc:
-            raise ImageDecodeError(source, f"unsupported mode {mode} ({exc})") from None
+            raise ImageDecodeError(source, f"unsupported mode {mode}", str(exc)) from None
     if mode.startswith("I") or mode == "F":
         return Image.fromarray(_scaled_gray(image)).convert("RGB")
     raise ImageDecodeError(source, f"unsupported mode {mode}")
@@ -160,7 +170,7 @@ def decode_mask(
         try:
             values = np.asarray(image.convert("RGB")).max(axis=2)
         except (ValueError, OSError) as exc:
-            raise ImageDecodeError(source, f"unsupported mask mode {image.mode} ({exc})") from None
+            raise ImageDecodeError(source, f"unsupported mode {image.mode}", str(exc)) from None
     if values.size and values.max() <= 1:
         return values.astype(np.uint8)
     return (values > 127).astype(np.uint8)

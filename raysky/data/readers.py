@@ -137,8 +137,12 @@ class _Tree:
         self.root = str(root)
         _fs, base = storage.resolve(self.root)
         prefix = ("s3://" if storage.is_s3(self.root) else "") + base.rstrip("/") + "/"
+        try:
+            listing = storage.list_files(self.root)  # sorted, so every lookup is deterministic
+        except NotADirectoryError:
+            raise DatasetError(self.root, "not a directory: expected a dataset folder") from None
         self.files: dict[str, str] = {}
-        for uri in storage.list_files(self.root):  # sorted, so every lookup is deterministic
+        for uri in listing:
             if uri.startswith(prefix):
                 self.files[uri[len(prefix):]] = uri
         self._by_lower = {rel.lower(): uri for rel, uri in reversed(self.files.items())}

@@ -46,8 +46,8 @@ def split_by_lesion(
     own. A group's stratum is its most common label, and unlabelled groups share one stratum.
     Within each stratum the groups are sorted, shuffled with ``seed``, and moved to validation
     one by one whenever that brings the stratum's validation images closer to
-    ``val_fraction`` of its images. When ``val_fraction > 0``, every stratum with at least two
-    groups gets at least one validation group and keeps at least one training group. Both lists
+    ``val_fraction`` of its images. Every stratum keeps at least one training group, and when
+    ``val_fraction > 0`` every stratum with at least two groups gets a validation group. Both lists
     keep the input order. The result depends only on the records and the seed, not on their
     order.
     """
@@ -77,11 +77,10 @@ def split_by_lesion(
             if abs(count + sizes[key] - target) < abs(count - target):
                 chosen.append(key)
                 count += sizes[key]
-        if val_fraction > 0 and len(keys) >= 2:
-            if not chosen:
-                chosen.append(keys[0])
-            if len(chosen) == len(keys):
-                chosen.pop()
+        if val_fraction > 0 and len(keys) >= 2 and not chosen:
+            chosen.append(keys[0])
+        if chosen and len(chosen) == len(keys):
+            chosen.pop()  # a class the model never trains on cannot be validated either
         val_keys.update(chosen)
 
     train = [record for record in records if _group_key(record) not in val_keys]
