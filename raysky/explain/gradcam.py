@@ -86,13 +86,14 @@ class GradCAMExplainer:
         # Leaves cut here: the backward pass stops at the feature maps and never re-enters the
         # DenseNet encoders, which is where almost all of the compute is.
         maps = [m.detach().requires_grad_(True) for m in (full_map, lesion_map) if m is not None]
-        with torch.enable_grad(), ctx():
-            logits = self.model.classify(maps[0], maps[1] if len(maps) > 1 else None, metadata)
-        logits = logits.float()
-        if targets is None:
-            targets = logits.argmax(dim=1)
-        score = logits.gather(1, targets.to(logits.device).long().view(-1, 1)).sum()
-        grads = torch.autograd.grad(score, maps)
+        with torch.enable_grad():
+            with ctx():
+                logits = self.model.classify(maps[0], maps[1] if len(maps) > 1 else None, metadata)
+            logits = logits.float()
+            if targets is None:
+                targets = logits.argmax(dim=1)
+            score = logits.gather(1, targets.to(logits.device).long().view(-1, 1)).sum()
+            grads = torch.autograd.grad(score, maps)
         cams = [cam_from_gradients(m.detach(), g) for m, g in zip(maps, grads, strict=True)]
         heatmaps = combine_stream_cams(cams, tuple(image.shape[-2:]))
         return Explanation(torch.softmax(logits.detach(), dim=1), heatmaps.detach())

@@ -1,0 +1,90 @@
+"""Checkpoints: exact round trips on local disk and S3, versions, guard rails, encoder weights."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from raysky import storage
+from raysky.data.taxonomy import ISIC2019_CLASSES
+from raysky.models import create_classifier, create_segmenter, load_checkpoint, save_checkpoint
+from raysky.models.checkpoint import load_encoder_weights, read_checkpoint_meta
+
+
+def _classifier_inputs():
+    torch.manual_seed(1)
+    model = create_classifier("tiny", classes=ISIC2019_CLASSES).eval()
+    meta = model.vocab.encode_batch([30, None], ["female", None], ["palms/soles", "acral"])
+    return model, (torch.randn(2, 3, 64, 64), torch.ones(2, 1, 64, 64), meta)
+
+
+def test_local_round_trip_gives_identical_outputs(tmp_path):
+    segmenter = create_segmenter("tiny").eval()
+    classifier, inputs = _classifier_inputs()
+    seg_meta = save_checkpoint(segmenter, str(tmp_path / "seg"), preset="tiny")
+    cls_meta = save_checkpoint(classifier, str(tmp_path / "cls"), preset="tiny", extra={"epoch": 3})
+
+    seg_loaded = load_checkpoint(str(tmp_path / "seg"), expected_kind="segmenter")
+    cls_loaded = load_checkpoint(str(tmp_path / "cls"), expected_kind="classifier")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(segmenter(x), seg_loaded.model(x))
+        assert torch.equal(classifier(*inputs), cls_loaded.model(*inputs))
+
+    assert seg_loaded.version == seg_meta["version"] and seg_loaded.version.startswith("seg-")
+    assert cls_loaded.classes == ISIC2019_CLASSES
+    description = json.loads((tmp_path / "cls" / "config.json").read_text())
+    for key in ("preset", "classes", "input_size", "normalization", "metadata_vocab", "version"):
+        assert key in description, key
+    assert description["extra"] == {"epoch": 3}
+    assert cls_meta["metadata_vocab"]["site"][0] == "unknown"
+
+
+def test_s3_round_trip_and_version_tracks_weights(s3, tmp_path):
+    bucket = s3.create_bucket("raysky-checkpoints")
+    classifier, inputs = _classifier_inputs()
+    uri = storage.join(bucket, "runs", "cls")
+    meta = save_checkpoint(classifier, uri, preset="tiny")
+    loaded = load_checkpoint(uri)
+    with torch.no_grad():
+        assert torch.equal(classifier(*inputs), loaded.model(*inputs))
+    # Same weights -> same version; changed weights -> new version.
+    assert save_checkpoint(classifier, str(tmp_path / "again"), "tiny")["version"] == meta["version"]
+    with torch.no_grad():
+        classifier.head[-1].bias.add_(1.0)
+    assert save_checkpoint(classifier, str(tmp_path / "changed"), "tiny")["version"] != meta["version"]
+
+
+def test_channels_last_model_saves(tmp_path):
+    model = create_segmenter("tiny").eval().to(memory_format=torch.channels_last)
+    save_checkpoint(model, str(tmp_path / "seg"), "tiny")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(model(x), load_checkpoint(str(tmp_path / "seg")).model(x), atol=1e-6)
+
+
+def test_guard_rails_name_the_problem(tmp_path):
+    save_checkpoint(create_segmenter("tiny"), str(tmp_path / "seg"), "tiny")
+    with pytest.raises(ValueError, match="is a segmenter checkpoint, but a classifier was expected"):
+        load_checkpoint(str(tmp_path / "seg"), expected_kind="classifier")
+    with pytest.raises(FileNotFoundError, match="not a raysky checkpoint"):
+        load_checkpoint(str(tmp_path / "nothing-here"))
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="invalid JSON"):
+        read_checkpoint_meta(str(tmp_path / "bad"))
+
+
+def test_pretrained_encoder_weights_load_from_a_file(tmp_path):
+    source = create_classifier("tiny").full_encoder
+    torch.save({"state_dict": source.state_dict()}, tmp_path / "densenet.pth")
+    target = create_classifier("tiny").full_encoder
+    loaded, total = load_encoder_weights(target, str(tmp_path / "densenet.pth"))
+    assert loaded == total
+    for key, value in source.state_dict().items():
+        assert torch.equal(value, target.state_dict()[key]), key
+    torch.save({"unrelated.weight": torch.zeros(3)}, tmp_path / "wrong.pth")
+    with pytest.raises(ValueError, match="no tensor matches"):
+        load_encoder_weights(target, str(tmp_path / "wrong.pth"))

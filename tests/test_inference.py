@@ -1,0 +1,53 @@
+"""The shared segment -> classify -> explain pipeline on real sample images of their own size."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from raysky.inference import LesionPipeline
+from raysky.models import create_classifier, create_segmenter, save_checkpoint
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    save_checkpoint(create_segmenter("tiny"), str(root / "seg"), "tiny")
+    save_checkpoint(create_classifier("tiny"), str(root / "cls"), "tiny")
+    return LesionPipeline.from_uris(str(root / "seg"), str(root / "cls"))
+
+
+def test_pipeline_returns_full_size_maps_and_valid_probabilities(pipeline, sample_dir):
+    paths = sorted((sample_dir / "images").glob("*.jpg"))[:3]
+    images = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+    images.append(np.asarray(Image.fromarray(images[0]).resize((97, 131))))  # odd size, portrait
+    results = pipeline(images, [{"age": 40, "sex": "male", "site": "back"}, {}, {"site": "??"}, {}])
+    assert len(results) == 4
+    for image, result in zip(images, results, strict=True):
+        assert result.mask.shape == image.shape[:2] and result.mask.dtype == np.uint8
+        assert set(np.unique(result.mask)) <= {0, 1}
+        assert result.heatmap.shape == image.shape[:2]
+        assert result.heatmap.min() >= 0.0 and result.heatmap.max() <= 1.0
+        assert result.probabilities.dtype == np.float32
+        assert result.probabilities.sum() == pytest.approx(1.0, abs=1e-5)
+        assert result.predicted_class == pipeline.classes[int(result.probabilities.argmax())]
+        malignant = sum(p for c, p in zip(pipeline.classes, result.probabilities, strict=True)
+                        if c in ("mel", "bcc", "akiec", "scc"))
+        assert result.malignant_prob == pytest.approx(malignant, abs=1e-6)
+        assert result.lesion_area_frac == pytest.approx(result.mask.mean())
+
+
+def test_explain_off_gives_same_prediction_without_heatmap(pipeline, sample_dir):
+    image = np.asarray(Image.open(sorted((sample_dir / "images").glob("*.jpg"))[5]).convert("RGB"))
+    explained = pipeline([image], explain=True)[0]
+    plain = pipeline([image], explain=False)[0]
+    assert plain.heatmap is None and np.isnan(plain.lesion_focus)
+    np.testing.assert_allclose(plain.probabilities, explained.probabilities, atol=1e-5)
+
+
+def test_swapped_checkpoints_are_refused(tmp_path):
+    save_checkpoint(create_segmenter("tiny"), str(tmp_path / "seg"), "tiny")
+    save_checkpoint(create_classifier("tiny"), str(tmp_path / "cls"), "tiny")
+    with pytest.raises(ValueError, match="but a segmenter was expected"):
+        LesionPipeline.from_uris(str(tmp_path / "cls"), str(tmp_path / "seg"))
