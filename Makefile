@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint demo bench clean
+.PHONY: venv test lint demo bench clean chromium
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,10 +16,22 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# The official ISIC scorer needs pandas < 3, so the cross-check tests run it from its own venv.
+.venv-isic/.installed:
+	$(PYTHON) -m venv .venv-isic
+	.venv-isic/bin/pip install -q 'isic-challenge-scoring==5.6.0' 'pandas>=2.1,<3'
+	touch $@
+
+# The report test renders the page in headless Chromium; fresh Debian/Ubuntu CI machines lack it.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1 || \
+	  { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); $$SUDO apt-get update -qq && \
+	    $$SUDO apt-get install -y -qq chromium; }
+
 lint: venv
 	$(BIN)/ruff check .
 
-test: venv lint
+test: venv lint .venv-isic/.installed chromium
 	$(BIN)/pytest -q -p no:cacheprovider
 
 demo: venv

@@ -108,3 +108,90 @@ def classification_summary(labels: np.ndarray, probs: np.ndarray, classes: Seque
         "macro_auc": macro_auc(labels, probs),
         "auc_per_class": {c: a for c, a in zip(classes, aucs, strict=True)},
     }
+
+
+def _binary_truth_defined(truth: np.ndarray) -> bool:
+    """A ranking metric needs both positives and negatives."""
+    return bool(truth.any() and not truth.all())
+
+
+def roc_points(truth: np.ndarray, scores: np.ndarray, drop_intermediate: bool = True
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(fpr, tpr, thresholds)`` of a binary ROC curve, as ISIC computes it (scikit-learn's)."""
+    from sklearn.metrics import roc_curve
+
+    return roc_curve(np.asarray(truth, dtype=bool), np.asarray(scores, dtype=np.float64),
+                     drop_intermediate=drop_intermediate)
+
+
+def auc_above_sensitivity(truth: np.ndarray, scores: np.ndarray, min_sensitivity: float = 0.80) -> float:
+    """ISIC's ``auc_sens_80``: the raw partial ROC AUC of the curve where sensitivity >= ``min_sensitivity``.
+
+    The ROC curve is cut where the true-positive rate first reaches ``min_sensitivity``
+    (linearly interpolated to start exactly there) and the area under the remaining piece is
+    integrated over the false-positive rate, from that point to FPR 1. It is the raw area, not
+    McClish-normalised like scikit-learn's ``max_fpr``: a perfect ranking scores 1.0, the worst
+    0.0, and chance (the diagonal) 0.18 at the default of 0.8. NaN when ``truth`` lacks
+    positives or negatives.
+    """
+    if not 0.0 < min_sensitivity <= 1.0:
+        raise ValueError(f"min_sensitivity must be in (0, 1], got {min_sensitivity}")
+    truth = np.asarray(truth, dtype=bool)
+    if not _binary_truth_defined(truth):
+        return float("nan")
+    fpr, tpr, _ = roc_points(truth, scores, drop_intermediate=False)
+    # tpr is non-decreasing and starts at 0, so the left insertion point is the first ROC point
+    # at or above the threshold and index - 1 is a point strictly below it.
+    index = int(np.searchsorted(tpr, min_sensitivity, side="left"))
+    fpr_at = float(np.interp(min_sensitivity, tpr[index - 1:index + 1], fpr[index - 1:index + 1]))
+    seg_tpr = np.concatenate([[min_sensitivity], tpr[index:]])
+    seg_fpr = np.concatenate([[fpr_at], fpr[index:]])
+    from sklearn.metrics import auc
+
+    return float(auc(seg_fpr, seg_tpr))
+
+
+def average_precision(truth: np.ndarray, scores: np.ndarray) -> float:
+    """Average precision (area under the step precision-recall curve); NaN without positives."""
+    from sklearn.metrics import average_precision_score
+
+    truth = np.asarray(truth, dtype=bool)
+    if not truth.any():
+        return float("nan")
+    return float(average_precision_score(truth, np.asarray(scores, dtype=np.float64)))
+
+
+def sensitivity_specificity(truth: np.ndarray, scores: np.ndarray, threshold: float = 0.5
+                            ) -> tuple[float, float]:
+    """Sensitivity and specificity of ``scores > threshold``, ISIC's per-category definition.
+
+    ISIC thresholds each class's probability at 0.5 (not the argmax). A rate whose denominator
+    is empty is NaN here, where ISIC would count it as a free 1.0.
+    """
+    truth = np.asarray(truth, dtype=bool)
+    pred = np.asarray(scores, dtype=np.float64) > threshold
+    positives, negatives = truth.sum(), (~truth).sum()
+    sens = float((pred & truth).sum() / positives) if positives else float("nan")
+    spec = float((~pred & ~truth).sum() / negatives) if negatives else float("nan")
+    return sens, spec
+
+
+def binary_metrics(truth: np.ndarray, scores: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
+    """ISIC's per-category numbers for one binary problem: auc, auc_sens_80, ap, sensitivity, specificity.
+
+    ``truth`` is boolean, ``scores`` the predicted probability of the positive class.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    truth = np.asarray(truth, dtype=bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    defined = _binary_truth_defined(truth)
+    sens, spec = sensitivity_specificity(truth, scores, threshold)
+    return {
+        "auc": float(roc_auc_score(truth, scores)) if defined else float("nan"),
+        "auc_sens_80": auc_above_sensitivity(truth, scores, 0.80),
+        "ap": average_precision(truth, scores),
+        "sensitivity": sens,
+        "specificity": spec,
+        "support": int(truth.sum()),
+    }

@@ -1,0 +1,88 @@
+"""``raysky evaluate`` and ``raysky report``: ISIC metrics and the HTML review page."""
+
+from __future__ import annotations
+
+import argparse
+
+from raysky.evaluate import LOW_FOCUS_THRESHOLD
+
+_FORMATS = ("ham10000", "isic2018", "isic2019", "archive")
+
+
+def _add_ground_truth(parser: argparse.ArgumentParser, required: bool) -> None:
+    parser.add_argument("--data", required=required, metavar="URI",
+                        help="ground-truth dataset: local folder or s3:// prefix")
+    parser.add_argument("--format", choices=_FORMATS, required=required,
+                        help="layout of --data (archive: labels come from --metadata)")
+    parser.add_argument("--metadata", metavar="URI",
+                        help="metadata CSV with labels, for --format archive")
+    parser.add_argument("--split", help="ISIC 2018 split to read: Training (default), Validation "
+                        "or Test; only with --format isic2018")
+    parser.add_argument("--low-focus", type=float, default=LOW_FOCUS_THRESHOLD, metavar="F",
+                        help="lesion focus below which an image is flagged (default: %(default)s)")
+
+
+def register(subparsers) -> None:
+    """Add the ``evaluate`` and ``report`` sub-commands."""
+    parser = subparsers.add_parser(
+        "evaluate", help="score results against ground truth with ISIC's metrics",
+        description="Join a results Parquet (from `raysky score`) with ground truth in any "
+        "supported layout and compute ISIC's metrics: Dice, Jaccard and thresholded Jaccard per "
+        "image and on average; balanced accuracy, AUC, AUC above 80%% sensitivity, average "
+        "precision, sensitivity and specificity per class and macro-averaged, plus malignant "
+        "versus benign; the confusion matrix; and lesion-focus statistics. Prints a table and "
+        "optionally writes JSON with ISIC's metric names.")
+    parser.add_argument("--results", required=True, metavar="URI",
+                        help="results Parquet file or folder of Parquet files (local or s3://)")
+    _add_ground_truth(parser, required=True)
+    parser.add_argument("--out", metavar="URI",
+                        help="write the metrics as JSON here (local path or s3://)")
+    parser.set_defaults(func=run_evaluate)
+
+    parser = subparsers.add_parser(
+        "report", help="write a self-contained HTML review page from results",
+        description="Build one HTML file with every image inlined: a summary, a gallery of the "
+        "highest-risk lesions (image with mask outline, Grad-CAM overlay, probabilities, lesion "
+        "focus), and the images flagged for review (low lesion focus, scoring errors). With "
+        "--data and --format it adds the ISIC metrics, a confusion matrix and ROC curves.")
+    parser.add_argument("--results", required=True, metavar="URI",
+                        help="results Parquet file or folder of Parquet files (local or s3://)")
+    parser.add_argument("--out", default="report.html", metavar="URI",
+                        help="where to write the HTML (local path or s3://; default: %(default)s)")
+    _add_ground_truth(parser, required=False)
+    parser.add_argument("--top", type=int, default=24, metavar="N",
+                        help="lesions in the highest-risk gallery (default: %(default)s)")
+    parser.add_argument("--max-flagged", type=int, default=48, metavar="N",
+                        help="most low-focus images shown (default: %(default)s)")
+    parser.add_argument("--title", default="raysky review", help="page title")
+    parser.set_defaults(func=run_report)
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """Compute, print and optionally write the metrics."""
+    from raysky.evaluate import evaluate, format_table, write_json
+
+    metrics = evaluate(args.results, args.data, args.format, metadata_uri=args.metadata,
+                       split=args.split, low_focus=args.low_focus)
+    print(format_table(metrics))
+    if args.out:
+        write_json(metrics, args.out)
+        print(f"\nmetrics written to {args.out}")
+    return 0
+
+
+def run_report(args: argparse.Namespace) -> int:
+    """Write the HTML report."""
+    from raysky.report import build_report
+
+    if (args.data is None) != (args.format is None):
+        raise ValueError("--data and --format go together: give both, or neither")
+    if args.top < 0 or args.max_flagged < 0:
+        raise ValueError("--top and --max-flagged must be >= 0")
+    summary = build_report(args.results, args.out, data_uri=args.data, format=args.format,
+                           metadata_uri=args.metadata, split=args.split, top_n=args.top,
+                           max_flagged=args.max_flagged, low_focus=args.low_focus,
+                           title=args.title)
+    print(f"report written to {args.out}: {summary['images']} images, {summary['errors']} "
+          f"errors, {summary['gallery']} in the gallery, {summary['flagged']} flagged")
+    return 0

@@ -1,0 +1,454 @@
+"""``raysky evaluate``: score a results table against ground truth, the way ISIC does.
+
+A results table is the Parquet that ``raysky score`` writes (one row per image: ``image_id``,
+``status``, ``prob_<class>`` per class, ``malignant_prob``, ``mask_png``, ``lesion_focus`` ...).
+Ground truth comes from any layout :func:`raysky.data.readers.read_dataset` reads. Rows are
+joined on ``image_id``; rows that failed to score, results without ground truth and ground
+truth without results are counted in ``coverage`` and left out of every metric.
+
+Every number follows the ISIC Challenge's scoring code (``isic-challenge-scoring``), and the
+output uses its names: ``balanced_accuracy``, ``auc``, ``auc_sens_80``, ``ap``, ``dice``,
+``jaccard``, ``threshold_jaccard``. Two deliberate differences, both for ill-defined cases that
+ISIC never meets on its own ground truth: a per-class rate or AUC with no positives (or no
+negatives) is ``null`` rather than an error or a free 1.0, and macro averages are over the
+defined values only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import posixpath
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pandas as pd
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+
+from raysky import storage
+from raysky.data.images import ImageDecodeError, decode_mask, load_mask
+from raysky.data.readers import read_dataset, read_isic2018
+from raysky.data.records import LesionRecord
+from raysky.data.taxonomy import MALIGNANT_CLASSES, canonical_label, order_classes
+from raysky.metrics import (
+    argmax_strict,
+    balanced_accuracy,
+    binary_metrics,
+    confusion_matrix,
+    dice_score,
+    jaccard_score,
+    thresholded_jaccard,
+)
+
+PROB_PREFIX = "prob_"
+REQUIRED_COLUMNS: tuple[str, ...] = ("image_id", "status")
+LOW_FOCUS_THRESHOLD = 0.5
+"""Default lesion focus below which an image is flagged: most Grad-CAM evidence is off-lesion."""
+
+BINARY_COLUMNS: tuple[str, ...] = ("mask_png", "heatmap_png")
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+# --------------------------------------------------------------------------------------------
+# Reading results and ground truth
+# --------------------------------------------------------------------------------------------
+
+
+def _normalize_id(image_id: object) -> str:
+    # ISIC's own scorer accepts ids with a ".jpg" suffix; accept any image suffix the same way.
+    text = str(image_id).strip()
+    stem, ext = posixpath.splitext(text)
+    return stem if ext.lower() in _IMAGE_SUFFIXES else text
+
+
+def _results_dataset(uri: str) -> pads.Dataset:
+    fs, path = storage.resolve(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound and not (storage.is_s3(uri) and storage.is_dir(uri)):
+        raise FileNotFoundError(f"results not found: {uri}")
+    try:
+        # A directory (what Ray Data writes) is read as one table; "_" and "." files are skipped.
+        return pads.dataset(path, filesystem=fs, format="parquet")
+    except Exception as exc:  # pyarrow raises several types for non-Parquet input
+        raise ValueError(f"{uri}: not a Parquet file or folder of Parquet files ({exc})") from None
+
+
+def results_columns(uri: str) -> list[str]:
+    """Column names of a results Parquet file or folder, read from its schema only."""
+    return list(_results_dataset(uri).schema.names)
+
+
+def read_results(uri: str, columns: Sequence[str] | None = None,
+                 image_ids: Sequence[str] | None = None) -> pd.DataFrame:
+    """Read a results Parquet file, or a folder/prefix of them, into a DataFrame.
+
+    ``columns`` limits what is read (names absent from the file are ignored, so optional
+    columns such as ``heatmap_png`` can be asked for safely); ``image_ids`` limits the rows,
+    which keeps large binary columns off the heap when only a few images are needed. The
+    table must hold ``image_id`` and ``status`` and at least one ``prob_<class>`` column whose
+    suffix is a known diagnosis; ``image_id`` must be unique. Problems raise ``ValueError``
+    naming the URI.
+    """
+    dataset = _results_dataset(uri)
+    names = dataset.schema.names
+    missing = [name for name in REQUIRED_COLUMNS if name not in names]
+    if missing:
+        raise ValueError(f"{uri}: results lack required column(s) {', '.join(missing)} "
+                         f"(columns: {', '.join(names)})")
+    if not any(name.startswith(PROB_PREFIX) for name in names):
+        raise ValueError(f"{uri}: results have no {PROB_PREFIX}<class> probability columns")
+    wanted = [name for name in (columns or names) if name in names]
+    for name in (*REQUIRED_COLUMNS, *(n for n in names if n.startswith(PROB_PREFIX))):
+        if name not in wanted:
+            wanted.append(name)
+    row_filter = None
+    if image_ids is not None:
+        row_filter = pads.field("image_id").isin(list(image_ids))
+    frame = dataset.to_table(columns=wanted, filter=row_filter).to_pandas()
+    frame["image_id"] = frame["image_id"].map(_normalize_id)
+    duplicated = frame["image_id"][frame["image_id"].duplicated()]
+    if len(duplicated):
+        shown = ", ".join(duplicated.unique()[:5])
+        raise ValueError(f"{uri}: duplicate image_id in results: {shown}")
+    result_classes(frame, uri)  # validates the class columns early, with the URI in the error
+    return frame.reset_index(drop=True)
+
+
+def result_classes(frame: pd.DataFrame, source: str = "results") -> tuple[str, ...]:
+    """The model's classes, from the ``prob_<class>`` columns, in canonical order."""
+    codes = []
+    for name in frame.columns:
+        if name.startswith(PROB_PREFIX):
+            suffix = name[len(PROB_PREFIX):]
+            try:
+                code = canonical_label(suffix)
+            except ValueError as exc:
+                raise ValueError(f"{source}: column {name!r}: {exc}") from None
+            if code != suffix:
+                raise ValueError(f"{source}: column {name!r} should be {PROB_PREFIX}{code}")
+            codes.append(code)
+    return order_classes(codes)
+
+
+def read_ground_truth(uri: str, format: str, metadata_uri: str | None = None,
+                      split: str | None = None) -> list[LesionRecord]:
+    """Ground-truth records from any supported layout; ``split`` picks an ISIC 2018 split."""
+    if split is not None:
+        if str(format).lower() != "isic2018":
+            raise ValueError(f"--split applies only to format isic2018, not {format!r}")
+        return read_isic2018(uri, split)
+    return read_dataset(uri, format, metadata_uri)
+
+
+def join_ground_truth(frame: pd.DataFrame, records: Sequence[LesionRecord]
+                      ) -> tuple[pd.DataFrame, dict]:
+    """Attach ``label`` and ``mask_uri`` from ``records`` to the result rows with ground truth.
+
+    Returns the joined rows (all statuses) and a ``coverage`` dict counting results, ground
+    truth, matches, scoring errors among the matches, and unmatched ids on either side (with
+    the first few of each listed so that a wrong ``--data`` folder is obvious).
+    """
+    truth = pd.DataFrame(
+        {"image_id": [_normalize_id(r.image_id) for r in records],
+         "label": [r.label for r in records],
+         "mask_uri": [r.mask_uri for r in records]},
+        columns=["image_id", "label", "mask_uri"],
+    ).drop_duplicates("image_id")
+    joined = frame.merge(truth, on="image_id", how="inner", validate="one_to_one")
+    result_ids, truth_ids = set(frame["image_id"]), set(truth["image_id"])
+    no_truth = sorted(result_ids - truth_ids)
+    no_result = sorted(truth_ids - result_ids)
+    coverage = {
+        "results": int(len(frame)),
+        "ground_truth": int(len(truth)),
+        "matched": int(len(joined)),
+        "scoring_errors": int((joined["status"] != "ok").sum()),
+        "results_without_ground_truth": len(no_truth),
+        "ground_truth_without_results": len(no_result),
+        "examples_without_ground_truth": no_truth[:10],
+        "examples_without_results": no_result[:10],
+    }
+    return joined, coverage
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------------
+
+
+def _mean(values) -> float:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def classification_metrics(labels: Sequence[str], probs: np.ndarray, classes: Sequence[str],
+                           malignant_prob: np.ndarray | None = None) -> dict:
+    """ISIC Task 3 / 2019 metrics for string labels against ``probs[:, i]`` of ``classes[i]``.
+
+    Returns balanced accuracy (strict argmax: ties count as wrong), accuracy, the macro
+    averages of the per-class ``auc``, ``auc_sens_80``, ``ap``, ``sensitivity`` and
+    ``specificity`` (ISIC thresholds each class probability at 0.5 for the last two), the
+    per-class values with ``support`` and argmax ``recall``, and the argmax confusion matrix
+    with a column of ``undecided`` (tied) rows. Labels outside ``classes`` are an error: extend
+    ``classes`` with zero-probability columns first (as :func:`evaluate_frame` does). With
+    ``malignant_prob``, the same binary metrics are given for malignant versus benign.
+    """
+    classes = list(classes)
+    index = {code: i for i, code in enumerate(classes)}
+    unknown = sorted({label for label in labels if label not in index})
+    if unknown:
+        raise ValueError(f"labels {unknown} are not among the classes {classes}")
+    y = np.array([index[label] for label in labels], dtype=np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    per_class = {}
+    pred = argmax_strict(probs)
+    for i, code in enumerate(classes):
+        truth = y == i
+        values = binary_metrics(truth, probs[:, i])
+        values["recall"] = float((pred[truth] == i).mean()) if truth.any() else float("nan")
+        per_class[code] = values
+    matrix = confusion_matrix(y, probs, len(classes))
+    undecided = [int(((y == i) & (pred < 0)).sum()) for i in range(len(classes))]
+    out = {
+        "n": int(len(y)),
+        "classes": classes,
+        "balanced_accuracy": balanced_accuracy(y, probs),
+        "accuracy": float((pred == y).mean()) if len(y) else float("nan"),
+        **{key: _mean(v[key] for v in per_class.values())
+           for key in ("auc", "auc_sens_80", "ap", "sensitivity", "specificity")},
+        "per_class": per_class,
+        "confusion_matrix": {"classes": classes, "matrix": matrix.tolist(), "undecided": undecided},
+    }
+    if malignant_prob is not None:
+        truth = np.array([label in MALIGNANT_CLASSES for label in labels], dtype=bool)
+        out["malignant"] = binary_metrics(truth, np.asarray(malignant_prob, dtype=np.float64))
+    return out
+
+
+def segmentation_metrics(image_ids: Sequence[str], preds: Sequence[np.ndarray],
+                         truths: Sequence[np.ndarray]) -> dict:
+    """Per-image and mean Dice, Jaccard and ISIC's thresholded Jaccard (0 below 0.65).
+
+    A prediction whose size differs from its ground truth is resized to it (nearest
+    neighbour) and counted in ``resized``: results keep masks at the scored image's size,
+    which can differ from a mask set distributed at another resolution.
+    """
+    from PIL import Image
+
+    per_image, resized = [], 0
+    for image_id, pred, truth in zip(image_ids, preds, truths, strict=True):
+        if pred.shape != truth.shape:
+            resized += 1
+            pred = np.asarray(Image.fromarray(pred.astype(np.uint8)).resize(
+                (truth.shape[1], truth.shape[0]), Image.NEAREST))
+        jac = jaccard_score(pred, truth)
+        per_image.append({"image_id": image_id, "dice": dice_score(pred, truth), "jaccard": jac,
+                          "threshold_jaccard": thresholded_jaccard(jac)})
+    return {
+        "n": len(per_image),
+        **{key: _mean(row[key] for row in per_image)
+           for key in ("dice", "jaccard", "threshold_jaccard")},
+        "resized": resized,
+        "per_image": per_image,
+    }
+
+
+def focus_statistics(focus: Sequence[float], area_frac: Sequence[float] | None = None,
+                     correct: Sequence[bool | None] | None = None,
+                     low_threshold: float = LOW_FOCUS_THRESHOLD) -> dict:
+    """Distribution of ``lesion_focus`` (share of Grad-CAM mass on the lesion mask).
+
+    ``mean_area_frac`` is what a heatmap spread evenly over the image would score, the chance
+    level to compare ``mean`` with. With ``correct`` (None where there is no ground truth), the
+    mean focus of right and wrong predictions is given too. NaN focus values (no heatmap) are
+    counted as ``missing``.
+    """
+    values = np.asarray(focus, dtype=np.float64)
+    valid = ~np.isnan(values)
+    v = values[valid]
+    out: dict = {"n": int(valid.sum()), "missing": int((~valid).sum()),
+                 "low_focus_threshold": float(low_threshold)}
+    if v.size:
+        q = np.quantile(v, [0.1, 0.25, 0.5, 0.75, 0.9])
+        out.update({
+            "mean": float(v.mean()), "std": float(v.std()), "min": float(v.min()),
+            "p10": float(q[0]), "p25": float(q[1]), "median": float(q[2]), "p75": float(q[3]),
+            "p90": float(q[4]), "max": float(v.max()),
+            "low_focus": int((v < low_threshold).sum()),
+            "low_focus_share": float((v < low_threshold).mean()),
+        })
+    else:
+        out.update({key: float("nan") for key in ("mean", "std", "min", "p10", "p25", "median",
+                                                  "p75", "p90", "max", "low_focus_share")})
+        out["low_focus"] = 0
+    if area_frac is not None:
+        areas = np.asarray(area_frac, dtype=np.float64)[valid]
+        out["mean_area_frac"] = _mean(areas.tolist())
+    if correct is not None:
+        known = np.array([c is not None for c in correct])[valid]
+        right = np.array([bool(c) for c in correct])[valid]
+        out["mean_correct"] = _mean(v[known & right].tolist())
+        out["mean_wrong"] = _mean(v[known & ~right].tolist())
+    return out
+
+
+def _load_truth_masks(uris: Sequence[str]) -> list[np.ndarray]:
+    # Masks are small and S3 round trips dominate, so a few threads overlap the waits.
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return list(pool.map(load_mask, uris))
+
+
+def class_probabilities(frame: pd.DataFrame, classes: Sequence[str]) -> np.ndarray:
+    """``[N, C]`` float64 probabilities for ``classes``; a class the model lacks gets zeros."""
+    columns = [frame[f"{PROB_PREFIX}{code}"].to_numpy(dtype=np.float64)
+               if f"{PROB_PREFIX}{code}" in frame.columns else np.zeros(len(frame))
+               for code in classes]
+    return np.stack(columns, axis=1) if columns else np.zeros((len(frame), 0))
+
+
+def evaluate_frame(frame: pd.DataFrame, records: Sequence[LesionRecord],
+                   low_focus: float = LOW_FOCUS_THRESHOLD) -> dict:
+    """All metrics for an in-memory results table against ground-truth records (JSON-ready).
+
+    Classification uses the matched ``ok`` rows with a label, segmentation those with a
+    ground-truth mask and a ``mask_png``, lesion focus every ``ok`` result. Ground-truth
+    classes the model does not predict are added with probability 0, and listed in
+    ``classification.classes_not_predicted``.
+    """
+    model_classes = result_classes(frame)
+    joined, coverage = join_ground_truth(frame, records)
+    ok = joined[joined["status"] == "ok"]
+    out: dict = {"coverage": coverage, "model_classes": list(model_classes)}
+
+    labelled = ok[ok["label"].notna()]
+    if len(labelled):
+        classes = order_classes(set(model_classes) | set(labelled["label"]))
+        probs = class_probabilities(labelled, classes)
+        malignant = (labelled["malignant_prob"].to_numpy(dtype=np.float64)
+                     if "malignant_prob" in labelled.columns else None)
+        out["classification"] = classification_metrics(
+            labelled["label"].tolist(), probs, classes, malignant)
+        out["classification"]["classes_not_predicted"] = [
+            c for c in classes if c not in model_classes]
+
+    if "mask_png" in ok.columns:
+        segmented = ok[ok["mask_uri"].notna() & ok["mask_png"].notna()]
+        if len(segmented):
+            preds, ids, bad = [], [], []
+            for image_id, data in zip(segmented["image_id"], segmented["mask_png"], strict=True):
+                try:
+                    preds.append(decode_mask(bytes(data), f"mask_png of {image_id}"))
+                    ids.append(image_id)
+                except ImageDecodeError as exc:
+                    bad.append({"image_id": image_id, "error": exc.reason})
+            truths = _load_truth_masks(
+                segmented.set_index("image_id").loc[ids, "mask_uri"].tolist())
+            out["segmentation"] = segmentation_metrics(ids, preds, truths)
+            out["segmentation"]["undecodable_masks"] = bad
+
+    results_ok = frame[frame["status"] == "ok"]
+    if "lesion_focus" in results_ok.columns and len(results_ok):
+        correct = None
+        if len(labelled) and "predicted_class" in results_ok.columns:
+            truth_by_id = dict(zip(labelled["image_id"], labelled["label"], strict=True))
+            correct = [None if i not in truth_by_id else truth_by_id[i] == p for i, p in
+                       zip(results_ok["image_id"], results_ok["predicted_class"], strict=True)]
+        out["lesion_focus"] = focus_statistics(
+            results_ok["lesion_focus"].to_numpy(dtype=np.float64),
+            results_ok["lesion_area_frac"].to_numpy(dtype=np.float64)
+            if "lesion_area_frac" in results_ok.columns else None,
+            correct, low_focus)
+    return out
+
+
+def evaluate(results_uri: str, data_uri: str, format: str, metadata_uri: str | None = None,
+             split: str | None = None, low_focus: float = LOW_FOCUS_THRESHOLD) -> dict:
+    """Read results and ground truth (local or ``s3://``) and compute every metric.
+
+    See :func:`evaluate_frame` for what is computed; the returned dict also records its inputs.
+    Heatmaps are not read.
+    """
+    columns = [name for name in results_columns(results_uri) if name != "heatmap_png"]
+    frame = read_results(results_uri, columns)
+    records = read_ground_truth(data_uri, format, metadata_uri, split)
+    metrics = evaluate_frame(frame, records, low_focus)
+    if metrics["coverage"]["matched"] == 0:
+        raise ValueError(
+            f"no result in {results_uri} matches an image of {data_uri} ({format}); examples: "
+            f"results {metrics['coverage']['examples_without_ground_truth'][:3]}, ground truth "
+            f"{metrics['coverage']['examples_without_results'][:3]}")
+    return {"results": str(results_uri), "data": str(data_uri), "format": format,
+            **({"split": split} if split else {}), **metrics}
+
+
+# --------------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------------
+
+
+def to_jsonable(value):
+    """``value`` with NaN/inf floats as ``None`` and NumPy scalars as Python ones (strict JSON)."""
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_json(metrics: dict, uri: str) -> None:
+    """Write ``metrics`` as indented strict JSON (NaN as null) to a local path or ``s3://``."""
+    text = json.dumps(to_jsonable(metrics), indent=2, allow_nan=False)
+    storage.write_bytes(uri, (text + "\n").encode())
+
+
+def _fmt(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def format_table(metrics: dict) -> str:
+    """A plain-text summary of :func:`evaluate`'s output, for the terminal."""
+    cov = metrics["coverage"]
+    lines = [f"results {cov['results']}, ground truth {cov['ground_truth']}, matched "
+             f"{cov['matched']}, scoring errors {cov['scoring_errors']}, results without "
+             f"ground truth {cov['results_without_ground_truth']}, ground truth without "
+             f"results {cov['ground_truth_without_results']}"]
+    seg = metrics.get("segmentation")
+    if seg:
+        lines += ["", f"Segmentation ({seg['n']} images)",
+                  "  " + "  ".join(f"{k} {_fmt(seg[k])}"
+                                   for k in ("dice", "jaccard", "threshold_jaccard"))]
+    cls = metrics.get("classification")
+    if cls:
+        keys = ("auc", "auc_sens_80", "ap", "sensitivity", "specificity", "recall", "support")
+        lines += ["", f"Classification ({cls['n']} images)",
+                  f"  balanced_accuracy {_fmt(cls['balanced_accuracy'])}  accuracy "
+                  f"{_fmt(cls['accuracy'])}  auc {_fmt(cls['auc'])}  auc_sens_80 "
+                  f"{_fmt(cls['auc_sens_80'])}  ap {_fmt(cls['ap'])}",
+                  "  " + f"{'class':<10}" + "".join(f"{k:>12}" for k in keys)]
+        rows = list(cls["per_class"].items())
+        if "malignant" in cls:
+            rows.append(("malignant", {**cls["malignant"], "recall": None}))
+        for code, values in rows:
+            lines.append("  " + f"{code:<10}" + "".join(f"{_fmt(values.get(k)):>12}" for k in keys))
+        cm = cls["confusion_matrix"]
+        lines += ["", "  confusion matrix (rows: truth, columns: prediction)",
+                  "  " + f"{'':<10}" + "".join(f"{c:>7}" for c in cm["classes"]) + f"{'tied':>7}"]
+        for code, row, tied in zip(cm["classes"], cm["matrix"], cm["undecided"], strict=True):
+            lines.append("  " + f"{code:<10}" + "".join(f"{n:>7}" for n in row) + f"{tied:>7}")
+    focus = metrics.get("lesion_focus")
+    if focus:
+        lines += ["", f"Lesion focus ({focus['n']} explained, {focus['missing']} without heatmap)",
+                  f"  mean {_fmt(focus['mean'])}  median {_fmt(focus['median'])}  p10 "
+                  f"{_fmt(focus['p10'])}  p90 {_fmt(focus['p90'])}  below "
+                  f"{focus['low_focus_threshold']:g}: {focus['low_focus']}"
+                  + (f"  chance level (mean lesion area) {_fmt(focus['mean_area_frac'])}"
+                     if "mean_area_frac" in focus else "")]
+    return "\n".join(lines)
