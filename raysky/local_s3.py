@@ -54,8 +54,13 @@ def local_s3(port: int = 0, set_environ: bool = True) -> Iterator[LocalS3]:
     With ``set_environ`` the process environment gets ``AWS_ENDPOINT_URL`` and dummy
     credentials (restored afterwards), so Ray workers started later inherit them too.
     """
+    import logging
+
     from moto.server import ThreadedMotoServer
 
+    # The server logs every request through werkzeug; on a screening job that is one line per
+    # object and buries the progress output.
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
     port = port or _free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
