@@ -50,3 +50,17 @@ def ray_local(s3):
                  runtime_env={"env_vars": dict(s3.env)})
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> dict[str, str]:
+    """Untrained tiny segmenter and classifier checkpoints (local paths): pipeline tests only."""
+    import torch
+
+    from raysky.models import create_classifier, create_segmenter, save_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny_checkpoints")
+    torch.manual_seed(0)
+    save_checkpoint(create_segmenter("tiny"), str(root / "segmenter"), "tiny")
+    save_checkpoint(create_classifier("tiny"), str(root / "classifier"), "tiny")
+    return {"segmenter": str(root / "segmenter"), "classifier": str(root / "classifier")}

@@ -1,0 +1,177 @@
+"""Read scoring results back: exactly one row per input, and the summary printed after a run.
+
+``raysky score`` writes plain Parquet files (``part-*.parquet``) under its output prefix. A
+retried task or a resumed run can, in rare cases, leave a second copy of a row on disk (for
+example when a node dies after its file was written but before the driver heard of it). Every
+reader here therefore deduplicates by ``image_id``, keeping an ``ok`` row over an ``error`` row
+and then the most recent ``scored_at``, so callers always see one row per input.
+
+Files and folders whose names start with ``_`` or ``.`` are bookkeeping (run configuration,
+files being written) and are never read as results, following the Hadoop/Spark convention.
+"""
+
+from __future__ import annotations
+
+import math
+import posixpath
+from collections import Counter
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as pads
+
+from raysky import storage
+
+PROB_PREFIX = "prob_"
+"""Per-class probability columns are named ``prob_<class code>``."""
+
+_DEDUP_COLUMNS = ("image_id", "status", "scored_at")
+SUMMARY_COLUMNS = ("image_id", "source_uri", "status", "error", "predicted_class",
+                   "malignant_prob", "scored_at")
+
+
+def is_hidden(uri: str, root: str) -> bool:
+    """True when any path component of ``uri`` below ``root`` starts with ``_`` or ``.``."""
+    _fs, base = storage.resolve(root)
+    _fs, path = storage.resolve(uri)
+    rel = posixpath.relpath(path, base) if path != base else posixpath.basename(path)
+    return any(part.startswith(("_", ".")) for part in rel.split("/"))
+
+
+def result_files(uri: str) -> list[str]:
+    """The Parquet result files under ``uri`` (a folder or prefix, or one ``.parquet`` file)."""
+    if str(uri).endswith(".parquet") and not storage.is_dir(uri):
+        if not storage.exists(uri):
+            raise FileNotFoundError(f"{uri}: no such file or object")
+        return [str(uri)]
+    return [f for f in storage.list_files(uri, (".parquet",)) if not is_hidden(f, uri)]
+
+
+def read_table(files: list[str], columns: list[str] | None = None) -> pa.Table:
+    """Read ``files`` (all on one filesystem) into one Arrow table, projecting ``columns``.
+
+    Raises ``ValueError`` naming the file when a file is not readable Parquet.
+    """
+    if not files:
+        raise ValueError("no result files to read")
+    fs, _ = storage.resolve(files[0])
+    paths = [storage.resolve(f)[1] for f in files]
+    try:
+        return pads.dataset(paths, filesystem=fs, format="parquet").to_table(columns=columns)
+    except (pa.ArrowInvalid, OSError) as exc:
+        # Name the broken file: re-read one by one only on this rare path.
+        import pyarrow.parquet as pq
+
+        for uri, path in zip(files, paths, strict=True):
+            try:
+                pq.read_metadata(path, filesystem=fs)
+            except (pa.ArrowInvalid, OSError) as inner:
+                raise ValueError(f"{uri}: not a readable Parquet file ({inner})") from None
+        raise ValueError(f"cannot read results ({exc})") from exc
+
+
+def schema(uri: str) -> pa.Schema:
+    """The Arrow schema of the results under ``uri``, from the first file's footer only."""
+    files = result_files(uri)
+    if not files:
+        raise FileNotFoundError(f"{uri}: no result files (part-*.parquet)")
+    import pyarrow.parquet as pq
+
+    fs, path = storage.resolve(files[0])
+    return pq.read_schema(path, filesystem=fs)
+
+
+def dedupe(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per ``image_id``: ``ok`` before ``error``, then the latest ``scored_at``.
+
+    The result is sorted by ``image_id`` with a fresh index.
+    """
+    if frame.empty:
+        return frame.reset_index(drop=True)
+    order = frame.assign(_rank=(frame["status"] != "ok").astype("int8"))
+    sort_by, ascending = ["image_id", "_rank"], [True, True]
+    if "scored_at" in order.columns:
+        sort_by.append("scored_at")
+        ascending.append(False)
+    order = order.sort_values(sort_by, ascending=ascending, kind="stable", na_position="last")
+    return order.drop_duplicates("image_id", keep="first").drop(columns="_rank").reset_index(drop=True)
+
+
+def read(uri: str, columns: list[str] | None = None) -> pd.DataFrame:
+    """Read the results under ``uri`` into a DataFrame with exactly one row per scored input.
+
+    ``columns`` limits what is read (the PNG columns are large); ``image_id``, ``status`` and
+    ``scored_at`` are always read, to deduplicate, and dropped again when not asked for.
+    Raises ``FileNotFoundError`` when ``uri`` holds no result files.
+    """
+    files = result_files(uri)
+    if not files:
+        raise FileNotFoundError(f"{uri}: no result files (part-*.parquet)")
+    wanted = None
+    if columns is not None:
+        wanted = list(dict.fromkeys([*columns, *_DEDUP_COLUMNS]))
+        available = set(schema(uri).names)
+        missing = [c for c in columns if c not in available]
+        if missing:
+            raise ValueError(f"{uri}: no column {', '.join(missing)} in the results")
+        wanted = [c for c in wanted if c in available]
+    frame = dedupe(read_table(files, wanted).to_pandas())
+    if columns is not None:
+        frame = frame[list(columns)]
+    return frame
+
+
+def class_columns(frame_or_schema) -> list[str]:
+    """The ``prob_<class>`` columns, in file order."""
+    names = frame_or_schema.columns if hasattr(frame_or_schema, "columns") else frame_or_schema.names
+    return [name for name in names if name.startswith(PROB_PREFIX)]
+
+
+def summarize(source: str | pd.DataFrame, top: int = 10) -> dict:
+    """Counts of ok and error rows, error reasons, the class distribution and the top ``top``.
+
+    ``source`` is a results URI or a frame from :func:`read`. The top list holds the rows with
+    the highest ``malignant_prob``: ``image_id``, ``source_uri``, ``predicted_class`` and
+    ``malignant_prob``.
+    """
+    frame = read(source, list(SUMMARY_COLUMNS)) if isinstance(source, str) else source
+    ok = frame[frame["status"] == "ok"]
+    errors = frame[frame["status"] != "ok"]
+    classes = Counter(ok["predicted_class"].astype(str))
+    ranked = ok.sort_values(["malignant_prob", "image_id"], ascending=[False, True]).head(top)
+    return {
+        "rows": int(len(frame)),
+        "ok": int(len(ok)),
+        "error": int(len(errors)),
+        "error_reasons": dict(Counter(_reason_kind(e) for e in errors["error"]).most_common()),
+        "class_counts": dict(sorted(classes.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "top_malignant": [
+            {"image_id": r.image_id, "source_uri": r.source_uri,
+             "predicted_class": r.predicted_class, "malignant_prob": round(float(r.malignant_prob), 6)}
+            for r in ranked.itertuples()
+        ],
+    }
+
+
+def _reason_kind(error: object) -> str:
+    """The stable part of an error message (before any parenthesised detail)."""
+    text = "" if error is None or (isinstance(error, float) and math.isnan(error)) else str(error)
+    return text.split(" (", 1)[0].strip() or "unknown error"
+
+
+def format_summary(summary: dict) -> str:
+    """Render :func:`summarize` output as the lines printed at the end of a run."""
+    lines = [f"rows: {summary['rows']}  ok: {summary['ok']}  error: {summary['error']}"]
+    if summary["error_reasons"]:
+        reasons = ", ".join(f"{reason} x{n}" for reason, n in summary["error_reasons"].items())
+        lines.append(f"errors: {reasons}")
+    if summary["class_counts"]:
+        total = max(1, summary["ok"])
+        lines.append("predicted classes: " + ", ".join(
+            f"{code} {n} ({100 * n / total:.1f}%)" for code, n in summary["class_counts"].items()))
+    if summary["top_malignant"]:
+        lines.append(f"top {len(summary['top_malignant'])} by malignant_prob:")
+        for rank, row in enumerate(summary["top_malignant"], 1):
+            lines.append(f"  {rank:3d}. {row['malignant_prob']:.4f}  {row['predicted_class']:6s} "
+                         f"{row['image_id']}  {row['source_uri']}")
+    return "\n".join(lines)

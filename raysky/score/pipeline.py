@@ -1,0 +1,341 @@
+"""Score an archive with Ray Data: list, decode, segment + classify + explain, write Parquet.
+
+The pipeline streams: decode tasks feed an actor pool that holds the models, PNG encoding and
+Parquet writing run as tasks after it, and only a small manifest (one row per written file)
+comes back to the driver. Ray Data's backpressure bounds the data in flight, so memory depends
+on the batch sizes and the rows per file, not on the size of the archive.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from raysky import results, storage
+from raysky.data.images import DEFAULT_MAX_PIXELS
+from raysky.models.runtime import PRECISIONS
+from raysky.progress import Progress, format_duration
+from raysky.score import output as out
+from raysky.score import stages
+
+RUN_CONFIG = "_raysky_score.json"
+PACK_MARKER = "_raysky_pack.json"
+RESULTS_FORMAT = "raysky-results/1"
+WRITE_CPUS = 0.25
+_S3_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
+
+
+@dataclass
+class ScoreSettings:
+    """Everything one scoring run needs; the CLI and ``jobs/score_archive.py`` fill it in.
+
+    ``input`` is a prefix of image files (local or ``s3://``) or Parquet shards written by
+    ``raysky pack``. ``workers=None`` lets Ray Data grow the model pool from 1 up to what the
+    cluster holds. ``cpus_per_worker`` is also each model worker's torch thread count.
+    """
+
+    input: str
+    output: str
+    segmenter: str
+    classifier: str
+    metadata: str | None = None
+    heatmaps: bool = True
+    batch_size: int = 16
+    workers: int | None = None
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: int = 2
+    rows_per_file: int = 1000
+    precision: str = "fp32"
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    top: int = 10
+    ray_address: str | None = None
+    progress: bool = True
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first setting that cannot work."""
+        checks = [
+            (self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}"),
+            (self.rows_per_file >= 1, f"rows_per_file must be at least 1, got {self.rows_per_file}"),
+            (self.workers is None or self.workers >= 1,
+             f"workers must be at least 1, got {self.workers}"),
+            (self.gpus_per_worker >= 0, f"gpus_per_worker must be >= 0, got {self.gpus_per_worker}"),
+            (self.cpus_per_worker >= 1, f"cpus_per_worker must be at least 1, got {self.cpus_per_worker}"),
+            (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}"),
+            (self.max_pixels >= 1, f"max_pixels must be positive, got {self.max_pixels}"),
+            (storage.resolve(self.input) != storage.resolve(self.output),
+             f"output {self.output} must differ from input {self.input}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+@dataclass
+class ScoreSummary:
+    """What a run did (``scored`` rows this run, ``skipped`` already there) and what the whole
+    output now holds (``totals``, from :func:`raysky.results.summarize`)."""
+
+    output: str
+    run_id: str
+    inputs: int
+    skipped: int
+    scored: int
+    scored_ok: int
+    scored_error: int
+    files: int
+    elapsed_s: float
+    totals: dict = field(default_factory=dict)
+
+    @property
+    def images_per_s(self) -> float:
+        """Throughput of this run, over its whole wall time (listing and start-up included)."""
+        return self.scored / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        """Plain JSON-serialisable form."""
+        return {**asdict(self), "images_per_s": round(self.images_per_s, 3)}
+
+    def format(self) -> str:
+        """The summary printed at the end of ``raysky score``."""
+        head = (f"scored {self.scored} of {self.inputs} inputs ({self.scored_ok} ok, "
+                f"{self.scored_error} error; {self.skipped} already done) into {self.files} "
+                f"files in {format_duration(self.elapsed_s)}: {self.images_per_s:.1f} img/s")
+        body = results.format_summary(self.totals) if self.totals else ""
+        return f"{head}\n{self.output}\n{body}".rstrip()
+
+
+@dataclass
+class Inputs:
+    """What to score: a table of rows to decode (raw prefix), or shard files (packed input)."""
+
+    total: int
+    todo: int
+    table: pa.Table | None = None
+    shards: list[str] | None = None
+    shard_columns: list[str] | None = None
+    skip_ids: pa.Array | None = None
+    metadata: pa.Table | None = None
+
+
+def is_packed(uri: str) -> bool:
+    """True when ``uri`` holds shards from ``raysky pack`` (or is one ``.parquet`` file)."""
+    return str(uri).endswith(".parquet") or storage.exists(storage.join(uri, PACK_MARKER))
+
+
+def _records_metadata(records) -> dict[str, list]:
+    return {"age": [r.age for r in records], "sex": [r.sex for r in records],
+            "site": [r.site for r in records]}
+
+
+def list_inputs(uri: str, metadata_uri: str | None = None, done: pa.Array | None = None) -> Inputs:
+    """List the inputs under ``uri``, join ``metadata_uri`` by image id, and drop ``done`` ids.
+
+    A raw prefix is listed with :func:`raysky.data.readers.read_archive`. For packed shards,
+    only the ``image_id`` column is read here; the bytes stay in the shards for the workers.
+    """
+    from raysky.data.readers import read_archive
+
+    done = done if done is not None else pa.array([], pa.string())
+    if not is_packed(uri):
+        records = read_archive(uri, metadata_uri)
+        table = pa.table({
+            "image_id": [r.image_id for r in records], "source_uri": [r.image_uri for r in records],
+            **_records_metadata(records),
+        }, schema=stages.INPUT_SCHEMA)
+        todo = table.filter(pc.invert(pc.is_in(table["image_id"], value_set=done)))
+        return Inputs(total=table.num_rows, todo=todo.num_rows, table=todo)
+
+    shards = results.result_files(uri)
+    if not shards:
+        raise FileNotFoundError(f"{uri}: no Parquet shards found")
+    ids = results.read_table(shards, ["image_id"]).column("image_id").combine_chunks()
+    counts = pc.value_counts(ids)
+    repeated = counts.filter(pc.greater(counts.field("counts"), 1))
+    if len(repeated):
+        raise ValueError(f"{uri}: image id {repeated[0]['values'].as_py()!r} appears in several "
+                         "shard rows; pack each object once")
+    available = set(results.read_table(shards[:1]).schema.names)
+    if not {"image_id", "source_uri", "image"} <= available:
+        raise ValueError(f"{shards[0]}: shards need columns image_id, source_uri and image "
+                         f"(found {', '.join(sorted(available))})")
+    columns = [c for c in (*stages.INPUT_SCHEMA.names, "image", "read_error") if c in available]
+    metadata = None
+    if metadata_uri is not None:
+        metadata = _shard_metadata(ids.to_pylist(), metadata_uri)
+    skipped = int(pc.sum(pc.is_in(ids, value_set=done)).as_py() or 0)
+    return Inputs(total=len(ids), todo=len(ids) - skipped, shards=shards, shard_columns=columns,
+                  skip_ids=done if len(done) else None, metadata=metadata)
+
+
+def _shard_metadata(ids: list[str], metadata_uri: str) -> pa.Table:
+    """Metadata for shard rows, joined by the archive reader's own rules."""
+    # The archive reader's join (id column names, ids with or without extension) is reused so
+    # packed and raw input resolve metadata identically.
+    from raysky.data.readers import _join_archive_metadata, _load_csv
+    from raysky.data.records import LesionRecord
+
+    records = [LesionRecord(image_id=i, image_uri="") for i in ids]
+    _join_archive_metadata(records, _load_csv(metadata_uri))
+    return pa.table({"image_id": ids, **_records_metadata(records)})
+
+
+def ensure_ray(address: str | None = None) -> None:
+    """Connect to Ray unless already connected.
+
+    Without an address (and no ``RAY_ADDRESS``) a private local instance is started, never
+    someone else's ``ray start`` cluster. The S3 endpoint and region travel to the workers.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {key: os.environ[key] for key in _S3_ENV if os.environ.get(key)}
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
+        # A submitted job's runtime_env already reaches every worker, and Ray refuses a driver
+        # runtime_env that repeats its env_vars keys.
+        env = {}
+    ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local",
+             runtime_env={"env_vars": env} if env else None, log_to_driver=False)
+
+
+def _pool(settings: ScoreSettings):
+    """The model stage's actor pool: fixed when ``workers`` is set, else 1 to what fits."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    if settings.workers:
+        return ActorPoolStrategy(size=settings.workers)
+    resources = ray.cluster_resources()
+    if settings.gpus_per_worker > 0:
+        fit = resources.get("GPU", 0) / settings.gpus_per_worker
+    else:
+        # Leave a CPU per worker for the decode and write tasks that feed it.
+        fit = resources.get("CPU", 1) / (settings.cpus_per_worker + 1)
+    return ActorPoolStrategy(min_size=1, max_size=max(1, int(fit)))
+
+
+def input_blocks(table: pa.Table, batch_size: int) -> list[pa.Table]:
+    """Slice the driver's input table into blocks: enough to spread decoding over the cluster,
+    few enough (at most about 256 for big inputs) to keep the driver's bookkeeping small."""
+    step = min(1024, max(batch_size, math.ceil(table.num_rows / 256)))
+    return [table.slice(i, step) for i in range(0, table.num_rows, step)] or [table]
+
+
+def build_dataset(inputs: Inputs, settings: ScoreSettings, classes: tuple[str, ...], run_id: str):
+    """The lazy Ray Dataset for one run; iterating it yields one manifest row per file written."""
+    import ray
+
+    if inputs.table is not None:
+        ds = ray.data.from_arrow(input_blocks(inputs.table, settings.batch_size))
+    else:
+        fs, _ = storage.resolve(inputs.shards[0])
+        paths = [storage.resolve(uri)[1] for uri in inputs.shards]
+        ds = ray.data.read_parquet(paths, filesystem=fs, columns=inputs.shard_columns)
+    # A decode task may hold the largest allowed image about three times over (RGB array, Pillow
+    # image, file bytes), so it reserves that much memory; fewer concurrent decodes beat an
+    # out-of-memory node. The reservation also keeps Ray Data from fusing decoding into the model
+    # actors (it fuses only operators with equal resources), where it would run serially with
+    # the model instead of in parallel CPU tasks.
+    ds = ds.map_batches(
+        stages.decode_batch, batch_size=settings.batch_size, batch_format="pyarrow",
+        fn_kwargs={"max_pixels": settings.max_pixels, "skip_ids": inputs.skip_ids,
+                   "metadata": inputs.metadata},
+        memory=9 * settings.max_pixels,
+    )
+    ds = ds.map_batches(
+        stages.ScoreModel, batch_size=settings.batch_size, batch_format="pyarrow",
+        compute=_pool(settings), num_cpus=settings.cpus_per_worker,
+        num_gpus=settings.gpus_per_worker or None,
+        fn_constructor_kwargs={
+            "segmenter": settings.segmenter, "classifier": settings.classifier,
+            "heatmaps": settings.heatmaps, "use_gpu": settings.gpus_per_worker > 0,
+            "precision": settings.precision, "threads": settings.cpus_per_worker,
+        },
+    )
+    ds = ds.map_batches(
+        stages.encode_batch, batch_size=settings.batch_size, batch_format="pyarrow",
+        fn_kwargs={"schema": stages.output_schema(classes, settings.heatmaps)},
+    )
+    # Writing waits on storage more than it computes. Its smaller CPU share also keeps Ray Data
+    # from fusing it with the encode stage, which would gather a whole file's worth of raw,
+    # uncompressed maps in one task instead of PNGs.
+    return ds.map_batches(
+        stages.write_batch, batch_size=settings.rows_per_file, batch_format="pyarrow",
+        num_cpus=WRITE_CPUS, fn_kwargs={"output": settings.output, "run_id": run_id,
+                   "rows_per_file": settings.rows_per_file},
+    )
+
+
+def _model_facts(settings: ScoreSettings) -> dict:
+    """Versions and classes from the checkpoints' JSON, checked before any worker starts."""
+    from raysky.models.checkpoint import read_checkpoint_meta
+
+    seg = read_checkpoint_meta(settings.segmenter)
+    cls = read_checkpoint_meta(settings.classifier)
+    for meta, kind, uri in ((seg, "segmenter", settings.segmenter),
+                            (cls, "classifier", settings.classifier)):
+        if meta.get("kind") != kind:
+            raise ValueError(f"{uri}: is a {meta.get('kind')} checkpoint, but a {kind} was expected")
+    return {"format": RESULTS_FORMAT, "segmenter_version": seg["version"],
+            "classifier_version": cls["version"], "classes": list(cls["classes"]),
+            "heatmaps": settings.heatmaps}
+
+
+def _count_done(inputs: Inputs, done: pa.Array) -> int:
+    """How many of this run's inputs now have a row in the output."""
+    if inputs.table is not None:
+        return int(pc.sum(pc.is_in(inputs.table["image_id"], value_set=done)).as_py() or 0)
+    ids = results.read_table(inputs.shards, ["image_id"]).column("image_id")
+    before = inputs.skip_ids if inputs.skip_ids is not None else pa.array([], pa.string())
+    now = pc.sum(pc.is_in(ids, value_set=done)).as_py() or 0
+    return int(now) - int(pc.sum(pc.is_in(ids, value_set=before)).as_py() or 0)
+
+
+def score_archive(settings: ScoreSettings) -> ScoreSummary:
+    """Score every input not yet in ``settings.output`` and return the run's summary.
+
+    Running again into the same output after an interruption scores only what is missing;
+    :func:`raysky.results.read` then returns exactly one row per input.
+    """
+    settings.validate()
+    start = time.monotonic()
+    facts = _model_facts(settings)
+    out.check_run_config(settings.output, RUN_CONFIG, facts)
+    out.remove_stale_temporaries(settings.output)
+    inputs = list_inputs(settings.input, settings.metadata, out.done_ids(settings.output))
+    run_id = out.new_run_id()
+    reported: set[str] = set()
+    scored = scored_ok = 0
+    if inputs.todo:
+        ensure_ray(settings.ray_address)
+        progress = Progress("score", total=inputs.todo) if settings.progress else None
+        ds = build_dataset(inputs, settings, tuple(facts["classes"]), run_id)
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for row in batch.to_pylist():
+                reported.add(row["file"])
+                scored += row["rows"]
+                scored_ok += row["ok"]
+                if progress:
+                    progress.update(row["rows"], extra=f"{scored - scored_ok} errors")
+        orphans = out.remove_orphans(settings.output, run_id, reported)
+        if orphans:
+            print(f"removed {len(orphans)} duplicate files left by retried tasks", file=sys.stderr)
+        out.remove_stale_temporaries(settings.output)
+        missing = inputs.todo - _count_done(inputs, out.done_ids(settings.output))
+        if missing:
+            raise RuntimeError(f"{missing} inputs have no row in {settings.output} after the run; "
+                               "run the same command again to score them")
+    totals = results.summarize(settings.output, settings.top) if results.result_files(
+        settings.output) else {}
+    return ScoreSummary(
+        output=settings.output, run_id=run_id, inputs=inputs.total,
+        skipped=inputs.total - inputs.todo, scored=scored, scored_ok=scored_ok,
+        scored_error=scored - scored_ok, files=len(reported),
+        elapsed_s=time.monotonic() - start, totals=totals,
+    )

@@ -1,0 +1,268 @@
+"""The Ray Data stages of batch scoring: decode, model, encode PNGs, write Parquet.
+
+Every stage takes and returns ``pyarrow.Table`` batches with explicit schemas, so no column ever
+becomes a Ray tensor extension type and the files open in any Parquet reader. Decoded pixels,
+raw masks and raw heatmaps travel between stages as ``large_binary`` plus ``width``/``height``
+(a batch of large images can exceed the 2 GiB that a ``binary`` array can hold); only the
+final, compressed PNGs are written, as plain ``binary``.
+
+No stage raises on a bad image: every failure becomes a row with ``status='error'`` and a
+short reason in ``error``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from PIL import Image
+
+from raysky import storage
+from raysky.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, encode_png
+from raysky.results import PROB_PREFIX
+from raysky.score.output import write_pieces
+
+MAX_INPUT_BYTES = 256 * 1024 * 1024
+"""Objects larger than this are not read at all; no dermoscopy image comes near it."""
+
+OK, ERROR = "ok", "error"
+
+INPUT_SCHEMA = pa.schema([
+    ("image_id", pa.string()), ("source_uri", pa.string()), ("age", pa.float64()),
+    ("sex", pa.string()), ("site", pa.string()),
+])
+"""Rows entering the decode stage. Packed shards add ``image`` (bytes) and ``read_error``."""
+
+DECODED_SCHEMA = pa.schema([
+    *INPUT_SCHEMA, ("status", pa.string()), ("error", pa.string()), ("width", pa.int32()),
+    ("height", pa.int32()), ("pixels", pa.large_binary()),
+])
+
+MANIFEST_SCHEMA = pa.schema([("file", pa.string()), ("rows", pa.int64()), ("ok", pa.int64()),
+                             ("error", pa.int64())])
+
+
+def output_schema(classes: Sequence[str], heatmaps: bool) -> pa.Schema:
+    """The columns of a result file, in order: plain Arrow types only."""
+    fields = [
+        ("image_id", pa.string()), ("source_uri", pa.string()), ("status", pa.string()),
+        ("error", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
+        ("predicted_class", pa.string()),
+        *[(f"{PROB_PREFIX}{code}", pa.float32()) for code in classes],
+        ("malignant_prob", pa.float32()), ("mask_png", pa.binary()),
+        ("lesion_area_frac", pa.float32()),
+        *([("heatmap_png", pa.binary())] if heatmaps else []),
+        ("lesion_focus", pa.float32()), ("segmenter_version", pa.string()),
+        ("classifier_version", pa.string()), ("scored_at", pa.timestamp("us", tz="UTC")),
+    ]
+    return pa.schema(fields)
+
+
+def model_output_schema(classes: Sequence[str], heatmaps: bool) -> pa.Schema:
+    """The model stage's rows: the output columns with raw ``uint8`` maps instead of PNGs."""
+    schema = output_schema(classes, heatmaps)
+    for name, raw in (("mask_png", "mask_raw"), ("heatmap_png", "heatmap_raw")):
+        index = schema.get_field_index(name)
+        if index >= 0:
+            schema = schema.set(index, pa.field(raw, pa.large_binary()))
+    return schema
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode (CPU tasks)
+# ---------------------------------------------------------------------------------------------
+
+
+def read_limited(uri: str, limit: int = MAX_INPUT_BYTES) -> bytes:
+    """Read one object, refusing (with :class:`ImageDecodeError`) anything over ``limit`` bytes."""
+    fs, path = storage.resolve(uri)
+    with fs.open_input_stream(path) as stream:
+        data = stream.read(limit + 1)
+    if len(data) > limit:
+        raise ImageDecodeError(uri, f"file too large (over {limit} bytes)")
+    return data
+
+
+def _decode_one(uri: str, data: bytes | None, read_error: str | None,
+                max_pixels: int) -> tuple[str | None, int | None, int | None, bytes | None]:
+    """Return ``(error, width, height, pixels)``; exactly one of error and pixels is set."""
+    if read_error:
+        return read_error, None, None, None
+    try:
+        if data is None:
+            data = read_limited(uri)
+        image = decode_image(data, source=uri, max_pixels=max_pixels)
+    except ImageDecodeError as exc:
+        return exc.reason, None, None, None
+    except FileNotFoundError:
+        return "file not found", None, None, None
+    except OSError as exc:
+        return f"cannot read file ({exc})", None, None, None
+    except Exception as exc:  # a batch job must not die on one input, whatever went wrong
+        return f"cannot decode ({type(exc).__name__}: {exc})", None, None, None
+    return None, image.width, image.height, np.asarray(image, dtype=np.uint8).tobytes()
+
+
+def decode_batch(batch: pa.Table, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 skip_ids: pa.Array | None = None, metadata: pa.Table | None = None) -> pa.Table:
+    """Decode a batch of input rows into RGB pixels; failures become ``error`` rows.
+
+    Rows come either with a URI to read (a raw prefix) or with the bytes already in ``image``
+    (packed shards, which may also carry the ``read_error`` met while packing). ``skip_ids``
+    drops inputs already scored (resume over shards). ``metadata`` (``image_id, age, sex,
+    site``) replaces the rows' own metadata by image id; ids it lacks get unknown metadata.
+    """
+    if skip_ids is not None and len(skip_ids):
+        batch = batch.filter(pc.invert(pc.is_in(batch["image_id"], value_set=skip_ids)))
+    names = set(batch.column_names)
+    ids = batch["image_id"].to_pylist()
+    uris = batch["source_uri"].to_pylist()
+    images = batch["image"].to_pylist() if "image" in names else [None] * len(ids)
+    read_errors = batch["read_error"].to_pylist() if "read_error" in names else [None] * len(ids)
+    columns = {name: (batch[name].to_pylist() if name in names else [None] * len(ids))
+               for name in ("age", "sex", "site")}
+    if metadata is not None:
+        index = {row["image_id"]: row for row in metadata.to_pylist()}
+        for name in ("age", "sex", "site"):
+            columns[name] = [index.get(i, {}).get(name) for i in ids]
+    status, errors, widths, heights, pixels = [], [], [], [], []
+    for uri, data, read_error in zip(uris, images, read_errors, strict=True):
+        error, width, height, raw = _decode_one(uri, data, read_error, max_pixels)
+        status.append(ERROR if error else OK)
+        errors.append(error)
+        widths.append(width)
+        heights.append(height)
+        pixels.append(raw)
+    return pa.table({
+        "image_id": ids, "source_uri": uris, **columns, "status": status, "error": errors,
+        "width": widths, "height": heights, "pixels": pixels,
+    }, schema=DECODED_SCHEMA)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model (actor pool)
+# ---------------------------------------------------------------------------------------------
+
+
+class ScoreModel:
+    """Callable class for ``map_batches(..., compute=ActorPoolStrategy(...))``.
+
+    Each actor loads both checkpoints once into a :class:`raysky.inference.LesionPipeline`,
+    the same pipeline the live endpoint uses, and scores batches of decoded rows: prediction
+    and Grad-CAM come from one pass. Rows that failed to decode pass through unchanged.
+    """
+
+    def __init__(self, segmenter: str, classifier: str, heatmaps: bool = True,
+                 use_gpu: bool = False, precision: str = "fp32", threads: int | None = None):
+        from raysky.inference import LesionPipeline
+        from raysky.models.runtime import set_torch_threads
+
+        # Ray pins OMP_NUM_THREADS=1 in actors; use the CPUs this actor was granted instead.
+        set_torch_threads(threads)
+        self.pipeline = LesionPipeline.from_uris(segmenter, classifier, use_gpu=use_gpu,
+                                                 precision=precision)
+        self.heatmaps = heatmaps
+        self.classes = self.pipeline.classes
+        self.schema = model_output_schema(self.classes, heatmaps)
+
+    def _predict(self, images: list[np.ndarray], metadata: list[dict]) -> list:
+        """Predictions for a batch; if the batch fails, images are retried one by one so that
+        only the image that breaks the model gets an error."""
+        try:
+            return self.pipeline(images, metadata, explain=self.heatmaps)
+        except Exception as exc:
+            if len(images) == 1:
+                return [f"scoring failed ({type(exc).__name__}: {exc})"]
+        return [self._predict([image], [meta])[0] for image, meta in zip(images, metadata, strict=True)]
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        """Score the ``ok`` rows of a decoded batch and return model-stage rows."""
+        rows = batch.drop_columns(["pixels"]).to_pylist()
+        pixels = batch["pixels"].to_pylist()
+        todo = [i for i, row in enumerate(rows) if row["status"] == OK]
+        images = [
+            # A copy: Arrow buffers are read-only and torch warns on non-writable arrays.
+            np.frombuffer(pixels[i], dtype=np.uint8).reshape(rows[i]["height"], rows[i]["width"], 3).copy()
+            for i in todo
+        ]
+        metadata = [{key: rows[i][key] for key in ("age", "sex", "site")} for i in todo]
+        predictions = dict(zip(todo, self._predict(images, metadata) if todo else [], strict=True))
+        del images, pixels
+        now = dt.datetime.now(dt.timezone.utc)
+        out: dict[str, list] = {name: [] for name in self.schema.names}
+        for i, row in enumerate(rows):
+            result = predictions.get(i)
+            if isinstance(result, str):
+                row = {**row, "status": ERROR, "error": result}
+                result = None
+            values = {
+                "image_id": row["image_id"], "source_uri": row["source_uri"],
+                "status": row["status"], "error": row["error"], "width": row["width"],
+                "height": row["height"], "segmenter_version": self.pipeline.segmenter_version,
+                "classifier_version": self.pipeline.classifier_version, "scored_at": now,
+            }
+            if result is not None:
+                values.update({
+                    "predicted_class": result.predicted_class,
+                    "malignant_prob": result.malignant_prob,
+                    "mask_raw": result.mask.astype(np.uint8).tobytes(),
+                    "lesion_area_frac": result.lesion_area_frac,
+                    "lesion_focus": None if math.isnan(result.lesion_focus) else result.lesion_focus,
+                })
+                values.update({f"{PROB_PREFIX}{code}": float(p)
+                               for code, p in zip(self.classes, result.probabilities, strict=True)})
+                if self.heatmaps and result.heatmap is not None:
+                    values["heatmap_raw"] = np.rint(result.heatmap * 255.0).astype(np.uint8).tobytes()
+            for name in out:
+                out[name].append(values.get(name))
+        return pa.table(out, schema=self.schema)
+
+
+# ---------------------------------------------------------------------------------------------
+# Encode PNGs and write (CPU tasks)
+# ---------------------------------------------------------------------------------------------
+
+
+def _png(raw: bytes | None, width: int, height: int, is_mask: bool) -> bytes | None:
+    if raw is None:
+        return None
+    array = np.frombuffer(raw, dtype=np.uint8).reshape(height, width)
+    # Masks go through encode_png's 0/1 -> 0/255 rule; heatmaps are passed as an 8-bit image
+    # so that a faint heatmap whose values happen to be 0 and 1 is not mistaken for a mask.
+    return encode_png(array if is_mask else Image.fromarray(array, mode="L"))
+
+
+def encode_batch(batch: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Turn the model stage's raw masks and heatmaps into PNGs at the original size."""
+    widths, heights = batch["width"].to_pylist(), batch["height"].to_pylist()
+    columns = {}
+    for name in schema.names:
+        if name in ("mask_png", "heatmap_png"):
+            raw = batch[name.replace("_png", "_raw")].to_pylist()
+            columns[name] = [_png(r, w, h, name == "mask_png")
+                             for r, w, h in zip(raw, widths, heights, strict=True)]
+        else:
+            columns[name] = batch[name]
+    return pa.table(columns, schema=schema)
+
+
+def write_batch(batch: pa.Table, output: str, run_id: str, rows_per_file: int) -> pa.Table:
+    """Write a batch as atomic Parquet files and return one manifest row per file.
+
+    ``error`` counts rows whose ``status`` is not ``ok`` (results) or that carry a
+    ``read_error`` (packed shards).
+    """
+    manifest = {name: [] for name in MANIFEST_SCHEMA.names}
+    for uri, piece in write_pieces(batch, output, run_id, rows_per_file) if batch.num_rows else []:
+        failed = (pc.not_equal(piece["status"], OK) if "status" in piece.column_names
+                  else pc.is_valid(piece["read_error"]))
+        ok = piece.num_rows - int(pc.sum(failed).as_py() or 0)
+        manifest["file"].append(uri)
+        manifest["rows"].append(piece.num_rows)
+        manifest["ok"].append(ok)
+        manifest["error"].append(piece.num_rows - ok)
+    return pa.table(manifest, schema=MANIFEST_SCHEMA)
