@@ -41,6 +41,7 @@ from raysky.metrics import (
     jaccard_score,
     thresholded_jaccard,
 )
+from raysky.results import dedupe
 
 PROB_PREFIX = "prob_"
 REQUIRED_COLUMNS: tuple[str, ...] = ("image_id", "status")
@@ -88,8 +89,8 @@ def read_results(uri: str, columns: Sequence[str] | None = None,
     columns such as ``heatmap_png`` can be asked for safely); ``image_ids`` limits the rows,
     which keeps large binary columns off the heap when only a few images are needed. The
     table must hold ``image_id`` and ``status`` and at least one ``prob_<class>`` column whose
-    suffix is a known diagnosis; ``image_id`` must be unique. Problems raise ``ValueError``
-    naming the URI.
+    suffix is a known diagnosis. Duplicate rows of an image are resolved as
+    :func:`raysky.results.dedupe` does. Problems raise ``ValueError`` naming the URI.
     """
     dataset = _results_dataset(uri)
     names = dataset.schema.names
@@ -106,12 +107,13 @@ def read_results(uri: str, columns: Sequence[str] | None = None,
     row_filter = None
     if image_ids is not None:
         row_filter = pads.field("image_id").isin(list(image_ids))
+    if "scored_at" in names and "scored_at" not in wanted:
+        wanted.append("scored_at")
     frame = dataset.to_table(columns=wanted, filter=row_filter).to_pandas()
     frame["image_id"] = frame["image_id"].map(_normalize_id)
-    duplicated = frame["image_id"][frame["image_id"].duplicated()]
-    if len(duplicated):
-        shown = ", ".join(duplicated.unique()[:5])
-        raise ValueError(f"{uri}: duplicate image_id in results: {shown}")
+    # An interrupted scoring run may leave a second row for an image; the scorer's own rule
+    # (ok before error, then newest) picks the one that counts, so both read the same rows.
+    frame = dedupe(frame)
     result_classes(frame, uri)  # validates the class columns early, with the URI in the error
     return frame.reset_index(drop=True)
 

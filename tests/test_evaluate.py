@@ -353,11 +353,13 @@ def test_evaluate_reports_bad_input_clearly(sample_dir, synthetic, tmp_path, cap
                  "--format", "ham10000"]) == 2
     assert "column 'prob_cat'" in capsys.readouterr().err
 
+    # A retried image has an error row and an ok row: the ok row is the one evaluated.
     duplicated = tmp_path / "duplicated.parquet"
-    write_results(str(duplicated), [rows[1], rows[1]], HAM10000_CLASSES)
-    assert main(["evaluate", "--results", str(duplicated), "--data", str(sample_dir),
-                 "--format", "ham10000"]) == 2
-    assert f"duplicate image_id in results: {rows[1]['image_id']}" in capsys.readouterr().err
+    failed = {**rows[1], "status": "error", "error": "truncated image"}
+    write_results(str(duplicated), [failed, rows[1], rows[2]], HAM10000_CLASSES)
+    frame = read_results(str(duplicated))
+    assert list(frame["image_id"]) == sorted([rows[1]["image_id"], rows[2]["image_id"]])
+    assert set(frame["status"]) == {"ok"}
 
     strangers = tmp_path / "strangers.parquet"
     write_results(str(strangers), [rows[-1]], HAM10000_CLASSES)

@@ -420,7 +420,18 @@ def read_archive(root: str, metadata_uri: str | None = None) -> list[LesionRecor
         records.append(LesionRecord(image_id=stem if stems[stem] == 1 else rel,
                                     image_uri=tree.files[rel]))
     if metadata_uri is not None:
-        _join_archive_metadata(records, _load_csv(metadata_uri))
+        join_metadata(records, metadata_uri)
+    return records
+
+
+def join_metadata(records: list[LesionRecord], metadata_uri: str) -> list[LesionRecord]:
+    """Fill age, sex, site, lesion_id and label of ``records`` in place from a metadata CSV.
+
+    The CSV follows the archive rules of :func:`read_archive` (id column ``image_id`` or
+    ``image``, matched with or without the file extension). Rows for other images are ignored;
+    a duplicate id raises :class:`DatasetError` naming the row. Returns ``records``.
+    """
+    _join_archive_metadata(records, _load_csv(metadata_uri))
     return records
 
 

@@ -177,11 +177,10 @@ def _shard_metadata(ids: list[str], metadata_uri: str) -> pa.Table:
     """Metadata for shard rows, joined by the archive reader's own rules."""
     # The archive reader's join (id column names, ids with or without extension) is reused so
     # packed and raw input resolve metadata identically.
-    from raysky.data.readers import _join_archive_metadata, _load_csv
+    from raysky.data.readers import join_metadata
     from raysky.data.records import LesionRecord
 
-    records = [LesionRecord(image_id=i, image_uri="") for i in ids]
-    _join_archive_metadata(records, _load_csv(metadata_uri))
+    records = join_metadata([LesionRecord(image_id=i, image_uri="") for i in ids], metadata_uri)
     return pa.table({"image_id": ids, **_records_metadata(records)})
 
 
