@@ -28,6 +28,7 @@ from raysky.data.readers import read_dataset
 from raysky.data.taxonomy import HAM10000_CLASSES, ISIC_COLUMN_NAMES, MALIGNANT_CLASSES
 from raysky.evaluate import evaluate, focus_statistics, format_table, read_results
 from raysky.metrics import auc_above_sensitivity, average_precision, sensitivity_specificity
+from raysky.score.stages import output_schema
 
 REPO = Path(__file__).resolve().parents[1]
 ISIC_PYTHON = REPO / ".venv-isic" / "bin" / "python"
@@ -45,19 +46,8 @@ EXTRA_ID = "ISIC_9999999"  # a result with no ground truth
 
 
 def results_schema(classes, with_heatmap: bool = True) -> pa.Schema:
-    """The Parquet schema of ``raysky score`` results (issue 4)."""
-    fields = [
-        ("image_id", pa.string()), ("source_uri", pa.string()), ("status", pa.string()),
-        ("error", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
-        ("predicted_class", pa.string()),
-        *[(f"prob_{c}", pa.float32()) for c in classes],
-        ("malignant_prob", pa.float32()), ("mask_png", pa.binary()),
-        ("lesion_area_frac", pa.float32()),
-        *([("heatmap_png", pa.binary())] if with_heatmap else []),
-        ("lesion_focus", pa.float32()), ("segmenter_version", pa.string()),
-        ("classifier_version", pa.string()), ("scored_at", pa.timestamp("us", tz="UTC")),
-    ]
-    return pa.schema(fields)
+    """The Parquet schema of ``raysky score`` results: the scorer's own definition."""
+    return output_schema(classes, with_heatmap)
 
 
 def result_row(image_id: str, source_uri: str, classes, probs=None, mask=None, heatmap=None,
