@@ -1,0 +1,98 @@
+"""``raysky serve``: run the live endpoint until Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def register(subparsers) -> None:
+    """Add the ``serve`` sub-command."""
+    from raysky.data.images import DEFAULT_MAX_PIXELS
+    from raysky.serve.config import DEFAULT_MAX_BODY_BYTES
+
+    parser = subparsers.add_parser(
+        "serve", help="run the live HTTP endpoint (Ray Serve) until Ctrl-C",
+        description="Deploy the segmenter + classifier + Grad-CAM pipeline behind a batched, "
+        "autoscaled Ray Serve endpoint and block until Ctrl-C or SIGTERM, then shut it down. "
+        "POST /v1/predict takes a multipart 'image' plus optional age, sex, site and image_id; "
+        "OpenAPI is at /docs. When RAYSKY_API_KEYS (comma separated) is set, requests need "
+        "'Authorization: Bearer <key>'. For 'serve run'/'serve deploy' use "
+        "infra/serve/raysky.yaml instead.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--segmenter", required=True,
+                        help="segmenter checkpoint directory or s3:// prefix")
+    parser.add_argument("--classifier", required=True,
+                        help="classifier checkpoint directory or s3:// prefix")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind; 0.0.0.0 exposes the endpoint to the network")
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port")
+    parser.add_argument("--min-replicas", type=int, default=1,
+                        help="model replicas kept running when idle")
+    parser.add_argument("--max-replicas", type=int, default=1,
+                        help="model replicas the autoscaler may grow to")
+    parser.add_argument("--target-ongoing-requests", type=float, default=None,
+                        help="autoscaling target of in-flight requests per model replica "
+                        "(default: --max-batch-size)")
+    parser.add_argument("--max-batch-size", type=int, default=8,
+                        help="largest batch a model replica scores at once")
+    parser.add_argument("--batch-wait-ms", type=float, default=5.0,
+                        help="how long a batch waits to fill before it runs")
+    parser.add_argument("--max-ongoing-requests", type=int, default=16,
+                        help="in-flight requests per model replica (>= --max-batch-size)")
+    parser.add_argument("--max-queued-requests", type=int, default=64,
+                        help="requests queued for the model beyond that; more get 503")
+    parser.add_argument("--num-cpus", type=float, default=1.0,
+                        help="CPUs reserved per model replica")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per model replica (default: --num-cpus)")
+    parser.add_argument("--gpu", action="store_true", help="give each model replica one GPU")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="inference precision")
+    parser.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY_BYTES / 2**20,
+                        help="largest request body in MiB; larger bodies get 413")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                        help="largest image (width x height) decoded; larger images get 413")
+    parser.add_argument("--access-log", default=None,
+                        help="also append the JSON access log to this local file")
+    parser.add_argument("--address", default="local",
+                        help="Ray address: 'local' starts a private Ray, 'auto' joins the "
+                        "running cluster")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Deploy, print the URL, block until interrupted, shut down."""
+    from raysky.serve import ServeSettings, run_server
+    from raysky.serve.security import API_KEYS_ENV, parse_api_keys
+
+    # Forward the caller's keys explicitly: with --address auto, replicas do not inherit
+    # this shell's environment.
+    keys = parse_api_keys(os.environ[API_KEYS_ENV]) if API_KEYS_ENV in os.environ else None
+    settings = ServeSettings(
+        segmenter=args.segmenter,
+        classifier=args.classifier,
+        host=args.host,
+        port=args.port,
+        min_replicas=args.min_replicas,
+        max_replicas=args.max_replicas,
+        target_ongoing_requests=args.target_ongoing_requests,
+        max_batch_size=args.max_batch_size,
+        batch_wait_timeout_s=args.batch_wait_ms / 1000.0,
+        max_ongoing_requests=args.max_ongoing_requests,
+        max_queued_requests=args.max_queued_requests,
+        num_cpus=args.num_cpus,
+        torch_threads=args.threads,
+        use_gpu=args.gpu,
+        precision=args.precision,
+        max_body_bytes=int(args.max_body_mb * 2**20),
+        max_pixels=args.max_pixels,
+        api_keys=keys,
+        access_log=os.path.abspath(args.access_log) if args.access_log else None,
+        ray_address=args.address,
+    )
+    print(f"raysky serve: API-key auth {'on' if keys else 'off'} ({API_KEYS_ENV}); "
+          f"{settings.min_replicas}-{settings.max_replicas} model replicas, batches of "
+          f"{settings.max_batch_size}", flush=True)
+    run_server(settings, blocking=True)
+    return 0

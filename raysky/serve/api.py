@@ -1,0 +1,498 @@
+"""The HTTP API of the live endpoint, as a FastAPI app independent of where the model runs.
+
+:func:`create_api` takes a :class:`PredictBackend` (in production, a Ray Serve handle to the
+batched model deployment, see :mod:`raysky.serve.app`) and returns the FastAPI app that the
+ingress deployment serves. Keeping HTTP concerns here (authentication, body limits, upload and
+metadata validation, error mapping, the access log, PNG encoding) keeps the model deployment a
+thin wrapper around :class:`raysky.inference.LesionPipeline`.
+
+Every client mistake maps to a JSON error ``{"error": code, "detail": message, ...}`` with a
+4xx status; overload and an unavailable model map to 503 with ``Retry-After``. Only a bug in
+raysky itself can produce a 500.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import math
+import re
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Protocol
+
+import numpy as np
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from PIL import Image
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from raysky import __version__
+from raysky.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, encode_png
+from raysky.data.metadata import UNKNOWN, normalize_site
+from raysky.serve.config import DEFAULT_MAX_BODY_BYTES
+from raysky.serve.security import ApiKeyChecker
+
+ACCESS_LOGGER = "raysky.serve.access"
+METADATA_FIELDS = ("age", "sex", "site")
+FORM_FIELDS = ("image", "image_id", *METADATA_FIELDS)
+SEX_VALUES = ("male", "female", "m", "f", UNKNOWN)
+MAX_IMAGE_ID_LENGTH = 128
+MAX_AGE_YEARS = 120.0
+_ACCESS_SCOPE_KEY = "raysky.access"
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_IMAGE_ID = re.compile(r"^[\w.:/+-]+$")
+
+logger = logging.getLogger(__name__)
+
+
+class PredictBackend(Protocol):
+    """Where predictions come from: ``predict`` takes one validated request, ``info`` describes
+    the models. Both raise :class:`ServiceUnavailable` when they cannot answer right now."""
+
+    async def predict(self, request: dict[str, Any]) -> dict[str, Any]: ...
+
+    async def info(self) -> dict[str, Any]: ...
+
+
+class ServiceUnavailable(Exception):
+    """The model cannot take the request now (queue full, replica restarting); retry later."""
+
+    def __init__(self, detail: str, retry_after_s: int = 1):
+        super().__init__(detail)
+        self.detail = detail
+        self.retry_after_s = retry_after_s
+
+
+class ApiError(Exception):
+    """A client mistake, answered with ``status`` and a JSON body naming what was wrong."""
+
+    def __init__(self, status: int, code: str, detail: str, field: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(detail)
+        self.status, self.code, self.detail, self.field = status, code, detail, field
+        self.headers = headers
+
+
+class BodyTooLarge(Exception):
+    """Raised while the body is being read, once it has grown past the limit."""
+
+
+@dataclass(frozen=True)
+class ApiOptions:
+    """Request limits of the HTTP layer and where the access log goes, besides stderr."""
+
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    access_log: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Access log
+
+
+class JsonLineFormatter(logging.Formatter):
+    """Formats a record whose ``msg`` is a dict as one JSON object per line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = record.msg if isinstance(record.msg, dict) else {"message": record.getMessage()}
+        return json.dumps(entry, separators=(",", ":"), default=str)
+
+
+def configure_access_log(path: str | None = None) -> logging.Logger:
+    """Send the access log to stderr (the replica's log) and, if given, append it to ``path``.
+
+    Idempotent: calling it again with the same path adds no second handler.
+    """
+    access = logging.getLogger(ACCESS_LOGGER)
+    access.setLevel(logging.INFO)
+    access.propagate = False  # Serve's own handlers would wrap the JSON in their format
+    wanted = {("stream", None)} | ({("file", str(path))} if path else set())
+    present = {getattr(h, "_raysky_key", None) for h in access.handlers}
+    for key in wanted - present:
+        handler = (logging.StreamHandler(sys.stderr) if key[0] == "stream"
+                   else logging.FileHandler(key[1], encoding="utf-8"))
+        handler._raysky_key = key  # type: ignore[attr-defined]
+        handler.setFormatter(JsonLineFormatter())
+        access.addHandler(handler)
+    return access
+
+
+def _header(scope: dict, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+class AccessLogMiddleware:
+    """One JSON line per request: time, request id, method, path, status, latency and the
+    uploaded image's size. Deliberately nothing from the form body or query string, so patient
+    metadata and image ids never reach the logs."""
+
+    def __init__(self, app, logger_: logging.Logger):
+        self.app = app
+        self.logger = logger_
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        # Serve's proxy assigns x-request-id and echoes it in the response; outside Serve we
+        # make one up and echo it ourselves.
+        incoming = _header(scope, b"x-request-id")
+        request_id = incoming if incoming and _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        entry: dict[str, Any] = {"request_id": request_id}
+        scope[_ACCESS_SCOPE_KEY] = entry
+        status = 500
+
+        async def send_wrapper(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                if not incoming:
+                    message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            record = {
+                "ts": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+                "request_id": request_id,
+                "method": scope.get("method"),
+                "path": scope.get("path"),
+                "status": status,
+                "latency_ms": round((time.perf_counter() - start) * 1000.0, 2),
+            }
+            record.update((k, v) for k, v in entry.items() if k != "request_id")
+            self.logger.info(record)
+
+
+class BodyLimitMiddleware:
+    """Reject bodies over ``max_bytes`` with 413: at once from ``Content-Length``, or while
+    reading a chunked body, before it is buffered in full."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _header(scope, b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            error = _too_large(self.max_bytes) if declared.isdigit() else ApiError(
+                400, "bad_request", "invalid Content-Length header")
+            await _error_response(scope, error)(scope, receive, send)
+            return
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise BodyTooLarge()
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+def _too_large(max_bytes: int) -> ApiError:
+    return ApiError(413, "body_too_large",
+                    f"request body exceeds the limit of {max_bytes} bytes")
+
+
+def _request_id(scope: dict) -> str | None:
+    return scope.get(_ACCESS_SCOPE_KEY, {}).get("request_id")
+
+
+def _error_response(scope: dict, error: ApiError) -> JSONResponse:
+    body: dict[str, Any] = {"error": error.code, "detail": error.detail}
+    if error.field:
+        body["field"] = error.field
+    body["request_id"] = _request_id(scope)
+    entry = scope.get(_ACCESS_SCOPE_KEY)
+    if entry is not None:
+        entry["error"] = error.code  # the code only: details may echo client input
+    return JSONResponse(body, status_code=error.status, headers=error.headers)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+def _form_text(form, name: str) -> str | None:
+    values = form.getlist(name)
+    if not values:
+        return None
+    if len(values) > 1:
+        raise ApiError(422, "invalid_field", f"field {name!r} was given {len(values)} times",
+                       name)
+    if not isinstance(values[0], str):
+        raise ApiError(422, "invalid_field", f"field {name!r} must be text, not a file", name)
+    text = values[0].strip()
+    return text or None
+
+
+def parse_metadata(form) -> tuple[dict[str, Any], str | None]:
+    """Validate the optional ``age``/``sex``/``site``/``image_id`` form fields.
+
+    Returns the metadata dict the pipeline takes and the image id. Unknown fields, a
+    non-numeric or implausible age, and a sex or site outside the vocabulary are rejected with
+    422 rather than silently read as unknown, so a client's typo cannot quietly change a
+    prediction. Missing or empty fields (and ``unknown``) are allowed.
+    """
+    unknown = sorted(set(form.keys()) - set(FORM_FIELDS))
+    if unknown:
+        raise ApiError(422, "unknown_field",
+                       f"unknown form field(s) {unknown}; accepted: {list(FORM_FIELDS)}",
+                       unknown[0])
+    metadata: dict[str, Any] = {}
+    age = _form_text(form, "age")
+    if age is not None:
+        try:
+            years = float(age)
+        except ValueError:
+            years = math.nan
+        if not (math.isfinite(years) and 0.0 <= years <= MAX_AGE_YEARS):
+            raise ApiError(422, "invalid_metadata",
+                           f"age must be a number of years in 0..{MAX_AGE_YEARS:g}, got {age!r}",
+                           "age")
+        metadata["age"] = years
+    sex = _form_text(form, "sex")
+    if sex is not None:
+        if sex.lower() not in SEX_VALUES:
+            raise ApiError(422, "invalid_metadata",
+                           f"sex must be one of {list(SEX_VALUES)}, got {sex!r}", "sex")
+        metadata["sex"] = sex
+    site = _form_text(form, "site")
+    if site is not None:
+        if site.lower() != UNKNOWN and normalize_site(site) == UNKNOWN:
+            raise ApiError(422, "invalid_metadata",
+                           f"site {site!r} is not a known anatomical site (HAM10000 "
+                           "localization or ISIC anatom_site_general, e.g. 'back', "
+                           "'upper extremity', 'head/neck')", "site")
+        metadata["site"] = site
+    image_id = _form_text(form, "image_id")
+    if image_id is not None and (len(image_id) > MAX_IMAGE_ID_LENGTH
+                                 or not _IMAGE_ID.match(image_id)):
+        raise ApiError(422, "invalid_field",
+                       f"image_id must be at most {MAX_IMAGE_ID_LENGTH} letters, digits or "
+                       "._:/+- characters", "image_id")
+    return metadata, image_id
+
+
+def decode_upload(data: bytes, max_pixels: int) -> np.ndarray:
+    """Decode uploaded bytes to an RGB uint8 array, mapping each failure to its status.
+
+    Not an image: 415. More pixels than ``max_pixels`` (a decompression bomb, or just too
+    big): 413. Empty, truncated or corrupt: 400.
+    """
+    try:
+        return np.asarray(decode_image(data, "image", max_pixels=max_pixels))
+    except ImageDecodeError as exc:
+        if exc.reason == "not an image":
+            raise ApiError(415, "unsupported_image",
+                           "the uploaded file is not an image in a supported format "
+                           "(JPEG, PNG, TIFF, BMP, WebP, GIF)", "image") from None
+        if exc.reason.startswith("image too large"):
+            raise ApiError(413, "image_too_large", f"image: {exc.reason}", "image") from None
+        raise ApiError(400, "invalid_image", f"image: {exc.reason}", "image") from None
+
+
+def _png_base64(array: np.ndarray, is_mask: bool) -> str:
+    # Heatmaps go through PIL explicitly: encode_png would read a 0/1-valued map as a mask.
+    image = array if is_mask else Image.fromarray(array, mode="L")
+    return base64.b64encode(encode_png(image)).decode("ascii")
+
+
+def _encode_maps(result: dict[str, Any], want_mask: bool) -> tuple[str | None, str | None]:
+    mask = result.get("mask")
+    heatmap = result.get("heatmap")
+    mask_png = _png_base64(mask, True) if want_mask and mask is not None else None
+    heatmap_png = _png_base64(heatmap, False) if heatmap is not None else None
+    return mask_png, heatmap_png
+
+
+# ---------------------------------------------------------------------------------------------
+# The app
+
+# The form is parsed by hand (auth and size checks come before the body is read), so its
+# schema is declared here for /docs, where "Try it out" then offers a file picker.
+PREDICT_REQUEST_BODY = {
+    "required": True,
+    "content": {"multipart/form-data": {"schema": {
+        "type": "object",
+        "required": ["image"],
+        "properties": {
+            "image": {"type": "string", "format": "binary",
+                      "description": "JPEG, PNG, TIFF, BMP, WebP or GIF"},
+            "age": {"type": "number", "minimum": 0, "maximum": MAX_AGE_YEARS},
+            "sex": {"type": "string", "enum": list(SEX_VALUES)},
+            "site": {"type": "string", "description": "HAM10000 localization or ISIC "
+                     "anatom_site_general, e.g. 'back', 'upper extremity', 'head/neck'"},
+            "image_id": {"type": "string", "maxLength": MAX_IMAGE_ID_LENGTH,
+                         "description": "echoed back; never logged"},
+        },
+    }}},
+}
+
+
+def create_api(backend: PredictBackend, options: ApiOptions | None = None,
+               keys: ApiKeyChecker | None = None) -> FastAPI:
+    """Build the FastAPI app over ``backend``.
+
+    ``keys`` defaults to the checker built from ``RAYSKY_API_KEYS`` in this process's
+    environment. Routes: ``POST /v1/predict``, ``GET /v1/model``, ``GET /healthz``,
+    ``GET /readyz``; OpenAPI at ``/docs``.
+    """
+    options = options or ApiOptions()
+    keys = keys if keys is not None else ApiKeyChecker.from_env()
+    access_logger = configure_access_log(options.access_log)
+    logger.info("raysky API: API-key auth %s",
+                f"enabled ({keys.num_keys} keys)" if keys.enabled else "disabled")
+
+    app = FastAPI(
+        title="raysky",
+        version=__version__,
+        description="Explainable skin-lesion classification: one dermoscopy image (plus optional "
+        "age, sex and site) in; class probabilities, lesion mask and Grad-CAM heatmap out.",
+    )
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return _error_response(request.scope, exc)
+
+    @app.exception_handler(BodyTooLarge)
+    async def _body_too_large(request: Request, exc: BodyTooLarge):
+        return _error_response(request.scope, _too_large(options.max_body_bytes))
+
+    @app.exception_handler(ServiceUnavailable)
+    async def _unavailable(request: Request, exc: ServiceUnavailable):
+        return _error_response(request.scope, ApiError(
+            503, "unavailable", exc.detail, headers={"Retry-After": str(exc.retry_after_s)}))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_request(request: Request, exc: RequestValidationError):
+        problems = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        first = exc.errors()[0]["loc"][-1] if exc.errors() else None
+        return _error_response(request.scope, ApiError(
+            422, "invalid_request", "; ".join(problems), str(first) if first else None))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        code = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}.get(
+            exc.status_code, "http_error")
+        return _error_response(request.scope, ApiError(
+            exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None)))
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception):
+        logger.exception("request %s failed", _request_id(request.scope))
+        return _error_response(request.scope, ApiError(
+            500, "internal_error", "internal error; the request id identifies it in the logs"))
+
+    async def require_api_key(request: Request) -> None:
+        if not keys.check(request.headers.get("authorization")):
+            raise ApiError(401, "unauthorized", "missing or invalid API key "
+                           "(send 'Authorization: Bearer <key>')",
+                           headers={"WWW-Authenticate": "Bearer"})
+
+    @app.get("/healthz", summary="Liveness: the HTTP layer answers")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", summary="Readiness: a model replica answers with its models loaded")
+    async def readyz() -> dict[str, str]:
+        # Unauthenticated, like /healthz, for orchestrator probes: so it says nothing about
+        # the models; /v1/model (authenticated) does.
+        await backend.info()
+        return {"status": "ready"}
+
+    @app.get("/v1/model", dependencies=[Depends(require_api_key)],
+             summary="Classes, input sizes, versions and batching of the served models")
+    async def model_info() -> dict[str, Any]:
+        return await backend.info()
+
+    @app.post("/v1/predict", dependencies=[Depends(require_api_key)],
+              summary="Classify, segment and explain one image",
+              openapi_extra={"requestBody": PREDICT_REQUEST_BODY})
+    async def predict(
+        request: Request,
+        explain: bool = Query(True, description="compute the Grad-CAM heatmap"),
+        mask: bool = Query(True, description="return the lesion mask as a PNG"),
+    ) -> dict[str, Any]:
+        """Multipart form: ``image`` (file), optional ``age``, ``sex``, ``site``, ``image_id``.
+
+        Returns probabilities per class, the predicted class, the malignant probability, the
+        lesion's area fraction and, as base64 PNGs at the uploaded image's size, the lesion
+        mask (0/255) and the Grad-CAM heatmap (8-bit grey, 255 = strongest evidence).
+        ``lesion_focus`` is the heatmap's share inside the mask (null without ``explain``).
+        """
+        start = time.perf_counter()
+        content_type = request.headers.get("content-type", "")
+        if not content_type.lower().startswith("multipart/form-data"):
+            raise ApiError(415, "unsupported_media_type",
+                           f"expected a multipart/form-data body with an 'image' file, got "
+                           f"{content_type.split(';')[0] or 'no content type'}")
+        form = await request.form(max_files=1, max_fields=len(FORM_FIELDS),
+                                  max_part_size=4096)
+        try:
+            metadata, image_id = parse_metadata(form)
+            upload = form.get("image")
+            if upload is None:
+                raise ApiError(422, "missing_field", "the 'image' file field is required",
+                               "image")
+            if not isinstance(upload, UploadFile):
+                raise ApiError(422, "invalid_field",
+                               "'image' must be a file part (with a filename)", "image")
+            data = await upload.read()
+        finally:
+            await form.close()
+        entry = request.scope.get(_ACCESS_SCOPE_KEY, {})
+        entry["image_bytes"] = len(data)
+        image = await run_in_threadpool(decode_upload, data, options.max_pixels)
+        height, width = image.shape[:2]
+        entry["image_width"], entry["image_height"] = width, height
+        model_start = time.perf_counter()
+        result = await backend.predict({"image": image, "metadata": metadata,
+                                        "explain": explain, "mask": mask})
+        # Queueing + batching + compute on the model side; latency_ms minus this is our own.
+        entry["model_ms"] = round((time.perf_counter() - model_start) * 1000.0, 2)
+        mask_png, heatmap_png = await run_in_threadpool(_encode_maps, result, mask)
+        focus = result["lesion_focus"]
+        return {
+            "image_id": image_id,
+            "width": width,
+            "height": height,
+            "classes": list(result["classes"]),
+            "probabilities": dict(zip(result["classes"], result["probabilities"], strict=True)),
+            "predicted_class": result["predicted_class"],
+            "malignant_prob": result["malignant_prob"],
+            "lesion_area_frac": result["lesion_area_frac"],
+            "lesion_focus": None if focus is None or math.isnan(focus) else focus,
+            "mask_png": mask_png,
+            "heatmap_png": heatmap_png,
+            "segmenter_version": result["segmenter_version"],
+            "classifier_version": result["classifier_version"],
+            "latency_ms": round((time.perf_counter() - start) * 1000.0, 2),
+            "request_id": entry.get("request_id"),
+        }
+
+    # Order matters: the access log wraps everything, including 413s decided from headers.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=options.max_body_bytes)
+    app.add_middleware(AccessLogMiddleware, logger_=access_logger)
+    return app
+

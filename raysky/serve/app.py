@@ -1,0 +1,227 @@
+"""The Ray Serve application: a FastAPI ingress in front of a batched model deployment.
+
+``RayskyIngress`` validates and decodes uploads and encodes the response PNGs (see
+:mod:`raysky.serve.api`); ``LesionModel`` holds one :class:`raysky.inference.LesionPipeline`
+per replica and scores requests in batches with ``@serve.batch``. Each replica runs its
+pipeline on a single dedicated thread, one batch at a time, so Grad-CAM's autograd pass never
+runs concurrently on the same model, however many requests are in flight.
+
+``build_app`` is the application builder for Serve's own tools, so the same application runs
+from ``raysky serve``, ``run_server`` and ``serve run infra/serve/raysky.yaml``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI
+from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle
+
+from raysky.inference import LesionPipeline, LesionPrediction
+from raysky.models.checkpoint import read_checkpoint_meta
+from raysky.models.runtime import set_torch_threads
+from raysky.serve.api import ApiOptions, ServiceUnavailable, create_api
+from raysky.serve.config import AppConfig
+from raysky.serve.security import API_KEYS_ENV
+
+logger = logging.getLogger(__name__)
+
+MODEL_DEPLOYMENT = "LesionModel"
+INGRESS_DEPLOYMENT = "RayskyIngress"
+INGRESS_NUM_CPUS = 0.25
+"""The ingress mostly awaits the model; a quarter CPU keeps it schedulable next to replicas."""
+READY_TIMEOUT_S = 10.0
+
+
+@serve.deployment(name=MODEL_DEPLOYMENT, max_ongoing_requests=16, max_constructor_retry_count=3,
+                  graceful_shutdown_timeout_s=30)
+class LesionModel:
+    """One segmenter + classifier + Grad-CAM pipeline per replica, scored in batches.
+
+    Batching is tuned through ``user_config`` (``max_batch_size``, ``batch_wait_timeout_s``),
+    so changing it with ``serve deploy`` reconfigures replicas without reloading the models.
+    """
+
+    def __init__(self, segmenter: str, classifier: str, use_gpu: bool = False,
+                 precision: str = "fp32", threads: int = 1):
+        # Ray starts replicas with OMP_NUM_THREADS=1; without this a CPU replica uses one core.
+        self.threads = set_torch_threads(threads)
+        self.pipeline = LesionPipeline.from_uris(segmenter, classifier, use_gpu, precision)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raysky-pipeline",
+                                            initializer=set_torch_threads, initargs=(threads,))
+        self._stats = {"batches": 0, "requests": 0, "largest_batch": 0}
+        logger.info("LesionModel ready: %s + %s, %d torch threads",
+                    self.pipeline.segmenter_version, self.pipeline.classifier_version, self.threads)
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        """Apply ``user_config``: the batch size limit and how long a batch waits to fill."""
+        self._predict_batch.set_max_batch_size(int(config.get("max_batch_size", 8)))
+        self._predict_batch.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s",
+                                                                      0.005)))
+
+    async def predict(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Score one validated request (``image`` RGB uint8 array, ``metadata``, ``explain``,
+        ``mask``); it is batched with whatever else arrives within the batch wait."""
+        return await self._predict_batch(request)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def _predict_batch(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        loop = asyncio.get_running_loop()
+        # The event loop stays free to queue the next batch while this one computes.
+        return await loop.run_in_executor(self._executor, self.run_batch, requests)
+
+    def run_batch(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Run the pipeline over a batch; requests with and without ``explain`` run apart."""
+        results: list[dict[str, Any] | None] = [None] * len(requests)
+        for explain in (True, False):
+            index = [i for i, r in enumerate(requests) if bool(r.get("explain", True)) is explain]
+            if not index:
+                continue
+            predictions = self.pipeline([requests[i]["image"] for i in index],
+                                        [requests[i].get("metadata") or {} for i in index],
+                                        explain=explain)
+            for i, prediction in zip(index, predictions, strict=True):
+                results[i] = self._to_response(prediction, bool(requests[i].get("mask", True)))
+        self._stats["batches"] += 1
+        self._stats["requests"] += len(requests)
+        self._stats["largest_batch"] = max(self._stats["largest_batch"], len(requests))
+        return results  # type: ignore[return-value]
+
+    def _to_response(self, prediction: LesionPrediction, want_mask: bool) -> dict[str, Any]:
+        heatmap = None
+        if prediction.heatmap is not None:
+            # 8 bits are all a PNG carries anyway; quantising here shrinks the reply 4x.
+            heatmap = np.rint(prediction.heatmap * 255.0).astype(np.uint8)
+        return {
+            "classes": list(self.pipeline.classes),
+            "probabilities": [float(p) for p in prediction.probabilities],
+            "predicted_class": prediction.predicted_class,
+            "malignant_prob": prediction.malignant_prob,
+            "lesion_area_frac": prediction.lesion_area_frac,
+            "lesion_focus": prediction.lesion_focus,
+            "mask": prediction.mask if want_mask else None,
+            "heatmap": heatmap,
+            "segmenter_version": self.pipeline.segmenter_version,
+            "classifier_version": self.pipeline.classifier_version,
+        }
+
+    async def info(self) -> dict[str, Any]:
+        """Classes, input sizes, versions, batching and this replica's batch counters."""
+        pipeline = self.pipeline
+        return {
+            "classes": list(pipeline.classes),
+            "malignant_classes": [pipeline.classes[i] for i in pipeline.malignant],
+            "segmenter_version": pipeline.segmenter_version,
+            "classifier_version": pipeline.classifier_version,
+            "segmenter_input_size": pipeline.segmenter_meta["input_size"],
+            "classifier_input_size": pipeline.classifier_meta["input_size"],
+            "metadata_fields": list(pipeline.vocab.fields) if pipeline.vocab else [],
+            "device": str(pipeline.device),
+            "precision": pipeline.precision,
+            "torch_threads": self.threads,
+            "max_batch_size": self._predict_batch._get_max_batch_size(),
+            "batch_wait_timeout_s": self._predict_batch._get_batch_wait_timeout_s(),
+            "replica_stats": dict(self._stats),
+        }
+
+
+class ServeHandleBackend:
+    """The API's :class:`~raysky.serve.api.PredictBackend` over a handle to ``LesionModel``.
+
+    Serve raises ``BackPressureError`` when the model's ``max_queued_requests`` is reached;
+    it becomes a JSON 503 with ``Retry-After`` instead of Serve's plain-text one.
+    """
+
+    def __init__(self, handle: DeploymentHandle):
+        self._handle = handle
+
+    async def _call(self, method: str, *args, timeout_s: float | None = None) -> dict[str, Any]:
+        try:
+            response = getattr(self._handle, method).remote(*args)
+            if timeout_s is None:
+                return await response
+            return await asyncio.wait_for(response, timeout_s)
+        except BackPressureError:
+            raise ServiceUnavailable("the model is at capacity; retry shortly") from None
+        except (DeploymentUnavailableError, RayActorError, asyncio.TimeoutError) as exc:
+            raise ServiceUnavailable(
+                f"no model replica is available ({type(exc).__name__}); retry shortly"
+            ) from None
+
+    async def predict(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Score one request on some model replica."""
+        return await self._call("predict", request)
+
+    async def info(self) -> dict[str, Any]:
+        """Describe the models of some model replica."""
+        return await self._call("info", timeout_s=READY_TIMEOUT_S)
+
+
+@serve.deployment(name=INGRESS_DEPLOYMENT, max_ongoing_requests=128, max_queued_requests=512)
+@serve.ingress()
+class RayskyIngress:
+    """HTTP ingress: FastAPI app built per replica over a handle to the model deployment."""
+
+    def __init__(self, model: DeploymentHandle, max_body_bytes: int, max_pixels: int,
+                 access_log: str | None = None):
+        self._backend = ServeHandleBackend(model)
+        self._options = ApiOptions(max_body_bytes=max_body_bytes, max_pixels=max_pixels,
+                                   access_log=access_log)
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        # Built in the replica, after __init__, so limits and API keys come from this
+        # replica's arguments and environment rather than from import time.
+        return create_api(self._backend, self._options)
+
+
+def check_checkpoints(config: AppConfig) -> None:
+    """Fail fast, with the URI in the message, on a missing or swapped checkpoint.
+
+    Without this, replicas would crash-loop in their constructors and the deploy would only
+    fail after several retries.
+    """
+    for uri, kind in ((config.segmenter, "segmenter"), (config.classifier, "classifier")):
+        meta = read_checkpoint_meta(uri)
+        if meta["kind"] != kind:
+            raise ValueError(f"{uri}: is a {meta['kind']} checkpoint, but a {kind} was expected")
+
+
+def build_app(args: dict[str, Any] | AppConfig) -> serve.Application:
+    """Application builder for ``serve run``/``serve deploy`` (``raysky.serve.app:build_app``).
+
+    ``args`` holds :class:`~raysky.serve.config.AppConfig` fields; ``segmenter`` and
+    ``classifier`` (local paths or ``s3://`` URIs) are required. Scaling and queue bounds set
+    here are defaults that a Serve config's ``deployments:`` section may override.
+    """
+    config = args if isinstance(args, AppConfig) else AppConfig.from_dict(dict(args or {}))
+    check_checkpoints(config)
+    model = LesionModel.options(
+        autoscaling_config={
+            "min_replicas": config.min_replicas,
+            "initial_replicas": config.min_replicas,
+            "max_replicas": config.max_replicas,
+            "target_ongoing_requests": config.target_ongoing,
+        },
+        max_ongoing_requests=config.max_ongoing_requests,
+        max_queued_requests=config.max_queued_requests,
+        ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": 1 if config.use_gpu else 0},
+        user_config={"max_batch_size": config.max_batch_size,
+                     "batch_wait_timeout_s": config.batch_wait_timeout_s},
+    ).bind(config.segmenter, config.classifier, config.use_gpu, config.precision, config.threads)
+    ingress_actor_options: dict[str, Any] = {"num_cpus": INGRESS_NUM_CPUS}
+    if config.api_keys is not None:
+        ingress_actor_options["runtime_env"] = {
+            "env_vars": {API_KEYS_ENV: ",".join(config.api_keys)}}
+    return RayskyIngress.options(
+        num_replicas=config.ingress_replicas,
+        max_ongoing_requests=config.ingress_max_ongoing_requests,
+        max_queued_requests=config.ingress_max_queued_requests,
+        ray_actor_options=ingress_actor_options,
+    ).bind(model, config.max_body_bytes, config.max_pixels, config.access_log)
