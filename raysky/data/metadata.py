@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 UNKNOWN = "unknown"
 
@@ -139,6 +141,8 @@ class MetadataVocab:
         Returns ``age`` (float, shape ``[B, 2]``: normalised age and missing flag), ``sex`` and
         ``site`` (long, shape ``[B]``).
         """
+        import torch  # deferred: readers and the CLI import this module without needing torch
+
         rows = [self.encode(a, s, t) for a, s, t in zip(ages, sexes, sites, strict=True)]
         return {
             "age": torch.tensor([[r[0], r[1]] for r in rows], dtype=torch.float32).reshape(-1, 2),
