@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from raysky.data.metadata import MetadataVocab
-from raysky.models.checkpoint import LoadedModel, load_checkpoint, save_checkpoint
-from raysky.models.classifier import DualStreamClassifier, suppress_background
+from typing import TYPE_CHECKING
+
 from raysky.models.config import (
     PRESETS,
     ClassifierConfig,
@@ -13,17 +12,45 @@ from raysky.models.config import (
     get_preset,
     segmenter_config_for,
 )
-from raysky.models.segmenter import DeepUNet, segmentation_loss
+
+if TYPE_CHECKING:
+    from raysky.data.metadata import MetadataVocab
+    from raysky.models.classifier import DualStreamClassifier
+    from raysky.models.segmenter import DeepUNet
+
+# The torch-backed names load on first use, so light importers (CLI parsers, settings
+# classes reading presets or PRECISIONS) do not pay for torch and timm.
+_LAZY = {
+    "DeepUNet": "raysky.models.segmenter",
+    "segmentation_loss": "raysky.models.segmenter",
+    "DualStreamClassifier": "raysky.models.classifier",
+    "suppress_background": "raysky.models.classifier",
+    "LoadedModel": "raysky.models.checkpoint",
+    "load_checkpoint": "raysky.models.checkpoint",
+    "save_checkpoint": "raysky.models.checkpoint",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'raysky.models' has no attribute {name!r}")
 
 
 def create_segmenter(preset: str = "paper", **overrides) -> DeepUNet:
     """Build an untrained segmenter from a preset name, with any config field overridden."""
+    from raysky.models.segmenter import DeepUNet
+
     return DeepUNet(segmenter_config_for(preset, **overrides))
 
 
 def create_classifier(preset: str = "paper", classes=None, use_metadata: bool = True,
                       vocab: MetadataVocab | None = None, **overrides) -> DualStreamClassifier:
     """Build an untrained classifier; ``classes`` defaults to the preset's (HAM10000's seven)."""
+    from raysky.models.classifier import DualStreamClassifier
+
     classes = classes if classes is not None else get_preset(preset).classifier.classes
     return DualStreamClassifier(classifier_config_for(preset, classes, use_metadata, **overrides), vocab)
 

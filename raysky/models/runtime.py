@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import contextlib
 import os
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
+# torch is imported inside the functions: CLIs and settings classes import PRECISIONS to
+# validate flags, and should not pay for loading torch to do so.
 PRECISIONS = ("fp32", "bf16")
 
 
 def select_device(use_gpu: bool = False) -> torch.device:
     """CUDA when asked for and present, else CPU; asking for a GPU that is absent is an error."""
+    import torch
+
     if use_gpu:
         if not torch.cuda.is_available():
             raise RuntimeError("--gpu was given but torch sees no CUDA device on this node")
@@ -30,12 +36,16 @@ def autocast(device: torch.device | str, precision: str = "fp32") -> contextlib.
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "fp32":
         return contextlib.nullcontext()
+    import torch
+
     device_type = torch.device(device).type
     return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
 
 
 def prepare_for_device(model: nn.Module, device: torch.device, channels_last: bool | None = None) -> nn.Module:
     """Move ``model`` to ``device``; channels_last defaults on for CUDA, where it pays off."""
+    import torch
+
     model = model.to(device)
     if channels_last if channels_last is not None else device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -50,5 +60,7 @@ def set_torch_threads(num_threads: int | None = None) -> int:
     """
     if num_threads is None or num_threads <= 0:
         num_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    import torch
+
     torch.set_num_threads(int(num_threads))
     return int(num_threads)

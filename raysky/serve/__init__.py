@@ -6,8 +6,19 @@
 
 from __future__ import annotations
 
-from raysky.serve.app import build_app
 from raysky.serve.config import AppConfig, ServeSettings
-from raysky.serve.server import run_server, serve_forever, shutdown
 
 __all__ = ["AppConfig", "ServeSettings", "build_app", "run_server", "serve_forever", "shutdown"]
+
+_LAZY = {"build_app": "raysky.serve.app", "run_server": "raysky.serve.server",
+         "serve_forever": "raysky.serve.server", "shutdown": "raysky.serve.server"}
+
+
+def __getattr__(name: str):
+    # Ray Serve, torch and the models load on first use, so `raysky --help` and code that
+    # only reads settings stay fast.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'raysky.serve' has no attribute {name!r}")
