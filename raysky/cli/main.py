@@ -9,6 +9,11 @@ import sys
 # Each module defines ``register(subparsers)``, adding a sub-command whose parser sets ``func``.
 COMMAND_MODULES: tuple[str, ...] = (
     "raysky.cli.info",
+    "raysky.cli.demo",
+    "raysky.cli.evaluate",
+    "raysky.cli.score",
+    "raysky.cli.serve",
+    "raysky.cli.train",
 )
 
 

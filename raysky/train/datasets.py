@@ -1,0 +1,169 @@
+"""From dataset records to the Ray Datasets that feed the training workers.
+
+Records are turned into small rows (URIs, label index, encoded metadata) on the driver; the
+Ray Dataset then reads, decodes, augments and resizes each image in Ray Data tasks on CPU, so
+the training workers only normalise and step. Ray Train splits the training dataset into one
+shard per worker; validation is not split (see :mod:`raysky.train.loops`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections import Counter
+from collections.abc import Sequence
+
+import numpy as np
+
+from raysky import storage
+from raysky.data.images import ImageDecodeError, decode_image, decode_mask
+from raysky.data.metadata import MetadataVocab
+from raysky.data.readers import read_dataset
+from raysky.data.records import LesionRecord
+from raysky.data.splits import apply_split_file, split_by_lesion
+from raysky.train.augment import AugmentConfig, augment_pair, resize_pair
+
+logger = logging.getLogger(__name__)
+
+SPLIT_FILE = "splits.csv"
+
+
+def load_splits(data_uri: str, format: str, val_fraction: float = 0.15,
+                seed: int = 0) -> tuple[list[LesionRecord], list[LesionRecord], str]:
+    """Read a dataset and split it into ``(train, val, how)`` without sharing a lesion.
+
+    A ``splits.csv`` at the dataset root wins (the published split is what results are
+    compared on); otherwise :func:`raysky.data.splits.split_by_lesion` makes one. ``how``
+    says which was used, for the run summary.
+    """
+    records = read_dataset(data_uri, format)
+    if not records:
+        raise ValueError(f"{data_uri}: the dataset has no images")
+    split_uri = storage.join(data_uri, SPLIT_FILE)
+    if storage.exists(split_uri):
+        train, val = apply_split_file(records, split_uri)
+        how = split_uri
+    else:
+        train, val = split_by_lesion(records, val_fraction=val_fraction, seed=seed)
+        how = f"split_by_lesion(val_fraction={val_fraction}, seed={seed})"
+    if not train or not val:
+        raise ValueError(
+            f"{data_uri}: the split left {len(train)} training and {len(val)} validation "
+            "images; both need at least one (use more data or another --val-fraction)"
+        )
+    return train, val, how
+
+
+def class_weights(labels: Sequence[int], num_classes: int, power: float = 0.5) -> list[float]:
+    """Per-class loss weights proportional to ``frequency ** -power`` (inverse sqrt by default).
+
+    Weights are scaled so that the average weight over the training images is 1, which keeps
+    the loss, and so the learning rate, on the same scale as unweighted cross-entropy. The full
+    inverse frequency (``power=1``) over-corrects on HAM10000, where ``df`` has 1% of the
+    images of ``nv``; the square root is the usual compromise.
+    """
+    counts = Counter(int(label) for label in labels)
+    missing = [c for c in range(num_classes) if counts[c] == 0]
+    if missing:
+        raise ValueError(f"classes {missing} have no training images; cannot weight them")
+    raw = [counts[c] ** -power for c in range(num_classes)]
+    mean = sum(raw[c] * counts[c] for c in range(num_classes)) / sum(counts.values())
+    return [w / mean for w in raw]
+
+
+def encode_rows(records: Sequence[LesionRecord], classes: Sequence[str] | None = None,
+                vocab: MetadataVocab | None = None) -> list[dict]:
+    """Records as Ray Data rows: URIs, the label's index in ``classes``, encoded metadata.
+
+    Labels outside ``classes`` (or records without one) get index -1; the classifier's rows
+    are filtered before this, so -1 only appears in segmenter rows, which ignore labels.
+    """
+    vocab = vocab or MetadataVocab()
+    index = {code: i for i, code in enumerate(classes or ())}
+    rows = []
+    for record in records:
+        age_z, age_missing, sex, site = vocab.encode(record.age, record.sex, record.site)
+        rows.append({
+            "image_id": record.image_id,
+            "image_uri": record.image_uri,
+            "mask_uri": record.mask_uri or "",
+            "label": index.get(record.label, -1),
+            "age_z": age_z,
+            "age_missing": age_missing,
+            "sex": sex,
+            "site": site,
+        })
+    return rows
+
+
+def decode_and_transform(batch: dict[str, np.ndarray], size: int, train: bool,
+                         augment: AugmentConfig | None = None) -> dict[str, np.ndarray]:
+    """Ray Data ``map_batches`` function: read, decode and augment (or resize) a batch of rows.
+
+    An image or mask that cannot be read or decoded drops its row with a warning rather than
+    failing the job, so one corrupt file does not stop a run of thousands.
+    """
+    augment = augment or AugmentConfig()
+    # Fresh OS entropy per batch: every Ray Data process and every epoch draws differently.
+    rng = np.random.default_rng()
+    images, masks, keep = [], [], []
+    for i, (image_uri, mask_uri) in enumerate(zip(batch["image_uri"], batch["mask_uri"], strict=True)):
+        try:
+            image = decode_image(storage.read_bytes(str(image_uri)), source=str(image_uri))
+            mask = decode_mask(storage.read_bytes(str(mask_uri)), source=str(mask_uri)) if mask_uri else None
+        except (ImageDecodeError, FileNotFoundError, OSError) as exc:
+            logger.warning("skipping %s: %s", batch["image_id"][i], exc)
+            continue
+        if train:
+            out_image, out_mask = augment_pair(image, mask, size, augment, rng)
+        else:
+            out_image, out_mask = resize_pair(image, mask, size)
+        images.append(out_image)
+        masks.append(out_mask)
+        keep.append(i)
+    keep_idx = np.asarray(keep, dtype=np.int64)
+    return {
+        "image_id": np.asarray(batch["image_id"])[keep_idx],
+        "image": np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8),
+        "mask": np.stack(masks) if masks else np.zeros((0, size, size), np.uint8),
+        "label": np.asarray(batch["label"], dtype=np.int64)[keep_idx],
+        "age": np.stack([np.asarray(batch["age_z"], dtype=np.float32),
+                         np.asarray(batch["age_missing"], dtype=np.float32)], axis=1)[keep_idx],
+        "sex": np.asarray(batch["sex"], dtype=np.int64)[keep_idx],
+        "site": np.asarray(batch["site"], dtype=np.int64)[keep_idx],
+    }
+
+
+def build_dataset(rows: list[dict], size: int, train: bool, augment: AugmentConfig | None = None,
+                  decode_batch_size: int = 8, seed: int = 0):
+    """A lazy Ray Dataset of decoded (and, for training, augmented) images at ``size``.
+
+    The dataset is re-executed every epoch, so augmentations differ between epochs without
+    holding decoded images in the object store.
+    """
+    import ray.data
+
+    if train:
+        # Dataset CSVs are often sorted by diagnosis. Rows are shuffled once here, and the
+        # small blocks are re-ordered every epoch, so each batch draws from several random
+        # blocks. Ray Data's local shuffle buffer would mix more, but copying image tensors
+        # through it visibly slowed the tiny preset in benchmarks/train_throughput.py.
+        rows = list(rows)
+        random.Random(seed).shuffle(rows)
+    # Small blocks also let the streaming split hand work to every training worker early.
+    blocks = max(1, min(len(rows), math.ceil(len(rows) / decode_batch_size)))
+    dataset = ray.data.from_items(rows, override_num_blocks=blocks)
+    if train:
+        dataset = dataset.randomize_block_order()
+    dataset = dataset.map_batches(
+        decode_and_transform,
+        fn_kwargs={"size": size, "train": train, "augment": augment},
+        batch_size=decode_batch_size,
+        batch_format="numpy",
+        num_cpus=1,
+    )
+    # The training loop prints its own progress (epoch, step, loss, rate, ETA); Ray Data's
+    # per-epoch bars from every worker would bury it.
+    dataset.context.enable_progress_bars = False
+    return dataset

@@ -1,0 +1,277 @@
+"""Driver side of training: data, splits, masks, the TorchTrainer, and the run summary.
+
+``train_segmenter`` and ``train_classifier`` are the plain Python API that the CLI, the
+``jobs/`` entrypoints and the end-to-end demo all call. A run lives at
+``<storage>/<name>/`` (a local folder or an ``s3://`` prefix) and holds Ray Train's
+checkpoint directories (``checkpoint_epoch_NNNN/``, each a raysky checkpoint), the classifier's
+segmenter masks, and ``result.json`` with the best checkpoint and its metrics. Running again
+with the same storage and name resumes from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict
+from typing import Any
+
+from raysky import storage
+from raysky.data.metadata import MetadataVocab
+from raysky.data.readers import class_counts
+from raysky.data.records import LesionRecord
+from raysky.data.taxonomy import order_classes
+from raysky.models import get_preset
+from raysky.models.checkpoint import read_checkpoint_meta
+from raysky.models.runtime import PRECISIONS
+from raysky.train.datasets import build_dataset, class_weights, encode_rows, load_splits
+from raysky.train.loops import (
+    DEFAULT_METRIC,
+    FAIL_ONCE_ENV,
+    HISTORY_FILE,
+    train_loop_per_worker,
+)
+from raysky.train.settings import MASK_SOURCES, TrainResult, TrainSettings, json_safe
+
+RESULT_FILE = "result.json"
+
+
+def _storage_root(uri: str) -> str:
+    uri = str(uri)
+    return uri.rstrip("/") if storage.is_s3(uri) else os.path.abspath(os.path.expanduser(uri))
+
+
+def _checkpoint_uri(checkpoint, root: str) -> str | None:
+    """A Ray checkpoint's location as a URI raysky's storage layer (and the user) can open."""
+    if checkpoint is None:
+        return None
+    return f"s3://{checkpoint.path}" if storage.is_s3(root) else checkpoint.path
+
+
+def _validate(settings: TrainSettings, kind: str) -> tuple[str, str, str]:
+    """Check the settings before anything starts; returns ``(precision, metric, mode)``."""
+    get_preset(settings.preset)
+    if not settings.name or "/" in settings.name:
+        raise ValueError(f"--name must be a non-empty name without '/', got {settings.name!r}")
+    for flag, value in (("--epochs", settings.epochs), ("--batch-size", settings.batch_size),
+                        ("--workers", settings.workers), ("--num-to-keep", settings.num_to_keep)):
+        if value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
+    precision = settings.precision or ("bf16" if settings.gpu else "fp32")
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    metric, mode = DEFAULT_METRIC[kind]
+    metric, mode = settings.metric or metric, settings.metric_mode or mode
+    if mode not in ("max", "min"):
+        raise ValueError(f"--metric-mode must be max or min, got {mode!r}")
+    if kind == "classifier":
+        if settings.mask_source not in MASK_SOURCES:
+            raise ValueError(f"mask source must be one of {', '.join(MASK_SOURCES)}, "
+                             f"got {settings.mask_source!r}")
+        if settings.mask_source == "segmenter" and not settings.segmenter:
+            raise ValueError("--segmenter CKPT_URI is required (or --gt-masks to train on the "
+                             "dataset's ground-truth masks)")
+    return precision, metric, mode
+
+
+def _check_existing_run(run_uri: str, kind: str, preset: str, classes: tuple[str, ...]) -> None:
+    """A resumed run must be the same kind of model; say so clearly before Ray starts."""
+    checkpoints = sorted(uri for uri in storage.list_files(run_uri, suffixes=(".json",))
+                         if uri.endswith("/config.json") and "/checkpoint_" in uri)
+    if not checkpoints:
+        return
+    meta = read_checkpoint_meta(checkpoints[-1].rsplit("/", 1)[0])
+    problems = []
+    if meta["kind"] != kind:
+        problems.append(f"it holds a {meta['kind']}, not a {kind}")
+    if meta.get("preset") != preset:
+        problems.append(f"its preset is {meta.get('preset')}, not {preset}")
+    if kind == "classifier" and tuple(meta.get("classes", ())) != tuple(classes):
+        problems.append(f"its classes are {meta.get('classes')}, not {list(classes)}")
+    if problems:
+        raise ValueError(f"run {run_uri} exists and cannot be resumed: {'; '.join(problems)}. "
+                         "Use a new --name.")
+
+
+def _ensure_ray() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        # Inside `ray job submit` this attaches to the job's cluster; elsewhere it follows
+        # RAY_ADDRESS, or starts a local instance.
+        ray.init(log_to_driver=True)
+
+
+def _check_cpus(settings: TrainSettings) -> None:
+    """Ray Data decodes on CPUs the workers do not hold; with none left, training would hang."""
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 0.0)
+    held = settings.workers * settings.cpus_per_worker
+    if total - held >= 1:
+        return
+    message = (f"the Ray cluster has {total:g} CPUs and {settings.workers} worker(s) x "
+               f"{settings.cpus_per_worker:g} CPU hold {held:g}, leaving none for Ray Data's "
+               "decoding and augmentation; lower --workers or --cpus-per-worker")
+    if len([node for node in ray.nodes() if node.get("Alive")]) <= 1:
+        raise ValueError(message)
+    # A multi-node cluster may be autoscaling; let it try, but say why it may wait.
+    print(f"warning: {message}", flush=True)
+
+
+def _run(kind: str, settings: TrainSettings, train: list[LesionRecord], val: list[LesionRecord],
+         split_how: str, extra_summary: dict | None = None) -> TrainResult:
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    precision, metric, mode = _validate(settings, kind)
+    preset = get_preset(settings.preset)
+    size = (preset.segmenter if kind == "segmenter" else preset.classifier).input_size
+    root = _storage_root(settings.storage)
+    run_uri = storage.join(root, settings.name)
+
+    classes: tuple[str, ...] = ()
+    weights = None
+    vocab = MetadataVocab()
+    if kind == "classifier":
+        classes = order_classes({r.label for r in train})
+        if len(classes) < 2:
+            raise ValueError(f"{settings.data}: the training labels hold {len(classes)} class(es); "
+                             "a classifier needs at least 2")
+        index = {c: i for i, c in enumerate(classes)}
+        unseen = sorted({r.label for r in val} - set(classes))
+        if unseen:
+            raise ValueError(f"validation labels {unseen} never occur in training; the split "
+                             "cannot evaluate them")
+        weights = class_weights([index[r.label] for r in train], len(classes))
+    _check_existing_run(run_uri, kind, settings.preset, classes)
+
+    rows_per_worker = len(train) // settings.workers
+    if rows_per_worker < settings.batch_size:
+        raise ValueError(
+            f"{len(train)} training images over {settings.workers} workers leave {rows_per_worker} "
+            f"per worker, fewer than --batch-size {settings.batch_size}; lower one of them"
+        )
+
+    _ensure_ray()
+    _check_cpus(settings)
+    train_ds = build_dataset(encode_rows(train, classes, vocab), size, train=True,
+                             seed=settings.seed)
+    # Validation is decoded once, here. Re-running its pipeline inside rank 0 every epoch
+    # competed with the training shard's pipeline for the same CPUs and stalled both for
+    # seconds per epoch; iterating materialized blocks costs nothing.
+    val_ds = build_dataset(encode_rows(val, classes, vocab), size, train=False).materialize()
+    threads = settings.threads_per_worker or max(1, int(settings.cpus_per_worker))
+    summary_settings = {**asdict(settings), "precision": precision, "metric": metric,
+                        "metric_mode": mode, "split": split_how, **(extra_summary or {})}
+    loop_config = {
+        "kind": kind, "preset": settings.preset, "classes": list(classes),
+        "vocab": vocab.to_dict(), "class_weights": weights, "use_metadata": settings.use_metadata,
+        "epochs": settings.epochs, "batch_size": settings.batch_size, "lr": settings.lr,
+        "weight_decay": settings.weight_decay, "precision": precision, "use_gpu": settings.gpu,
+        "threads": threads, "seed": settings.seed, "train_rows": len(train),
+        "pretrained_encoder": settings.pretrained_encoder, "metric": metric, "metric_mode": mode,
+        "run_name": settings.name, "progress_interval": settings.progress_interval,
+        "fail_once_marker": os.environ.get(FAIL_ONCE_ENV), "settings": json_safe(summary_settings),
+    }
+    if storage.is_s3(root):
+        # Ray resolves a bare s3:// URI with its own defaults; passing raysky's filesystem
+        # keeps the endpoint (MinIO, moto) and region that every other raysky I/O uses.
+        storage_kwargs = {"storage_path": root[len("s3://"):], "storage_filesystem": storage.s3_filesystem()}
+    else:
+        storage_kwargs = {"storage_path": root}
+    resources = {"CPU": settings.cpus_per_worker}
+    if settings.gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=settings.workers, use_gpu=settings.gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=settings.name,
+            failure_config=FailureConfig(max_failures=settings.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=settings.num_to_keep,
+                                               checkpoint_score_attribute=metric,
+                                               checkpoint_score_order=mode),
+            **storage_kwargs,
+        ),
+        datasets={"train": train_ds, "val": val_ds},
+        # Validation is not split: rank 0 scores all of it, so no image is dropped to even
+        # out shards and AUCs are computed over the whole set.
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+    print(f"{kind}: {len(train)} training / {len(val)} validation images ({split_how}); "
+          f"{settings.workers} worker(s), preset {settings.preset}, {precision}; run {run_uri}",
+          flush=True)
+    if classes:
+        counts = class_counts(train)
+        print(f"{kind}: classes {list(classes)}, training counts {counts}, loss weights "
+              f"{[round(w, 3) for w in weights]}", flush=True)
+    result = trainer.fit()
+    return _summarise(result, run_uri, root, metric, mode)
+
+
+def _summarise(result, run_uri: str, root: str, metric: str, mode: str) -> TrainResult:
+    best = result.get_best_checkpoint(metric, mode) if result.best_checkpoints else None
+    best_metrics: dict = {}
+    for checkpoint, metrics in result.best_checkpoints or []:
+        if best is not None and checkpoint.path == best.path:
+            best_metrics = dict(metrics)
+    latest_uri = _checkpoint_uri(result.checkpoint, root)
+    history: list[dict] = []
+    if latest_uri:
+        history = json.loads(storage.read_bytes(storage.join(latest_uri, HISTORY_FILE)))
+    out = TrainResult(run_uri=run_uri, best_checkpoint_uri=_checkpoint_uri(best, root),
+                      metrics=best_metrics, latest_checkpoint_uri=latest_uri, history=history,
+                      result_uri=storage.join(run_uri, RESULT_FILE))
+    storage.write_bytes(out.result_uri, json.dumps(out.to_dict(), indent=2).encode())
+    return out
+
+
+def train_segmenter(settings: TrainSettings) -> TrainResult:
+    """Train (or resume) the Deep-UNet segmenter on the dataset's ground-truth masks."""
+    _validate(settings, "segmenter")
+    train, val, how = load_splits(settings.data, settings.format, settings.val_fraction, settings.seed)
+    train, val = [r for r in train if r.mask_uri], [r for r in val if r.mask_uri]
+    if not train or not val:
+        raise ValueError(f"{settings.data}: the segmenter needs ground-truth masks, found "
+                         f"{len(train)} training and {len(val)} validation images with one")
+    return _run("segmenter", settings, train, val, how)
+
+
+def train_classifier(settings: TrainSettings) -> TrainResult:
+    """Train (or resume) the dual-stream classifier.
+
+    The lesion stream's masks come from ``settings.segmenter`` (computed by a Ray Data job over
+    the training and validation images), or from the dataset's ground truth with
+    ``mask_source="ground-truth"``.
+    """
+    _validate(settings, "classifier")
+    train, val, how = load_splits(settings.data, settings.format, settings.val_fraction, settings.seed)
+    train, val = [r for r in train if r.label], [r for r in val if r.label]
+    extra: dict[str, Any] = {"mask_source": settings.mask_source}
+    if settings.mask_source == "segmenter":
+        from raysky.train.masks import segmenter_masks
+
+        meta = read_checkpoint_meta(settings.segmenter)
+        if meta["kind"] != "segmenter":
+            raise ValueError(f"{settings.segmenter}: is a {meta['kind']} checkpoint, but "
+                             "--segmenter needs a segmenter")
+        _ensure_ray()
+        mask_uri = storage.join(_storage_root(settings.storage), settings.name, "masks", meta["version"])
+        started = time.monotonic()
+        masked, errors = segmenter_masks(train + val, settings.segmenter, mask_uri,
+                                         actors=max(1, settings.workers),
+                                         cpus_per_actor=settings.cpus_per_worker,
+                                         use_gpu=settings.gpu)
+        by_id = {r.image_id: r for r in masked}
+        train = [by_id[r.image_id] for r in train if r.image_id in by_id]
+        val = [by_id[r.image_id] for r in val if r.image_id in by_id]
+        print(f"classifier: segmenter {meta['version']} masks at {mask_uri} "
+              f"({time.monotonic() - started:.1f}s)", flush=True)
+        if errors:
+            shown = "; ".join(f"{k}: {v}" for k, v in list(errors.items())[:5])
+            print(f"classifier: skipped {len(errors)} unreadable image(s): {shown}", flush=True)
+        extra.update(segmenter=settings.segmenter, segmenter_version=meta["version"], masks=mask_uri)
+    return _run("classifier", settings, train, val, how, extra)

@@ -1,0 +1,367 @@
+"""The per-worker training loop that Ray Train runs, shared by the segmenter and the classifier.
+
+One loop serves both models; what differs (model, loss, validation metrics) lives in a small
+task object, which the throughput benchmark also uses for its plain-PyTorch baseline, so the
+two measure the same step.
+
+Each epoch every worker trains on its own shard of the training set (DDP keeps the replicas
+in sync); rank 0 then validates on the whole validation set, and every rank calls
+``ray.train.report``, rank 0 with a checkpoint. The checkpoint directory holds the model in
+raysky's own format (so ``load_checkpoint`` works on the URI Ray reports) plus the optimizer
+and scheduler state that resuming needs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raysky.data.metadata import MetadataVocab
+from raysky.metrics import classification_summary, segmentation_summary
+from raysky.models import create_classifier, create_segmenter, get_preset, segmentation_loss
+from raysky.models.checkpoint import load_checkpoint, load_encoder_weights, save_checkpoint
+from raysky.models.preprocess import images_to_tensor, masks_to_tensor
+from raysky.models.runtime import autocast, prepare_for_device, set_torch_threads
+from raysky.progress import Progress
+from raysky.train.settings import json_safe
+
+STATE_FILE = "train_state.pt"
+METRICS_FILE = "metrics.json"
+HISTORY_FILE = "history.json"
+FAIL_ONCE_ENV = "RAYSKY_TEST_FAIL_ONCE"
+"""Test-only hook: a marker-file path. If set, the last rank exits once, mid-epoch."""
+
+DEFAULT_METRIC = {"segmenter": ("dice", "max"), "classifier": ("balanced_accuracy", "max")}
+MASK_THRESHOLD = 0.5
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside a DDP wrapper (or the model itself)."""
+    return getattr(model, "module", model)
+
+
+class SegmenterTask:
+    """Deep-UNet on image/mask pairs: BCE + soft Dice, validated by Dice and Jaccard."""
+
+    kind = "segmenter"
+
+    def __init__(self, config: dict):
+        self.config = config
+        self.model_config = get_preset(config["preset"]).segmenter
+
+    @property
+    def input_size(self) -> int:
+        """Side of the square the data pipeline resizes to."""
+        return self.model_config.input_size
+
+    def build_model(self) -> nn.Module:
+        """A fresh segmenter for the preset."""
+        return create_segmenter(self.config["preset"])
+
+    def load_pretrained(self, model: nn.Module, uri: str) -> None:
+        """Initialise the encoder from a timm/torchvision state dict."""
+        load_encoder_weights(model.encoder, uri)
+
+    def inputs(self, batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+        """Normalised image and 0/1 mask tensors on ``device``."""
+        cfg = self.model_config
+        image = images_to_tensor(list(batch["image"]), cfg.input_size, cfg.mean, cfg.std)
+        mask = masks_to_tensor(list(batch["mask"]), cfg.input_size)
+        return {"image": _to_device(image, device), "mask": mask.to(device, non_blocking=True)}
+
+    def loss(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The paper's BCE + soft-Dice loss."""
+        return segmentation_loss(model(inputs["image"]), inputs["mask"])
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batches: Iterable[dict], device: torch.device,
+                 precision: str) -> dict[str, Any]:
+        """Mean loss, Dice, Jaccard and ISIC's thresholded Jaccard over the validation set."""
+        model.eval()
+        preds, truths, loss_sum, count = [], [], 0.0, 0
+        for batch in batches:
+            inputs = self.inputs(batch, device)
+            with autocast(device, precision):
+                logits = model(inputs["image"])
+            n = len(inputs["mask"])
+            loss_sum += float(segmentation_loss(logits, inputs["mask"])) * n
+            count += n
+            preds.extend((torch.sigmoid(logits.float()) > MASK_THRESHOLD)[:, 0].cpu().numpy())
+            truths.extend(inputs["mask"][:, 0].cpu().numpy())
+        if not count:
+            raise ValueError("the validation set yielded no decodable images")
+        return {"val_loss": loss_sum / count, **segmentation_summary(preds, truths),
+                "val_images": count}
+
+
+class ClassifierTask:
+    """Dual-stream classifier: weighted cross-entropy, validated by accuracy, balanced accuracy
+    and per-class AUC."""
+
+    kind = "classifier"
+
+    def __init__(self, config: dict):
+        self.config = config
+        self.classes = tuple(config["classes"])
+        self.model_config = get_preset(config["preset"]).classifier
+        self.vocab = MetadataVocab.from_dict(config["vocab"]) if config.get("vocab") else MetadataVocab()
+        weights = config.get("class_weights")
+        self.weight = torch.tensor(weights, dtype=torch.float32) if weights else None
+
+    @property
+    def input_size(self) -> int:
+        """Side of the square the data pipeline resizes to."""
+        return self.model_config.input_size
+
+    def build_model(self) -> nn.Module:
+        """A fresh classifier with this run's classes and metadata setting."""
+        return create_classifier(self.config["preset"], classes=self.classes,
+                                 use_metadata=self.config.get("use_metadata", True), vocab=self.vocab)
+
+    def load_pretrained(self, model: nn.Module, uri: str) -> None:
+        """Initialise both streams' encoders from the same pretrained weights."""
+        for encoder in (model.full_encoder, model.lesion_encoder):
+            if encoder is not None:
+                load_encoder_weights(encoder, uri)
+
+    def inputs(self, batch: dict[str, np.ndarray], device: torch.device) -> dict[str, Any]:
+        """Normalised image, lesion mask, metadata tensors and label indices on ``device``."""
+        cfg = self.model_config
+        image = images_to_tensor(list(batch["image"]), cfg.input_size, cfg.mean, cfg.std)
+        mask = masks_to_tensor(list(batch["mask"]), cfg.input_size)
+        metadata = None
+        if self.config.get("use_metadata", True):
+            metadata = {
+                "age": torch.as_tensor(batch["age"], dtype=torch.float32).to(device),
+                "sex": torch.as_tensor(batch["sex"], dtype=torch.long).to(device),
+                "site": torch.as_tensor(batch["site"], dtype=torch.long).to(device),
+            }
+        return {"image": _to_device(image, device), "mask": mask.to(device, non_blocking=True),
+                "metadata": metadata,
+                "label": torch.as_tensor(batch["label"], dtype=torch.long).to(device)}
+
+    def loss(self, model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+        """Class-weighted cross-entropy (the weights offset HAM10000's 67% ``nv``)."""
+        logits = model(inputs["image"], inputs["mask"], inputs["metadata"])
+        weight = self.weight.to(logits.device) if self.weight is not None else None
+        return F.cross_entropy(logits.float(), inputs["label"], weight=weight)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batches: Iterable[dict], device: torch.device,
+                 precision: str) -> dict[str, Any]:
+        """Unweighted loss, accuracy, balanced accuracy, macro and per-class AUC."""
+        model.eval()
+        labels, probs, loss_sum = [], [], 0.0
+        for batch in batches:
+            inputs = self.inputs(batch, device)
+            with autocast(device, precision):
+                logits = model(inputs["image"], inputs["mask"], inputs["metadata"]).float()
+            loss_sum += float(F.cross_entropy(logits, inputs["label"], reduction="sum"))
+            probs.append(torch.softmax(logits, dim=1).cpu().numpy())
+            labels.append(inputs["label"].cpu().numpy())
+        if not labels:
+            raise ValueError("the validation set yielded no decodable images")
+        label_arr, prob_arr = np.concatenate(labels), np.concatenate(probs)
+        summary = classification_summary(label_arr, prob_arr, self.classes)
+        return {"val_loss": loss_sum / len(label_arr), **summary, "val_images": len(label_arr)}
+
+
+TASKS = {"segmenter": SegmenterTask, "classifier": ClassifierTask}
+
+
+def make_task(config: dict) -> SegmenterTask | ClassifierTask:
+    """The task object for ``config["kind"]``."""
+    return TASKS[config["kind"]](config)
+
+
+def _to_device(image: torch.Tensor, device: torch.device) -> torch.Tensor:
+    image = image.to(device, non_blocking=True)
+    # channels_last pays off with cuDNN convolutions; on CPU it is left as is.
+    return image.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else image
+
+
+def make_optimizer(model: nn.Module, config: dict, steps_per_epoch: int):
+    """AdamW with a linear warm-up over at most one epoch, then cosine decay to 1% of ``lr``."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"],
+                                  weight_decay=config["weight_decay"])
+    total = max(1, steps_per_epoch * config["epochs"])
+    warmup = max(1, min(steps_per_epoch, total // 10))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _maybe_fail_once(config: dict, epoch: int, step: int, rank: int, world: int) -> None:
+    """Test hook: kill this worker process once, mid-epoch, after a checkpoint exists."""
+    marker = config.get("fail_once_marker")
+    if marker and epoch >= 1 and step == 1 and rank == world - 1 and not os.path.exists(marker):
+        with open(marker, "w") as handle:
+            handle.write(f"killed rank {rank} in epoch {epoch + 1}\n")
+        os._exit(1)
+
+
+def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def _score(metrics: dict, config: dict) -> dict:
+    # Ray orders checkpoints by this value; a NaN would silently break that ordering.
+    key, mode = config["metric"], config["metric_mode"]
+    value = metrics.get(key)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        metrics[key] = -math.inf if mode == "max" else math.inf
+    return metrics
+
+
+def write_checkpoint(directory: str, model: nn.Module, config: dict, state: dict,
+                     metrics: dict, history: list[dict]) -> None:
+    """Fill ``directory`` with a raysky checkpoint plus resume state, metrics and history."""
+    extra = {"epoch": metrics["epoch"], "run": config.get("run_name"), "metrics": json_safe(metrics),
+             "settings": config.get("settings", {})}
+    save_checkpoint(unwrap(model), directory, config["preset"], extra=extra)
+    torch.save(state, os.path.join(directory, STATE_FILE))
+    with open(os.path.join(directory, METRICS_FILE), "w") as handle:
+        json.dump(json_safe(metrics), handle, indent=2)
+    with open(os.path.join(directory, HISTORY_FILE), "w") as handle:
+        json.dump(json_safe(history), handle, indent=2)
+
+
+def _restore(model: nn.Module, checkpoint, task) -> dict:
+    with checkpoint.as_directory() as directory:
+        loaded = load_checkpoint(directory, expected_kind=task.kind)
+        if task.kind == "classifier" and loaded.classes != task.classes:
+            raise ValueError(f"the run's checkpoint has classes {list(loaded.classes)}, but this "
+                             f"run trains {list(task.classes)}; use a new --name")
+        model.load_state_dict(loaded.model.state_dict())
+        return torch.load(os.path.join(directory, STATE_FILE), map_location="cpu",
+                          weights_only=False)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train's per-worker function; ``config`` is built by :mod:`raysky.train.driver`."""
+    import ray.train
+    import ray.train.torch
+    from ray.data import DataContext
+
+    started = time.time()
+    set_torch_threads(config["threads"])
+    DataContext.get_current().enable_progress_bars = False
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    task = make_task(config)
+    device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
+    precision = config["precision"]
+
+    torch.manual_seed(config["seed"])
+    model = task.build_model()
+    checkpoint = ray.train.get_checkpoint()
+    state = _restore(model, checkpoint, task) if checkpoint else None
+    if state is None and config.get("pretrained_encoder"):
+        task.load_pretrained(model, config["pretrained_encoder"])
+    model = prepare_for_device(model, device)
+    model = ray.train.torch.prepare_model(model, move_to_device=False)
+
+    batch_size = config["batch_size"]
+    steps_per_epoch = max(1, config["train_rows"] // world // batch_size)
+    optimizer, scheduler = make_optimizer(model, config, steps_per_epoch)
+    start_epoch, global_step, history = 0, 0, []
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, global_step, history = state["epoch"], state["global_step"], state["history"]
+    epochs = config["epochs"]
+    if rank == 0 and start_epoch:
+        print(f"{task.kind}: resuming from the checkpoint of epoch {start_epoch}", flush=True)
+    if start_epoch >= epochs:
+        if rank == 0:
+            print(f"{task.kind}: already trained for {start_epoch} epochs, nothing to do", flush=True)
+        return
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    per_epoch = steps_per_epoch * batch_size * world
+    progress = Progress(f"{task.kind} [{config.get('run_name', '')}]",
+                        total=per_epoch * (epochs - start_epoch), unit="img",
+                        interval=config.get("progress_interval", 10.0))
+    first_step_at = None
+    for epoch in range(start_epoch, epochs):
+        model.train()
+        epoch_start = time.time()
+        loss_sum, seen = 0.0, 0
+        batches = train_shard.iter_batches(
+            batch_size=batch_size, batch_format="numpy", drop_last=True,
+            prefetch_batches=2)
+        for step, batch in enumerate(batches, start=1):
+            inputs = task.inputs(batch, device)
+            with autocast(device, precision):
+                loss = task.loss(model, inputs)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            global_step += 1
+            n = len(batch["image"])
+            loss_sum += float(loss.detach()) * n
+            seen += n
+            if first_step_at is None:
+                first_step_at = time.time()
+            _maybe_fail_once(config, epoch, step, rank, world)
+            if rank == 0:
+                progress.update(n * world, extra=f"epoch {epoch + 1}/{epochs}, step {step}/"
+                                f"{steps_per_epoch}, loss {float(loss.detach()):.4f}")
+        train_seconds = time.time() - epoch_start
+        loss_total, seen_total = _all_reduce_sum([loss_sum, float(seen)], device)
+
+        metrics: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "step": global_step,
+            "train_loss": loss_total / max(seen_total, 1.0),
+            "train_images": int(seen_total),
+            "train_seconds": train_seconds,
+            "images_per_s": seen_total / train_seconds if train_seconds > 0 else 0.0,
+            "lr": scheduler.get_last_lr()[0],
+            "start_epoch": start_epoch,
+            "first_step_unix": first_step_at,
+            "worker_started_unix": started,
+        }
+        report_checkpoint = None
+        with tempfile.TemporaryDirectory() as directory:
+            if rank == 0:
+                metrics.update(task.evaluate(unwrap(model), val_shard.iter_batches(
+                    batch_size=batch_size, batch_format="numpy"), device, precision))
+                _score(metrics, config)
+                history.append(json_safe(metrics))
+                state = {"epoch": epoch + 1, "global_step": global_step, "history": history,
+                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+                write_checkpoint(directory, model, config, state, metrics, history)
+                report_checkpoint = ray.train.Checkpoint.from_directory(directory)
+                print(_epoch_line(task.kind, metrics, epochs), flush=True)
+            ray.train.report(metrics, checkpoint=report_checkpoint,
+                             checkpoint_dir_name=f"checkpoint_epoch_{epoch + 1:04d}")
+
+
+def _epoch_line(kind: str, metrics: dict, epochs: int) -> str:
+    keys = ("train_loss", "val_loss", "dice", "jaccard", "threshold_jaccard", "accuracy",
+            "balanced_accuracy", "macro_auc")
+    shown = ", ".join(f"{k} {metrics[k]:.4f}" for k in keys if isinstance(metrics.get(k), float))
+    return (f"{kind}: epoch {metrics['epoch']}/{epochs} done, {shown}, "
+            f"{metrics['images_per_s']:.1f} img/s")

@@ -1,0 +1,113 @@
+"""The Ray Data job that computes the segmenter's lesion masks for the classifier's training set.
+
+The classifier's lesion stream sees the background-suppressed image. At scoring time the mask
+comes from the segmenter, so by default training uses the segmenter's masks too, not the
+ground truth: the classifier then learns from masks with the segmenter's own errors.
+
+Masks are computed once per segmenter version, at each image's original size (as
+:class:`raysky.inference.LesionPipeline` produces them), and stored as PNGs next to the run,
+under ``<run>/masks/<segmenter version>/``. A resumed run reuses them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from raysky import storage
+from raysky.data.images import ImageDecodeError, decode_image, encode_png
+from raysky.data.records import LesionRecord
+from raysky.inference import MASK_THRESHOLD
+from raysky.models.checkpoint import load_checkpoint
+from raysky.models.preprocess import images_to_tensor, resize_map
+from raysky.models.runtime import autocast, prepare_for_device, select_device, set_torch_threads
+
+logger = logging.getLogger(__name__)
+
+
+class SegmenterMasker:
+    """Ray Data actor: loads the segmenter once, then writes one mask PNG per input row."""
+
+    def __init__(self, segmenter_uri: str, output_uri: str, use_gpu: bool = False,
+                 precision: str = "fp32", threads: int = 1):
+        set_torch_threads(threads)
+        loaded = load_checkpoint(segmenter_uri, expected_kind="segmenter")
+        self.meta = loaded.meta
+        self.device = select_device(use_gpu)
+        self.model = prepare_for_device(loaded.model.eval(), self.device)
+        self.precision = precision
+        self.output_uri = output_uri
+
+    def _segment(self, images: list[np.ndarray]) -> torch.Tensor:
+        norm = self.meta["normalization"]
+        tensor = images_to_tensor(images, self.meta["input_size"], norm["mean"], norm["std"])
+        with torch.inference_mode(), autocast(self.device, self.precision):
+            logits = self.model(tensor.to(self.device))
+        return torch.sigmoid(logits.float())[:, 0].cpu()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ids = [str(i) for i in batch["image_id"]]
+        images: list[np.ndarray | None] = []
+        errors: list[str] = []
+        for image_id, uri in zip(ids, batch["image_uri"], strict=True):
+            try:
+                images.append(np.asarray(decode_image(storage.read_bytes(str(uri)), source=str(uri))))
+                errors.append("")
+            except (ImageDecodeError, FileNotFoundError, OSError) as exc:
+                # One unreadable image must not stop the job: its row carries the reason.
+                images.append(None)
+                errors.append(getattr(exc, "reason", None) or str(exc))
+                logger.warning("no mask for %s: %s", image_id, exc)
+        good = [i for i, image in enumerate(images) if image is not None]
+        mask_uris = [""] * len(ids)
+        if good:
+            probs = self._segment([images[i] for i in good])
+            for prob, i in zip(probs, good, strict=True):
+                height, width = images[i].shape[:2]
+                mask = (resize_map(prob, height, width) > MASK_THRESHOLD).astype(np.uint8)
+                mask_uris[i] = storage.join(self.output_uri, f"{ids[i]}.png")
+                storage.write_bytes(mask_uris[i], encode_png(mask))
+        return {"image_id": np.asarray(ids), "mask_uri": np.asarray(mask_uris),
+                "error": np.asarray(errors)}
+
+
+def segmenter_masks(records: Sequence[LesionRecord], segmenter_uri: str, output_uri: str,
+                    actors: int = 1, cpus_per_actor: float = 1, batch_size: int = 16,
+                    use_gpu: bool = False, precision: str = "fp32") -> tuple[list[LesionRecord], dict[str, str]]:
+    """Compute segmenter masks for ``records`` under ``output_uri``; return the updated records.
+
+    Returns ``(records with mask_uri pointing at the segmenter's masks, {image_id: error})``.
+    Images whose mask already exists under ``output_uri`` are not recomputed. Records whose
+    image cannot be decoded are left out of the returned list and listed in the errors.
+    """
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    existing = set(storage.list_files(output_uri, suffixes=(".png",)))
+    todo = [r for r in records if storage.join(output_uri, f"{r.image_id}.png") not in existing]
+    errors: dict[str, str] = {}
+    if todo:
+        rows = [{"image_id": r.image_id, "image_uri": r.image_uri} for r in todo]
+        dataset = ray.data.from_items(rows, override_num_blocks=max(1, len(rows) // batch_size))
+        results = dataset.map_batches(
+            SegmenterMasker,
+            fn_constructor_kwargs={"segmenter_uri": segmenter_uri, "output_uri": output_uri,
+                                   "use_gpu": use_gpu, "precision": precision,
+                                   "threads": max(1, int(cpus_per_actor))},
+            compute=ActorPoolStrategy(min_size=1, max_size=max(1, actors)),
+            batch_size=batch_size,
+            batch_format="numpy",
+            num_cpus=cpus_per_actor,
+            num_gpus=1 if use_gpu else 0,
+        ).take_all()
+        errors = {row["image_id"]: row["error"] for row in results if row["error"]}
+    out = []
+    for record in records:
+        if record.image_id in errors:
+            continue
+        out.append(replace(record, mask_uri=storage.join(output_uri, f"{record.image_id}.png")))
+    return out, errors

@@ -1,0 +1,74 @@
+"""The settings of a training run and what it returns; plain data, no heavy imports."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+MASK_SOURCES = ("segmenter", "ground-truth")
+"""Where the classifier's lesion masks come from."""
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with NaN/inf floats replaced by None, so the JSON written is strict JSON."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+@dataclass
+class TrainSettings:
+    """Everything one training run needs; the CLI flags map one-to-one onto these fields.
+
+    ``segmenter``, ``use_metadata`` and ``mask_source`` apply to the classifier only.
+    ``metric`` / ``metric_mode`` choose the best checkpoint (default: Dice for the segmenter,
+    balanced accuracy for the classifier, both maximised).
+    """
+
+    data: str
+    name: str
+    format: str = "ham10000"
+    preset: str = "small"
+    epochs: int = 10
+    batch_size: int = 16
+    workers: int = 2
+    gpu: bool = False
+    storage: str = "runs"
+    pretrained_encoder: str | None = None
+    precision: str | None = None  # None: bf16 with --gpu, else fp32
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    val_fraction: float = 0.15
+    seed: int = 0
+    num_to_keep: int = 2
+    metric: str | None = None
+    metric_mode: str | None = None
+    max_failures: int = 2
+    cpus_per_worker: float = 1
+    threads_per_worker: int | None = None  # default: cpus_per_worker
+    progress_interval: float = 10.0
+    # classifier only
+    segmenter: str | None = None
+    use_metadata: bool = True
+    mask_source: str = "segmenter"
+
+
+@dataclass
+class TrainResult:
+    """Where a finished run is, its best checkpoint, and that checkpoint's metrics."""
+
+    run_uri: str
+    best_checkpoint_uri: str | None
+    metrics: dict[str, Any]
+    latest_checkpoint_uri: str | None = None
+    history: list[dict] = field(default_factory=list)
+    result_uri: str | None = None
+
+    def to_dict(self) -> dict:
+        """JSON-ready form (NaN metrics become null)."""
+        return json_safe(asdict(self))

@@ -1,0 +1,238 @@
+"""Training with Ray Train: real local Ray, the moto S3 server, the bundled sample, tiny preset.
+
+The integration tests share one segmenter run (2 workers, 1 epoch, checkpoints on S3): the
+resume/fault test continues it to epoch 2, and the classifier test trains on its masks.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from raysky import storage
+from raysky.cli.main import main
+from raysky.data import read_dataset
+from raysky.data.taxonomy import order_classes
+from raysky.local_s3 import upload_directory
+from raysky.models import load_checkpoint
+from raysky.train import TrainSettings, train_segmenter
+from raysky.train.augment import AugmentConfig, augment_pair, resize_pair
+from raysky.train.datasets import class_weights, decode_and_transform, encode_rows, load_splits
+from raysky.train.loops import FAIL_ONCE_ENV
+
+TINY = {"preset": "tiny", "batch_size": 4, "workers": 2, "cpus_per_worker": 1, "progress_interval": 5.0}
+
+
+# ------------------------------------------------------------------------------------------
+# Splits, weights, augmentation, decoding: no Ray needed
+# ------------------------------------------------------------------------------------------
+
+
+def _rewrite_metadata(root: Path, edit) -> None:
+    path = root / "HAM10000_metadata.csv"
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    rows = [edit(i, row) for i, row in enumerate(rows)]
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_validation_split_never_shares_a_lesion(sample_copy: Path):
+    # Make lesions with several images: images i and i+1 of each class pair up on one lesion.
+    _rewrite_metadata(sample_copy, lambda i, row: {**row, "lesion_id": f"L{row['dx']}{i % 5 // 2}"})
+    train, val, how = load_splits(str(sample_copy), "ham10000", val_fraction=0.3, seed=1)
+    assert "split_by_lesion" in how
+    assert train and val
+    assert not {r.lesion_id for r in train} & {r.lesion_id for r in val}
+    assert len(train) + len(val) == 35
+    assert {r.label for r in val} <= {r.label for r in train}
+
+
+def test_splits_csv_at_the_root_is_honoured(sample_copy: Path):
+    records = read_dataset(str(sample_copy), "ham10000")
+    val_ids = {r.image_id for r in records[::5]}
+    with open(sample_copy / "splits.csv", "w") as handle:
+        handle.write("image_id,split\n")
+        for r in records:
+            handle.write(f"{r.image_id},{'val' if r.image_id in val_ids else 'train'}\n")
+    train, val, how = load_splits(str(sample_copy), "ham10000")
+    assert how.endswith("splits.csv")
+    assert {r.image_id for r in val} == val_ids
+    assert len(train) == 35 - len(val_ids)
+
+
+def test_class_weights_are_inverse_sqrt_frequency_with_unit_mean():
+    labels = [0] * 64 + [1] * 16 + [2] * 4
+    weights = class_weights(labels, 3)
+    assert weights[1] / weights[0] == pytest.approx(2.0)
+    assert weights[2] / weights[0] == pytest.approx(4.0)
+    assert np.mean([weights[label] for label in labels]) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match=r"classes \[3\]"):
+        class_weights(labels, 4)
+
+
+def _disk_image(seed: int) -> tuple[Image.Image, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    height, width = 150, 200
+    yy, xx = np.mgrid[:height, :width]
+    mask = ((yy - 60) ** 2 + (xx - 120) ** 2 < 35**2).astype(np.uint8)
+    pixels = rng.integers(0, 80, size=(height, width, 3), dtype=np.uint8)  # dark, noisy skin
+    pixels[mask == 1] = (230, 20, 20)
+    return Image.fromarray(pixels), mask
+
+
+def test_augmentation_moves_image_and_mask_together():
+    image, mask = _disk_image(0)
+    geometry_only = AugmentConfig(brightness=0, contrast=0, saturation=0, hue=0)
+    outputs = []
+    for seed in range(8):
+        out_image, out_mask = augment_pair(image, mask, 64, geometry_only, np.random.default_rng(seed))
+        assert out_image.shape == (64, 64, 3) and out_image.dtype == np.uint8
+        assert out_mask.shape == (64, 64) and set(np.unique(out_mask)) <= {0, 1}
+        red = (out_image[..., 0] > 150) & (out_image[..., 1] < 90)
+        if out_mask.sum() > 20:
+            # Away from the resampled edge, lesion pixels are red and background is not.
+            assert red[out_mask == 1].mean() > 0.85
+            assert red[out_mask == 0].mean() < 0.1
+        outputs.append(out_mask)
+    assert len({m.tobytes() for m in outputs}) > 1, "augmentation never changed the geometry"
+
+
+def test_colour_jitter_changes_the_image_only_and_eval_resize_is_deterministic():
+    image, mask = _disk_image(1)
+    colour_only = AugmentConfig(scale=(1.0, 1.0), ratio=(1.0, 1.0), rotation=0, hflip=0, vflip=0,
+                                brightness=0.4, contrast=0.4, saturation=0.4, hue=0.05)
+    plain_image, plain_mask = resize_pair(image, mask, 64)
+    jittered, jittered_mask = augment_pair(image, mask, 64, colour_only, np.random.default_rng(3))
+    assert np.array_equal(jittered_mask, plain_mask)
+    assert np.abs(jittered.astype(int) - plain_image.astype(int)).mean() > 2
+    again_image, again_mask = resize_pair(image, mask, 64)
+    assert np.array_equal(again_image, plain_image) and np.array_equal(again_mask, plain_mask)
+
+
+def test_decoding_skips_an_unreadable_image(sample_copy: Path):
+    records = read_dataset(str(sample_copy), "ham10000")[:4]
+    Path(records[1].image_uri).write_bytes(b"\xff\xd8\xff not really a jpeg")
+    rows = encode_rows(records, order_classes({r.label for r in records}))
+    batch = {key: np.asarray([row[key] for row in rows]) for key in rows[0]}
+    out = decode_and_transform(batch, size=32, train=True)
+    assert list(out["image_id"]) == [records[i].image_id for i in (0, 2, 3)]
+    assert out["image"].shape == (3, 32, 32, 3)
+    assert out["mask"].shape == (3, 32, 32)
+    assert out["mask"].max() == 1  # the sample's masks survive decoding and augmentation
+    assert out["age"].shape == (3, 2)
+
+
+def test_cli_rejects_bad_settings_before_starting_ray(sample_dir: Path, tmp_path: Path, capsys):
+    common = ["--data", str(sample_dir), "--preset", "tiny", "--storage", str(tmp_path)]
+    assert main(["train", "segmenter", *common, "--name", "big", "--batch-size", "64"]) == 2
+    assert "fewer than --batch-size 64" in capsys.readouterr().err
+    assert main(["train", "segmenter", *common, "--name", "a/b"]) == 2
+    assert "--name" in capsys.readouterr().err
+    assert main(["train", "classifier", *common, "--name", "c", "--segmenter",
+                 str(tmp_path / "missing")]) == 2
+    assert "not a raysky checkpoint" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir()), "nothing may be written for rejected settings"
+
+
+# ------------------------------------------------------------------------------------------
+# Ray Train on 2 workers, checkpoints on S3
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bucket(s3) -> str:
+    return s3.create_bucket("raysky-train")
+
+
+@pytest.fixture(scope="module")
+def segmenter_run(ray_local, bucket, sample_dir):
+    settings = TrainSettings(data=str(sample_dir), name="seg", epochs=1, storage=f"{bucket}/runs", **TINY)
+    return settings, train_segmenter(settings)
+
+
+@pytest.mark.slow
+def test_segmenter_checkpoints_and_metrics_land_in_s3(segmenter_run, bucket):
+    _settings, result = segmenter_run
+    assert result.run_uri == f"{bucket}/runs/seg"
+    assert result.best_checkpoint_uri == f"{bucket}/runs/seg/checkpoint_epoch_0001"
+    loaded = load_checkpoint(result.best_checkpoint_uri)
+    assert loaded.kind == "segmenter" and loaded.meta["preset"] == "tiny"
+    assert loaded.meta["extra"]["epoch"] == 1
+
+    metrics = result.metrics
+    for key in ("dice", "jaccard", "threshold_jaccard", "val_loss", "train_loss"):
+        assert 0.0 <= metrics[key] < float("inf"), key
+    assert metrics["val_images"] == 7  # 35 images, about 15% per class held out by lesion
+    # Each of the 2 workers ran 3 steps of 4 on its own 14-image shard; the reported total
+    # covers both shards.
+    assert metrics["train_images"] == 24
+
+    summary = json.loads(storage.read_bytes(f"{bucket}/runs/seg/result.json"))
+    assert summary["best_checkpoint_uri"] == result.best_checkpoint_uri
+    assert summary["metrics"]["dice"] == pytest.approx(metrics["dice"])
+    in_checkpoint = json.loads(storage.read_bytes(f"{result.best_checkpoint_uri}/metrics.json"))
+    assert in_checkpoint["epoch"] == 1 and in_checkpoint["dice"] == pytest.approx(metrics["dice"])
+
+
+@pytest.mark.slow
+def test_same_name_resumes_and_a_killed_worker_is_replaced(segmenter_run, tmp_path, monkeypatch):
+    settings, first = segmenter_run
+    marker = tmp_path / "killed"
+    monkeypatch.setenv(FAIL_ONCE_ENV, str(marker))
+    settings = TrainSettings(**{**settings.__dict__, "epochs": 2})
+
+    result = train_segmenter(settings)
+
+    # The hook killed the last worker's process in epoch 2, after the epoch-1 checkpoint.
+    assert marker.read_text().startswith("killed rank 1 in epoch 2")
+    assert [h["epoch"] for h in result.history] == [1, 2]
+    # Epoch 1 is the first run's, not retrained: same record, same worker start time.
+    assert result.history[0] == first.history[0]
+    # Epoch 2 came from a worker group started after the kill, restored from epoch 1.
+    epoch2 = result.history[1]
+    assert epoch2["start_epoch"] == 1
+    assert epoch2["worker_started_unix"] > marker.stat().st_mtime
+    assert result.latest_checkpoint_uri.endswith("checkpoint_epoch_0002")
+    assert load_checkpoint(result.latest_checkpoint_uri).meta["extra"]["epoch"] == 2
+    assert result.best_checkpoint_uri in (first.best_checkpoint_uri, result.latest_checkpoint_uri)
+
+
+@pytest.mark.slow
+def test_classifier_cli_trains_on_segmenter_masks_from_s3(segmenter_run, bucket, sample_dir, capsys):
+    _settings, seg = segmenter_run
+    data = f"{bucket}/sample"
+    upload_directory(str(sample_dir), data)
+    code = main(["train", "classifier", "--data", data, "--segmenter", seg.best_checkpoint_uri,
+                 "--preset", "tiny", "--epochs", "1", "--batch-size", "4", "--workers", "2",
+                 "--storage", f"{bucket}/runs", "--name", "cls"])
+    assert code == 0
+    out = capsys.readouterr().out
+    summary = json.loads(storage.read_bytes(f"{bucket}/runs/cls/result.json"))
+    assert summary["best_checkpoint_uri"] in out
+
+    loaded = load_checkpoint(summary["best_checkpoint_uri"], expected_kind="classifier")
+    labels = {r.label for r in read_dataset(str(sample_dir), "ham10000")}
+    assert loaded.classes == order_classes(labels)
+    assert loaded.meta["extra"]["settings"]["segmenter"] == seg.best_checkpoint_uri
+    metrics = summary["metrics"]
+    for key in ("accuracy", "balanced_accuracy", "macro_auc", "val_loss", "train_loss"):
+        assert 0.0 <= metrics[key] < float("inf"), key
+    assert set(metrics["auc_per_class"]) == set(loaded.classes)
+
+    # The Ray Data job wrote one segmenter mask per training and validation image.
+    version = load_checkpoint(seg.best_checkpoint_uri).version
+    masks = storage.list_files(f"{bucket}/runs/cls/masks/{version}", suffixes=(".png",))
+    assert len(masks) == 35
+    first = np.asarray(Image.open(io.BytesIO(storage.read_bytes(masks[0]))))
+    assert first.shape == (150, 200) and set(np.unique(first)) <= {0, 255}
+    assert os.path.basename(masks[0]).startswith("ISIC_")
