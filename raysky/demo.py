@@ -1,0 +1,220 @@
+"""The end-to-end demo behind ``make demo``: train, screen, report and serve, all on 127.0.0.1.
+
+It runs the same code paths a cluster runs, scaled down: an embedded S3 endpoint (the moto
+server) stands in for S3, a local Ray for the cluster. Every artefact lands in the embedded S3
+bucket, and the review page and a JSON summary are also written to a local folder so they
+outlive the demo.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import time
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from raysky import storage
+from raysky.progress import format_duration
+
+BUNDLED_SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
+
+
+@dataclass
+class DemoSettings:
+    """What the demo runs on; every field is a ``raysky demo`` flag."""
+
+    data: str = str(BUNDLED_SAMPLE)
+    format: str = "ham10000"
+    preset: str = "tiny"
+    segmenter_epochs: int = 6
+    classifier_epochs: int = 6
+    batch_size: int = 8
+    workers: int = 2
+    out: str = "demo-output"
+    bucket: str = "raysky-demo"
+    storage: str | None = None  # an existing s3:// prefix instead of the embedded endpoint
+    serve_port: int = 0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _step(number: int, text: str) -> None:
+    print(f"\n== [{number}/7] {text}", flush=True)
+
+
+def _upload_dataset(data: str, prefix: str) -> int:
+    """Copy a local dataset folder (or read an s3:// one in place) to ``prefix``."""
+    from raysky.local_s3 import upload_directory
+
+    return upload_directory(data, prefix)
+
+
+def run_demo(settings: DemoSettings) -> dict:
+    """Run the whole demo and return a summary of where everything is."""
+    import httpx
+    import ray
+
+    from raysky.evaluate import evaluate, format_table
+    from raysky.local_s3 import local_s3
+    from raysky.report import build_report
+    from raysky.score import ScoreSettings, score_archive
+    from raysky.serve import ServeSettings, run_server, shutdown
+    from raysky.train import TrainSettings, train_classifier, train_segmenter
+
+    started = time.monotonic()
+    out = Path(settings.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    summary: dict = {"settings": asdict(settings)}
+    with ExitStack() as stack:
+        _step(1, "storage and Ray")
+        if settings.storage:
+            root = settings.storage.rstrip("/")
+            env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+            print(f"using {root}")
+        else:
+            s3 = stack.enter_context(local_s3())
+            root = s3.create_bucket(settings.bucket)
+            env = dict(s3.env)
+            print(f"embedded S3 (moto) at {s3.endpoint_url}, bucket {root}")
+        if not ray.is_initialized():
+            # Logical CPUs above the core count let the Train workers and the Ray Data decode
+            # tasks that feed them run side by side on a 2-core laptop instead of waiting on
+            # each other; each worker pins its own torch threads.
+            ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1),
+                     include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
+            stack.callback(ray.shutdown)
+        print(f"local Ray with {int(ray.cluster_resources().get('CPU', 0))} CPUs")
+
+        _step(2, "upload the sample as a dataset and as an archive")
+        dataset_uri = storage.join(root, "datasets", "sample")
+        archive_uri = storage.join(root, "archive")
+        if storage.is_s3(settings.data):
+            dataset_uri = settings.data
+        else:
+            count = _upload_dataset(settings.data, dataset_uri)
+            print(f"{count} files -> {dataset_uri}")
+        from raysky.data.readers import read_dataset
+
+        records = read_dataset(dataset_uri, settings.format)
+        for record in records:
+            storage.write_bytes(storage.join(archive_uri, "images", Path(record.image_uri).name),
+                                storage.read_bytes(record.image_uri))
+        metadata_uri = storage.join(archive_uri, "metadata.csv")
+        lines = ["image_id,age,sex,site"] + [
+            f"{r.image_id},{'' if r.age is None else r.age},{r.sex or ''},{r.site or ''}"
+            for r in records
+        ]
+        storage.write_bytes(metadata_uri, ("\n".join(lines) + "\n").encode())
+        print(f"{len(records)} images + metadata.csv -> {archive_uri}")
+
+        _step(3, f"train the segmenter ({settings.preset} preset, {settings.workers} Ray Train workers)")
+        runs = storage.join(root, "runs")
+        common = dict(data=dataset_uri, format=settings.format, preset=settings.preset,
+                      batch_size=settings.batch_size, workers=settings.workers, storage=runs,
+                      progress_interval=15.0)
+        seg = train_segmenter(TrainSettings(name="demo-segmenter", epochs=settings.segmenter_epochs,
+                                            lr=3e-3, **common))
+        print(f"best segmenter: {seg.best_checkpoint_uri} {_short(seg.metrics)}")
+
+        _step(4, "train the classifier on the segmenter's masks")
+        cls = train_classifier(TrainSettings(name="demo-classifier", epochs=settings.classifier_epochs,
+                                             lr=1e-3, segmenter=seg.best_checkpoint_uri, **common))
+        print(f"best classifier: {cls.best_checkpoint_uri} {_short(cls.metrics)}")
+
+        _step(5, "screen the archive with Ray Data (masks, predictions, Grad-CAM) into Parquet")
+        results_uri = storage.join(root, "results")
+        scored = score_archive(ScoreSettings(
+            input=storage.join(archive_uri, "images"), output=results_uri,
+            segmenter=seg.best_checkpoint_uri, classifier=cls.best_checkpoint_uri,
+            metadata=metadata_uri, batch_size=settings.batch_size, cpus_per_worker=1))
+        print(scored.format())
+
+        _step(6, "evaluate against the ground truth and write the review page")
+        metrics = evaluate(results_uri, dataset_uri, settings.format)
+        print(format_table(metrics))
+        (out / "metrics.json").write_text(json.dumps(_jsonable(metrics), indent=2))
+        report_path = out / "report.html"
+        build_report(results_uri, str(report_path), data_uri=dataset_uri, format=settings.format)
+        storage.write_bytes(storage.join(root, "report.html"), report_path.read_bytes())
+        print(f"review page: {report_path}")
+
+        _step(7, "serve the models and make one live prediction")
+        port = settings.serve_port or _free_port()
+        url = run_server(ServeSettings(segmenter=seg.best_checkpoint_uri,
+                                       classifier=cls.best_checkpoint_uri, port=port,
+                                       ray_address="local"))
+        stack.callback(shutdown)
+        example = records[0]
+        with httpx.Client(timeout=60) as client:
+            response = client.post(
+                f"{url}/v1/predict",
+                files={"image": (Path(example.image_uri).name, storage.read_bytes(example.image_uri),
+                                 "image/jpeg")},
+                data={k: str(v) for k, v in (("age", example.age), ("sex", example.sex),
+                                             ("site", example.site), ("image_id", example.image_id))
+                      if v is not None})
+        response.raise_for_status()
+        answer = response.json()
+        _save_png(answer.get("heatmap_png"), out / f"{example.image_id}_heatmap.png")
+        _save_png(answer.get("mask_png"), out / f"{example.image_id}_mask.png")
+        print(f"POST {url}/v1/predict ({example.image_id}, truth {example.label}): "
+              f"{answer['predicted_class']} (malignant_prob {answer['malignant_prob']:.3f}, "
+              f"lesion_focus {answer['lesion_focus']}, {answer['latency_ms']:.0f} ms)")
+
+        summary.update({
+            "storage": root,
+            "dataset": dataset_uri,
+            "archive": archive_uri,
+            "segmenter": seg.to_dict(),
+            "classifier": cls.to_dict(),
+            "results": results_uri,
+            "scoring": scored.to_dict(),
+            "metrics": str(out / "metrics.json"),
+            "report": str(report_path),
+            "live_prediction": {k: v for k, v in answer.items() if not k.endswith("_png")},
+            "elapsed_s": round(time.monotonic() - started, 1),
+        })
+        (out / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2))
+        storage.write_bytes(storage.join(root, "summary.json"), (out / "summary.json").read_bytes())
+
+        print(f"\n== done in {format_duration(summary['elapsed_s'])}. Where everything is:")
+        print(f"  training runs      {runs}")
+        print(f"  segmenter          {seg.best_checkpoint_uri}")
+        print(f"  classifier         {cls.best_checkpoint_uri}")
+        print(f"  scored Parquet     {results_uri}")
+        print(f"  review page        {report_path}")
+        print(f"  metrics, summary   {out / 'metrics.json'}, {out / 'summary.json'}")
+        print(f"  live heatmap/mask  {out / (example.image_id + '_heatmap.png')}")
+        if not settings.storage:
+            print("  (the embedded S3 endpoint stops with the demo; local copies are in "
+                  f"{out})")
+        print("shutting down Serve, Ray and the embedded S3 endpoint")
+    return summary
+
+
+def _short(metrics: dict) -> str:
+    keys = ("epoch", "dice", "threshold_jaccard", "balanced_accuracy", "macro_auc", "val_loss")
+    return ", ".join(f"{k}={metrics[k]:.3f}" if isinstance(metrics.get(k), float) else f"{k}={metrics[k]}"
+                     for k in keys if k in metrics)
+
+
+def _save_png(data: str | None, path: Path) -> None:
+    if data:
+        path.write_bytes(base64.b64decode(data))
+
+
+def _jsonable(value):
+    from raysky.train.settings import json_safe
+
+    return json.loads(json.dumps(json_safe(value), default=str))
+
+
+__all__ = ["BUNDLED_SAMPLE", "DemoSettings", "run_demo"]
