@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import socket
 import time
 from contextlib import ExitStack
@@ -62,6 +61,7 @@ def run_demo(settings: DemoSettings) -> dict:
     import httpx
     import ray
 
+    from raysky.cluster import ensure_ray
     from raysky.evaluate import evaluate, format_table
     from raysky.local_s3 import local_s3
     from raysky.report import build_report
@@ -77,21 +77,15 @@ def run_demo(settings: DemoSettings) -> dict:
         _step(1, "storage and Ray")
         if settings.storage:
             root = settings.storage.rstrip("/")
-            env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
             print(f"using {root}")
         else:
             s3 = stack.enter_context(local_s3())
             root = s3.create_bucket(settings.bucket)
-            env = dict(s3.env)
             print(f"embedded S3 (moto) at {s3.endpoint_url}, bucket {root}")
         if not ray.is_initialized():
-            # Logical CPUs above the core count let the Train workers and the Ray Data decode
-            # tasks that feed them run side by side on a 2-core laptop instead of waiting on
-            # each other; each worker pins its own torch threads.
-            ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1),
-                     include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
+            ensure_ray()
             stack.callback(ray.shutdown)
-        print(f"local Ray with {int(ray.cluster_resources().get('CPU', 0))} CPUs")
+        print(f"Ray with {ray.cluster_resources().get('CPU', 0):g} logical CPUs")
 
         _step(2, "upload the sample as a dataset and as an archive")
         dataset_uri = storage.join(root, "datasets", "sample")

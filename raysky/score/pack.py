@@ -20,9 +20,10 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from raysky.cluster import ensure_ray
 from raysky.progress import Progress
 from raysky.score import output as out
-from raysky.score.pipeline import PACK_MARKER, WRITE_CPUS, ensure_ray, input_blocks
+from raysky.score.pipeline import PACK_MARKER, WRITE_CPUS, input_blocks
 from raysky.score.stages import MAX_INPUT_BYTES, read_limited, write_batch
 
 PACK_FORMAT = "raysky-pack/1"

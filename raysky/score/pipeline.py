@@ -9,7 +9,6 @@ on the batch sizes and the rows per file, not on the size of the archive.
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -18,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from raysky import results, storage
+from raysky.cluster import ensure_ray
 from raysky.data.images import DEFAULT_MAX_PIXELS
 from raysky.models.runtime import PRECISIONS
 from raysky.progress import Progress, format_duration
@@ -28,7 +28,6 @@ RUN_CONFIG = "_raysky_score.json"
 PACK_MARKER = "_raysky_pack.json"
 RESULTS_FORMAT = "raysky-results/1"
 WRITE_CPUS = 0.25
-_S3_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
 
 
 @dataclass
@@ -182,25 +181,6 @@ def _shard_metadata(ids: list[str], metadata_uri: str) -> pa.Table:
 
     records = join_metadata([LesionRecord(image_id=i, image_uri="") for i in ids], metadata_uri)
     return pa.table({"image_id": ids, **_records_metadata(records)})
-
-
-def ensure_ray(address: str | None = None) -> None:
-    """Connect to Ray unless already connected.
-
-    Without an address (and no ``RAY_ADDRESS``) a private local instance is started, never
-    someone else's ``ray start`` cluster. The S3 endpoint and region travel to the workers.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return
-    env = {key: os.environ[key] for key in _S3_ENV if os.environ.get(key)}
-    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
-        # A submitted job's runtime_env already reaches every worker, and Ray refuses a driver
-        # runtime_env that repeats its env_vars keys.
-        env = {}
-    ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local",
-             runtime_env={"env_vars": env} if env else None, log_to_driver=False)
 
 
 def _pool(settings: ScoreSettings):

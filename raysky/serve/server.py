@@ -15,6 +15,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from raysky.cluster import ensure_ray
 from raysky.serve.app import build_app, check_checkpoints
 from raysky.serve.config import ServeSettings
 
@@ -55,8 +56,7 @@ def run_server(settings: ServeSettings, blocking: bool = False) -> str:
     check_checkpoints(settings)
     with _lock:
         if not ray.is_initialized():
-            ray.init(address=settings.ray_address, include_dashboard=False,
-                     logging_level=logging.WARNING)
+            ensure_ray(settings.ray_address)
             _state.started_ray = True
         if not serve.status().proxies:
             serve.start(http_options={"host": settings.host, "port": settings.port})

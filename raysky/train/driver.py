@@ -17,6 +17,7 @@ from dataclasses import asdict
 from typing import Any
 
 from raysky import storage
+from raysky.cluster import ensure_ray
 from raysky.data.metadata import MetadataVocab
 from raysky.data.readers import class_counts
 from raysky.data.records import LesionRecord
@@ -93,15 +94,6 @@ def _check_existing_run(run_uri: str, kind: str, preset: str, classes: tuple[str
                          "Use a new --name.")
 
 
-def _ensure_ray() -> None:
-    import ray
-
-    if not ray.is_initialized():
-        # Inside `ray job submit` this attaches to the job's cluster; elsewhere it follows
-        # RAY_ADDRESS, or starts a local instance.
-        ray.init(log_to_driver=True)
-
-
 def _check_cpus(settings: TrainSettings) -> None:
     """Ray Data decodes on CPUs the workers do not hold; with none left, training would hang."""
     import ray
@@ -153,7 +145,7 @@ def _run(kind: str, settings: TrainSettings, train: list[LesionRecord], val: lis
             f"per worker, fewer than --batch-size {settings.batch_size}; lower one of them"
         )
 
-    _ensure_ray()
+    ensure_ray(log_to_driver=True)
     _check_cpus(settings)
     train_ds = build_dataset(encode_rows(train, classes, vocab), size, train=True,
                              seed=settings.seed)
@@ -258,7 +250,7 @@ def train_classifier(settings: TrainSettings) -> TrainResult:
         if meta["kind"] != "segmenter":
             raise ValueError(f"{settings.segmenter}: is a {meta['kind']} checkpoint, but "
                              "--segmenter needs a segmenter")
-        _ensure_ray()
+        ensure_ray(log_to_driver=True)
         mask_uri = storage.join(_storage_root(settings.storage), settings.name, "masks", meta["version"])
         started = time.monotonic()
         masked, errors = segmenter_masks(train + val, settings.segmenter, mask_uri,
