@@ -29,9 +29,9 @@ class DemoSettings:
     data: str = str(BUNDLED_SAMPLE)
     format: str = "ham10000"
     preset: str = "tiny"
-    segmenter_epochs: int = 6
-    classifier_epochs: int = 6
-    batch_size: int = 8
+    segmenter_epochs: int = 20
+    classifier_epochs: int = 20
+    batch_size: int = 4
     workers: int = 2
     out: str = "demo-output"
     bucket: str = "raysky-demo"
@@ -83,7 +83,7 @@ def run_demo(settings: DemoSettings) -> dict:
             root = s3.create_bucket(settings.bucket)
             print(f"embedded S3 (moto) at {s3.endpoint_url}, bucket {root}")
         if not ray.is_initialized():
-            ensure_ray()
+            ensure_ray(log_to_driver=True)  # the Train workers' epoch/loss/ETA lines
             stack.callback(ray.shutdown)
         print(f"Ray with {ray.cluster_resources().get('CPU', 0):g} logical CPUs")
 
