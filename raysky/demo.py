@@ -206,9 +206,9 @@ def _save_png(data: str | None, path: Path) -> None:
 
 
 def _jsonable(value):
-    from raysky.train.settings import json_safe
+    from raysky.jsonable import to_jsonable
 
-    return json.loads(json.dumps(json_safe(value), default=str))
+    return json.loads(json.dumps(to_jsonable(value), default=str))
 
 
 __all__ = ["BUNDLED_SAMPLE", "DemoSettings", "run_demo"]

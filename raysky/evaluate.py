@@ -32,6 +32,7 @@ from raysky.data.images import ImageDecodeError, decode_mask, load_mask
 from raysky.data.readers import read_dataset, read_isic2018
 from raysky.data.records import LesionRecord
 from raysky.data.taxonomy import MALIGNANT_CLASSES, canonical_label, order_classes
+from raysky.jsonable import to_jsonable
 from raysky.metrics import (
     argmax_strict,
     balanced_accuracy,
@@ -388,19 +389,6 @@ def evaluate(results_uri: str, data_uri: str, format: str, metadata_uri: str | N
 # --------------------------------------------------------------------------------------------
 # Output
 # --------------------------------------------------------------------------------------------
-
-
-def to_jsonable(value):
-    """``value`` with NaN/inf floats as ``None`` and NumPy scalars as Python ones (strict JSON)."""
-    if isinstance(value, dict):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [to_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def write_json(metrics: dict, uri: str) -> None:

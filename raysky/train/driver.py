@@ -22,6 +22,7 @@ from raysky.data.metadata import MetadataVocab
 from raysky.data.readers import class_counts
 from raysky.data.records import LesionRecord
 from raysky.data.taxonomy import order_classes
+from raysky.jsonable import to_jsonable
 from raysky.models import get_preset
 from raysky.models.checkpoint import read_checkpoint_meta
 from raysky.models.runtime import PRECISIONS
@@ -32,7 +33,7 @@ from raysky.train.loops import (
     HISTORY_FILE,
     train_loop_per_worker,
 )
-from raysky.train.settings import MASK_SOURCES, TrainResult, TrainSettings, json_safe
+from raysky.train.settings import MASK_SOURCES, TrainResult, TrainSettings
 
 RESULT_FILE = "result.json"
 
@@ -164,7 +165,7 @@ def _run(kind: str, settings: TrainSettings, train: list[LesionRecord], val: lis
         "threads": threads, "seed": settings.seed, "train_rows": len(train),
         "pretrained_encoder": settings.pretrained_encoder, "metric": metric, "metric_mode": mode,
         "run_name": settings.name, "progress_interval": settings.progress_interval,
-        "fail_once_marker": os.environ.get(FAIL_ONCE_ENV), "settings": json_safe(summary_settings),
+        "fail_once_marker": os.environ.get(FAIL_ONCE_ENV), "settings": to_jsonable(summary_settings),
     }
     if storage.is_s3(root):
         # Ray resolves a bare s3:// URI with its own defaults; passing raysky's filesystem

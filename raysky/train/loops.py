@@ -27,13 +27,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from raysky.data.metadata import MetadataVocab
+from raysky.jsonable import to_jsonable
 from raysky.metrics import classification_summary, segmentation_summary
 from raysky.models import create_classifier, create_segmenter, get_preset, segmentation_loss
 from raysky.models.checkpoint import load_checkpoint, load_encoder_weights, save_checkpoint
 from raysky.models.preprocess import images_to_tensor, masks_to_tensor
 from raysky.models.runtime import autocast, prepare_for_device, set_torch_threads
 from raysky.progress import Progress
-from raysky.train.settings import json_safe
 
 STATE_FILE = "train_state.pt"
 METRICS_FILE = "metrics.json"
@@ -235,14 +235,14 @@ def _score(metrics: dict, config: dict) -> dict:
 def write_checkpoint(directory: str, model: nn.Module, config: dict, state: dict,
                      metrics: dict, history: list[dict]) -> None:
     """Fill ``directory`` with a raysky checkpoint plus resume state, metrics and history."""
-    extra = {"epoch": metrics["epoch"], "run": config.get("run_name"), "metrics": json_safe(metrics),
+    extra = {"epoch": metrics["epoch"], "run": config.get("run_name"), "metrics": to_jsonable(metrics),
              "settings": config.get("settings", {})}
     save_checkpoint(unwrap(model), directory, config["preset"], extra=extra)
     torch.save(state, os.path.join(directory, STATE_FILE))
     with open(os.path.join(directory, METRICS_FILE), "w") as handle:
-        json.dump(json_safe(metrics), handle, indent=2)
+        json.dump(to_jsonable(metrics), handle, indent=2)
     with open(os.path.join(directory, HISTORY_FILE), "w") as handle:
-        json.dump(json_safe(history), handle, indent=2)
+        json.dump(to_jsonable(history), handle, indent=2)
 
 
 def _restore(model: nn.Module, checkpoint, task) -> dict:
@@ -349,7 +349,7 @@ def train_loop_per_worker(config: dict) -> None:
                 metrics.update(task.evaluate(unwrap(model), val_shard.iter_batches(
                     batch_size=batch_size, batch_format="numpy"), device, precision))
                 _score(metrics, config)
-                history.append(json_safe(metrics))
+                history.append(to_jsonable(metrics))
                 state = {"epoch": epoch + 1, "global_step": global_step, "history": history,
                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
                 write_checkpoint(directory, model, config, state, metrics, history)

@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from raysky.jsonable import to_jsonable
+
 MASK_SOURCES = ("segmenter", "ground-truth")
 """Where the classifier's lesion masks come from."""
-
-
-def json_safe(value: Any) -> Any:
-    """``value`` with NaN/inf floats replaced by None, so the JSON written is strict JSON."""
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 @dataclass
@@ -71,4 +61,4 @@ class TrainResult:
 
     def to_dict(self) -> dict:
         """JSON-ready form (NaN metrics become null)."""
-        return json_safe(asdict(self))
+        return to_jsonable(asdict(self))

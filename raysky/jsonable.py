@@ -1,0 +1,23 @@
+"""Turning metrics and summaries into strict JSON (no NaN, no NumPy scalars)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+def to_jsonable(value: Any) -> Any:
+    """``value`` with NaN/inf floats as ``None`` and NumPy scalars as Python ones.
+
+    Metrics are often undefined (an AUC for a class without positives); strict JSON has no
+    NaN, and ``null`` is what other tools read as "missing".
+    """
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_jsonable(v) for v in value]
+    if type(value).__module__ == "numpy" and hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
