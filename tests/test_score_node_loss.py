@@ -33,7 +33,9 @@ def run_scenario(archive: str, output: str, segmenter: str, classifier: str, rep
 
     from raysky.score import ScoreSettings, score_archive
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    # The surviving head must fit the fixed pool of 2 model workers (1 CPU each) plus a CPU for
+    # the decode/encode/write tasks; with less, the pool would hold every CPU and wait forever.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3})
     worker = cluster.add_node(num_cpus=2)
     ray.init(address=cluster.address, log_to_driver=False)
     cluster.wait_for_nodes()

@@ -188,9 +188,16 @@ def _pool(settings: ScoreSettings):
     import ray
     from ray.data import ActorPoolStrategy
 
-    if settings.workers:
-        return ActorPoolStrategy(size=settings.workers)
     resources = ray.cluster_resources()
+    if settings.workers:
+        held = settings.workers * settings.cpus_per_worker
+        if resources.get("CPU", 0) - held < 1 and len([n for n in ray.nodes() if n["Alive"]]) <= 1:
+            # The pool would hold every CPU and the decode/encode tasks feeding it could never run.
+            raise ValueError(
+                f"{settings.workers} model worker(s) x {settings.cpus_per_worker} CPU leave none of "
+                f"the cluster's {resources.get('CPU', 0):g} CPUs for decoding; lower --workers or "
+                "--cpus-per-worker, or leave --workers unset to size the pool automatically")
+        return ActorPoolStrategy(size=settings.workers)
     if settings.gpus_per_worker > 0:
         fit = resources.get("GPU", 0) / settings.gpus_per_worker
     else:
