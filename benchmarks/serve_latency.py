@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -31,13 +30,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from raysky.net import free_port
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _percentiles(seconds: list[float]) -> tuple[float, float]:
@@ -179,7 +174,7 @@ def main() -> None:
         ray.init(address="local", num_cpus=threads + 1, num_gpus=1 if args.gpu else 0,
                  include_dashboard=False, log_to_driver=False)
         url = run_server(ServeSettings(
-            segmenter=seg_uri, classifier=cls_uri, port=_free_port(), num_cpus=threads,
+            segmenter=seg_uri, classifier=cls_uri, port=free_port(), num_cpus=threads,
             torch_threads=threads, use_gpu=args.gpu, max_batch_size=args.max_batch_size,
             batch_wait_timeout_s=args.batch_wait_ms / 1000.0,
             max_ongoing_requests=max(16, 2 * args.max_batch_size),

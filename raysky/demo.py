@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import base64
 import json
-import socket
 import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from raysky import storage
+from raysky.net import free_port
 from raysky.progress import format_duration
 
 BUNDLED_SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
@@ -37,12 +37,6 @@ class DemoSettings:
     bucket: str = "raysky-demo"
     storage: str | None = None  # an existing s3:// prefix instead of the embedded endpoint
     serve_port: int = 0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _step(number: int, text: str) -> None:
@@ -141,7 +135,7 @@ def run_demo(settings: DemoSettings) -> dict:
         print(f"review page: {report_path}")
 
         _step(7, "serve the models and make one live prediction")
-        port = settings.serve_port or _free_port()
+        port = settings.serve_port or free_port()
         url = run_server(ServeSettings(segmenter=seg.best_checkpoint_uri,
                                        classifier=cls.best_checkpoint_uri, port=port,
                                        ray_address="local"))

@@ -8,10 +8,11 @@ path that runs against AWS runs unchanged against it.
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+
+from raysky.net import free_port
 
 S3_ENV_DEFAULTS = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -19,12 +20,6 @@ S3_ENV_DEFAULTS = {
     "AWS_REGION": "us-east-1",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
@@ -61,7 +56,7 @@ def local_s3(port: int = 0, set_environ: bool = True) -> Iterator[LocalS3]:
     # The server logs every request through werkzeug; on a screening job that is one line per
     # object and buries the progress output.
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    port = port or _free_port()
+    port = port or free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"

@@ -13,7 +13,6 @@ import csv
 import io
 import json
 import os
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from raysky.data.taxonomy import MALIGNANT_CLASSES
 from raysky.inference import LesionPipeline
 from raysky.models import create_classifier, create_segmenter, save_checkpoint
 from raysky.models.checkpoint import read_checkpoint_meta
+from raysky.net import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -41,12 +41,6 @@ RESPONSE_FIELDS = {
     "malignant_prob", "lesion_area_frac", "lesion_focus", "mask_png", "heatmap_png",
     "segmenter_version", "classifier_version", "latency_ms", "request_id",
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _png(image: Image.Image) -> bytes:
@@ -104,7 +98,7 @@ def server(ray_local, checkpoints, tmp_path_factory):
     """Serve on a free 127.0.0.1 port with the main and the overload application."""
     from raysky.serve import ServeSettings, run_server, shutdown
 
-    port = _free_port()
+    port = free_port()
     access_log = tmp_path_factory.mktemp("serve_logs") / "access.jsonl"
     url = run_server(ServeSettings(
         **checkpoints, port=port, app_name="raysky-test", api_keys=API_KEYS,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,14 +13,9 @@ import httpx
 import pytest
 
 from raysky.cli.main import main
+from raysky.net import free_port
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _raysky(*args: str) -> list[str]:
@@ -35,7 +29,7 @@ def _predict(http: httpx.Client, jpeg: bytes, headers: dict) -> httpx.Response:
 
 def test_cli_serves_until_ctrl_c_then_shuts_down(tiny_checkpoints, sample_dir: Path, tmp_path):
     jpeg = next((sample_dir / "images").glob("*.jpg")).read_bytes()
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     log_path = tmp_path / "cli.log"
     env = dict(os.environ, RAYSKY_API_KEYS="cli-key", RAY_USAGE_STATS_ENABLED="0")
