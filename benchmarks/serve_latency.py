@@ -11,6 +11,11 @@ figures are the pipeline alone: the endpoint additionally decodes the upload, PN
 and heatmap, and runs Serve's proxy, the ingress and the HTTP client on the same machine, so
 an "in-process end to end" line (decode + pipeline + PNG encode) is printed for reference.
 
+During 4 it also accounts the CPU time of every process on the serving path (model replica,
+ingress, HTTP proxy, the load generator, the rest of Ray) per request. Since everything shares
+this machine's cores, the endpoint cannot serve more than cores / (CPU per image) images/s;
+that ceiling, as a ratio to 3, is printed next to the measured ratio.
+
 Untrained models of ``--preset`` are used unless checkpoints are given (weights do not change
 the cost). Images come from ``--data`` (a folder of .jpg/.png; default the bundled sample):
 
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import os
 import tempfile
 import time
@@ -87,13 +93,39 @@ def _latency_pairs(pipeline, arrays, encoded, url: str, n: int, offset: int):
     return pipeline_only, end_to_end, http
 
 
-def _in_process_throughput(pipeline, arrays, batch_size: int, batches: int) -> tuple[int, float]:
-    """Images scored and seconds taken over ``batches`` batches of ``batch_size``."""
+def _in_process_throughput(pipeline, arrays, batch_size: int,
+                           batches: int) -> tuple[int, float, float]:
+    """Images scored, seconds taken and CPU seconds used over ``batches`` of ``batch_size``."""
     batch = [arrays[i % len(arrays)] for i in range(batch_size)]
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(batches):
         pipeline(batch)
-    return batch_size * batches, time.perf_counter() - start
+    return batch_size * batches, time.perf_counter() - start, time.process_time() - cpu_start
+
+
+SERVING_ROLES = {"LesionModel": "model replica", "RayskyIngress": "ingress",
+                 "ProxyActor": "HTTP proxy"}
+
+
+def _cpu_by_role() -> collections.Counter:
+    """CPU seconds used so far by each part of the serving path on this machine."""
+    import psutil
+
+    used: collections.Counter = collections.Counter()
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            command = " ".join(proc.info["cmdline"] or [])
+            times = proc.cpu_times()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if proc.info["pid"] == os.getpid():
+            role = "load generator (httpx)"
+        else:
+            role = next((r for key, r in SERVING_ROLES.items() if key in command),
+                        "rest of Ray" if "ray" in command else None)
+        if role:
+            used[role] += times.user + times.system
+    return used
 
 
 async def _endpoint_load(url: str, encoded: list[bytes], total: int, concurrency: int):
@@ -140,7 +172,7 @@ def main() -> None:
     parser.add_argument("--batch-images", type=int, default=32,
                         help="images per round for each in-process batch size")
     parser.add_argument("--max-batch-size", type=int, default=8, help="@serve.batch size")
-    parser.add_argument("--batch-wait-ms", type=float, default=5.0, help="@serve.batch wait")
+    parser.add_argument("--batch-wait-ms", type=float, default=2.0, help="@serve.batch wait")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads, in-process and per replica (0: all cores)")
     parser.add_argument("--gpu", action="store_true", help="run both on the GPU")
@@ -182,7 +214,8 @@ def main() -> None:
         # Rounds alternate in-process and endpoint measurements, so that load from anything
         # else on the machine falls on both sides alike.
         lat_in, e2e_in, lat_http, http_done = [], [], [], [0, 0.0]
-        thr_in = {b: [0, 0.0] for b in batch_sizes}
+        thr_in = {b: [0, 0.0, 0.0] for b in batch_sizes}
+        http_cpu: collections.Counter = collections.Counter()
         per_round = max(1, args.latency_requests // args.rounds)
         try:
             asyncio.run(_endpoint_load(url, encoded, 2 * args.concurrency, args.concurrency))
@@ -195,14 +228,18 @@ def main() -> None:
                 lat_http += http
                 for batch_size in batch_sizes:
                     batches = max(1, args.batch_images // batch_size)
-                    done, seconds = _in_process_throughput(pipeline, arrays, batch_size, batches)
+                    done, seconds, cpu = _in_process_throughput(pipeline, arrays, batch_size,
+                                                                batches)
                     thr_in[batch_size][0] += done
                     thr_in[batch_size][1] += seconds
+                    thr_in[batch_size][2] += cpu
+                cpu_before = _cpu_by_role()
                 _, rate = asyncio.run(_endpoint_load(url, encoded, args.throughput_requests,
                                                      args.concurrency))
+                http_cpu.update(_cpu_by_role() - cpu_before)
                 http_done[0] += args.throughput_requests
                 http_done[1] += args.throughput_requests / rate
-                best = max(done / seconds for done, seconds in thr_in.values())
+                best = max(done / seconds for done, seconds, _ in thr_in.values())
                 print(f"round {r + 1}/{args.rounds}: endpoint {rate:.2f} images/s, in-process "
                       f"best so far {best:.2f}", flush=True)
             stats = httpx.get(f"{url}/v1/model", timeout=60).json()["replica_stats"]
@@ -212,7 +249,7 @@ def main() -> None:
     batched = stats["requests"] - stats_before["requests"] - len(lat_http)
     batches = stats["batches"] - stats_before["batches"] - len(lat_http)
 
-    rates = {b: done / seconds for b, (done, seconds) in thr_in.items()}
+    rates = {b: done / seconds for b, (done, seconds, _) in thr_in.items()}
     thr_http = http_done[0] / http_done[1]
     p50_in, p99_in = _percentiles(lat_in)
     p50_e2e, p99_e2e = _percentiles(e2e_in)
@@ -229,8 +266,19 @@ def main() -> None:
         print(f"  in-process batch {batch_size:3d}               {rate:8.2f}")
     print(f"  endpoint, {args.concurrency} concurrent clients      {thr_http:8.2f}   (mean batch "
           f"{batched / max(batches, 1):.1f} of max {args.max_batch_size})")
+    in_cpu_ms = 1000.0 * thr_in[best_batch][2] / thr_in[best_batch][0]
+    http_cpu_ms = {role: 1000.0 * seconds / http_done[0] for role, seconds in http_cpu.items()}
+    total_cpu_ms = sum(http_cpu_ms.values())
     print(f"  ratio endpoint / in-process best (batch {best_batch}) "
           f"{thr_http / rates[best_batch]:6.2f}   (target >= 0.9)")
+    print(f"\nCPU per image at concurrency {args.concurrency} (ms, all processes on the path)")
+    for role, ms in sorted(http_cpu_ms.items(), key=lambda item: -item[1]):
+        print(f"  {role:33s}{ms:8.1f}")
+    print(f"  {'total':33s}{total_cpu_ms:8.1f}   (in-process at batch {best_batch}: "
+          f"{in_cpu_ms:.1f})")
+    ceiling = os.cpu_count() * 1000.0 / total_cpu_ms / rates[best_batch]
+    print(f"  ceiling of the ratio on {os.cpu_count()} cores    {ceiling:6.2f}   (cores / CPU per "
+          "image, over the in-process best)")
 
 
 if __name__ == "__main__":

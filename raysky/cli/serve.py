@@ -36,7 +36,7 @@ def register(subparsers) -> None:
                         "(default: --max-batch-size)")
     parser.add_argument("--max-batch-size", type=int, default=8,
                         help="largest batch a model replica scores at once")
-    parser.add_argument("--batch-wait-ms", type=float, default=5.0,
+    parser.add_argument("--batch-wait-ms", type=float, default=2.0,
                         help="how long a batch waits to fill before it runs")
     parser.add_argument("--max-ongoing-requests", type=int, default=16,
                         help="in-flight requests per model replica (>= --max-batch-size)")

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
-from typing import TYPE_CHECKING
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
     import torch
@@ -13,6 +17,9 @@ if TYPE_CHECKING:
 # torch is imported inside the functions: CLIs and settings classes import PRECISIONS to
 # validate flags, and should not pay for loading torch to do so.
 PRECISIONS = ("fp32", "bf16")
+TORCH_THREAD_NAME = "raysky-torch"
+
+T = TypeVar("T")
 
 
 def select_device(use_gpu: bool = False) -> torch.device:
@@ -64,3 +71,28 @@ def set_torch_threads(num_threads: int | None = None) -> int:
 
     torch.set_num_threads(int(num_threads))
     return int(num_threads)
+
+
+@functools.cache
+def torch_executor() -> ThreadPoolExecutor:
+    """The single thread on which this process runs its model work (see :func:`on_torch_thread`).
+
+    Async code hands work to it with ``loop.run_in_executor(torch_executor(), ...)``.
+    """
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix=TORCH_THREAD_NAME)
+
+
+def on_torch_thread(fn: Callable[..., T], *args, **kwargs) -> T:
+    """Run ``fn(*args, **kwargs)`` on this process's one torch thread and return its result.
+
+    torch's CPU wheels use GNU OpenMP, which gives every OS thread that enters a parallel
+    region its own team of worker threads. Once a process holds more such threads than it has
+    cores, libgomp all but stops spin-waiting, and each of the hundreds of small parallel
+    regions in a DenseNet forward pays a sleep and a wake-up: on 2 cores inference ran 2.3x
+    slower. Ray runs an actor's constructor and its calls, and a Serve replica's user code, on
+    different threads, so model loading and inference in actors and replicas go through here,
+    and so should :func:`set_torch_threads`, since OpenMP's thread count is per thread.
+    """
+    if threading.current_thread().name.startswith(TORCH_THREAD_NAME):
+        return fn(*args, **kwargs)
+    return torch_executor().submit(fn, *args, **kwargs).result()

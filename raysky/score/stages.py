@@ -154,17 +154,20 @@ class ScoreModel:
     Each actor loads both checkpoints once into a :class:`raysky.inference.LesionPipeline`,
     the same pipeline the live endpoint uses, and scores batches of decoded rows: prediction
     and Grad-CAM come from one pass. Rows that failed to decode pass through unchanged.
+    Ray Data calls the constructor and the batches on different threads, so the model work
+    runs on the actor's one torch thread (see :func:`raysky.models.runtime.on_torch_thread`).
     """
 
     def __init__(self, segmenter: str, classifier: str, heatmaps: bool = True,
                  use_gpu: bool = False, precision: str = "fp32", threads: int | None = None):
         from raysky.inference import LesionPipeline
-        from raysky.models.runtime import set_torch_threads
+        from raysky.models.runtime import on_torch_thread, set_torch_threads
 
         # Ray pins OMP_NUM_THREADS=1 in actors; use the CPUs this actor was granted instead.
-        set_torch_threads(threads)
-        self.pipeline = LesionPipeline.from_uris(segmenter, classifier, use_gpu=use_gpu,
-                                                 precision=precision)
+        on_torch_thread(set_torch_threads, threads)
+        self.pipeline = on_torch_thread(LesionPipeline.from_uris, segmenter, classifier,
+                                        use_gpu=use_gpu, precision=precision)
+        self._on_torch_thread = on_torch_thread
         self.heatmaps = heatmaps
         self.classes = self.pipeline.classes
         self.schema = model_output_schema(self.classes, heatmaps)
@@ -190,7 +193,8 @@ class ScoreModel:
             for i in todo
         ]
         metadata = [{key: rows[i][key] for key in ("age", "sex", "site")} for i in todo]
-        predictions = dict(zip(todo, self._predict(images, metadata) if todo else [], strict=True))
+        scored = self._on_torch_thread(self._predict, images, metadata) if todo else []
+        predictions = dict(zip(todo, scored, strict=True))
         del images, pixels
         now = dt.datetime.now(dt.timezone.utc)
         out: dict[str, list] = {name: [] for name in self.schema.names}

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from concurrent.futures import ThreadPoolExecutor
+import time
 from typing import Any
 
 import numpy as np
@@ -26,8 +26,9 @@ from ray.serve.handle import DeploymentHandle
 
 from raysky.inference import LesionPipeline, LesionPrediction
 from raysky.models.checkpoint import read_checkpoint_meta
-from raysky.models.runtime import set_torch_threads
+from raysky.models.runtime import on_torch_thread, set_torch_threads, torch_executor
 from raysky.serve.api import ApiOptions, ServiceUnavailable, create_api
+from raysky.serve.batching import BatchQueue
 from raysky.serve.config import AppConfig
 from raysky.serve.security import API_KEYS_ENV
 
@@ -45,6 +46,13 @@ READY_TIMEOUT_S = 10.0
 class LesionModel:
     """One segmenter + classifier + Grad-CAM pipeline per replica, scored in batches.
 
+    ``@serve.batch`` gathers requests that arrive within the batch wait and hands them to a
+    :class:`~raysky.serve.batching.BatchQueue`, which gives the model up to ``max_batch_size``
+    queued requests each time it is free: requests that piled up behind a busy model run as
+    one batch, and an idle model starts at once. The pipeline runs on the process's single
+    torch thread (:func:`raysky.models.runtime.on_torch_thread`), one batch at a time, so
+    Grad-CAM's autograd pass never runs concurrently on the same model.
+
     Batching is tuned through ``user_config`` (``max_batch_size``, ``batch_wait_timeout_s``),
     so changing it with ``serve deploy`` reconfigures replicas without reloading the models.
     """
@@ -52,33 +60,35 @@ class LesionModel:
     def __init__(self, segmenter: str, classifier: str, use_gpu: bool = False,
                  precision: str = "fp32", threads: int = 1):
         # Ray starts replicas with OMP_NUM_THREADS=1; without this a CPU replica uses one core.
-        self.threads = set_torch_threads(threads)
-        self.pipeline = LesionPipeline.from_uris(segmenter, classifier, use_gpu, precision)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raysky-pipeline",
-                                            initializer=set_torch_threads, initargs=(threads,))
-        self._stats = {"batches": 0, "requests": 0, "largest_batch": 0}
+        self.threads = on_torch_thread(set_torch_threads, threads)
+        self.pipeline = on_torch_thread(LesionPipeline.from_uris, segmenter, classifier,
+                                        use_gpu, precision)
+        self._batches = BatchQueue(self.run_batch, torch_executor())
+        self._stats = {"batches": 0, "requests": 0, "largest_batch": 0, "compute_s": 0.0}
         logger.info("LesionModel ready: %s + %s, %d torch threads",
                     self.pipeline.segmenter_version, self.pipeline.classifier_version, self.threads)
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """Apply ``user_config``: the batch size limit and how long a batch waits to fill."""
-        self._predict_batch.set_max_batch_size(int(config.get("max_batch_size", 8)))
-        self._predict_batch.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s",
-                                                                      0.005)))
+        self._batches.max_batch_size = int(config.get("max_batch_size", 8))
+        self._admit.set_max_batch_size(self._batches.max_batch_size)
+        self._admit.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", 0.002)))
 
     async def predict(self, request: dict[str, Any]) -> dict[str, Any]:
         """Score one validated request (``image`` RGB uint8 array, ``metadata``, ``explain``,
-        ``mask``); it is batched with whatever else arrives within the batch wait."""
-        return await self._predict_batch(request)
+        ``mask``); it is batched with whatever else is waiting for the model."""
+        scored = await self._admit(request)
+        return await scored
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def _predict_batch(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        loop = asyncio.get_running_loop()
-        # The event loop stays free to queue the next batch while this one computes.
-        return await loop.run_in_executor(self._executor, self.run_batch, requests)
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
+    async def _admit(self, requests: list[dict[str, Any]]) -> list[asyncio.Future]:
+        # Returns at once: Serve lets one batch at a time into this method, so waiting here
+        # for the model would keep later batches out of the queue, where they can merge.
+        return self._batches.submit(requests)
 
     def run_batch(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Run the pipeline over a batch; requests with and without ``explain`` run apart."""
+        started = time.perf_counter()
         results: list[dict[str, Any] | None] = [None] * len(requests)
         for explain in (True, False):
             index = [i for i, r in enumerate(requests) if bool(r.get("explain", True)) is explain]
@@ -92,6 +102,7 @@ class LesionModel:
         self._stats["batches"] += 1
         self._stats["requests"] += len(requests)
         self._stats["largest_batch"] = max(self._stats["largest_batch"], len(requests))
+        self._stats["compute_s"] += time.perf_counter() - started
         return results  # type: ignore[return-value]
 
     def _to_response(self, prediction: LesionPrediction, want_mask: bool) -> dict[str, Any]:
@@ -126,8 +137,8 @@ class LesionModel:
             "device": str(pipeline.device),
             "precision": pipeline.precision,
             "torch_threads": self.threads,
-            "max_batch_size": self._predict_batch._get_max_batch_size(),
-            "batch_wait_timeout_s": self._predict_batch._get_batch_wait_timeout_s(),
+            "max_batch_size": self._admit._get_max_batch_size(),
+            "batch_wait_timeout_s": self._admit._get_batch_wait_timeout_s(),
             "replica_stats": dict(self._stats),
         }
 

@@ -37,7 +37,7 @@ class AppConfig:
     max_replicas: int = 1
     target_ongoing_requests: float | None = None
     max_batch_size: int = 8
-    batch_wait_timeout_s: float = 0.005
+    batch_wait_timeout_s: float = 0.002
     max_ongoing_requests: int = 16
     max_queued_requests: int = 64
     ingress_replicas: int = 1

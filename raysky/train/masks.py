@@ -24,30 +24,45 @@ from raysky.data.records import LesionRecord
 from raysky.inference import MASK_THRESHOLD
 from raysky.models.checkpoint import load_checkpoint
 from raysky.models.preprocess import images_to_tensor, resize_map
-from raysky.models.runtime import autocast, prepare_for_device, select_device, set_torch_threads
+from raysky.models.runtime import (
+    autocast,
+    on_torch_thread,
+    prepare_for_device,
+    select_device,
+    set_torch_threads,
+)
 
 logger = logging.getLogger(__name__)
 
 
 class SegmenterMasker:
-    """Ray Data actor: loads the segmenter once, then writes one mask PNG per input row."""
+    """Ray Data actor: loads the segmenter once, then writes one mask PNG per input row.
+
+    Model work runs on the actor's one torch thread (:func:`~raysky.models.runtime.on_torch_thread`).
+    """
 
     def __init__(self, segmenter_uri: str, output_uri: str, use_gpu: bool = False,
                  precision: str = "fp32", threads: int = 1):
+        self.device = select_device(use_gpu)
+        self.precision = precision
+        self.output_uri = output_uri
+        on_torch_thread(self._load, segmenter_uri, threads)
+
+    def _load(self, segmenter_uri: str, threads: int) -> None:
         set_torch_threads(threads)
         loaded = load_checkpoint(segmenter_uri, expected_kind="segmenter")
         self.meta = loaded.meta
-        self.device = select_device(use_gpu)
         self.model = prepare_for_device(loaded.model.eval(), self.device)
-        self.precision = precision
-        self.output_uri = output_uri
 
-    def _segment(self, images: list[np.ndarray]) -> torch.Tensor:
+    def _masks(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """Binary uint8 masks at each image's own size."""
         norm = self.meta["normalization"]
         tensor = images_to_tensor(images, self.meta["input_size"], norm["mean"], norm["std"])
         with torch.inference_mode(), autocast(self.device, self.precision):
             logits = self.model(tensor.to(self.device))
-        return torch.sigmoid(logits.float())[:, 0].cpu()
+        probs = torch.sigmoid(logits.float())[:, 0].cpu()
+        return [(resize_map(prob, *image.shape[:2]) > MASK_THRESHOLD).astype(np.uint8)
+                for prob, image in zip(probs, images, strict=True)]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids = [str(i) for i in batch["image_id"]]
@@ -65,10 +80,8 @@ class SegmenterMasker:
         good = [i for i, image in enumerate(images) if image is not None]
         mask_uris = [""] * len(ids)
         if good:
-            probs = self._segment([images[i] for i in good])
-            for prob, i in zip(probs, good, strict=True):
-                height, width = images[i].shape[:2]
-                mask = (resize_map(prob, height, width) > MASK_THRESHOLD).astype(np.uint8)
+            masks = on_torch_thread(self._masks, [images[i] for i in good])
+            for mask, i in zip(masks, good, strict=True):
                 mask_uris[i] = storage.join(self.output_uri, f"{ids[i]}.png")
                 storage.write_bytes(mask_uris[i], encode_png(mask))
         return {"image_id": np.asarray(ids), "mask_uri": np.asarray(mask_uris),
