@@ -103,6 +103,14 @@ def _in_process_throughput(pipeline, arrays, batch_size: int,
     return batch_size * batches, time.perf_counter() - start, time.process_time() - cpu_start
 
 
+def _replica_stats(url: str) -> collections.Counter:
+    """The model replica's counters: batches, requests and seconds spent computing."""
+    import httpx
+
+    stats = httpx.get(f"{url}/v1/model", timeout=60).json()["replica_stats"]
+    return collections.Counter({key: stats[key] for key in ("batches", "requests", "compute_s")})
+
+
 SERVING_ROLES = {"LesionModel": "model replica", "RayskyIngress": "ingress",
                  "ProxyActor": "HTTP proxy"}
 
@@ -178,7 +186,6 @@ def main() -> None:
     parser.add_argument("--gpu", action="store_true", help="run both on the GPU")
     args = parser.parse_args()
 
-    import httpx
     import ray
 
     from raysky.data.images import decode_image
@@ -219,7 +226,7 @@ def main() -> None:
         per_round = max(1, args.latency_requests // args.rounds)
         try:
             asyncio.run(_endpoint_load(url, encoded, 2 * args.concurrency, args.concurrency))
-            stats_before = httpx.get(f"{url}/v1/model", timeout=60).json()["replica_stats"]
+            model_work: collections.Counter = collections.Counter()  # during the load only
             for r in range(args.rounds):
                 pipeline_only, end_to_end, http = _latency_pairs(pipeline, arrays, encoded, url,
                                                                  per_round, r * per_round)
@@ -233,21 +240,18 @@ def main() -> None:
                     thr_in[batch_size][0] += done
                     thr_in[batch_size][1] += seconds
                     thr_in[batch_size][2] += cpu
-                cpu_before = _cpu_by_role()
+                cpu_before, stats_before = _cpu_by_role(), _replica_stats(url)
                 _, rate = asyncio.run(_endpoint_load(url, encoded, args.throughput_requests,
                                                      args.concurrency))
                 http_cpu.update(_cpu_by_role() - cpu_before)
+                model_work.update(_replica_stats(url) - stats_before)
                 http_done[0] += args.throughput_requests
                 http_done[1] += args.throughput_requests / rate
                 best = max(done / seconds for done, seconds, _ in thr_in.values())
                 print(f"round {r + 1}/{args.rounds}: endpoint {rate:.2f} images/s, in-process "
                       f"best so far {best:.2f}", flush=True)
-            stats = httpx.get(f"{url}/v1/model", timeout=60).json()["replica_stats"]
         finally:
             shutdown()
-    # Latency requests run one at a time: every batch beyond those came from the clients.
-    batched = stats["requests"] - stats_before["requests"] - len(lat_http)
-    batches = stats["batches"] - stats_before["batches"] - len(lat_http)
 
     rates = {b: done / seconds for b, (done, seconds, _) in thr_in.items()}
     thr_http = http_done[0] / http_done[1]
@@ -265,7 +269,9 @@ def main() -> None:
     for batch_size, rate in rates.items():
         print(f"  in-process batch {batch_size:3d}               {rate:8.2f}")
     print(f"  endpoint, {args.concurrency} concurrent clients      {thr_http:8.2f}   (mean batch "
-          f"{batched / max(batches, 1):.1f} of max {args.max_batch_size})")
+          f"{model_work['requests'] / max(model_work['batches'], 1):.1f} of max "
+          f"{args.max_batch_size}; model busy {model_work['compute_s'] / http_done[1]:.0%} "
+          "of the time)")
     in_cpu_ms = 1000.0 * thr_in[best_batch][2] / thr_in[best_batch][0]
     http_cpu_ms = {role: 1000.0 * seconds / http_done[0] for role, seconds in http_cpu.items()}
     total_cpu_ms = sum(http_cpu_ms.values())
