@@ -236,3 +236,38 @@ def test_classifier_cli_trains_on_segmenter_masks_from_s3(segmenter_run, bucket,
     first = np.asarray(Image.open(io.BytesIO(storage.read_bytes(masks[0]))))
     assert first.shape == (150, 200) and set(np.unique(first)) <= {0, 255}
     assert os.path.basename(masks[0]).startswith("ISIC_")
+
+
+@pytest.mark.slow
+def test_classifier_trains_from_a_pretrained_encoder_on_ground_truth_masks(ray_local, sample_dir,
+                                                                           tmp_path):
+    import torch
+
+    from raysky.models import create_classifier
+
+    # Recognisable "pretrained" weights: a fresh encoder with every parameter shifted by 0.25.
+    torch.manual_seed(123)
+    source = create_classifier("tiny").full_encoder
+    with torch.no_grad():
+        for parameter in source.parameters():
+            parameter.add_(0.25)
+    torch.save({"state_dict": source.state_dict()}, tmp_path / "encoder.pth")
+
+    # A learning rate of 1e-12 trains for real while leaving the weights where they started.
+    code = main(["train", "classifier", "--data", str(sample_dir), "--gt-masks", "--preset", "tiny",
+                 "--pretrained-encoder", str(tmp_path / "encoder.pth"), "--lr", "1e-12",
+                 "--epochs", "1", "--batch-size", "4", "--workers", "1",
+                 "--storage", str(tmp_path / "runs"), "--name", "pretrained"])
+    assert code == 0
+    summary = json.loads((tmp_path / "runs" / "pretrained" / "result.json").read_text())
+    total = 2 * len(source.state_dict())  # both streams start from the same file
+    assert summary["metrics"]["pretrained_tensors_loaded"] == total
+    assert summary["metrics"]["pretrained_tensors_total"] == total
+    loaded = load_checkpoint(summary["best_checkpoint_uri"], expected_kind="classifier").model
+    for stream in (loaded.full_encoder, loaded.lesion_encoder):
+        trained = dict(stream.named_parameters())
+        for name, value in source.named_parameters():
+            torch.testing.assert_close(trained[name], value, atol=1e-6, rtol=0, msg=name)
+    # Ground-truth masks were used: no segmenter mask job ran.
+    assert not (tmp_path / "runs" / "pretrained" / "masks").exists()
+    assert summary["metrics"]["train_images"] > 0

@@ -68,9 +68,9 @@ class SegmenterTask:
         """A fresh segmenter for the preset."""
         return create_segmenter(self.config["preset"])
 
-    def load_pretrained(self, model: nn.Module, uri: str) -> None:
-        """Initialise the encoder from a timm/torchvision state dict."""
-        load_encoder_weights(model.encoder, uri)
+    def load_pretrained(self, model: nn.Module, uri: str) -> tuple[int, int]:
+        """Initialise the encoder from a timm/torchvision state dict; ``(loaded, total)``."""
+        return load_encoder_weights(model.encoder, uri)
 
     def inputs(self, batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
         """Normalised image and 0/1 mask tensors on ``device``."""
@@ -128,11 +128,12 @@ class ClassifierTask:
         return create_classifier(self.config["preset"], classes=self.classes,
                                  use_metadata=self.config.get("use_metadata", True), vocab=self.vocab)
 
-    def load_pretrained(self, model: nn.Module, uri: str) -> None:
-        """Initialise both streams' encoders from the same pretrained weights."""
-        for encoder in (model.full_encoder, model.lesion_encoder):
-            if encoder is not None:
-                load_encoder_weights(encoder, uri)
+    def load_pretrained(self, model: nn.Module, uri: str) -> tuple[int, int]:
+        """Initialise both streams' encoders from the same pretrained weights; ``(loaded,
+        total)`` tensors over both."""
+        counts = [load_encoder_weights(encoder, uri)
+                  for encoder in (model.full_encoder, model.lesion_encoder) if encoder is not None]
+        return sum(c[0] for c in counts), sum(c[1] for c in counts)
 
     def inputs(self, batch: dict[str, np.ndarray], device: torch.device) -> dict[str, Any]:
         """Normalised image, lesion mask, metadata tensors and label indices on ``device``."""
@@ -275,8 +276,15 @@ def train_loop_per_worker(config: dict) -> None:
     model = task.build_model()
     checkpoint = ray.train.get_checkpoint()
     state = _restore(model, checkpoint, task) if checkpoint else None
+    pretrained: dict[str, int] = {}
     if state is None and config.get("pretrained_encoder"):
-        task.load_pretrained(model, config["pretrained_encoder"])
+        loaded, total = task.load_pretrained(model, config["pretrained_encoder"])
+        pretrained = {"pretrained_tensors_loaded": loaded, "pretrained_tensors_total": total}
+        if rank == 0:
+            # A partial match is legal (heads differ) but worth seeing: a wrong architecture
+            # shows up here as a small fraction.
+            print(f"{task.kind}: {loaded} of {total} encoder tensors initialised from "
+                  f"{config['pretrained_encoder']}", flush=True)
     model = prepare_for_device(model, device)
     model = ray.train.torch.prepare_model(model, move_to_device=False)
 
@@ -342,6 +350,7 @@ def train_loop_per_worker(config: dict) -> None:
             "start_epoch": start_epoch,
             "first_step_unix": first_step_at,
             "worker_started_unix": started,
+            **pretrained,
         }
         report_checkpoint = None
         with tempfile.TemporaryDirectory() as directory:
