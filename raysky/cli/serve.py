@@ -9,7 +9,7 @@ import os
 def register(subparsers) -> None:
     """Add the ``serve`` sub-command."""
     from raysky.data.images import DEFAULT_MAX_PIXELS
-    from raysky.serve.config import DEFAULT_MAX_BODY_BYTES
+    from raysky.serve.config import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_INFLIGHT_PIXELS
 
     parser = subparsers.add_parser(
         "serve", help="run the live HTTP endpoint (Ray Serve) until Ctrl-C",
@@ -53,6 +53,9 @@ def register(subparsers) -> None:
                         help="largest request body in MiB; larger bodies get 413")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                         help="largest image (width x height) decoded; larger images get 413")
+    parser.add_argument("--max-inflight-pixels", type=int, default=DEFAULT_MAX_INFLIGHT_PIXELS,
+                        help="decoded pixels an ingress replica holds at once; uploads beyond "
+                        "it wait their turn, and get 503 after 30 s (default: %(default)s)")
     parser.add_argument("--access-log", default=None,
                         help="also append the JSON access log to this local file")
     parser.add_argument("--address", default="local",
@@ -87,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
         precision=args.precision,
         max_body_bytes=int(args.max_body_mb * 2**20),
         max_pixels=args.max_pixels,
+        max_inflight_pixels=args.max_inflight_pixels,
         api_keys=keys,
         access_log=os.path.abspath(args.access_log) if args.access_log else None,
         ray_address=args.address,

@@ -57,8 +57,8 @@ class ImageDecodeError(ValueError):
         super().__init__(f"{source}: {reason}" + (f" ({detail})" if detail else ""))
 
 
-def _open(data: bytes, source: str, max_pixels: int) -> Image.Image:
-    """Open, size-check, fully decode and orient an image, in any mode."""
+def _open_header(data: bytes, source: str, max_pixels: int) -> Image.Image:
+    """Open and size-check an image from its header, without decoding the pixels."""
     if not data:
         raise ImageDecodeError(source, "empty file")
     try:
@@ -80,6 +80,12 @@ def _open(data: bytes, source: str, max_pixels: int) -> Image.Image:
         raise ImageDecodeError(
             source, f"image too large ({width * height} pixels > limit {max_pixels})"
         )
+    return image
+
+
+def _open(data: bytes, source: str, max_pixels: int) -> Image.Image:
+    """Open, size-check, fully decode and orient an image, in any mode."""
+    image = _open_header(data, source, max_pixels)
     try:
         # Decode every pixel now, so truncated or corrupt data fails here and not later.
         image.load()
@@ -146,6 +152,16 @@ def decode_image(
     :class:`ImageDecodeError` with ``source`` (a URI or upload name) in its message.
     """
     return _to_rgb(_open(data, source, max_pixels), source)
+
+
+def read_image_size(
+    data: bytes, source: str = "<bytes>", max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[int, int]:
+    """``(width, height)`` from the header alone, with :func:`decode_image`'s checks and errors.
+
+    Cheap even for a huge file: it tells a caller what decoding will cost before paying it.
+    """
+    return _open_header(data, source, max_pixels).size
 
 
 def decode_mask(

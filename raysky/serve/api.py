@@ -35,9 +35,16 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from raysky import __version__
-from raysky.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, encode_png
+from raysky.data.images import (
+    DEFAULT_MAX_PIXELS,
+    ImageDecodeError,
+    decode_image,
+    encode_png,
+    read_image_size,
+)
 from raysky.data.metadata import UNKNOWN, normalize_site
-from raysky.serve.config import DEFAULT_MAX_BODY_BYTES
+from raysky.serve.admission import BudgetTimeout, PixelBudget
+from raysky.serve.config import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_INFLIGHT_PIXELS
 from raysky.serve.security import ApiKeyChecker
 
 ACCESS_LOGGER = "raysky.serve.access"
@@ -89,11 +96,18 @@ class BodyTooLarge(Exception):
 
 @dataclass(frozen=True)
 class ApiOptions:
-    """Request limits of the HTTP layer and where the access log goes, besides stderr."""
+    """Request limits of the HTTP layer and where the access log goes, besides stderr.
+
+    ``max_inflight_pixels`` bounds the decoded pixels this app holds at once (see
+    :mod:`raysky.serve.admission`); an upload that finds no room within
+    ``admission_timeout_s`` gets 503.
+    """
 
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_pixels: int = DEFAULT_MAX_PIXELS
     access_log: str | None = None
+    max_inflight_pixels: int = DEFAULT_MAX_INFLIGHT_PIXELS
+    admission_timeout_s: float = 30.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,22 +310,31 @@ def parse_metadata(form) -> tuple[dict[str, Any], str | None]:
     return metadata, image_id
 
 
-def decode_upload(data: bytes, max_pixels: int) -> np.ndarray:
-    """Decode uploaded bytes to an RGB uint8 array, mapping each failure to its status.
+def _upload_error(exc: ImageDecodeError) -> ApiError:
+    """The answer to an upload that cannot be decoded. Not an image: 415. More pixels than
+    allowed (a decompression bomb, or just too big): 413. Empty, truncated or corrupt: 400."""
+    if exc.reason == "not an image":
+        return ApiError(415, "unsupported_image", "the uploaded file is not an image in a "
+                        "supported format (JPEG, PNG, TIFF, BMP, WebP, GIF)", "image")
+    if exc.reason.startswith("image too large"):
+        return ApiError(413, "image_too_large", f"image: {exc.reason}", "image")
+    return ApiError(400, "invalid_image", f"image: {exc.reason}", "image")
 
-    Not an image: 415. More pixels than ``max_pixels`` (a decompression bomb, or just too
-    big): 413. Empty, truncated or corrupt: 400.
-    """
+
+def upload_size(data: bytes, max_pixels: int) -> tuple[int, int]:
+    """``(width, height)`` of an upload from its header; failures map as in decoding."""
+    try:
+        return read_image_size(data, "image", max_pixels=max_pixels)
+    except ImageDecodeError as exc:
+        raise _upload_error(exc) from None
+
+
+def decode_upload(data: bytes, max_pixels: int) -> np.ndarray:
+    """Decode uploaded bytes to an RGB uint8 array, mapping each failure to its status."""
     try:
         return np.asarray(decode_image(data, "image", max_pixels=max_pixels))
     except ImageDecodeError as exc:
-        if exc.reason == "not an image":
-            raise ApiError(415, "unsupported_image",
-                           "the uploaded file is not an image in a supported format "
-                           "(JPEG, PNG, TIFF, BMP, WebP, GIF)", "image") from None
-        if exc.reason.startswith("image too large"):
-            raise ApiError(413, "image_too_large", f"image: {exc.reason}", "image") from None
-        raise ApiError(400, "invalid_image", f"image: {exc.reason}", "image") from None
+        raise _upload_error(exc) from None
 
 
 def _png_base64(array: np.ndarray, is_mask: bool) -> str:
@@ -362,6 +385,7 @@ def create_api(backend: PredictBackend, options: ApiOptions | None = None,
     """
     options = options or ApiOptions()
     keys = keys if keys is not None else ApiKeyChecker.from_env()
+    budget = PixelBudget(options.max_inflight_pixels)
     access_logger = configure_access_log(options.access_log)
     logger.info("raysky API: API-key auth %s",
                 f"enabled ({keys.num_keys} keys)" if keys.enabled else "disabled")
@@ -465,15 +489,25 @@ def create_api(backend: PredictBackend, options: ApiOptions | None = None,
             await form.close()
         entry = request.scope.get(_ACCESS_SCOPE_KEY, {})
         entry["image_bytes"] = len(data)
-        image = await run_in_threadpool(decode_upload, data, options.max_pixels)
-        height, width = image.shape[:2]
-        entry["image_width"], entry["image_height"] = width, height
-        model_start = time.perf_counter()
-        result = await backend.predict({"image": image, "metadata": metadata,
-                                        "explain": explain, "mask": mask})
-        # Queueing + batching + compute on the model side; latency_ms minus this is our own.
-        entry["model_ms"] = round((time.perf_counter() - model_start) * 1000.0, 2)
-        mask_png, heatmap_png = await run_in_threadpool(_encode_maps, result, mask)
+        header_width, header_height = upload_size(data, options.max_pixels)
+        try:
+            async with budget.hold(header_width * header_height, options.admission_timeout_s):
+                image = await run_in_threadpool(decode_upload, data, options.max_pixels)
+                del data
+                # After EXIF orientation, which may swap the header's width and height.
+                height, width = image.shape[:2]
+                entry["image_width"], entry["image_height"] = width, height
+                model_start = time.perf_counter()
+                result = await backend.predict({"image": image, "metadata": metadata,
+                                                "explain": explain, "mask": mask})
+                # Queueing + batching + compute on the model side; latency_ms minus this is
+                # our own.
+                entry["model_ms"] = round((time.perf_counter() - model_start) * 1000.0, 2)
+                del image
+                mask_png, heatmap_png = await run_in_threadpool(_encode_maps, result, mask)
+        except BudgetTimeout:
+            raise ServiceUnavailable("too many large images are being scored; retry "
+                                     "shortly") from None
         focus = result["lesion_focus"]
         return {
             "image_id": image_id,

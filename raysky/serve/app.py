@@ -29,7 +29,7 @@ from raysky.models.checkpoint import read_checkpoint_meta
 from raysky.models.runtime import on_torch_thread, set_torch_threads, torch_executor
 from raysky.serve.api import ApiOptions, ServiceUnavailable, create_api
 from raysky.serve.batching import BatchQueue
-from raysky.serve.config import AppConfig
+from raysky.serve.config import DEFAULT_MAX_INFLIGHT_PIXELS, AppConfig
 from raysky.serve.security import API_KEYS_ENV
 
 logger = logging.getLogger(__name__)
@@ -181,10 +181,12 @@ class RayskyIngress:
     """HTTP ingress: FastAPI app built per replica over a handle to the model deployment."""
 
     def __init__(self, model: DeploymentHandle, max_body_bytes: int, max_pixels: int,
-                 access_log: str | None = None):
+                 access_log: str | None = None,
+                 max_inflight_pixels: int = DEFAULT_MAX_INFLIGHT_PIXELS):
         self._backend = ServeHandleBackend(model)
         self._options = ApiOptions(max_body_bytes=max_body_bytes, max_pixels=max_pixels,
-                                   access_log=access_log)
+                                   access_log=access_log,
+                                   max_inflight_pixels=max_inflight_pixels)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         # Built in the replica, after __init__, so limits and API keys come from this
@@ -235,4 +237,5 @@ def build_app(args: dict[str, Any] | AppConfig) -> serve.Application:
         max_ongoing_requests=config.ingress_max_ongoing_requests,
         max_queued_requests=config.ingress_max_queued_requests,
         ray_actor_options=ingress_actor_options,
-    ).bind(model, config.max_body_bytes, config.max_pixels, config.access_log)
+    ).bind(model, config.max_body_bytes, config.max_pixels, config.access_log,
+           config.max_inflight_pixels)

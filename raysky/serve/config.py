@@ -15,6 +15,9 @@ from raysky.models.runtime import PRECISIONS
 
 DEFAULT_MAX_BODY_BYTES = 20 * 1024 * 1024
 """Largest accepted request body (20 MiB): a full-resolution dermoscopy JPEG is a few MB."""
+DEFAULT_MAX_INFLIGHT_PIXELS = 256_000_000
+"""Decoded pixels one ingress replica holds at once: about 2 GB at ~8 bytes per pixel
+(RGB array, mask, heatmap, PNG buffers); ten 24-megapixel dermoscopy images."""
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,8 @@ class AppConfig:
     ``OMP_NUM_THREADS=1``. ``api_keys``, when given, is forwarded to the ingress replicas as
     ``RAYSKY_API_KEYS``; ``None`` leaves the replicas' own environment in charge.
     ``access_log`` is an optional local file receiving the JSON access log, besides stderr.
+    ``max_inflight_pixels`` bounds each ingress replica's decoded uploads in flight; uploads
+    beyond it wait their turn (503 after 30 s).
     """
 
     segmenter: str
@@ -49,6 +54,7 @@ class AppConfig:
     precision: str = "fp32"
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_inflight_pixels: int = DEFAULT_MAX_INFLIGHT_PIXELS
     api_keys: tuple[str, ...] | None = None
     access_log: str | None = None
 
@@ -68,8 +74,9 @@ class AppConfig:
             raise ValueError("max_queued_requests must be -1 (unbounded) or >= 1")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.max_body_bytes < 1 or self.max_pixels < 1:
-            raise ValueError("max_body_bytes and max_pixels must be positive")
+        if self.max_body_bytes < 1 or self.max_pixels < 1 or self.max_inflight_pixels < 1:
+            raise ValueError("max_body_bytes, max_pixels and max_inflight_pixels must be "
+                             "positive")
         if self.num_cpus < 0 or self.ingress_replicas < 1:
             raise ValueError("num_cpus must be >= 0 and ingress_replicas >= 1")
         if isinstance(self.api_keys, str):
