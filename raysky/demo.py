@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
@@ -77,7 +78,11 @@ def run_demo(settings: DemoSettings) -> dict:
             root = s3.create_bucket(settings.bucket)
             print(f"embedded S3 (moto) at {s3.endpoint_url}, bucket {root}")
         if not ray.is_initialized():
-            ensure_ray(log_to_driver=True)  # the Train workers' epoch/loss/ETA lines
+            # Worker output reaches this terminal for the Train workers' epoch/loss/ETA lines;
+            # Ray Data's per-epoch INFO lines from the same workers would bury them. The local
+            # cluster inherits this process's environment.
+            os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
+            ensure_ray(log_to_driver=True)
             stack.callback(ray.shutdown)
         print(f"Ray with {ray.cluster_resources().get('CPU', 0):g} logical CPUs")
 

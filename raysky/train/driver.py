@@ -114,7 +114,14 @@ def _check_cpus(settings: TrainSettings) -> None:
 
 def _run(kind: str, settings: TrainSettings, train: list[LesionRecord], val: list[LesionRecord],
          split_how: str, extra_summary: dict | None = None) -> TrainResult:
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import (
+        CheckpointConfig,
+        DataConfig,
+        FailureConfig,
+        LoggingConfig,
+        RunConfig,
+        ScalingConfig,
+    )
     from ray.train.torch import TorchTrainer
 
     precision, metric, mode = _validate(settings, kind)
@@ -187,6 +194,11 @@ def _run(kind: str, settings: TrainSettings, train: list[LesionRecord], val: lis
             checkpoint_config=CheckpointConfig(num_to_keep=settings.num_to_keep,
                                                checkpoint_score_attribute=metric,
                                                checkpoint_score_order=mode),
+            # Ray Train's per-report INFO lines would bury raysky's own progress, and its print
+            # patch echoes every worker print twice (once through stdout, once through its
+            # logger); raysky's lines are the output users read.
+            logging_config=LoggingConfig(log_level="WARNING"),
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
             **storage_kwargs,
         ),
         datasets={"train": train_ds, "val": val_ds},
