@@ -23,6 +23,7 @@ from PIL import Image
 
 from raysky import storage
 from raysky.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, encode_png
+from raysky.models.runtime import on_torch_thread, set_torch_threads
 from raysky.results import PROB_PREFIX
 from raysky.score.output import write_pieces
 
@@ -161,13 +162,11 @@ class ScoreModel:
     def __init__(self, segmenter: str, classifier: str, heatmaps: bool = True,
                  use_gpu: bool = False, precision: str = "fp32", threads: int | None = None):
         from raysky.inference import LesionPipeline
-        from raysky.models.runtime import on_torch_thread, set_torch_threads
 
         # Ray pins OMP_NUM_THREADS=1 in actors; use the CPUs this actor was granted instead.
         on_torch_thread(set_torch_threads, threads)
         self.pipeline = on_torch_thread(LesionPipeline.from_uris, segmenter, classifier,
                                         use_gpu=use_gpu, precision=precision)
-        self._on_torch_thread = on_torch_thread
         self.heatmaps = heatmaps
         self.classes = self.pipeline.classes
         self.schema = model_output_schema(self.classes, heatmaps)
@@ -193,7 +192,7 @@ class ScoreModel:
             for i in todo
         ]
         metadata = [{key: rows[i][key] for key in ("age", "sex", "site")} for i in todo]
-        scored = self._on_torch_thread(self._predict, images, metadata) if todo else []
+        scored = on_torch_thread(self._predict, images, metadata) if todo else []
         predictions = dict(zip(todo, scored, strict=True))
         del images, pixels
         now = dt.datetime.now(dt.timezone.utc)
