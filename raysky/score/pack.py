@@ -13,7 +13,6 @@ objects not yet in a shard are read.
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass
 
@@ -23,7 +22,7 @@ import pyarrow.compute as pc
 from raysky.cluster import ensure_ray
 from raysky.progress import Progress
 from raysky.score import output as out
-from raysky.score.pipeline import PACK_MARKER, WRITE_CPUS, input_blocks
+from raysky.score.pipeline import PACK_MARKER, WRITE_CPUS, Written, collect_written, input_blocks
 from raysky.score.stages import MAX_INPUT_BYTES, read_limited, write_batch
 
 PACK_FORMAT = "raysky-pack/1"
@@ -87,8 +86,7 @@ def pack_archive(input_uri: str, output_uri: str, rows_per_file: int = 1000,
                      schema=RECORD_SCHEMA)
     todo = table.filter(pc.invert(pc.is_in(table["image_id"], value_set=out.done_ids(output_uri))))
     run_id = out.new_run_id()
-    reported: set[str] = set()
-    packed = errors = 0
+    written = Written()
     if todo.num_rows:
         import ray
 
@@ -99,16 +97,7 @@ def pack_archive(input_uri: str, output_uri: str, rows_per_file: int = 1000,
                             num_cpus=WRITE_CPUS, fn_kwargs={"output": output_uri, "run_id": run_id,
                                                       "rows_per_file": rows_per_file})
         meter = Progress("pack", total=todo.num_rows) if progress else None
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for row in batch.to_pylist():
-                reported.add(row["file"])
-                packed += row["rows"]
-                errors += row["error"]
-                if meter:
-                    meter.update(row["rows"])
-        orphans = out.remove_orphans(output_uri, run_id, reported)
-        if orphans:
-            print(f"removed {len(orphans)} duplicate shards left by retried tasks", file=sys.stderr)
+        written = collect_written(ds, output_uri, run_id, meter)
     return PackSummary(output=output_uri, inputs=table.num_rows,
-                       skipped=table.num_rows - todo.num_rows, packed=packed, read_errors=errors,
-                       files=len(reported), elapsed_s=time.monotonic() - start)
+                       skipped=table.num_rows - todo.num_rows, packed=written.rows,
+                       read_errors=written.errors, files=len(written.files), elapsed_s=time.monotonic() - start)

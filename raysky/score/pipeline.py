@@ -206,6 +206,33 @@ def _pool(settings: ScoreSettings):
     return ActorPoolStrategy(min_size=1, max_size=max(1, int(fit)))
 
 
+@dataclass
+class Written:
+    """What a run's ``write_batch`` stage reported: the files it wrote and their row counts."""
+
+    files: set[str] = field(default_factory=set)
+    rows: int = 0
+    errors: int = 0
+
+
+def collect_written(ds, output: str, run_id: str, progress: Progress | None = None) -> Written:
+    """Run a dataset that ends in :func:`~raysky.score.stages.write_batch` and tally its
+    manifest rows, then delete the files of this run that no manifest reported (duplicates
+    left by retried tasks), so each input keeps exactly one row."""
+    written = Written()
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for row in batch.to_pylist():
+            written.files.add(row["file"])
+            written.rows += row["rows"]
+            written.errors += row["error"]
+            if progress:
+                progress.update(row["rows"], extra=f"{written.errors} errors")
+    orphans = out.remove_orphans(output, run_id, written.files)
+    if orphans:
+        print(f"removed {len(orphans)} duplicate files left by retried tasks", file=sys.stderr)
+    return written
+
+
 def input_blocks(table: pa.Table, batch_size: int) -> list[pa.Table]:
     """Slice the driver's input table into blocks: enough to spread decoding over the cluster,
     few enough (at most about 256 for big inputs) to keep the driver's bookkeeping small."""
@@ -296,22 +323,12 @@ def score_archive(settings: ScoreSettings) -> ScoreSummary:
     out.remove_stale_temporaries(settings.output)
     inputs = list_inputs(settings.input, settings.metadata, out.done_ids(settings.output))
     run_id = out.new_run_id()
-    reported: set[str] = set()
-    scored = scored_ok = 0
+    written = Written()
     if inputs.todo:
         ensure_ray(settings.ray_address)
         progress = Progress("score", total=inputs.todo) if settings.progress else None
         ds = build_dataset(inputs, settings, tuple(facts["classes"]), run_id)
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for row in batch.to_pylist():
-                reported.add(row["file"])
-                scored += row["rows"]
-                scored_ok += row["ok"]
-                if progress:
-                    progress.update(row["rows"], extra=f"{scored - scored_ok} errors")
-        orphans = out.remove_orphans(settings.output, run_id, reported)
-        if orphans:
-            print(f"removed {len(orphans)} duplicate files left by retried tasks", file=sys.stderr)
+        written = collect_written(ds, settings.output, run_id, progress)
         out.remove_stale_temporaries(settings.output)
         missing = inputs.todo - _count_done(inputs, out.done_ids(settings.output))
         if missing:
@@ -321,7 +338,8 @@ def score_archive(settings: ScoreSettings) -> ScoreSummary:
         settings.output) else {}
     return ScoreSummary(
         output=settings.output, run_id=run_id, inputs=inputs.total,
-        skipped=inputs.total - inputs.todo, scored=scored, scored_ok=scored_ok,
-        scored_error=scored - scored_ok, files=len(reported),
+        skipped=inputs.total - inputs.todo, scored=written.rows,
+        scored_ok=written.rows - written.errors, scored_error=written.errors,
+        files=len(written.files),
         elapsed_s=time.monotonic() - start, totals=totals,
     )
