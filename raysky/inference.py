@@ -21,6 +21,24 @@ from raysky.models.runtime import autocast, prepare_for_device, select_device
 MASK_THRESHOLD = 0.5
 
 
+def segment_probabilities(segmenter: torch.nn.Module, meta: dict, images: Sequence[np.ndarray],
+                          device: torch.device, precision: str = "fp32") -> torch.Tensor:
+    """Lesion probabilities at the segmenter's input size, ``[B, h, w]`` float32.
+
+    ``meta`` is the segmenter checkpoint's metadata (input size and normalisation).
+    """
+    norm = meta["normalization"]
+    tensor = images_to_tensor(images, meta["input_size"], norm["mean"], norm["std"]).to(device)
+    with torch.inference_mode(), autocast(device, precision):
+        logits = segmenter(tensor)
+    return torch.sigmoid(logits.float())[:, 0]
+
+
+def binary_mask(probabilities: torch.Tensor, height: int, width: int) -> np.ndarray:
+    """One ``[h, w]`` probability map resized to ``height x width`` and thresholded, uint8 0/1."""
+    return (resize_map(probabilities, height, width) > MASK_THRESHOLD).astype(np.uint8)
+
+
 @dataclass
 class LesionPrediction:
     """Everything raysky says about one image; masks and heatmaps are at the original size."""
@@ -82,9 +100,8 @@ class LesionPipeline:
 
     def segment(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """Lesion probabilities at the segmenter's input size, ``[B, h, w]`` float32."""
-        with torch.inference_mode(), self._autocast():
-            logits = self.segmenter(self._input(images, self.segmenter_meta))
-        return torch.sigmoid(logits.float())[:, 0]
+        return segment_probabilities(self.segmenter, self.segmenter_meta, images, self.device,
+                                     self.precision)
 
     def __call__(self, images: Sequence[np.ndarray], metadata: Sequence[dict] | None = None,
                  explain: bool = True) -> list[LesionPrediction]:
@@ -112,7 +129,7 @@ class LesionPipeline:
         results = []
         for i, image in enumerate(images):
             height, width = image.shape[:2]
-            mask = (resize_map(seg_prob[i], height, width) > MASK_THRESHOLD).astype(np.uint8)
+            mask = binary_mask(seg_prob[i], height, width)
             heatmap, focus = None, float("nan")
             if heatmaps is not None:
                 heatmap = np.clip(resize_map(heatmaps[i], height, width), 0.0, 1.0)

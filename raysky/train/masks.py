@@ -16,16 +16,13 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 import numpy as np
-import torch
 
 from raysky import storage
 from raysky.data.images import ImageDecodeError, decode_image, encode_png
 from raysky.data.records import LesionRecord
-from raysky.inference import MASK_THRESHOLD
+from raysky.inference import binary_mask, segment_probabilities
 from raysky.models.checkpoint import load_checkpoint
-from raysky.models.preprocess import images_to_tensor, resize_map
 from raysky.models.runtime import (
-    autocast,
     on_torch_thread,
     prepare_for_device,
     select_device,
@@ -56,13 +53,10 @@ class SegmenterMasker:
 
     def _masks(self, images: list[np.ndarray]) -> list[np.ndarray]:
         """Binary uint8 masks at each image's own size."""
-        norm = self.meta["normalization"]
-        tensor = images_to_tensor(images, self.meta["input_size"], norm["mean"], norm["std"])
-        with torch.inference_mode(), autocast(self.device, self.precision):
-            logits = self.model(tensor.to(self.device))
-        probs = torch.sigmoid(logits.float())[:, 0].cpu()
-        return [(resize_map(prob, *image.shape[:2]) > MASK_THRESHOLD).astype(np.uint8)
-                for prob, image in zip(probs, images, strict=True)]
+        probs = segment_probabilities(self.model, self.meta, images, self.device,
+                                      self.precision).cpu()
+        return [binary_mask(prob, *image.shape[:2]) for prob, image in zip(probs, images,
+                                                                            strict=True)]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids = [str(i) for i in batch["image_id"]]
