@@ -9,7 +9,12 @@ import os
 def register(subparsers) -> None:
     """Add the ``serve`` sub-command."""
     from raysky.data.images import DEFAULT_MAX_PIXELS
-    from raysky.serve.config import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_INFLIGHT_PIXELS
+    from raysky.serve.config import (
+        DEFAULT_BATCH_WAIT_S,
+        DEFAULT_MAX_BATCH_SIZE,
+        DEFAULT_MAX_BODY_BYTES,
+        DEFAULT_MAX_INFLIGHT_PIXELS,
+    )
 
     parser = subparsers.add_parser(
         "serve", help="run the live HTTP endpoint (Ray Serve) until Ctrl-C",
@@ -34,10 +39,11 @@ def register(subparsers) -> None:
     parser.add_argument("--target-ongoing-requests", type=float, default=None,
                         help="autoscaling target of in-flight requests per model replica "
                         "(default: --max-batch-size)")
-    parser.add_argument("--max-batch-size", type=int, default=8,
+    parser.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE,
                         help="largest batch a model replica scores at once")
-    parser.add_argument("--batch-wait-ms", type=float, default=2.0,
-                        help="how long a batch waits to fill before it runs")
+    parser.add_argument("--batch-wait-ms", type=float, default=DEFAULT_BATCH_WAIT_S * 1000.0,
+                        help="how long an idle model waits for a batch to fill; requests queued "
+                        "behind a busy model join its next batch anyway")
     parser.add_argument("--max-ongoing-requests", type=int, default=16,
                         help="in-flight requests per model replica (>= --max-batch-size)")
     parser.add_argument("--max-queued-requests", type=int, default=64,

@@ -29,7 +29,12 @@ from raysky.models.checkpoint import read_checkpoint_meta
 from raysky.models.runtime import on_torch_thread, set_torch_threads, torch_executor
 from raysky.serve.api import ApiOptions, ServiceUnavailable, create_api
 from raysky.serve.batching import BatchQueue
-from raysky.serve.config import DEFAULT_MAX_INFLIGHT_PIXELS, AppConfig
+from raysky.serve.config import (
+    DEFAULT_BATCH_WAIT_S,
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MAX_INFLIGHT_PIXELS,
+    AppConfig,
+)
 from raysky.serve.security import API_KEYS_ENV
 
 logger = logging.getLogger(__name__)
@@ -63,16 +68,17 @@ class LesionModel:
         self.threads = on_torch_thread(set_torch_threads, threads)
         self.pipeline = on_torch_thread(LesionPipeline.from_uris, segmenter, classifier,
                                         use_gpu, precision)
-        self._batches = BatchQueue(self.run_batch, torch_executor())
+        self._batches = BatchQueue(self.run_batch, torch_executor(), DEFAULT_MAX_BATCH_SIZE)
         self._stats = {"batches": 0, "requests": 0, "largest_batch": 0, "compute_s": 0.0}
         logger.info("LesionModel ready: %s + %s, %d torch threads",
                     self.pipeline.segmenter_version, self.pipeline.classifier_version, self.threads)
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """Apply ``user_config``: the batch size limit and how long a batch waits to fill."""
-        self._batches.max_batch_size = int(config.get("max_batch_size", 8))
+        self._batches.max_batch_size = int(config.get("max_batch_size", DEFAULT_MAX_BATCH_SIZE))
         self._admit.set_max_batch_size(self._batches.max_batch_size)
-        self._admit.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", 0.002)))
+        self._admit.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s",
+                                                              DEFAULT_BATCH_WAIT_S)))
 
     async def predict(self, request: dict[str, Any]) -> dict[str, Any]:
         """Score one validated request (``image`` RGB uint8 array, ``metadata``, ``explain``,
@@ -80,7 +86,7 @@ class LesionModel:
         scored = await self._admit(request)
         return await scored
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
+    @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_S)
     async def _admit(self, requests: list[dict[str, Any]]) -> list[asyncio.Future]:
         # Returns at once: Serve lets one batch at a time into this method, so waiting here
         # for the model would keep later batches out of the queue, where they can merge.

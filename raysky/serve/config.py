@@ -15,6 +15,10 @@ from raysky.models.runtime import PRECISIONS
 
 DEFAULT_MAX_BODY_BYTES = 20 * 1024 * 1024
 """Largest accepted request body (20 MiB): a full-resolution dermoscopy JPEG is a few MB."""
+DEFAULT_MAX_BATCH_SIZE = 8
+DEFAULT_BATCH_WAIT_S = 0.002
+"""How long an idle model waits for a batch to fill; requests queued behind a busy model
+merge into its next batch regardless (see :mod:`raysky.serve.batching`)."""
 DEFAULT_MAX_INFLIGHT_PIXELS = 256_000_000
 """Decoded pixels one ingress replica holds at once: about 2 GB at ~8 bytes per pixel
 (RGB array, mask, heatmap, PNG buffers); ten 24-megapixel dermoscopy images."""
@@ -41,8 +45,8 @@ class AppConfig:
     min_replicas: int = 1
     max_replicas: int = 1
     target_ongoing_requests: float | None = None
-    max_batch_size: int = 8
-    batch_wait_timeout_s: float = 0.002
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    batch_wait_timeout_s: float = DEFAULT_BATCH_WAIT_S
     max_ongoing_requests: int = 16
     max_queued_requests: int = 64
     ingress_replicas: int = 1
