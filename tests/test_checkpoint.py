@@ -10,7 +10,11 @@ import torch
 from raysky import storage
 from raysky.data.taxonomy import ISIC2019_CLASSES
 from raysky.models import create_classifier, create_segmenter, load_checkpoint, save_checkpoint
-from raysky.models.checkpoint import load_encoder_weights, read_checkpoint_meta
+from raysky.models.checkpoint import (
+    CheckpointIntegrityError,
+    load_encoder_weights,
+    read_checkpoint_meta,
+)
 
 
 def _classifier_inputs():
@@ -88,3 +92,47 @@ def test_pretrained_encoder_weights_load_from_a_file(tmp_path):
     torch.save({"unrelated.weight": torch.zeros(3)}, tmp_path / "wrong.pth")
     with pytest.raises(ValueError, match="no tensor matches"):
         load_encoder_weights(target, str(tmp_path / "wrong.pth"))
+
+
+def test_truncated_or_swapped_weights_are_refused_naming_the_checkpoint(s3, tmp_path):
+    first = str(tmp_path / "first")
+    meta = save_checkpoint(create_segmenter("tiny"), first, "tiny")
+    assert meta["version"] == f"seg-{meta['weights_sha256'][:12]}"
+    assert len(meta["weights_sha256"]) == 64
+    other = str(tmp_path / "other")
+    save_checkpoint(create_segmenter("tiny"), other, "tiny")
+    weights = tmp_path / "first" / "model.safetensors"
+    good = weights.read_bytes()
+
+    weights.write_bytes(good[: len(good) // 2])
+    with pytest.raises(CheckpointIntegrityError, match=f"{first}: model.safetensors does not match"):
+        load_checkpoint(first)
+    weights.write_bytes((tmp_path / "other" / "model.safetensors").read_bytes())
+    with pytest.raises(CheckpointIntegrityError, match="truncated, damaged or from another"):
+        load_checkpoint(first)
+
+    # The same on S3, where Serve and the score actors load from.
+    bucket = s3.create_bucket("raysky-integrity")
+    uri = storage.join(bucket, "seg")
+    save_checkpoint(create_segmenter("tiny"), uri, "tiny")
+    storage.write_bytes(storage.join(uri, "model.safetensors"), good)
+    with pytest.raises(CheckpointIntegrityError, match=f"{uri}: model.safetensors does not match"):
+        load_checkpoint(uri)
+
+
+def test_checkpoints_without_the_full_hash_are_checked_against_their_version(tmp_path):
+    old = tmp_path / "old"
+    save_checkpoint(create_segmenter("tiny"), str(old), "tiny")
+    description = json.loads((old / "config.json").read_text())
+    del description["weights_sha256"]  # what checkpoints written before the full hash hold
+    (old / "config.json").write_text(json.dumps(description))
+    assert load_checkpoint(str(old)).version == description["version"]
+
+    save_checkpoint(create_segmenter("tiny"), str(tmp_path / "new"), "tiny")
+    (old / "model.safetensors").write_bytes((tmp_path / "new" / "model.safetensors").read_bytes())
+    with pytest.raises(CheckpointIntegrityError, match=f"expected {description['version'][4:]}"):
+        load_checkpoint(str(old))
+    description["version"] = "seg-unknown"
+    (old / "config.json").write_text(json.dumps(description))
+    with pytest.raises(CheckpointIntegrityError, match="cannot verify"):
+        load_checkpoint(str(old))

@@ -4,7 +4,9 @@ A checkpoint is a directory (or S3 prefix) holding ``model.safetensors`` and ``c
 The JSON carries everything needed to rebuild and use the model without the code that trained
 it guessing: kind, preset, full architecture config, classes, input size, normalisation,
 metadata vocabulary, and a version id derived from the weights' bytes, so two checkpoints with
-the same version are bit-identical.
+the same version are bit-identical. ``weights_sha256`` holds the weights' full SHA-256, and every
+load checks the weights against it (or, for checkpoints written before it existed, against the
+12 hex digits in ``version``), so a truncated or swapped weights file is refused.
 """
 
 from __future__ import annotations
@@ -93,6 +95,7 @@ def describe(model: nn.Module, preset: str, weights: bytes, extra: dict | None =
         "input_size": config.input_size,
         "normalization": {"mean": list(config.mean), "std": list(config.std)},
         "version": weights_version(weights, kind),
+        "weights_sha256": hashlib.sha256(weights).hexdigest(),
         "raysky_version": __version__,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -138,16 +141,45 @@ def build_from_meta(meta: dict) -> nn.Module:
     raise ValueError(f"unknown checkpoint kind {meta['kind']!r}")
 
 
+class CheckpointIntegrityError(ValueError):
+    """The weights of a checkpoint do not match the hash its ``config.json`` records."""
+
+
+def verify_weights(uri: str, meta: dict, weights: bytes) -> None:
+    """Raise :class:`CheckpointIntegrityError` naming ``uri`` unless ``weights`` match ``meta``.
+
+    The full ``weights_sha256`` is compared when the checkpoint has it; older checkpoints only
+    carry the 12-hex-digit prefix inside ``version`` (``seg-3fa2c1d09e4b``), which is compared
+    instead. A checkpoint with neither cannot be verified and is refused too.
+    """
+    digest = hashlib.sha256(weights).hexdigest()
+    expected = meta.get("weights_sha256")
+    if expected is None:
+        _kind, _, expected = str(meta.get("version", "")).rpartition("-")
+        if len(expected) != 12:
+            raise CheckpointIntegrityError(
+                f"{uri}: cannot verify the weights: {CONFIG_FILE} has no weights_sha256 and no "
+                f"hash in its version {meta.get('version')!r}")
+    if not digest.startswith(str(expected).lower()):
+        raise CheckpointIntegrityError(
+            f"{uri}: {WEIGHTS_FILE} does not match {CONFIG_FILE} (sha256 {digest[:12]}..., "
+            f"expected {str(expected)[:12]}..., {len(weights)} bytes): the weights file is "
+            "truncated, damaged or from another checkpoint")
+
+
 def load_checkpoint(uri: str, expected_kind: str | None = None) -> LoadedModel:
     """Load a checkpoint from a local path or ``s3://`` URI, in eval mode on the CPU.
 
-    ``expected_kind`` guards against swapped ``--segmenter``/``--classifier`` arguments.
+    ``expected_kind`` guards against swapped ``--segmenter``/``--classifier`` arguments. The
+    weights are verified against the hash in ``config.json`` before they are used (see
+    :func:`verify_weights`); a mismatch is a :class:`CheckpointIntegrityError`.
     """
     meta = read_checkpoint_meta(uri)
     if expected_kind and meta["kind"] != expected_kind:
         raise ValueError(f"{uri}: is a {meta['kind']} checkpoint, but a {expected_kind} was expected")
     model = build_from_meta(meta)
     weights = storage.read_bytes(storage.join(uri, WEIGHTS_FILE))
+    verify_weights(uri, meta, weights)
     model.load_state_dict(load_safetensors(weights))
     return LoadedModel(model=model.eval(), meta=meta)
 
