@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import posixpath
+import re
 from functools import lru_cache
 from urllib.parse import urlparse
 
@@ -61,6 +62,63 @@ def join(base: str, *parts: str) -> str:
     if is_s3(base):
         return "s3://" + posixpath.join(base[len("s3://") :].rstrip("/"), *parts)
     return os.path.join(base, *parts)
+
+
+# Letters and digits (any script), space and punctuation that means nothing to a path, a URI or
+# S3: no '/', '\\', ':', control characters or wildcards.
+_SAFE_COMPONENT = re.compile(r"[\w .\-+=@,()~#&!%]+")
+MAX_NAME_CHARS = 200
+"""Longest name component; leaves room for suffixes under the usual 255-byte file name limit."""
+
+
+def name_problem(name: str, nested: bool = True) -> str | None:
+    """Why ``name`` is not a safe relative file name, or None when it is.
+
+    A safe name is one or more components joined by ``/`` (one only, when ``nested`` is False),
+    each made of letters, digits, spaces and ``._-+=@,()~#&!%``, none empty and none starting
+    with ``.``. Such a name, joined onto any base, stays inside that base: no absolute paths,
+    no ``..``, no hidden files, nothing that a shell, a URI or S3 would read differently.
+    """
+    if not isinstance(name, str) or not name:
+        return "is empty"
+    parts = name.split("/")
+    if not nested and len(parts) > 1:
+        return "contains '/'"
+    for part in parts:
+        if not part:
+            return "has an empty path component (a leading, trailing or double '/')"
+        if part.startswith("."):
+            return "has a component that starts with '.' ('.', '..' or a hidden name)"
+        if len(part) > MAX_NAME_CHARS:
+            return f"has a component longer than {MAX_NAME_CHARS} characters"
+        if not _SAFE_COMPONENT.fullmatch(part):
+            bad = sorted({c for c in part if not _SAFE_COMPONENT.fullmatch(c)})
+            return f"has characters that are not allowed in a file name ({''.join(bad)!r})"
+    return None
+
+
+def check_name(name: str, what: str = "name", nested: bool = True) -> str:
+    """Return ``name`` when :func:`name_problem` finds nothing, else raise ``ValueError``."""
+    problem = name_problem(name, nested)
+    if problem:
+        raise ValueError(f"unsafe {what} {name!r}: it {problem}")
+    return name
+
+
+def safe_join(base: str, name: str, suffix: str = "", what: str = "name") -> str:
+    """``join(base, name + suffix)`` for a ``name`` checked with :func:`check_name`.
+
+    This is the one way raysky turns data (image ids, run names) into paths, so a crafted id
+    can never write outside ``base`` (or, on S3, into another bucket).
+    """
+    check_name(name, what)
+    path = join(base, name + suffix)
+    # Belt and braces: the checked name cannot climb out, and the normalised path proves it.
+    _fs, root = resolve(base)
+    _fs, target = resolve(path)
+    if posixpath.commonpath([root, posixpath.normpath(target)]) != root:
+        raise ValueError(f"unsafe {what} {name!r}: {path} is outside {base}")
+    return path
 
 
 def exists(uri: str) -> bool:

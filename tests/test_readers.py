@@ -22,6 +22,7 @@ from raysky.data import (
     read_isic2019,
     records_to_frame,
 )
+from raysky.data.readers import archive_image_id
 from raysky.data.records import RECORD_FIELDS
 from raysky.data.taxonomy import HAM10000_CLASSES, ISIC_COLUMN_NAMES
 from raysky.local_s3 import upload_directory
@@ -201,6 +202,16 @@ def test_ham10000_duplicate_image_id(sample_copy):
     _expect_error(read_ham10000, sample_copy, HAM_CSV, 11, "duplicate image id")
     with pytest.raises(DatasetError, match="first in row 4"):
         read_ham10000(str(sample_copy))
+
+
+@pytest.mark.parametrize("bad_id", ["../../x", "/etc/passwd", "a\\b", ".hidden"])
+def test_ham10000_unsafe_image_id(sample_copy, bad_id):
+    def edit(header, rows):
+        rows[4]["image_id"] = bad_id
+        return header, rows
+
+    _rewrite_ham(sample_copy, edit)
+    _expect_error(read_ham10000, sample_copy, HAM_CSV, 6, f"unsafe image id {bad_id!r}")
 
 
 def test_ham10000_listed_image_absent(sample_copy):
@@ -430,20 +441,38 @@ def archive(tmp_path, sample_dir) -> Path:
 def test_archive_without_metadata(archive, sample_dir):
     ids = [row["image_id"] for row in _sample_rows(sample_dir)[:3]]
     records = read_archive(str(archive))
-    assert sorted(r.image_id for r in records) == sorted(["a", ids[1], ids[2], "lesion", "empty"])
+    assert sorted(r.image_id for r in records) == sorted(
+        ["a.JPG", f"{ids[1]}.jpeg", ids[2], "lesion.PNG", "empty"])
     for record in records:
         assert (record.label, record.age, record.sex, record.site, record.mask_uri) == (
             None, None, None, None, None)
-        assert Path(record.image_uri).stem == record.image_id
+        assert archive_image_id(Path(record.image_uri).name) == record.image_id
     assert read_dataset(str(archive), "archive") == records
 
 
-def test_archive_duplicate_stems_use_relative_paths(archive, sample_dir):
-    _copy_image(sample_dir, "ISIC_0025250", archive / "other" / "a.png")
-    ids = {r.image_id for r in read_archive(str(archive))}
-    assert "a" not in ids
-    assert "other/a.png" in ids
-    assert any(i.endswith("/a.JPG") for i in ids)
+def test_archive_ids_are_unique_and_stable_when_same_stem_files_arrive(tmp_path, sample_dir):
+    root = tmp_path / "archive"
+    _copy_image(sample_dir, "ISIC_0025250", root / "x.jpg")
+    before = {r.image_id: r.image_uri for r in read_archive(str(root))}
+    assert before == {"x": str(root / "x.jpg")}
+    for name in ("x.png", "x.jpg.png", "x.png.jpg", "x.JPG", "x.jpeg"):
+        _copy_image(sample_dir, "ISIC_0025250", root / name)
+    after = {r.image_id: Path(r.image_uri).name for r in read_archive(str(root))}
+    assert after == {"x": "x.jpg", "x.png": "x.png", "x.jpg.png": "x.jpg.png",
+                     "x.png.jpg": "x.png.jpg", "x.JPG": "x.JPG", "x.jpeg": "x.jpeg"}
+    # Hidden files (macOS's ._ copies, .cache folders) are not images to screen.
+    _copy_image(sample_dir, "ISIC_0025250", root / "._x.jpg")
+    _copy_image(sample_dir, "ISIC_0025250", root / ".cache" / "y.jpg")
+    assert {r.image_id for r in read_archive(str(root))} == set(after)
+
+
+def test_archive_refuses_duplicate_and_unsafe_ids_naming_them(archive, sample_dir):
+    _copy_image(sample_dir, "ISIC_0025250", archive / "other" / "a.JPG")
+    with pytest.raises(DatasetError, match=r"1 duplicate image ids.*'a\.JPG': other/a\.JPG, scan"):
+        read_archive(str(archive))
+    (archive / "other" / "a.JPG").rename(archive / "other" / "a:b.png")
+    with pytest.raises(DatasetError, match=r"a:b\.png: unsafe file name .*\(':'\)"):
+        read_archive(str(archive))
 
 
 @pytest.mark.parametrize(
@@ -462,11 +491,21 @@ def test_archive_metadata_column_variants(archive, tmp_path, columns):
     ])
     records = _by_id(read_dataset(str(archive), "archive", metadata_uri=str(meta)))
     assert len(records) == 5
-    lesion, empty = records["lesion"], records["empty"]
+    lesion, empty = records["lesion.PNG"], records["empty"]  # "lesion" names lesion.PNG
     assert (lesion.age, lesion.sex, lesion.site) == (42.0, "female", "back")
     assert lesion.label == ("mel" if columns[-1] != "diagnosis" else None)
     assert (empty.age, empty.sex, empty.site, empty.label) == (None, "unknown", None, None)
-    assert records["a"].age is None and records["a"].sex is None
+    assert records["a.JPG"].age is None and records["a.JPG"].sex is None
+
+
+def test_archive_metadata_exact_ids_win_over_stems(tmp_path, sample_dir):
+    root = tmp_path / "archive"
+    for name in ("x.jpg", "x.png", "y.png"):
+        _copy_image(sample_dir, "ISIC_0025250", root / name)
+    meta = _write_csv(tmp_path / "meta.csv", ["image_id", "age"],
+                      [["x", "10"], ["x.png", "20"], ["y", "30"]])
+    ages = {r.image_id: r.age for r in read_archive(str(root), str(meta))}
+    assert ages == {"x": 10.0, "x.png": 20.0, "y.png": 30.0}
 
 
 def test_archive_errors(archive, tmp_path):
@@ -478,6 +517,9 @@ def test_archive_errors(archive, tmp_path):
     meta = _write_csv(tmp_path / "meta.csv", ["image_id", "age"], [["a", "3"], ["a", "4"]])
     _expect_error(lambda root: read_archive(root, str(meta)), archive, "meta.csv", 3,
                   "duplicate image id 'a'")
+    meta = _write_csv(tmp_path / "meta.csv", ["image_id", "age"], [["a", "3"], ["../../a", "4"]])
+    _expect_error(lambda root: read_archive(root, str(meta)), archive, "meta.csv", 3,
+                  "unsafe image id '../../a'")
     empty_dir = tmp_path / "no-images"
     empty_dir.mkdir()
     with pytest.raises(DatasetError, match="no image files"):
