@@ -11,6 +11,8 @@ For each format, two things are written under the output folder (local or ``s3:/
   0/255 PNG at the image's original size.
 
 Rows with ``status='error'`` have no prediction. They are left out, and the count is reported.
+Image ids become file names, so the results are refused before anything is written when one
+of them could name a path outside the output (see :func:`raysky.storage.name_problem`).
 """
 
 from __future__ import annotations
@@ -80,6 +82,8 @@ def export_results(format: str, results_uri: str, out_dir: str) -> ExportSummary
     # Only the small columns are loaded whole; the mask PNGs are streamed file by file.
     frame = results.read(results_uri, ["image_id", "status", *probs])
     ok = frame[frame["status"] == "ok"]
+    for image_id in ok["image_id"]:
+        storage.check_name(image_id, f"image id in {results_uri}")
     prefix = format.upper()
     csv_uri = storage.join(out_dir, f"{prefix}_classification.csv")
     masks_uri = storage.join(out_dir, f"{prefix}_segmentation")
@@ -106,8 +110,9 @@ def _write_masks(results_uri: str, wanted: set[str], masks_uri: str) -> int:
                     if image_id in written or image_id not in wanted or row["status"] != "ok":
                         continue
                     _check_mask(row, uri)
-                    storage.write_bytes(storage.join(masks_uri, f"{image_id}_segmentation.png"),
-                                        row["mask_png"])
+                    target = storage.safe_join(masks_uri, image_id, "_segmentation.png",
+                                               what=f"image id in {uri}")
+                    storage.write_bytes(target, row["mask_png"])
                     written.add(image_id)
     return len(written)
 

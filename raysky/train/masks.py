@@ -6,7 +6,8 @@ ground truth: the classifier then learns from masks with the segmenter's own err
 
 Masks are computed once per segmenter version, at each image's original size (as
 :class:`raysky.inference.LesionPipeline` produces them), and stored as PNGs next to the run,
-under ``<run>/masks/<segmenter version>/``. A resumed run reuses them.
+under ``<run>/masks/<segmenter version>/<image id>.png``. A resumed run reuses them. Every mask
+path is made by :func:`mask_uri`, which refuses an image id that would leave that folder.
 """
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ from raysky.models.runtime import (
 )
 
 logger = logging.getLogger(__name__)
+
+
+def mask_uri(output_uri: str, image_id: str) -> str:
+    """Where the mask of ``image_id`` lives under ``output_uri``; unsafe ids are a ValueError."""
+    return storage.safe_join(output_uri, image_id, ".png", what="image id")
 
 
 class SegmenterMasker:
@@ -76,7 +82,7 @@ class SegmenterMasker:
         if good:
             masks = on_torch_thread(self._masks, [images[i] for i in good])
             for mask, i in zip(masks, good, strict=True):
-                mask_uris[i] = storage.join(self.output_uri, f"{ids[i]}.png")
+                mask_uris[i] = mask_uri(self.output_uri, ids[i])
                 storage.write_bytes(mask_uris[i], encode_png(mask))
         return {"image_id": np.asarray(ids), "mask_uri": np.asarray(mask_uris),
                 "error": np.asarray(errors)}
@@ -94,8 +100,9 @@ def segmenter_masks(records: Sequence[LesionRecord], segmenter_uri: str, output_
     import ray.data
     from ray.data import ActorPoolStrategy
 
+    uris = {r.image_id: mask_uri(output_uri, r.image_id) for r in records}  # checks every id first
     existing = set(storage.list_files(output_uri, suffixes=(".png",)))
-    todo = [r for r in records if storage.join(output_uri, f"{r.image_id}.png") not in existing]
+    todo = [r for r in records if uris[r.image_id] not in existing]
     errors: dict[str, str] = {}
     if todo:
         rows = [{"image_id": r.image_id, "image_uri": r.image_uri} for r in todo]
@@ -116,5 +123,5 @@ def segmenter_masks(records: Sequence[LesionRecord], segmenter_uri: str, output_
     for record in records:
         if record.image_id in errors:
             continue
-        out.append(replace(record, mask_uri=storage.join(output_uri, f"{record.image_id}.png")))
+        out.append(replace(record, mask_uri=uris[record.image_id]))
     return out, errors

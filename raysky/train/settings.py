@@ -5,10 +5,24 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from raysky import storage
 from raysky.jsonable import to_jsonable
 
 MASK_SOURCES = ("segmenter", "ground-truth")
 """Where the classifier's lesion masks come from."""
+
+
+def check_run_name(name: str) -> str:
+    """Return ``name`` if it is a safe run name, else raise ``ValueError`` naming ``--name``.
+
+    The run lives at ``<storage>/<name>``, so the name must be one path component of safe
+    characters (:func:`raysky.storage.name_problem`): ``..``, ``a/b`` or ``/abs`` would put the
+    run, and everything it writes, somewhere else.
+    """
+    problem = storage.name_problem(name, nested=False)
+    if problem:
+        raise ValueError(f"--name {name!r} is not a valid run name: it {problem}")
+    return name
 
 
 @dataclass
@@ -46,6 +60,9 @@ class TrainSettings:
     segmenter: str | None = None
     use_metadata: bool = True
     mask_source: str = "segmenter"
+
+    def __post_init__(self) -> None:
+        check_run_name(self.name)
 
 
 @dataclass
