@@ -304,31 +304,132 @@ def _statements(plan: dict, address: str) -> list[dict]:
     return _config_resource(plan, address)["expressions"]["statement"]
 
 
-def test_terraform_iam_is_least_privilege_and_matches_cluster_yaml(terraform_plan, cluster):
-    for address in ("data.aws_iam_policy_document.data_access", "data.aws_iam_policy_document.autoscaler"):
-        for statement in _statements(terraform_plan, address):
-            for action in statement["actions"]["constant_value"]:
-                assert not action.endswith("*"), f"{address} grants a wildcard action {action}"
-    # Data access names the three buckets and the key, never "*".
-    for statement in _statements(terraform_plan, "data.aws_iam_policy_document.data_access"):
-        assert "constant_value" not in statement["resources"], statement
-    # The head may pass only the worker role, and manage only its own cluster's instances.
+WORKLOADS = ("train", "score", "serve")
+WRITE_ACTIONS = {"s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload",
+                 "s3:PutObjectAcl", "s3:DeleteObjectVersion", "s3:RestoreObject"}
+
+
+def _workload_cluster_yaml(workload: str) -> dict:
+    """cluster.yaml (the train cluster) turned into another workload's, as docs/deploy.md does."""
+    return yaml.safe_load(CLUSTER_YAML.read_text().replace("raysky-train", f"raysky-{workload}"))
+
+
+def _allowed(policy_json: str) -> list[tuple[str, str]]:
+    """(action, resource) pairs a planned IAM policy allows."""
+    pairs = []
+    for statement in json.loads(policy_json)["Statement"]:
+        assert statement["Effect"] == "Allow", statement
+        actions = statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
+        resources = statement["Resource"] if isinstance(statement["Resource"], list) else [statement["Resource"]]
+        pairs += [(action, resource) for action in actions for resource in resources]
+    return pairs
+
+
+@pytest.fixture(scope="module")
+def s3_policies(terraform_plan) -> dict[str, list[tuple[str, str]]]:
+    policies = _planned(terraform_plan, "aws_iam_policy")
+    found = {}
+    for workload in WORKLOADS:
+        planned = policies[f'aws_iam_policy.data_access["{workload}"]']
+        assert planned["policy"], f"{workload}: the S3 policy is not known at plan time"
+        found[workload] = _allowed(planned["policy"])
+    return found
+
+
+def _bucket_arn(plan: dict, bucket: str) -> str:
+    address = f'aws_s3_bucket.this["{bucket}"]'
+    return f"arn:aws:s3:::{_planned(plan, 'aws_s3_bucket')[address]['bucket']}"
+
+
+def test_terraform_iam_splits_the_data_access_by_workload(terraform_plan, s3_policies):
+    archives, results, checkpoints = (_bucket_arn(terraform_plan, b) for b in ("archives", "results", "checkpoints"))
+
+    def writes(workload):
+        return {resource for action, resource in s3_policies[workload] if action in WRITE_ACTIONS}
+
+    def reads(workload):
+        return {resource for action, resource in s3_policies[workload] if action == "s3:GetObject"}
+
+    for workload, pairs in s3_policies.items():
+        for action, resource in pairs:
+            assert action.startswith("s3:") and not action.endswith("*"), (workload, action)
+            assert resource != "*" and resource.startswith("arn:aws:s3:::"), (workload, resource)
+        # Nobody writes the archives.
+        assert not any(r.startswith(archives) for r in writes(workload)), workload
+
+    # Serving reads checkpoints and nothing else, and writes nowhere.
+    assert not writes("serve")
+    assert not any(action in WRITE_ACTIONS or action.startswith("s3:Put")
+                   for action, _ in s3_policies["serve"])
+    assert reads("serve") == {f"{checkpoints}/*"}
+    assert {r for _, r in s3_policies["serve"]} <= {checkpoints, f"{checkpoints}/*"}
+
+    # Scoring reads archives and checkpoints, writes results only: never a checkpoint or a run.
+    assert writes("score") == {f"{results}/*"}
+    assert reads("score") >= {f"{archives}/*", f"{checkpoints}/*"}
+    assert not any(r.startswith(checkpoints) for r in writes("score"))
+
+    # Training writes its runs only: not the promoted serving/ checkpoints, not results.
+    assert writes("train") == {f"{checkpoints}/runs/*"}
+    assert reads("train") == {f"{archives}/*", f"{checkpoints}/*"}
+
+    # KMS grants name the key (through S3 only), per workload.
+    for statement in _statements(terraform_plan, "data.aws_iam_policy_document.data_key"):
+        assert statement["resources"]["references"][0] == "aws_kms_key.data.arn"
+        assert statement["condition"][0]["variable"]["constant_value"] == "kms:ViaService"
+
+
+def test_terraform_roles_get_only_their_own_workloads_policies(terraform_plan):
+    roles = {r["name"] for r in _planned(terraform_plan, "aws_iam_role").values()}
+    assert roles == {f"raysky-{w}-{kind}" for w in WORKLOADS for kind in ("head", "worker")}
+    attachments = _planned(terraform_plan, "aws_iam_role_policy_attachment")
+    assert len(attachments) == len(WORKLOADS) * 4
+    for address, attachment in attachments.items():
+        workload = address.split('"')[1].split("/")[0]
+        assert attachment["role"].startswith(f"raysky-{workload}-"), (address, attachment["role"])
+    inline = _planned(terraform_plan, "aws_iam_role_policy")
+    assert sorted(p["role"] for p in inline.values()) == sorted(f"raysky-{w}-head" for w in WORKLOADS)
+
+    for statement in _statements(terraform_plan, "data.aws_iam_policy_document.autoscaler"):
+        for action in statement["actions"]["constant_value"]:
+            assert not action.endswith("*"), f"the autoscaler policy grants a wildcard action {action}"
+    # A head may pass only its own workload's worker role, and manage only its own cluster.
     autoscaler = {s["sid"]["constant_value"]: s for s in _statements(
         terraform_plan, "data.aws_iam_policy_document.autoscaler")}
-    assert autoscaler["PassWorkerRole"]["resources"]["references"][0] == "aws_iam_role.worker.arn"
+    assert set(autoscaler["PassWorkerRole"]["resources"]["references"]) == {"aws_iam_role.worker", "each.key"}
     condition = autoscaler["ManageOwnClusterNodes"]["condition"][0]
     assert condition["variable"]["constant_value"] == "aws:ResourceTag/ray-cluster-name"
+    assert "each.key" in condition["values"]["references"]
 
-    outputs = terraform_plan["planned_values"]["outputs"]
-    head_type = cluster["head_node_type"]
-    assert outputs["head_instance_profile"]["value"] == \
-        _node_types(cluster)[head_type]["node_config"]["IamInstanceProfile"]["Name"]
-    for name, spec in _worker_types(cluster).items():
-        assert spec["node_config"]["IamInstanceProfile"]["Name"] == \
-            outputs["worker_instance_profile"]["value"], name
-    assert outputs["security_group_name"]["value"] == cluster["provider"]["security_group"]["GroupName"]
-    assert cluster["cluster_name"] == terraform_plan["variables"]["cluster_name"]["value"]
+
+def test_terraform_iam_matches_each_workloads_cluster_yaml(terraform_plan, cluster):
+    clusters = terraform_plan["planned_values"]["outputs"]["ray_clusters"]["value"]
+    assert set(clusters) == set(WORKLOADS)
+    assert cluster == _workload_cluster_yaml("train"), "cluster.yaml must be the train cluster"
+    settings = json.dumps(cluster)
+    assert "raysky-score" not in settings and "raysky-serve" not in settings
+    schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+    for workload, expected in clusters.items():
+        derived = _workload_cluster_yaml(workload)
+        jsonschema.validate(derived, schema)
+        assert derived["cluster_name"] == expected["cluster_name"] == \
+            f"{terraform_plan['variables']['cluster_name']['value']}-{workload}"
+        head_type = derived["head_node_type"]
+        assert _node_types(derived)[head_type]["node_config"]["IamInstanceProfile"]["Name"] == \
+            expected["head_instance_profile"]
+        for name, spec in _worker_types(derived).items():
+            assert spec["node_config"]["IamInstanceProfile"]["Name"] == \
+                expected["worker_instance_profile"], (workload, name)
+        assert derived["provider"]["security_group"]["GroupName"] == expected["security_group_name"]
+        # Each cluster reads its own env file (the serve cluster's carries the API keys) and
+        # git ignores all of them.
+        env_file = derived["file_mounts"]["~/raysky/cluster.env"]
+        assert f"raysky-{workload}" in env_file
+        ignored = subprocess.run(["git", "check-ignore", "-q", env_file], cwd=REPO)
+        assert ignored.returncode == 0, f"git would commit {env_file}"
     assert cluster["provider"]["region"] == terraform_plan["variables"]["region"]["value"]
+    groups = {g["name"] for g in _planned(terraform_plan, "aws_security_group").values()}
+    assert groups == {c["security_group_name"] for c in clusters.values()}
 
 
 # --- KubeRay --------------------------------------------------------------------------------

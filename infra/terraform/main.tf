@@ -1,12 +1,13 @@
 # Storage for raysky on AWS: one KMS key and three S3 buckets.
 #
-#   archives     images to screen and training datasets   (read-only for the cluster)
-#   results      Parquet results, exports, scratch data    (read/write)
-#   checkpoints  Ray Train runs and model checkpoints      (read/write, versioned)
+#   archives     images to screen and training datasets   (read-only for every workload)
+#   results      Parquet results, exports, scratch data    (written by scoring only)
+#   checkpoints  Ray Train runs and model checkpoints      (runs/ written by training only;
+#                                                           versioned)
 #
 # Every bucket blocks public access, disables ACLs, requires TLS and encrypts with SSE-KMS
 # (bucket keys on, so per-object KMS calls stay cheap when millions of images are scored).
-# iam.tf grants the cluster's roles least-privilege access; network.tf holds the security group.
+# iam.tf grants each workload's roles least-privilege access; network.tf holds the security group.
 
 provider "aws" {
   region = var.region

@@ -18,29 +18,26 @@ output "kms_key_arn" {
   value       = aws_kms_key.data.arn
 }
 
-output "head_instance_profile" {
-  description = "Instance profile cluster.yaml gives the head node."
-  value       = aws_iam_instance_profile.head.name
+output "ray_clusters" {
+  description = "Per workload (train, score, serve): the Ray cluster_name, the head and worker instance profiles and the security group its cluster.yaml names. cluster.yaml is the train cluster; `sed 's/raysky-train/raysky-score/g' cluster.yaml` gives the score cluster's file (see docs/deploy.md)."
+  value = {
+    for name in keys(local.workloads) : name => {
+      cluster_name            = "${var.cluster_name}-${name}"
+      head_instance_profile   = aws_iam_instance_profile.head[name].name
+      worker_instance_profile = aws_iam_instance_profile.worker[name].name
+      security_group_name     = aws_security_group.ray_nodes[name].name
+    }
+  }
 }
 
-output "worker_instance_profile" {
-  description = "Instance profile cluster.yaml gives the GPU and CPU workers."
-  value       = aws_iam_instance_profile.worker.name
+output "security_group_ids" {
+  description = "Security group id per workload cluster, for SecurityGroupIds if you pin it in cluster.yaml."
+  value       = { for name, group in aws_security_group.ray_nodes : name => group.id }
 }
 
-output "security_group_name" {
-  description = "Security group cluster.yaml names in provider.security_group.GroupName."
-  value       = aws_security_group.ray_nodes.name
-}
-
-output "security_group_id" {
-  description = "Security group id, for SecurityGroupIds if you pin it in cluster.yaml."
-  value       = aws_security_group.ray_nodes.id
-}
-
-output "eks_pod_role_arn" {
-  description = "Role the KubeRay pods assume through EKS Pod Identity (null unless eks_cluster_name is set)."
-  value       = one(aws_iam_role.eks_pods[*].arn)
+output "eks_pod_role_arns" {
+  description = "Role each workload's KubeRay pods assume through EKS Pod Identity, by workload (empty unless eks_cluster_name is set)."
+  value       = { for name, role in aws_iam_role.eks_pods : name => role.arn }
 }
 
 # `terraform output -raw cluster_env > cluster.env` writes the file cluster.yaml mounts on every

@@ -16,7 +16,7 @@ variable "name_prefix" {
 }
 
 variable "cluster_name" {
-  description = "The Ray cluster_name in cluster.yaml. The head node may only stop or terminate instances carrying this ray-cluster-name tag."
+  description = "Prefix of the Ray cluster names: one cluster per workload, <cluster_name>-train (cluster.yaml's cluster_name), <cluster_name>-score and <cluster_name>-serve. A head node may only stop or terminate instances carrying its own cluster's ray-cluster-name tag."
   type        = string
   default     = "raysky"
 }
@@ -33,6 +33,17 @@ variable "ssh_ingress_cidrs" {
   validation {
     condition     = !anytrue([for cidr in var.ssh_ingress_cidrs : endswith(cidr, "/0")])
     error_message = "ssh_ingress_cidrs must not contain 0.0.0.0/0 or ::/0: never open the cluster to the whole internet."
+  }
+}
+
+variable "train_runs_prefix" {
+  description = "Key prefix in the checkpoints bucket under which training may write (Ray Train runs: checkpoints, masks, result.json; jobs pass --storage s3://<checkpoints bucket>/runs). Nothing else in any bucket is writable by training, and serving/ stays operator-only."
+  type        = string
+  default     = "runs/"
+
+  validation {
+    condition     = can(regex("^[A-Za-z0-9][A-Za-z0-9._-]*/$", var.train_runs_prefix))
+    error_message = "train_runs_prefix must be a non-empty key prefix ending in /, e.g. runs/ (not the whole bucket)."
   }
 }
 
@@ -78,13 +89,13 @@ variable "force_destroy_buckets" {
 }
 
 variable "eks_cluster_name" {
-  description = "Optional EKS cluster that runs the KubeRay manifests in infra/kubernetes. When set, an EKS Pod Identity association gives the `raysky` service account in eks_namespace the worker's S3/KMS permissions."
+  description = "Optional EKS cluster that runs the KubeRay manifests in infra/kubernetes. When set, EKS Pod Identity associations give the service accounts raysky-train, raysky-score and raysky-serve in eks_namespace their workload's S3/KMS permissions (and nothing else)."
   type        = string
   default     = null
 }
 
 variable "eks_namespace" {
-  description = "Kubernetes namespace of the raysky service account (see infra/kubernetes/serviceaccount.yaml)."
+  description = "Kubernetes namespace of the raysky-<workload> service accounts (see infra/kubernetes/serviceaccount.yaml)."
   type        = string
   default     = "raysky"
 }
