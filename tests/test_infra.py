@@ -36,6 +36,7 @@ DEPLOY_DOC = REPO / "docs" / "deploy.md"
 RAYSKY_VERSION = re.search(r'^version = "([^"]+)"', (REPO / "pyproject.toml").read_text(),
                            re.MULTILINE).group(1)
 PRIVATE_PORTS = {8265: "dashboard", 6379: "GCS", 10001: "Ray client"}
+SERVE_PORT = 8000
 OPEN_CIDRS = {"0.0.0.0/0", "::/0"}
 # Access key ids (AKIA/ASIA...), secret-key assignments and private keys must never be committed.
 SECRET_PATTERNS = [
@@ -463,6 +464,58 @@ def _walk(node, path=""):
             yield from _walk(value, f"{path}[{i}]")
 
 
+KUBE_WORKLOADS = {"rayjob-train.yaml": "train", "rayjob-score.yaml": "score", "rayservice.yaml": "serve"}
+API_KEYS_SECRET = "raysky-serve-api-keys"
+
+
+def _pod_templates(doc: dict) -> dict[str, dict]:
+    """Every pod template a manifest makes KubeRay create: head, worker groups, job submitter."""
+    spec = _cluster_spec(doc)
+    templates = {"head": spec["headGroupSpec"]["template"]}
+    templates.update({f"worker {g['groupName']}": g["template"] for g in spec["workerGroupSpecs"]})
+    if doc["kind"] == "RayJob" and doc["spec"].get("submissionMode", "K8sJobMode") == "K8sJobMode":
+        assert "submitterPodTemplate" in doc["spec"], "the submitter pod would get no security context"
+        templates["submitter"] = doc["spec"]["submitterPodTemplate"]
+    return templates
+
+
+def _dockerfile_user() -> tuple[int, int | None]:
+    users = re.findall(r"^USER\s+(\S+)\s*$", (KUBE_DIR / "Dockerfile").read_text(), re.MULTILINE)
+    assert users, "the Dockerfile sets no USER"
+    match = re.fullmatch(r"(\d+)(?::(\d+))?", users[-1])
+    assert match, f"USER {users[-1]} is a name: the kubelet cannot check runAsNonRoot against it"
+    return int(match.group(1)), (int(match.group(2)) if match.group(2) else None)
+
+
+def _network_policies() -> list[dict]:
+    docs = [d for d in yaml.safe_load_all((KUBE_DIR / "networkpolicy.yaml").read_text()) if d]
+    assert docs and all(d["kind"] == "NetworkPolicy" and d["apiVersion"] == "networking.k8s.io/v1"
+                        for d in docs)
+    return docs
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    assert set(selector) <= {"matchLabels"}, f"unsupported selector {selector}"
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+def _ingress_rules(policies: list[dict], labels: dict) -> list[dict]:
+    """The ingress rules that apply to a pod with these labels (allow rules are additive)."""
+    rules = []
+    for policy in policies:
+        if _selects(policy["spec"]["podSelector"], labels):
+            assert "Ingress" in policy["spec"]["policyTypes"]
+            rules += policy["spec"].get("ingress", [])
+    return rules
+
+
+def _rule_ports(rule: dict) -> set[int] | None:
+    """The TCP ports a rule opens; None for all of them."""
+    if not rule.get("ports"):
+        return None
+    return {int(p["port"]) for p in rule["ports"] if p.get("protocol", "TCP") == "TCP"}
+
+
 @pytest.mark.parametrize("name", sorted(KUBE_MANIFESTS))
 def test_kuberay_manifest_autoscales_gpu_workers_with_auth(name):
     doc = _manifest(name)
@@ -492,9 +545,11 @@ def test_kuberay_manifest_autoscales_gpu_workers_with_auth(name):
     images = {container["image"] for container in _containers(doc)}
     assert len(images) == 1 and images.pop().endswith(f"/raysky:{RAYSKY_VERSION}")
     for container in _containers(doc):
-        assert container["securityContext"]["allowPrivilegeEscalation"] is False
         for env in container.get("env", []):
-            if re.search(r"KEY|SECRET|TOKEN|PASSWORD", env["name"]):
+            if env["name"].endswith("_FILE"):
+                # A path to a mounted Secret, not the secret itself.
+                assert env["value"].startswith("/"), f"{name}: {env['name']} is not a path"
+            elif re.search(r"KEY|SECRET|TOKEN|PASSWORD", env["name"]):
                 assert "value" not in env, f"{name}: {env['name']} must come from a Secret"
 
 
@@ -507,6 +562,95 @@ def test_kuberay_manifest_never_exposes_the_dashboard_publicly(name):
             assert value not in ("LoadBalancer", "NodePort"), f"{name}{path} = {value}"
         assert not (key == "hostNetwork" and value), f"{name}{path}"
         assert key != "hostPort", f"{name}{path}"
+
+
+@pytest.mark.parametrize("name", sorted(KUBE_MANIFESTS))
+def test_kuberay_pods_run_as_the_images_numeric_user_with_seccomp_and_no_privileges(name):
+    uid, gid = _dockerfile_user()
+    assert uid != 0
+    doc = _manifest(name)
+    for where, template in _pod_templates(doc).items():
+        pod = template["spec"]
+        context = pod["securityContext"]
+        assert context["runAsNonRoot"] is True, where
+        assert context["runAsUser"] == uid, f"{name} {where}: runAsUser is not the image's USER {uid}"
+        if gid is not None:
+            assert context["runAsGroup"] == gid, where
+        assert context["seccompProfile"]["type"] == "RuntimeDefault", where
+        for container in pod["containers"] + pod.get("initContainers", []):
+            csc = container["securityContext"]
+            assert csc["allowPrivilegeEscalation"] is False, (where, container["name"])
+            assert csc.get("privileged", False) is False, (where, container["name"])
+            assert csc["capabilities"]["drop"] == ["ALL"] and not csc["capabilities"].get("add"), where
+            assert csc.get("runAsUser", uid) == uid and csc.get("runAsNonRoot", True) is True, where
+            assert csc.get("seccompProfile", {"type": "RuntimeDefault"})["type"] == "RuntimeDefault"
+            assert container["image"].endswith(f"/raysky:{RAYSKY_VERSION}"), where
+        assert not pod.get("hostPID") and not pod.get("hostIPC"), where
+        assert all("hostPath" not in volume for volume in pod.get("volumes", [])), where
+    # The autoscaler sidecar KubeRay adds to the head pod gets the same restrictions.
+    sidecar = _cluster_spec(doc)["autoscalerOptions"]["securityContext"]
+    assert sidecar["allowPrivilegeEscalation"] is False and sidecar["capabilities"]["drop"] == ["ALL"]
+
+
+@pytest.mark.parametrize("name", sorted(KUBE_MANIFESTS))
+def test_kuberay_pods_use_their_own_workloads_service_account(name):
+    workload = KUBE_WORKLOADS[name]
+    accounts = {d["metadata"]["name"] for d in yaml.safe_load_all((KUBE_DIR / "serviceaccount.yaml").read_text())
+                if d and d["kind"] == "ServiceAccount"}
+    assert accounts == {f"raysky-{w}" for w in WORKLOADS}, "one account per Terraform workload role"
+    for where, template in _pod_templates(_manifest(name)).items():
+        assert template["metadata"]["labels"]["app.kubernetes.io/component"] == workload, where
+        if where == "submitter":
+            # It only submits the job to the dashboard: no AWS role, no API token.
+            assert "serviceAccountName" not in template["spec"], where
+            assert template["spec"]["automountServiceAccountToken"] is False
+        else:
+            assert template["spec"]["serviceAccountName"] == f"raysky-{workload}", where
+            if where != "head":
+                assert template["spec"]["automountServiceAccountToken"] is False, where
+
+
+def test_terraform_pod_identity_associates_each_workloads_service_account():
+    config = (TERRAFORM_DIR / "iam.tf").read_text()
+    association = re.search(r'resource "aws_eks_pod_identity_association" "raysky" \{(.*?)\n\}', config, re.S)
+    assert association and 'service_account = "raysky-${each.key}"' in association.group(1)
+    assert "for_each = local.eks_workloads" in association.group(1)
+
+
+def test_network_policy_keeps_ray_ports_inside_each_workload():
+    policies = _network_policies()
+    assert all(p["metadata"]["namespace"] == "raysky" for p in policies)
+    # Default deny: a policy selecting every pod with no ingress rule.
+    assert any(p["spec"]["podSelector"] == {} and p["spec"]["policyTypes"] == ["Ingress"]
+               and not p["spec"].get("ingress") for p in policies), "no default-deny ingress policy"
+
+    for name, workload in KUBE_WORKLOADS.items():
+        for where, template in _pod_templates(_manifest(name)).items():
+            labels = dict(template["metadata"]["labels"])
+            if where == "head":
+                labels["ray.io/node-type"] = "head"   # KubeRay's own label
+            rules = _ingress_rules(policies, labels)
+            assert rules, f"{name} {where}: no policy lets its own cluster reach it"
+            for rule in rules:
+                ports = _rule_ports(rule)
+                peers = rule.get("from")
+                if not peers:
+                    # From anywhere: only Serve's HTTP port on the serving pods.
+                    assert workload == "serve" and ports == {SERVE_PORT}, (name, where, rule)
+                    continue
+                for peer in peers:
+                    assert "ipBlock" not in peer, (name, where, peer)
+                    if "namespaceSelector" in peer:
+                        # Outside the namespace: only the KubeRay operator, only the dashboard.
+                        assert peer["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}
+                        assert where == "head" and ports == {8265}, (name, where, rule)
+                    else:
+                        # Inside the namespace: the same workload's pods only.
+                        selector = peer["podSelector"]["matchLabels"]
+                        assert selector.get("app.kubernetes.io/component") == workload, (name, where, peer)
+                        assert selector.get("app.kubernetes.io/name") == "raysky"
+    # Pods of another application in the namespace reach nothing.
+    assert not _ingress_rules(policies, {"app.kubernetes.io/name": "other"})
 
 
 def _entrypoint_flags(entrypoint: str) -> tuple[str, list[str]]:
@@ -543,7 +687,7 @@ def _job_help(script: str) -> str:
     return out.getvalue()
 
 
-def test_rayservice_serves_the_serve_config_with_api_keys_from_a_secret():
+def test_rayservice_serves_the_serve_config_with_api_keys_from_a_mounted_secret_file():
     doc = _manifest("rayservice.yaml")
     serve_config = yaml.safe_load(doc["spec"]["serveConfigV2"])
     apps = serve_config["applications"]
@@ -551,9 +695,35 @@ def test_rayservice_serves_the_serve_config_with_api_keys_from_a_secret():
     assert SERVE_CONFIG.exists(), "infra/serve/raysky.yaml (the serve issue's config) is missing"
     assert serve_config == yaml.safe_load(SERVE_CONFIG.read_text()), \
         "serveConfigV2 drifted from infra/serve/raysky.yaml"
-    for container in _containers(doc):
-        env = {e["name"]: e for e in container.get("env", [])}
-        assert "secretKeyRef" in env["RAYSKY_API_KEYS"]["valueFrom"], container["name"]
+    # Keys never travel in the serve config or a runtime_env (the dashboard shows both).
+    for _, key, value in _walk(serve_config):
+        assert key not in ("runtime_env", "api_keys", "RAYSKY_API_KEYS"), key
+        assert not (isinstance(value, str) and "RAYSKY_API_KEYS" in value)
+
+    for where, template in _pod_templates(doc).items():
+        pod = template["spec"]
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        for container in pod["containers"]:
+            env = {e["name"]: e for e in container.get("env", [])}
+            assert "RAYSKY_API_KEYS" not in env, f"{where}: keys as env, use the mounted file"
+            path = env["RAYSKY_API_KEYS_FILE"]["value"]
+            mount = next(m for m in container["volumeMounts"] if m["mountPath"] == os.path.dirname(path))
+            assert mount["readOnly"] is True
+            secret = volumes[mount["name"]]["secret"]
+            assert secret["secretName"] == API_KEYS_SECRET
+            # Not world-readable (0440: owner and the pod's fsGroup).
+            assert secret["defaultMode"] & 0o007 == 0 and pod["securityContext"]["fsGroup"] is not None
+            items = {i["key"]: i["path"] for i in secret.get("items", [])} or {os.path.basename(path): None}
+            assert os.path.basename(path) in items.values() or os.path.basename(path) in items
+    # The Secret the docs tell operators to create holds exactly that file name.
+    basename = os.path.basename(env["RAYSKY_API_KEYS_FILE"]["value"])
+    for doc_path in (KUBE_DIR / "serviceaccount.yaml", DEPLOY_DOC):
+        assert re.search(rf"create secret generic {API_KEYS_SECRET}[\s\\#]*--from-literal={basename}=",
+                         doc_path.read_text()), doc_path.name
+    # Training and scoring never see the keys.
+    for name in ("rayjob-train.yaml", "rayjob-score.yaml"):
+        assert API_KEYS_SECRET not in (KUBE_DIR / name).read_text()
+        assert "RAYSKY_API_KEYS" not in (KUBE_DIR / name).read_text()
 
 
 def test_dockerfile_pins_ray_and_raysky_versions():
