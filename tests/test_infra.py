@@ -747,3 +747,28 @@ def test_deploy_doc_commands_use_real_job_arguments():
         accepted = _job_help(Path(script).name)
         for flag in re.findall(r"(?<![\w-])--[a-z][\w-]*", rest):
             assert re.search(rf"{re.escape(flag)}(?![\w-])", accepted), f"{script} has no {flag}"
+
+
+SECURITY_DOC = REPO / "docs" / "security.md"
+
+
+def test_security_doc_is_linked_and_states_the_deployed_defaults():
+    text = SECURITY_DOC.read_text()
+    for doc in (REPO / "README.md", DEPLOY_DOC):
+        assert re.search(r"\]\((docs/)?security\.md\)", doc.read_text()), f"{doc.name} does not link security.md"
+    for default in ("weights_only=True", "weights_sha256", "--allow-unauthenticated", "32 characters",
+                    "RAYSKY_API_KEYS_FILE", "runtime_env", "enable_docs", "415", "--force-resume",
+                    "error_kind", "success manifest", "NetworkPolicy", "seccomp", "ray>=2.55",
+                    "torch>=2.6", "pillow>=10.3", "python-multipart>=0.0.18", "max_part_size"):
+        assert default in text, f"docs/security.md does not state {default!r}"
+    # The upload bounds it states are the deployed serve config's.
+    args = yaml.safe_load(SERVE_CONFIG.read_text())["applications"][0]["args"]
+    assert f"`max_body_bytes` ({args['max_body_bytes'] // 2**20} MiB)" in text
+    assert f"`max_pixels` ({args['max_pixels'] // 10**6} megapixels)" in text
+    assert f"`max_inflight_pixels` ({args['max_inflight_pixels'] // 10**6} megapixels)" in text
+    # The per-workload access table matches the Terraform it describes.
+    iam = (TERRAFORM_DIR / "iam.tf").read_text()
+    assert 'default     = "runs/"' in (TERRAFORM_DIR / "variables.tf").read_text()
+    assert "| serve | checkpoints | none | decrypt |" in text and "write       = []" in iam
+    uid, _ = _dockerfile_user()
+    assert f"`runAsUser: {uid}`" in text
