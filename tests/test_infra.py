@@ -641,9 +641,10 @@ def test_network_policy_keeps_ray_ports_inside_each_workload():
                 for peer in peers:
                     assert "ipBlock" not in peer, (name, where, peer)
                     if "namespaceSelector" in peer:
-                        # Outside the namespace: only the KubeRay operator, only the dashboard.
+                        # Outside the namespace: only the KubeRay operator, only the head's
+                        # dashboard and dashboard agent.
                         assert peer["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}
-                        assert where == "head" and ports == {8265}, (name, where, rule)
+                        assert where == "head" and ports and ports <= {8265, 52365}, (name, where, rule)
                     else:
                         # Inside the namespace: the same workload's pods only.
                         selector = peer["podSelector"]["matchLabels"]
