@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import io
 import re
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -41,6 +42,29 @@ ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "TIFF", "BMP", "WEBP", "GIF")
 # Modes Pillow converts to RGB correctly by itself (no alpha, 8 bits per channel).
 _DIRECT_TO_RGB = frozenset({"RGB", "L", "1", "CMYK", "YCbCr", "LAB", "HSV", "RGBX"})
 _WITH_ALPHA = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
+
+DECODE_BYTES_PER_PIXEL: dict[str, int] = {
+    **dict.fromkeys(("RGB", "RGBX", "YCbCr", "LAB", "HSV", "CMYK", "L", "1"), 10),
+    **dict.fromkeys(("RGBA", "RGBa", "LA", "La", "PA", "P"), 20),
+}
+"""Peak memory of :func:`decode_image` per pixel, by the mode the header declares (measured at
+16 MP, Pillow 13): Pillow's own buffer plus the RGB array for 8-bit modes; twice that when alpha
+is composited (palettes go through RGBA). High-bit-depth and float modes, scaled in float64,
+take :data:`MAX_DECODE_BYTES_PER_PIXEL`."""
+MAX_DECODE_BYTES_PER_PIXEL = 37
+"""Peak per pixel for 16/32-bit and float images (a float32 TIFF measured 36.5 B/px)."""
+LARGE_DERMOSCOPY_PIXELS = 24_000_000
+"""A full-frame dermoscopy capture (6000 x 4000): what a batch of real images is sized by."""
+
+
+def decode_batch_memory(batch_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
+    """Bytes to reserve for a task that decodes ``batch_size`` images and returns their RGB
+    pixels: the worst single decode allowed by ``max_pixels``, plus each image's RGB pixels
+    held twice (the decoded list and the Arrow column built from it) at the size of a large
+    dermoscopy image. Sized for every image at ``max_pixels``, a default batch would reserve
+    gigabytes that real archives never use and starve the node of parallel decodes."""
+    held = 2 * 3 * batch_size * min(max_pixels, LARGE_DERMOSCOPY_PIXELS)
+    return max_pixels * MAX_DECODE_BYTES_PER_PIXEL + held
 
 
 class ImageDecodeError(ValueError):
@@ -154,13 +178,44 @@ def decode_image(
     return _to_rgb(_open(data, source, max_pixels), source)
 
 
-def read_image_size(
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an image's header declares: size, Pillow mode, format and whether it has several
+    frames (animated GIF/PNG/WebP, multi-page TIFF)."""
+
+    width: int
+    height: int
+    mode: str
+    format: str
+    multi_frame: bool
+
+    @property
+    def decode_bytes(self) -> int:
+        """Peak memory :func:`decode_image` will need for this image (see
+        :data:`DECODE_BYTES_PER_PIXEL`)."""
+        per_pixel = DECODE_BYTES_PER_PIXEL.get(self.mode, MAX_DECODE_BYTES_PER_PIXEL)
+        return self.width * self.height * per_pixel
+
+
+def read_image_header(
     data: bytes, source: str = "<bytes>", max_pixels: int = DEFAULT_MAX_PIXELS
-) -> tuple[int, int]:
-    """``(width, height)`` from the header alone, with :func:`decode_image`'s checks and errors.
+) -> ImageHeader:
+    """The :class:`ImageHeader` of ``data``, with :func:`decode_image`'s checks and errors.
 
     Cheap even for a huge file: it tells a caller what decoding will cost before paying it.
     """
+    image = _open_header(data, source, max_pixels)
+    try:
+        multi_frame = bool(getattr(image, "is_animated", False))
+    except Exception as exc:  # walking frame headers can meet the same malformed data
+        raise ImageDecodeError(source, "corrupt image header", str(exc)) from None
+    return ImageHeader(image.width, image.height, image.mode, image.format or "", multi_frame)
+
+
+def read_image_size(
+    data: bytes, source: str = "<bytes>", max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[int, int]:
+    """``(width, height)`` from the header alone, with :func:`decode_image`'s checks and errors."""
     return _open_header(data, source, max_pixels).size
 
 

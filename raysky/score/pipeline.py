@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 
 from raysky import results, storage
 from raysky.cluster import ensure_ray
-from raysky.data.images import DEFAULT_MAX_PIXELS
+from raysky.data.images import DEFAULT_MAX_PIXELS, decode_batch_memory
 from raysky.models.runtime import PRECISIONS
 from raysky.progress import Progress, format_duration
 from raysky.score import output as out
@@ -250,16 +250,16 @@ def build_dataset(inputs: Inputs, settings: ScoreSettings, classes: tuple[str, .
         fs, _ = storage.resolve(inputs.shards[0])
         paths = [storage.resolve(uri)[1] for uri in inputs.shards]
         ds = ray.data.read_parquet(paths, filesystem=fs, columns=inputs.shard_columns)
-    # A decode task may hold the largest allowed image about three times over (RGB array, Pillow
-    # image, file bytes), so it reserves that much memory; fewer concurrent decodes beat an
-    # out-of-memory node. The reservation also keeps Ray Data from fusing decoding into the model
-    # actors (it fuses only operators with equal resources), where it would run serially with
-    # the model instead of in parallel CPU tasks.
+    # A decode task holds the worst decode of one image (up to 37 bytes per pixel for a float
+    # TIFF) plus the batch's RGB pixels, so it reserves that much memory; fewer concurrent
+    # decodes beat an out-of-memory node. The reservation also keeps Ray Data from fusing
+    # decoding into the model actors (it fuses only operators with equal resources), where it
+    # would run serially with the model instead of in parallel CPU tasks.
     ds = ds.map_batches(
         stages.decode_batch, batch_size=settings.batch_size, batch_format="pyarrow",
         fn_kwargs={"max_pixels": settings.max_pixels, "skip_ids": inputs.skip_ids,
                    "metadata": inputs.metadata},
-        memory=9 * settings.max_pixels,
+        memory=decode_batch_memory(settings.batch_size, settings.max_pixels),
     )
     ds = ds.map_batches(
         stages.ScoreModel, batch_size=settings.batch_size, batch_format="pyarrow",
