@@ -19,19 +19,30 @@ from raysky.models.preprocess import images_to_tensor, resize_map
 from raysky.models.runtime import autocast, prepare_for_device, select_device
 
 MASK_THRESHOLD = 0.5
+TTA_FLIPS: tuple[tuple[int, ...], ...] = ((-1,), (-2,))
+"""Test-time views besides the image itself: horizontal and vertical flips (dims of NCHW).
+
+Dermoscopy has no canonical orientation, so a flipped lesion is as valid an input as the
+original, and averaging over flips removes some of the model's orientation noise."""
 
 
 def segment_probabilities(segmenter: torch.nn.Module, meta: dict, images: Sequence[np.ndarray],
-                          device: torch.device, precision: str = "fp32") -> torch.Tensor:
+                          device: torch.device, precision: str = "fp32",
+                          tta: bool = False) -> torch.Tensor:
     """Lesion probabilities at the segmenter's input size, ``[B, h, w]`` float32.
 
-    ``meta`` is the segmenter checkpoint's metadata (input size and normalisation).
+    ``meta`` is the segmenter checkpoint's metadata (input size and normalisation). With
+    ``tta`` the flipped views run in the same batch and their maps, flipped back, are averaged.
     """
     norm = meta["normalization"]
     tensor = images_to_tensor(images, meta["input_size"], norm["mean"], norm["std"]).to(device)
+    views = [tensor, *(tensor.flip(dims) for dims in TTA_FLIPS)] if tta else [tensor]
     with torch.inference_mode(), autocast(device, precision):
-        logits = segmenter(tensor)
-    return torch.sigmoid(logits.float())[:, 0]
+        logits = segmenter(torch.cat(views))
+    prob = torch.sigmoid(logits.float())[:, 0].split(len(tensor))
+    unflipped = [prob[0], *(p.flip([d + 1 for d in dims]) for p, dims in zip(prob[1:], TTA_FLIPS,
+                                                                             strict=True))]
+    return torch.stack(unflipped).mean(0)
 
 
 def binary_mask(probabilities: torch.Tensor, height: int, width: int) -> np.ndarray:
@@ -56,7 +67,7 @@ class LesionPipeline:
     """Segmenter plus classifier plus explainer, on one device, in one precision."""
 
     def __init__(self, segmenter: LoadedModel, classifier: LoadedModel, use_gpu: bool = False,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", tta: bool = False):
         if segmenter.kind != "segmenter" or classifier.kind != "classifier":
             raise ValueError(
                 f"expected a segmenter and a classifier checkpoint, got {segmenter.kind} and "
@@ -64,6 +75,7 @@ class LesionPipeline:
             )
         self.device = select_device(use_gpu)
         self.precision = precision
+        self.tta = tta
         self.segmenter_meta = segmenter.meta
         self.classifier_meta = classifier.meta
         self.segmenter = prepare_for_device(segmenter.model.eval(), self.device)
@@ -75,10 +87,10 @@ class LesionPipeline:
 
     @classmethod
     def from_uris(cls, segmenter_uri: str, classifier_uri: str, use_gpu: bool = False,
-                  precision: str = "fp32") -> LesionPipeline:
+                  precision: str = "fp32", tta: bool = False) -> LesionPipeline:
         """Load both checkpoints (local or ``s3://``) and build the pipeline."""
         return cls(load_checkpoint(segmenter_uri, "segmenter"),
-                   load_checkpoint(classifier_uri, "classifier"), use_gpu, precision)
+                   load_checkpoint(classifier_uri, "classifier"), use_gpu, precision, tta)
 
     @property
     def segmenter_version(self) -> str:
@@ -101,7 +113,15 @@ class LesionPipeline:
     def segment(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """Lesion probabilities at the segmenter's input size, ``[B, h, w]`` float32."""
         return segment_probabilities(self.segmenter, self.segmenter_meta, images, self.device,
-                                     self.precision)
+                                     self.precision, self.tta)
+
+    def _flipped_probabilities(self, image: torch.Tensor, mask: torch.Tensor,
+                               metadata: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        # Grad-CAM explains the unflipped view; the flips only refine the probabilities.
+        views = [(image.flip(dims), mask.flip(dims)) for dims in TTA_FLIPS]
+        with torch.inference_mode(), self._autocast():
+            return [torch.softmax(self.classifier(x, m, metadata).float(), dim=1)
+                    for x, m in views]
 
     def __call__(self, images: Sequence[np.ndarray], metadata: Sequence[dict] | None = None,
                  explain: bool = True) -> list[LesionPrediction]:
@@ -125,6 +145,9 @@ class LesionPipeline:
             with torch.inference_mode(), self._autocast():
                 logits = self.classifier(cls_input, cls_mask, meta_tensors)
             probs, heatmaps = torch.softmax(logits.float(), dim=1), None
+        if self.tta:
+            flipped = self._flipped_probabilities(cls_input, cls_mask, meta_tensors)
+            probs = torch.stack([probs.detach().float(), *flipped]).mean(0)
         probs = probs.cpu()
         results = []
         for i, image in enumerate(images):

@@ -28,7 +28,7 @@ def _meta(batch: int) -> dict[str, torch.Tensor]:
                                         ["back", "face"] * (batch // 2) + ["nowhere"] * (batch % 2))
 
 
-@pytest.mark.parametrize("preset", ["tiny", "small"])
+@pytest.mark.parametrize("preset", ["tiny", "lite"])
 def test_segmenter_shapes_and_dtypes(preset):
     size = get_preset(preset).segmenter.input_size
     model = create_segmenter(preset).eval()
@@ -44,7 +44,7 @@ def test_segmenter_shapes_and_dtypes(preset):
         assert cl(x).shape == (2, 1, size, size)
 
 
-@pytest.mark.parametrize("preset", ["tiny", "small"])
+@pytest.mark.parametrize("preset", ["tiny", "lite"])
 @pytest.mark.parametrize("use_metadata", [True, False])
 def test_classifier_shapes_and_dtypes(preset, use_metadata):
     size = get_preset(preset).classifier.input_size

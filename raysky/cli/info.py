@@ -23,10 +23,16 @@ def run(args: argparse.Namespace) -> int:
 
         print(json.dumps(read_checkpoint_meta(args.checkpoint), indent=2))
         return 0
-    from raysky.models.config import PRESETS
+    from raysky.models.config import PRESETS, encoder_label
 
     for preset in PRESETS.values():
         seg, cls = preset.segmenter, preset.classifier
-        print(f"{preset.name:6s} segmenter {seg.encoder}@{seg.input_size}px  "
-              f"classifier 2x{cls.encoder}@{cls.input_size}px  -- {preset.description}")
+        print(f"{preset.name}: {preset.description}")
+        for kind, config in (("segmenter", seg), ("classifier", cls)):
+            recipe = preset.recipe(kind)
+            streams = "2 x " if kind == "classifier" and config.use_lesion_stream else ""
+            print(f"  {kind:10s} {streams}{encoder_label(config)} @ {config.input_size} px; "
+                  f"weights {recipe.pretrained_encoder}, lr {recipe.lr:g} (encoders x"
+                  f"{recipe.encoder_lr_scale:g}), batch {recipe.batch_size}, weight decay "
+                  f"{recipe.weight_decay:g}, label smoothing {recipe.label_smoothing:g}")
     return 0

@@ -8,7 +8,7 @@ from dataclasses import fields
 
 from raysky.data.readers import FORMATS
 from raysky.models.config import PRESETS
-from raysky.models.runtime import PRECISIONS
+from raysky.models.runtime import TRAIN_PRECISIONS
 from raysky.train.settings import TrainSettings
 
 
@@ -33,16 +33,25 @@ def _common(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model and optimisation")
     model.add_argument("--preset", default=d["preset"], choices=list(PRESETS),
                        help="model sizes (default: %(default)s); see `raysky info`")
-    model.add_argument("--pretrained-encoder", metavar="URI",
-                       help="timm/torchvision encoder weights (.safetensors or torch.save) to start from")
     model.add_argument("--epochs", type=int, default=d["epochs"], help="total epochs (default: %(default)s)")
-    model.add_argument("--batch-size", type=int, default=d["batch_size"],
-                       help="images per worker per step (default: %(default)s)")
-    model.add_argument("--lr", type=float, default=d["lr"], help="peak AdamW learning rate (default: %(default)s)")
-    model.add_argument("--weight-decay", type=float, default=d["weight_decay"],
-                       help="AdamW weight decay (default: %(default)s)")
-    model.add_argument("--precision", choices=PRECISIONS,
-                       help="fp32, or bf16 autocast (default: bf16 with --gpu, else fp32)")
+    model.add_argument("--precision", choices=TRAIN_PRECISIONS, default=d["precision"],
+                       help="fp32, bf16 autocast, or auto: bf16 on GPUs, and on CPUs with bf16 "
+                       "instructions only when a measured step of this model is faster "
+                       "(default: %(default)s)")
+    recipe = parser.add_argument_group(
+        "recipe", "Each defaults to the preset's recipe for this model; `raysky info` lists them.")
+    recipe.add_argument("--pretrained-encoder", metavar="imagenet|none|URI",
+                        help="initial encoder weights: imagenet (a weight package, else timm's "
+                        "hub or cache; never a silent random start), none (random), or a "
+                        "timm state dict file or s3:// URI (.safetensors or .pth)")
+    recipe.add_argument("--batch-size", type=int, help="images per worker per step")
+    recipe.add_argument("--lr", type=float, help="peak AdamW learning rate of the new layers")
+    recipe.add_argument("--encoder-lr-scale", type=float,
+                        help="the encoders' learning rate as a fraction of --lr")
+    recipe.add_argument("--weight-decay", type=float, help="AdamW weight decay")
+    recipe.add_argument("--label-smoothing", type=float, help="label smoothing (classifier)")
+    recipe.add_argument("--class-weight-power", type=float,
+                        help="loss weight of each class is frequency**-power (classifier)")
 
     cluster = parser.add_argument_group("cluster")
     cluster.add_argument("--workers", type=int, default=d["workers"],
@@ -63,6 +72,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
                      "(default: max)")
     run.add_argument("--num-to-keep", type=int, default=d["num_to_keep"],
                      help="checkpoints kept, best by --metric plus the latest (default: %(default)s)")
+    run.add_argument("--force-resume", action="store_true",
+                     help="resume a run even though lr, batch size, workers or epochs differ "
+                     "from the ones it was started with")
     run.add_argument("--max-failures", type=int, default=d["max_failures"],
                      help="worker failures to recover from the last checkpoint; -1 = unlimited "
                      "(default: %(default)s)")
@@ -113,7 +125,9 @@ def settings_from_args(args: argparse.Namespace) -> TrainSettings:
         data=args.data, name=args.name, format=args.format, preset=args.preset, epochs=args.epochs,
         batch_size=args.batch_size, workers=args.workers, gpu=args.gpu, storage=args.storage,
         pretrained_encoder=args.pretrained_encoder, precision=args.precision, lr=args.lr,
-        weight_decay=args.weight_decay, val_fraction=args.val_fraction, seed=args.seed,
+        encoder_lr_scale=args.encoder_lr_scale, weight_decay=args.weight_decay,
+        label_smoothing=args.label_smoothing, class_weight_power=args.class_weight_power,
+        force_resume=args.force_resume, val_fraction=args.val_fraction, seed=args.seed,
         num_to_keep=args.num_to_keep, metric=args.metric, metric_mode=args.metric_mode,
         max_failures=args.max_failures, cpus_per_worker=args.cpus_per_worker, **extra,
     )

@@ -57,18 +57,54 @@ class ClassifierConfig:
 
 
 @dataclass(frozen=True)
+class Recipe:
+    """How a preset fine-tunes one of its models; ``raysky train`` flags override each field.
+
+    ``lr`` is the peak AdamW rate of the layers that start from scratch (decoder, fusion,
+    heads); pretrained encoders train at ``lr * encoder_lr_scale``, so fine-tuning adapts
+    ImageNet features instead of overwriting them in the first steps. The schedule is a
+    linear warm-up over at most one epoch, then cosine decay.
+    """
+
+    pretrained_encoder: str = "imagenet"
+    lr: float = 1e-3
+    encoder_lr_scale: float = 0.2
+    weight_decay: float = 1e-4
+    batch_size: int = 16
+    label_smoothing: float = 0.0
+    class_weight_power: float = 0.5
+
+
+@dataclass(frozen=True)
 class Preset:
-    """A named pair of segmenter and classifier configurations."""
+    """A named pair of segmenter and classifier configurations, and how to train each."""
 
     name: str
     segmenter: SegmenterConfig
     classifier: ClassifierConfig
     description: str = ""
+    segmenter_recipe: Recipe = field(default_factory=Recipe)
+    classifier_recipe: Recipe = field(default_factory=Recipe)
+
+    def recipe(self, kind: str) -> Recipe:
+        """The recipe for ``segmenter`` or ``classifier``."""
+        if kind not in ("segmenter", "classifier"):
+            raise ValueError(f"kind must be segmenter or classifier, got {kind!r}")
+        return self.segmenter_recipe if kind == "segmenter" else self.classifier_recipe
 
 
-# A DenseNet with few, thin blocks keeps the paper's topology at a size 2 CPU cores can train.
-_SMALL_DENSENET = {"growth_rate": 16, "block_config": (3, 6, 12, 8)}
+def encoder_label(config: SegmenterConfig | ClassifierConfig) -> str:
+    """The encoder's timm name, with its overrides when they change the architecture."""
+    if not config.encoder_kwargs:
+        return config.encoder
+    family = config.encoder.rstrip("0123456789")
+    overrides = ", ".join(f"{k}={v}" for k, v in sorted(config.encoder_kwargs.items()))
+    return f"custom {family}({overrides})"
+
+
+# A DenseNet with thin, short blocks: the paper's DenseNet code path at a size tests can run.
 _TINY_DENSENET = {"growth_rate": 8, "block_config": (2, 2, 2, 2)}
+_RANDOM_INIT = Recipe(pretrained_encoder="none", lr=3e-4, encoder_lr_scale=1.0)
 
 PRESETS: dict[str, Preset] = {
     "paper": Preset(
@@ -76,12 +112,15 @@ PRESETS: dict[str, Preset] = {
         description="The paper's sizes: EfficientNet-B3 Deep-UNet at 256 px, DenseNet201 x2 at 224 px.",
         segmenter=SegmenterConfig(),
         classifier=ClassifierConfig(),
+        segmenter_recipe=Recipe(lr=1e-3, encoder_lr_scale=0.2),
+        classifier_recipe=Recipe(lr=3e-4, encoder_lr_scale=0.3, label_smoothing=0.1),
     ),
-    "small": Preset(
-        name="small",
-        description="Same topology, narrow encoders at 128/160 px: trains on 2 CPU cores in minutes.",
+    "lite": Preset(
+        name="lite",
+        description="The paper's topology on ImageNet EfficientNet-Lite0 encoders at 128 px: "
+        "fine-tunes on 2 CPU cores.",
         segmenter=SegmenterConfig(
-            encoder="efficientnet_b0",
+            encoder="efficientnet_lite0",
             input_size=128,
             decoder_channels=(96, 48, 32, 24, 16),
             aspp_channels=96,
@@ -89,17 +128,18 @@ PRESETS: dict[str, Preset] = {
             gate_channels=32,
         ),
         classifier=ClassifierConfig(
-            encoder="densenet121",
-            encoder_kwargs=_SMALL_DENSENET,
-            input_size=160,
+            encoder="efficientnet_lite0",
+            input_size=128,
             embed_dim=128,
             num_heads=4,
             metadata_heads=4,
         ),
+        segmenter_recipe=Recipe(lr=1e-3, encoder_lr_scale=0.3),
+        classifier_recipe=Recipe(lr=1e-3, encoder_lr_scale=0.2, label_smoothing=0.1),
     ),
     "tiny": Preset(
         name="tiny",
-        description="Minimal widths at 64 px, for tests; same code paths as the paper preset.",
+        description="Minimal widths at 64 px, random weights, for tests; the paper's code paths.",
         segmenter=SegmenterConfig(
             encoder="test_efficientnet",
             input_size=64,
@@ -120,6 +160,8 @@ PRESETS: dict[str, Preset] = {
             metadata_heads=2,
             dropout=0.0,
         ),
+        segmenter_recipe=_RANDOM_INIT,
+        classifier_recipe=_RANDOM_INIT,
     ),
 }
 

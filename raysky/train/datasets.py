@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import zlib
 from collections import Counter
 from collections.abc import Sequence
 
@@ -97,16 +98,33 @@ def encode_rows(records: Sequence[LesionRecord], classes: Sequence[str] | None =
     return rows
 
 
+_draws: Counter[int] = Counter()
+
+
+def augmentation_rng(seed: int, image_ids) -> np.random.Generator:
+    """The generator for one batch's augmentations: seeded by the run, the batch and its draw.
+
+    The run's seed and the batch's image ids fix the stream, and a per-process count of how
+    often this batch was drawn moves it on each epoch, so a rerun with the same seed draws
+    the same augmentations while every epoch still sees new ones. (Ray Data may hand a batch
+    to another process in another epoch; the count then restarts there, which repeats an
+    earlier epoch's draw for that batch rather than breaking anything.)
+    """
+    key = zlib.crc32("\0".join(str(i) for i in image_ids).encode())
+    draw = _draws[key]
+    _draws[key] += 1
+    return np.random.default_rng([seed, key, draw])
+
+
 def decode_and_transform(batch: dict[str, np.ndarray], size: int, train: bool,
-                         augment: AugmentConfig | None = None) -> dict[str, np.ndarray]:
+                         augment: AugmentConfig | None = None, seed: int = 0) -> dict[str, np.ndarray]:
     """Ray Data ``map_batches`` function: read, decode and augment (or resize) a batch of rows.
 
     An image or mask that cannot be read or decoded drops its row with a warning rather than
     failing the job, so one corrupt file does not stop a run of thousands.
     """
     augment = augment or AugmentConfig()
-    # Fresh OS entropy per batch: every Ray Data process and every epoch draws differently.
-    rng = np.random.default_rng()
+    rng = augmentation_rng(seed, batch["image_id"]) if train else None
     images, masks, keep = [], [], []
     for i, (image_uri, mask_uri) in enumerate(zip(batch["image_uri"], batch["mask_uri"], strict=True)):
         try:
@@ -158,7 +176,7 @@ def build_dataset(rows: list[dict], size: int, train: bool, augment: AugmentConf
         dataset = dataset.randomize_block_order()
     dataset = dataset.map_batches(
         decode_and_transform,
-        fn_kwargs={"size": size, "train": train, "augment": augment},
+        fn_kwargs={"size": size, "train": train, "augment": augment, "seed": seed},
         batch_size=decode_batch_size,
         batch_format="numpy",
         num_cpus=1,

@@ -25,7 +25,7 @@ from raysky.data.taxonomy import order_classes
 from raysky.jsonable import to_jsonable
 from raysky.models import get_preset
 from raysky.models.checkpoint import read_checkpoint_meta
-from raysky.models.runtime import PRECISIONS
+from raysky.models.runtime import TRAIN_PRECISIONS
 from raysky.train.datasets import build_dataset, class_weights, encode_rows, load_splits
 from raysky.train.loops import (
     DEFAULT_METRIC,
@@ -33,7 +33,13 @@ from raysky.train.loops import (
     HISTORY_FILE,
     train_loop_per_worker,
 )
-from raysky.train.settings import MASK_SOURCES, TrainResult, TrainSettings
+from raysky.train.settings import (
+    MASK_SOURCES,
+    TrainResult,
+    TrainSettings,
+    hyperparameters,
+    with_recipe,
+)
 
 RESULT_FILE = "result.json"
 
@@ -51,7 +57,10 @@ def _checkpoint_uri(checkpoint, root: str) -> str | None:
 
 
 def _validate(settings: TrainSettings, kind: str) -> tuple[str, str, str]:
-    """Check the settings before anything starts; returns ``(precision, metric, mode)``."""
+    """Check the settings before anything starts; returns ``(precision, metric, mode)``.
+
+    ``settings`` has its recipe filled in (:func:`raysky.train.settings.with_recipe`).
+    """
     get_preset(settings.preset)
     if not settings.name or "/" in settings.name:
         raise ValueError(f"--name must be a non-empty name without '/', got {settings.name!r}")
@@ -59,9 +68,14 @@ def _validate(settings: TrainSettings, kind: str) -> tuple[str, str, str]:
                         ("--workers", settings.workers), ("--num-to-keep", settings.num_to_keep)):
         if value < 1:
             raise ValueError(f"{flag} must be at least 1, got {value}")
-    precision = settings.precision or ("bf16" if settings.gpu else "fp32")
-    if precision not in PRECISIONS:
-        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    precision = settings.precision
+    if precision not in TRAIN_PRECISIONS:
+        raise ValueError(f"--precision must be one of {', '.join(TRAIN_PRECISIONS)}, got {precision!r}")
+    for flag, value in (("--lr", settings.lr), ("--encoder-lr-scale", settings.encoder_lr_scale)):
+        if not value > 0:
+            raise ValueError(f"{flag} must be positive, got {value}")
+    if not 0 <= settings.label_smoothing < 1:
+        raise ValueError(f"--label-smoothing must be in [0, 1), got {settings.label_smoothing}")
     metric, mode = DEFAULT_METRIC[kind]
     metric, mode = settings.metric or metric, settings.metric_mode or mode
     if mode not in ("max", "min"):
@@ -76,8 +90,15 @@ def _validate(settings: TrainSettings, kind: str) -> tuple[str, str, str]:
     return precision, metric, mode
 
 
-def _check_existing_run(run_uri: str, kind: str, preset: str, classes: tuple[str, ...]) -> None:
-    """A resumed run must be the same kind of model; say so clearly before Ray starts."""
+def _check_existing_run(run_uri: str, kind: str, settings: TrainSettings,
+                        classes: tuple[str, ...]) -> None:
+    """A resumed run must be the same model trained the same way; say so before Ray starts.
+
+    A different kind, preset or class list is always refused. Different hyperparameters
+    (learning rates, batch size, workers, epochs) are refused unless ``force_resume``, since
+    the optimizer state and the learning-rate schedule were built for the old ones.
+    """
+    preset = settings.preset
     checkpoints = sorted(uri for uri in storage.list_files(run_uri, suffixes=(".json",))
                          if uri.endswith("/config.json") and "/checkpoint_" in uri)
     if not checkpoints:
@@ -93,6 +114,20 @@ def _check_existing_run(run_uri: str, kind: str, preset: str, classes: tuple[str
     if problems:
         raise ValueError(f"run {run_uri} exists and cannot be resumed: {'; '.join(problems)}. "
                          "Use a new --name.")
+    recorded = meta.get("extra", {}).get("hyperparameters", {})
+    changed = [f"{name} was {recorded[name]!r}, now {value!r}"
+               for name, value in hyperparameters(settings).items()
+               if name in recorded and recorded[name] != value]
+    if changed and not settings.force_resume:
+        raise ValueError(f"run {run_uri} was trained with other settings: {'; '.join(changed)}. "
+                         "Resume with the same settings, pass --force-resume to continue "
+                         "anyway, or use a new --name.")
+    if changed:
+        print(f"{kind}: --force-resume: continuing {run_uri} although {'; '.join(changed)}",
+              flush=True)
+    if settings.pretrained_encoder != "none":
+        print(f"{kind}: resuming {run_uri} from {checkpoints[-1].rsplit('/', 2)[-2]}: its "
+              f"weights win over --pretrained-encoder {settings.pretrained_encoder}", flush=True)
 
 
 def _check_cpus(settings: TrainSettings) -> None:
@@ -143,8 +178,9 @@ def _run(kind: str, settings: TrainSettings, train: list[LesionRecord], val: lis
         if unseen:
             raise ValueError(f"validation labels {unseen} never occur in training; the split "
                              "cannot evaluate them")
-        weights = class_weights([index[r.label] for r in train], len(classes))
-    _check_existing_run(run_uri, kind, settings.preset, classes)
+        weights = class_weights([index[r.label] for r in train], len(classes),
+                                power=settings.class_weight_power)
+    _check_existing_run(run_uri, kind, settings, classes)
 
     rows_per_worker = len(train) // settings.workers
     if rows_per_worker < settings.batch_size:
@@ -168,6 +204,8 @@ def _run(kind: str, settings: TrainSettings, train: list[LesionRecord], val: lis
         "kind": kind, "preset": settings.preset, "classes": list(classes),
         "vocab": vocab.to_dict(), "class_weights": weights, "use_metadata": settings.use_metadata,
         "epochs": settings.epochs, "batch_size": settings.batch_size, "lr": settings.lr,
+        "encoder_lr_scale": settings.encoder_lr_scale, "label_smoothing": settings.label_smoothing,
+        "hyperparameters": hyperparameters(settings),
         "weight_decay": settings.weight_decay, "precision": precision, "use_gpu": settings.gpu,
         "threads": threads, "seed": settings.seed, "train_rows": len(train),
         "pretrained_encoder": settings.pretrained_encoder, "metric": metric, "metric_mode": mode,
@@ -236,6 +274,7 @@ def _summarise(result, run_uri: str, root: str, metric: str, mode: str) -> Train
 
 def train_segmenter(settings: TrainSettings) -> TrainResult:
     """Train (or resume) the Deep-UNet segmenter on the dataset's ground-truth masks."""
+    settings = with_recipe(settings, "segmenter")
     _validate(settings, "segmenter")
     train, val, how = load_splits(settings.data, settings.format, settings.val_fraction, settings.seed)
     train, val = [r for r in train if r.mask_uri], [r for r in val if r.mask_uri]
@@ -252,6 +291,7 @@ def train_classifier(settings: TrainSettings) -> TrainResult:
     the training and validation images), or from the dataset's ground truth with
     ``mask_source="ground-truth"``.
     """
+    settings = with_recipe(settings, "classifier")
     _validate(settings, "classifier")
     train, val, how = load_splits(settings.data, settings.format, settings.val_fraction, settings.seed)
     train, val = [r for r in train if r.label], [r for r in val if r.label]

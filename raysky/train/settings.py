@@ -31,22 +31,29 @@ class TrainSettings:
 
     ``segmenter``, ``use_metadata`` and ``mask_source`` apply to the classifier only.
     ``metric`` / ``metric_mode`` choose the best checkpoint (default: Dice for the segmenter,
-    balanced accuracy for the classifier, both maximised).
+    balanced accuracy for the classifier, both maximised). Fields left ``None`` take the
+    preset's :class:`~raysky.models.config.Recipe` for the model trained
+    (:func:`with_recipe`), so ``epochs`` is the only knob a run needs.
     """
 
     data: str
     name: str
     format: str = "ham10000"
-    preset: str = "small"
+    preset: str = "lite"
     epochs: int = 10
-    batch_size: int = 16
     workers: int = 2
     gpu: bool = False
     storage: str = "runs"
+    precision: str = "auto"
+    # None: the preset's recipe for this model (raysky.models.config.Recipe)
     pretrained_encoder: str | None = None
-    precision: str | None = None  # None: bf16 with --gpu, else fp32
-    lr: float = 3e-4
-    weight_decay: float = 1e-4
+    batch_size: int | None = None
+    lr: float | None = None
+    encoder_lr_scale: float | None = None
+    weight_decay: float | None = None
+    label_smoothing: float | None = None
+    class_weight_power: float | None = None
+    force_resume: bool = False
     val_fraction: float = 0.15
     seed: int = 0
     num_to_keep: int = 2
@@ -63,6 +70,29 @@ class TrainSettings:
 
     def __post_init__(self) -> None:
         check_run_name(self.name)
+
+
+RECIPE_FIELDS = ("pretrained_encoder", "batch_size", "lr", "encoder_lr_scale", "weight_decay",
+                 "label_smoothing", "class_weight_power")
+RESUME_FIELDS = ("lr", "encoder_lr_scale", "weight_decay", "batch_size", "workers", "epochs",
+                 "label_smoothing", "class_weight_power")
+"""Hyperparameters a resumed run must share with the run it continues (or --force-resume)."""
+
+
+def with_recipe(settings: TrainSettings, kind: str) -> TrainSettings:
+    """``settings`` with every ``None`` recipe field filled from the preset's recipe for ``kind``."""
+    from dataclasses import replace
+
+    from raysky.models.config import get_preset
+
+    recipe = get_preset(settings.preset).recipe(kind)
+    filled = {name: getattr(recipe, name) for name in RECIPE_FIELDS if getattr(settings, name) is None}
+    return replace(settings, **filled)
+
+
+def hyperparameters(settings: TrainSettings) -> dict[str, Any]:
+    """The values of :data:`RESUME_FIELDS`, as recorded in every checkpoint of the run."""
+    return {name: getattr(settings, name) for name in RESUME_FIELDS}
 
 
 @dataclass
