@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import secrets
 import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
@@ -141,12 +142,14 @@ def run_demo(settings: DemoSettings) -> dict:
 
         _step(7, "serve the models and make one live prediction")
         port = settings.serve_port or free_port()
+        # A fresh key per demo: the endpoint, like any raysky endpoint, refuses to run open.
+        api_key = secrets.token_urlsafe(32)
         url = run_server(ServeSettings(segmenter=seg.best_checkpoint_uri,
                                        classifier=cls.best_checkpoint_uri, port=port,
-                                       ray_address="local"))
+                                       api_keys=(api_key,), ray_address="local"))
         stack.callback(shutdown)
         example = records[0]
-        with httpx.Client(timeout=60) as client:
+        with httpx.Client(timeout=60, headers={"Authorization": f"Bearer {api_key}"}) as client:
             response = client.post(
                 f"{url}/v1/predict",
                 files={"image": (Path(example.image_uri).name, storage.read_bytes(example.image_uri),

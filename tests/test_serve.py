@@ -1,8 +1,10 @@
 """The live endpoint on a real Ray Serve, over real HTTP on 127.0.0.1, with tiny models.
 
-Two applications share one Serve instance: the main one (API keys on, a 1 MiB body limit, a
-JSON access log file) and an ``/overload`` one whose model admits one request and queues one,
-to provoke 503s. Results are checked against the same pipeline run in this process.
+Three applications share one Serve instance: the main one (API keys on, a 1 MiB body limit, a
+JSON access log file, docs on), an ``/overload`` one, unauthenticated and without docs, whose
+model admits one request and queues one, to provoke 503s, and a ``/batch`` one whose model
+waits for four requests to fill each batch. Results are checked against the same pipeline run
+in this process.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from raysky.net import free_port
 
 pytestmark = pytest.mark.slow
 
-API_KEYS = ("test-key-one", "test-key-two")
+API_KEYS = ("test-key-one-" + "1" * 20, "test-key-two-" + "2" * 20)
 AUTH = {"Authorization": f"Bearer {API_KEYS[1]}"}
 BODY_LIMIT = 1024 * 1024
 TIMEOUT = httpx.Timeout(180.0)
@@ -90,7 +92,12 @@ def pipeline(checkpoints) -> LesionPipeline:
 class Server:
     url: str
     overload_url: str
+    batch_url: str
     access_log: Path
+
+
+BATCH_APP = "raysky-batch"
+BATCH_SIZE = 4
 
 
 @pytest.fixture(scope="module")
@@ -103,14 +110,23 @@ def server(ray_local, checkpoints, tmp_path_factory):
     url = run_server(ServeSettings(
         **checkpoints, port=port, app_name="raysky-test", api_keys=API_KEYS,
         max_body_bytes=BODY_LIMIT, access_log=str(access_log), num_cpus=1, torch_threads=2,
+        enable_docs=True,
     ))
     overload_url = run_server(ServeSettings(
         **checkpoints, port=port, app_name="raysky-overload", route_prefix="/overload",
-        api_keys=(), max_batch_size=1, max_ongoing_requests=1, max_queued_requests=1,
+        api_keys=(), allow_unauthenticated=True, max_batch_size=1, max_ongoing_requests=1,
+        max_queued_requests=1, num_cpus=0.5, torch_threads=1,
+    ))
+    # A batch closes only once full (the wait is far longer than any test), so requests sent
+    # together are scored together.
+    batch_url = run_server(ServeSettings(
+        **checkpoints, port=port, app_name=BATCH_APP, route_prefix="/batch", api_keys=API_KEYS,
+        max_batch_size=BATCH_SIZE, batch_wait_timeout_s=120.0, max_ongoing_requests=BATCH_SIZE,
         num_cpus=0.5, torch_threads=1,
     ))
     try:
-        yield Server(url=url, overload_url=overload_url, access_log=access_log)
+        yield Server(url=url, overload_url=overload_url, batch_url=batch_url,
+                     access_log=access_log)
     finally:
         shutdown()
 
@@ -165,7 +181,7 @@ def test_health_ready_model_info_and_openapi(client, checkpoints):
     assert info["max_batch_size"] == 8
     assert info["torch_threads"] == 2  # set explicitly despite Ray's OMP_NUM_THREADS=1
     assert set(info["malignant_classes"]) == set(cls_meta["classes"]) & MALIGNANT_CLASSES
-    assert client.get("/docs").status_code == 200
+    assert client.get("/docs").status_code == 200  # this app enables them
     predict = client.get("/openapi.json").json()["paths"]["/v1/predict"]["post"]
     form = predict["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert form["required"] == ["image"] and set(form["properties"]) == {
@@ -248,12 +264,12 @@ def test_explain_and_mask_can_be_turned_off(client, pipeline, samples):
 def _odd_images() -> dict[str, tuple[bytes, tuple[int, int]]]:
     rng = np.random.default_rng(0)
     rgba = rng.integers(0, 256, (90, 120, 4), dtype=np.uint8)
-    gray16 = (rng.random((64, 48)) * 65535).astype(np.uint16)
     cmyk = io.BytesIO()
     Image.new("CMYK", (80, 60), (10, 200, 30, 5)).save(cmyk, format="JPEG")
+    palette = Image.fromarray(rgba[..., :3]).quantize(32)
     return {
         "rgba-png": (_png(Image.fromarray(rgba, "RGBA")), (120, 90)),
-        "gray16-png": (_png(Image.fromarray(gray16)), (48, 64)),
+        "palette-png": (_png(palette), (120, 90)),
         "cmyk-jpeg": (cmyk.getvalue(), (80, 60)),
         "one-pixel": (_png(Image.new("RGB", (1, 1), (200, 120, 90))), (1, 1)),
         "very-wide": (_png(Image.new("L", (1500, 3), 128)), (1500, 3)),
@@ -319,6 +335,27 @@ def _bomb(side: int) -> bytes:
     return _png(Image.new("1", (side, side)))
 
 
+def _encoded(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def _refused_images() -> dict[str, bytes]:
+    """Valid images of kinds no dermoscope produces, which cost up to 4x more to decode."""
+    rng = np.random.default_rng(1)
+    frames = [Image.new("RGB", (40, 30), (60 * i, 90, 120)) for i in range(3)]
+    return {
+        "one-bit-png": _png(Image.new("1", (64, 48), 1)),
+        "gray16-png": _png(Image.fromarray((rng.random((64, 48)) * 65535).astype(np.uint16))),
+        "float32-tiff": _encoded(Image.fromarray(rng.random((64, 48)).astype(np.float32)),
+                                 "TIFF"),
+        "animated-gif": _encoded(frames[0], "GIF", save_all=True, append_images=frames[1:]),
+        "multi-page-tiff": _encoded(frames[0], "TIFF", save_all=True,
+                                    append_images=frames[1:]),
+    }
+
+
 @pytest.fixture(scope="module")
 def jpeg(samples) -> bytes:
     return samples[0]["bytes"]
@@ -368,6 +405,9 @@ BAD_REQUESTS = {
     "pdf-file": (lambda j: {"files": {"image": ("scan.pdf", b"%PDF-1.4\n%\xe2\xe3\n1 0 obj\n")}},
                  415, "unsupported_image", "image"),
     "empty-file": (lambda j: {"files": {"image": ("a.jpg", b"")}}, 400, "invalid_image", "image"),
+    **{name: (lambda j, name=name, data=data: {"files": {"image": (f"{name}.img", data)}},
+              415, "unsupported_image", "image")
+       for name, data in _refused_images().items()},
     "truncated-jpeg": (lambda j: {"files": {"image": ("a.jpg", j[: len(j) // 2])}},
                        400, "invalid_image", "image"),
     "decompression-bomb": (lambda j: {"files": {"image": ("bomb.png", _bomb(12_000))}},
@@ -507,3 +547,56 @@ def test_access_log_is_json_without_patient_metadata(server, client, jpeg):
         assert value not in log_text
     for key in ("age", "sex", "site", "image_id"):
         assert f'"{key}"' not in log_text
+
+
+# --- hardening: docs off by default, cached readiness, one bad request per batch ----------
+
+
+def test_docs_and_schema_are_off_unless_enabled(server):
+    with httpx.Client(base_url=server.overload_url, timeout=TIMEOUT) as http:
+        for path in ("/docs", "/redoc", "/openapi.json"):
+            response = http.get(path)
+            assert response.status_code == 404, path
+            assert response.json()["error"] == "not_found"
+        assert http.get("/healthz").status_code == 200
+
+
+def test_readiness_probes_cannot_fill_the_model_queue(server):
+    # The overload app's model admits one request and queues one: uncached, a burst of
+    # probes would get 503s from its queue.
+    async def probe(count: int) -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=count)
+        async with httpx.AsyncClient(base_url=server.overload_url, timeout=TIMEOUT,
+                                     limits=limits) as http:
+            return await asyncio.gather(*(http.get("/readyz") for _ in range(count)))
+
+    responses = asyncio.run(probe(40))
+    assert [r.status_code for r in responses] == [200] * 40, {r.text for r in responses}
+
+
+def test_one_bad_request_fails_alone_not_its_whole_batch(server, samples):
+    """Three good uploads and one request that breaks the pipeline fill one batch together."""
+    from ray import serve
+
+    from raysky.serve.app import MODEL_DEPLOYMENT
+
+    model = serve.get_deployment_handle(MODEL_DEPLOYMENT, app_name=BATCH_APP)
+    # Past the HTTP checks no upload can break the pipeline, so the broken one goes to the
+    # model directly: a flat array, which the pipeline cannot resize.
+    broken = {"image": np.zeros(7, np.uint8), "metadata": {}, "explain": True, "mask": True}
+
+    async def together():
+        failing = asyncio.ensure_future(model.predict.remote(broken))
+        good = asyncio.ensure_future(_post_many(
+            server.batch_url, [(s["bytes"], {}, {}) for s in samples[:BATCH_SIZE - 1]]))
+        return await asyncio.gather(failing, good, return_exceptions=True)
+
+    failed, responses = asyncio.run(together())
+    assert isinstance(failed, Exception), failed
+    assert [r.status_code for r in responses] == [200] * (BATCH_SIZE - 1), [
+        r.text for r in responses]
+    assert all(r.json()["predicted_class"] in r.json()["classes"] for r in responses)
+    with httpx.Client(base_url=server.batch_url, timeout=TIMEOUT) as http:
+        stats = http.get("/v1/model", headers=AUTH).json()["replica_stats"]
+    # Each request was scored on its own after the shared batch failed.
+    assert stats["largest_batch"] == 1 and stats["requests"] == BATCH_SIZE - 1, stats

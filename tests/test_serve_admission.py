@@ -11,14 +11,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from raysky.serve.admission import BudgetTimeout, PixelBudget
+from raysky.data.images import read_image_header
+from raysky.serve.admission import BudgetTimeout, MemoryBudget
 from raysky.serve.api import ApiOptions, create_api
 from raysky.serve.security import ApiKeyChecker
 
 
 def test_holds_within_the_budget_run_together_and_later_ones_wait_in_order():
     async def scenario():
-        budget, order = PixelBudget(100), []
+        budget, order = MemoryBudget(100), []
 
         async def job(name: str, pixels: int, seconds: float):
             async with budget.hold(pixels, timeout_s=5):
@@ -43,7 +44,7 @@ def test_holds_within_the_budget_run_together_and_later_ones_wait_in_order():
 
 def test_no_room_within_the_wait_raises_and_leaves_the_budget_clean():
     async def scenario():
-        budget = PixelBudget(10)
+        budget = MemoryBudget(10)
         async with budget.hold(10, timeout_s=1):
             with pytest.raises(BudgetTimeout):
                 async with budget.hold(1, timeout_s=0.02):
@@ -57,7 +58,7 @@ def test_no_room_within_the_wait_raises_and_leaves_the_budget_clean():
 
 def test_a_cancelled_waiter_releases_its_place():
     async def scenario():
-        budget = PixelBudget(10)
+        budget = MemoryBudget(10)
         async with budget.hold(8, timeout_s=1):
             waiter = asyncio.create_task(budget.hold(8, timeout_s=5).__aenter__())
             await asyncio.sleep(0.01)
@@ -72,7 +73,7 @@ def test_a_cancelled_waiter_releases_its_place():
 
 def test_an_image_larger_than_the_budget_runs_alone():
     async def scenario():
-        budget = PixelBudget(10)
+        budget = MemoryBudget(10)
         async with budget.hold(1_000, timeout_s=0.05):
             assert budget.in_use == 10
         return budget.in_use
@@ -82,7 +83,48 @@ def test_an_image_larger_than_the_budget_runs_alone():
 
 def test_budget_must_be_positive():
     with pytest.raises(ValueError, match="positive"):
-        PixelBudget(0)
+        MemoryBudget(0)
+
+
+def _encoded(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def test_the_header_tells_the_decode_cost_by_mode():
+    rgb = read_image_header(_jpeg(200, 150))
+    assert (rgb.width, rgb.height, rgb.mode, rgb.multi_frame) == (200, 150, "RGB", False)
+    rgba = read_image_header(_encoded(Image.new("RGBA", (200, 150)), "PNG"))
+    floats = read_image_header(_encoded(Image.new("F", (200, 150)), "TIFF"))
+    # Alpha is composited at twice the cost; float data is scaled in float64.
+    assert rgba.decode_bytes == 2 * rgb.decode_bytes
+    assert floats.decode_bytes > 3 * rgb.decode_bytes
+    frames = [Image.new("L", (20, 20), 80 * i) for i in range(3)]
+    gif = _encoded(frames[0], "GIF", save_all=True, append_images=frames[1:])
+    assert read_image_header(gif).multi_frame
+
+
+def test_the_budget_weighs_uploads_by_their_decode_cost(tmp_path: Path):
+    # Room for two RGB images at once, but an RGBA upload costs as much as two of them.
+    backend = RecordingBackend()
+    one_image = 200 * 150
+    app = create_api(backend, ApiOptions(max_inflight_pixels=2 * one_image,
+                                         access_log=str(tmp_path / "access.log")),
+                     keys=ApiKeyChecker(()))
+    rgba = _encoded(Image.new("RGBA", (200, 150), (120, 60, 40, 128)), "PNG")
+    responses = _post_all(app, [rgba] * 4)
+    assert [r.status_code for r in responses] == [200] * 4
+    assert backend.most_held == one_image  # one at a time
+
+
+def test_the_api_refuses_to_run_without_keys_unless_told(monkeypatch):
+    from raysky.serve.security import API_KEYS_ENV, API_KEYS_FILE_ENV, ApiKeyError
+
+    monkeypatch.delenv(API_KEYS_ENV, raising=False)
+    monkeypatch.delenv(API_KEYS_FILE_ENV, raising=False)
+    with pytest.raises(ApiKeyError, match="no API keys"):
+        create_api(RecordingBackend())
 
 
 class RecordingBackend:

@@ -80,17 +80,19 @@ def test_cancelled_requests_are_not_scored(executor):
     assert model.batches == [[0], [1, 3]]
 
 
-def test_a_failing_batch_fails_only_its_requests(executor):
-    model = SlowModel()
+def test_a_bad_item_fails_alone_and_its_batch_mates_are_retried_one_by_one(executor):
+    model = SlowModel(seconds=0.0)
 
     async def scenario():
-        queue = BatchQueue(model, executor, max_batch_size=2)
-        futures = queue.submit([1, -1, 2, 3])
+        queue = BatchQueue(model, executor, max_batch_size=3)
+        futures = queue.submit([1, -1, 2, 3, 4])
         return await asyncio.gather(*futures, return_exceptions=True)
 
-    first, poisoned, third, fourth = asyncio.run(scenario())
-    assert isinstance(first, ValueError) and isinstance(poisoned, ValueError)
-    assert (third, fourth) == (20, 30)
+    first, poisoned, second, third, fourth = asyncio.run(scenario())
+    assert isinstance(poisoned, ValueError)
+    assert (first, second, third, fourth) == (10, 20, 30, 40)
+    # The poisoned batch, then each of its items alone; the next batch is untouched.
+    assert model.batches == [[1, -1, 2], [1], [-1], [2], [3, 4]]
 
 
 def test_a_batch_function_returning_the_wrong_count_is_an_error(executor):

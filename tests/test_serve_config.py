@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import logging
+import pickle
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,16 @@ import yaml
 from ray.serve.schema import ServeDeploySchema
 
 from raysky.serve.config import AppConfig, ServeSettings
-from raysky.serve.security import API_KEYS_ENV, ApiKeyChecker, parse_api_keys
+from raysky.serve.security import (
+    API_KEYS_ENV,
+    API_KEYS_FILE_ENV,
+    ApiKeyChecker,
+    ApiKeyError,
+    key_digest,
+    load_api_keys,
+    parse_api_keys,
+    replica_checker,
+)
 
 SERVE_CONFIG = Path(__file__).resolve().parents[1] / "infra" / "serve" / "raysky.yaml"
 
@@ -18,9 +29,66 @@ SERVE_CONFIG = Path(__file__).resolve().parents[1] / "infra" / "serve" / "raysky
 # --- API keys ------------------------------------------------------------------------------
 
 
-def test_parse_api_keys_drops_blanks():
+KEY_A = "a" * 32
+KEY_B = "b" * 43
+
+
+def test_parse_api_keys_drops_blanks_and_comments():
     assert parse_api_keys(" a , b,,c ,") == ("a", "b", "c")
+    assert parse_api_keys("# serving keys\nk1\n\n k2 ,k3\n") == ("k1", "k2", "k3")
     assert parse_api_keys("") == parse_api_keys(None) == parse_api_keys(" , ") == ()
+
+
+def test_keys_come_from_a_file_the_file_variable_or_the_key_variable(tmp_path):
+    secret = tmp_path / "keys"
+    secret.write_text(f"# rotated 2025-01\n{KEY_A}\n{KEY_B}\n")
+    other = tmp_path / "other"
+    other.write_text(KEY_B)
+    assert load_api_keys(str(secret), {}) == (KEY_A, KEY_B)
+    # An explicit file wins over the environment; the file variable over the key variable.
+    assert load_api_keys(str(secret), {API_KEYS_FILE_ENV: str(other)}) == (KEY_A, KEY_B)
+    assert load_api_keys(None, {API_KEYS_FILE_ENV: str(other), API_KEYS_ENV: KEY_A}) == (KEY_B,)
+    assert load_api_keys(None, {API_KEYS_ENV: f"{KEY_A},{KEY_B}"}) == (KEY_A, KEY_B)
+    assert load_api_keys(None, {}) == ()
+    with pytest.raises(ApiKeyError, match="cannot read the API key file"):
+        load_api_keys(str(tmp_path / "missing"), {})
+    (tmp_path / "empty").write_text("# nothing yet\n")
+    with pytest.raises(ApiKeyError, match="holds no keys"):
+        load_api_keys(str(tmp_path / "empty"), {})
+
+
+@pytest.mark.parametrize("where", ["env", "file"])
+def test_keys_shorter_than_32_characters_are_refused_without_echoing_them(tmp_path, where):
+    short = "x" * 31
+    environ = {API_KEYS_ENV: f"{KEY_A},{short}"}
+    if where == "file":
+        (tmp_path / "keys").write_text(f"{KEY_A}\n{short}\n")
+        environ = {API_KEYS_FILE_ENV: str(tmp_path / "keys")}
+    with pytest.raises(ApiKeyError, match="key 2 of 2 has 31 characters; keys need at least 32") \
+            as error:
+        load_api_keys(None, environ)
+    assert short not in str(error.value) and "token_urlsafe" in str(error.value)
+    with pytest.raises(ValueError, match="at least 32"):
+        from raysky.serve.app import check_api_keys
+
+        check_api_keys(AppConfig(segmenter="s", classifier="c", api_keys=(short,)))
+
+
+def test_an_endpoint_without_keys_refuses_to_start_unless_allowed(caplog):
+    with pytest.raises(ApiKeyError, match="no API keys.*--allow-unauthenticated"):
+        replica_checker(None, None, allow_unauthenticated=False, environ={})
+    with pytest.raises(ApiKeyError, match="no API keys"):
+        replica_checker((), None, allow_unauthenticated=False, environ={API_KEYS_ENV: KEY_A})
+    with caplog.at_level(logging.WARNING, logger="raysky.serve.security"):
+        checker = replica_checker(None, None, allow_unauthenticated=True, environ={})
+    assert not checker.enabled
+    assert any(r.levelno == logging.WARNING and "authentication is OFF" in r.getMessage()
+               for r in caplog.records)
+    from_node = replica_checker(None, None, allow_unauthenticated=False,
+                                environ={API_KEYS_ENV: KEY_A})
+    assert from_node.check(f"Bearer {KEY_A}") and not from_node.check(f"Bearer {KEY_B}")
+    passed = replica_checker((key_digest(KEY_B),), None, allow_unauthenticated=False, environ={})
+    assert passed.check(f"Bearer {KEY_B}") and not passed.check(f"Bearer {KEY_A}")
 
 
 def test_checker_accepts_only_configured_bearer_keys():
@@ -32,12 +100,10 @@ def test_checker_accepts_only_configured_bearer_keys():
         assert not checker.check(header), header
 
 
-def test_checker_without_keys_lets_everything_through():
-    checker = ApiKeyChecker.from_env({API_KEYS_ENV: " , "})
+def test_an_empty_checker_lets_everything_through():
+    checker = ApiKeyChecker(())
     assert not checker.enabled
     assert checker.check(None)
-    assert ApiKeyChecker.from_env({API_KEYS_ENV: "k1,k2"}).check("Bearer k2")
-    assert not ApiKeyChecker.from_env({}).enabled
 
 
 # --- settings ------------------------------------------------------------------------------
@@ -48,9 +114,19 @@ def test_app_config_from_dict_names_unknown_and_missing_keys():
         AppConfig.from_dict({"segmenter": "s", "classifier": "c", "max_batch": 4})
     with pytest.raises(ValueError, match=r"missing raysky serve argument\(s\) \['classifier'\]"):
         AppConfig.from_dict({"segmenter": "s"})
-    config = AppConfig.from_dict({"segmenter": "s", "classifier": "c", "api_keys": ["k"]})
-    assert config.api_keys == ("k",)
+    config = AppConfig.from_dict({"segmenter": "s", "classifier": "c",
+                                  "api_keys_file": "/etc/raysky/keys", "enable_docs": True})
+    assert (config.api_keys_file, config.enable_docs, config.allow_unauthenticated) == (
+        "/etc/raysky/keys", True, False)
     assert AppConfig.from_dict(config.to_app_args()) == config
+
+
+def test_a_serve_config_cannot_carry_api_keys():
+    # The dashboard shows a Serve config's application arguments in plain text.
+    with pytest.raises(ValueError, match="api_keys cannot be given in a Serve config"):
+        AppConfig.from_dict({"segmenter": "s", "classifier": "c", "api_keys": [KEY_A]})
+    with_keys = AppConfig(segmenter="s", classifier="c", api_keys=(KEY_A,))
+    assert "api_keys" not in with_keys.to_app_args()
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -61,6 +137,8 @@ def test_app_config_from_dict_names_unknown_and_missing_keys():
     ({"precision": "fp16"}, "precision"),
     ({"max_body_bytes": 0}, "max_body_bytes"),
     ({"api_keys": "one-string"}, "list of keys"),
+    ({"api_keys": ("k" * 32,), "api_keys_file": "/keys"}, "not both"),
+    ({"model_memory_mb": 0}, "model_memory_mb"),
     ({"segmenter": ""}, "segmenter and a classifier"),
 ])
 def test_inconsistent_settings_are_rejected(overrides, message):
@@ -130,14 +208,73 @@ def test_serve_config_holds_no_api_keys(serve_config):
 
 
 def test_builder_accepts_the_config_args_with_real_checkpoints(serve_config, tiny_checkpoints,
-                                                                tmp_path):
+                                                                tmp_path, monkeypatch):
     from ray.serve import Application
 
     from raysky.serve.app import build_app
 
+    monkeypatch.delenv(API_KEYS_FILE_ENV, raising=False)
+    monkeypatch.setenv(API_KEYS_ENV, KEY_A)  # the node's keys, as the RayService sets them
     args = dict(_app(serve_config)["args"], **tiny_checkpoints)
     assert isinstance(build_app(args), Application)
     with pytest.raises(FileNotFoundError, match="not a raysky checkpoint"):
         build_app(dict(args, segmenter=str(tmp_path / "missing")))
     with pytest.raises(ValueError, match="but a segmenter was expected"):
         build_app(dict(args, segmenter=tiny_checkpoints["classifier"]))
+
+
+def _deployments(app) -> dict:
+    """The deployments of a built application, by name (ingress first, then what it binds)."""
+    ingress = app._bound_deployment
+    model = next(a for a in ingress.init_args if hasattr(a, "_bound_deployment"))
+    return {d.name: d for d in (ingress, model._bound_deployment)}
+
+
+def test_the_serve_config_refuses_to_build_without_keys_on_the_node(serve_config,
+                                                                      tiny_checkpoints,
+                                                                      monkeypatch, tmp_path):
+    from raysky.serve.app import build_app
+
+    monkeypatch.delenv(API_KEYS_ENV, raising=False)
+    monkeypatch.delenv(API_KEYS_FILE_ENV, raising=False)
+    args = dict(_app(serve_config)["args"], **tiny_checkpoints)
+    assert "allow_unauthenticated" not in args
+    with pytest.raises(ApiKeyError, match="no API keys"):
+        build_app(args)
+    build_app(dict(args, allow_unauthenticated=True))
+    (tmp_path / "keys").write_text(KEY_B)
+    build_app(dict(args, api_keys_file=str(tmp_path / "keys")))
+    monkeypatch.setenv(API_KEYS_FILE_ENV, str(tmp_path / "keys"))
+    build_app(args)
+
+
+def test_keys_never_travel_in_runtime_env_or_arguments(tiny_checkpoints, monkeypatch):
+    from raysky.serve.app import INGRESS_DEPLOYMENT, build_app
+
+    monkeypatch.delenv(API_KEYS_ENV, raising=False)
+    deployments = _deployments(build_app(AppConfig(**tiny_checkpoints, api_keys=(KEY_A, KEY_B))))
+    for deployment in deployments.values():
+        assert "runtime_env" not in (deployment.ray_actor_options or {})
+        values = [a for a in deployment.init_args if not hasattr(a, "_bound_deployment")]
+        shipped = pickle.dumps((values, deployment.init_kwargs, deployment.ray_actor_options))
+        assert KEY_A.encode() not in shipped and KEY_B.encode() not in shipped
+    # Only digests reach the ingress, and they authenticate nothing by themselves.
+    assert (key_digest(KEY_A), key_digest(KEY_B)) in deployments[INGRESS_DEPLOYMENT].init_args
+
+
+def test_model_replicas_reserve_memory_for_their_batch(tiny_checkpoints, monkeypatch):
+    from raysky.serve.app import MODEL_DEPLOYMENT, build_app
+
+    monkeypatch.setenv(API_KEYS_ENV, KEY_A)
+    reserved = {}
+    for batch in (1, 8, 16):
+        config = AppConfig(**tiny_checkpoints, max_batch_size=batch,
+                           max_ongoing_requests=max(16, batch))
+        model = _deployments(build_app(config))[MODEL_DEPLOYMENT]
+        reserved[batch] = model.ray_actor_options["memory"]
+        assert reserved[batch] == config.model_memory_bytes
+    assert reserved[1] < reserved[8] < reserved[16]
+    assert reserved[16] - reserved[8] == 8 * (reserved[8] - reserved[1]) / 7
+    pinned = AppConfig(**tiny_checkpoints, model_memory_mb=3000)
+    assert _deployments(build_app(pinned))[MODEL_DEPLOYMENT].ray_actor_options["memory"] == (
+        3000 * 2**20)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 
 
@@ -20,9 +21,11 @@ def register(subparsers) -> None:
         "serve", help="run the live HTTP endpoint (Ray Serve) until Ctrl-C",
         description="Deploy the segmenter + classifier + Grad-CAM pipeline behind a batched, "
         "autoscaled Ray Serve endpoint and block until Ctrl-C or SIGTERM, then shut it down. "
-        "POST /v1/predict takes a multipart 'image' plus optional age, sex, site and image_id; "
-        "OpenAPI is at /docs. When RAYSKY_API_KEYS (comma separated) is set, requests need "
-        "'Authorization: Bearer <key>'. For 'serve run'/'serve deploy' use "
+        "POST /v1/predict takes a multipart 'image' plus optional age, sex, site and image_id, "
+        "and needs 'Authorization: Bearer <key>'. The keys (at least 32 characters each) come "
+        "from --api-keys-file, the file named by RAYSKY_API_KEYS_FILE, or RAYSKY_API_KEYS "
+        "(comma separated); without any the command refuses to start unless "
+        "--allow-unauthenticated is given. For 'serve run'/'serve deploy' use "
         "infra/serve/raysky.yaml instead.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--segmenter", required=True,
@@ -62,6 +65,13 @@ def register(subparsers) -> None:
     parser.add_argument("--max-inflight-pixels", type=int, default=DEFAULT_MAX_INFLIGHT_PIXELS,
                         help="decoded pixels an ingress replica holds at once; uploads beyond "
                         "it wait their turn, and get 503 after 30 s (default: %(default)s)")
+    parser.add_argument("--api-keys-file", default=None,
+                        help="file holding the accepted API keys, one per line (keep it mode "
+                        "0600); default: RAYSKY_API_KEYS_FILE, else RAYSKY_API_KEYS")
+    parser.add_argument("--allow-unauthenticated", action="store_true",
+                        help="serve without API keys: anyone who can reach the port can use it")
+    parser.add_argument("--enable-docs", action="store_true",
+                        help="serve the OpenAPI schema and docs at /openapi.json and /docs")
     parser.add_argument("--access-log", default=None,
                         help="also append the JSON access log to this local file")
     parser.add_argument("--address", default="local",
@@ -73,11 +83,11 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     """Deploy, print the URL, block until interrupted, shut down."""
     from raysky.serve import ServeSettings, run_server
-    from raysky.serve.security import API_KEYS_ENV, parse_api_keys
+    from raysky.serve.security import load_api_keys
 
-    # Forward the caller's keys explicitly: with --address auto, replicas do not inherit
-    # this shell's environment.
-    keys = parse_api_keys(os.environ[API_KEYS_ENV]) if API_KEYS_ENV in os.environ else None
+    # Read here, so a missing or short key fails before Ray starts, and so the keys also
+    # protect replicas on other nodes (--address auto), which only receive their digests.
+    keys = load_api_keys(args.api_keys_file)
     settings = ServeSettings(
         segmenter=args.segmenter,
         classifier=args.classifier,
@@ -98,11 +108,16 @@ def run(args: argparse.Namespace) -> int:
         max_pixels=args.max_pixels,
         max_inflight_pixels=args.max_inflight_pixels,
         api_keys=keys,
+        allow_unauthenticated=args.allow_unauthenticated,
+        enable_docs=args.enable_docs,
         access_log=os.path.abspath(args.access_log) if args.access_log else None,
         ray_address=args.address,
     )
-    print(f"raysky serve: API-key auth {'on' if keys else 'off'} ({API_KEYS_ENV}); "
-          f"{settings.min_replicas}-{settings.max_replicas} model replicas, batches of "
-          f"{settings.max_batch_size}", flush=True)
+    # So warnings, such as serving without authentication, reach this terminal with their level.
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+    auth = f"on ({len(keys)} keys)" if keys else "OFF"
+    print(f"raysky serve: API-key auth {auth}; {settings.min_replicas}-"
+          f"{settings.max_replicas} model replicas, batches of {settings.max_batch_size}",
+          flush=True)
     run_server(settings, blocking=True)
     return 0

@@ -1,10 +1,12 @@
-"""Bounding the decoded pixels an ingress replica holds at once.
+"""Bounding the memory an ingress replica spends on decoded uploads at once.
 
-A decoded upload costs about 3 bytes per pixel, and its mask and heatmap two more, for as long
-as the request is queued or scored. With 64-megapixel uploads allowed, a few dozen requests in
-flight would need tens of GB, so each ingress replica admits uploads against a pixel budget:
-an upload waits, in arrival order, until the budget has room for it, and gets a 503 if it
-cannot be admitted in time.
+Decoding an upload takes about 10 bytes per pixel for 8-bit colour and twice that with alpha
+or a palette (:data:`raysky.data.images.DECODE_BYTES_PER_PIXEL`, read from the header before
+decoding), and the RGB array, mask and heatmap stay for as long as the request is queued or
+scored. With 64-megapixel uploads allowed, a few dozen requests in flight would need tens of
+GB, so each ingress replica admits uploads against a memory budget: an upload waits, in
+arrival order, until the budget has room for its decode, and gets a 503 if it cannot be
+admitted in time.
 """
 
 from __future__ import annotations
@@ -19,31 +21,31 @@ class BudgetTimeout(Exception):
     """No room in the budget within the wait; the caller answers 503."""
 
 
-class PixelBudget:
-    """A first-come, first-served budget of pixels in flight, for one event loop.
+class MemoryBudget:
+    """A first-come, first-served budget of bytes in flight, for one event loop.
 
-    An image larger than the whole budget is admitted once nothing else is in flight, so a
-    budget smaller than the largest allowed image slows such images down but never refuses
+    An image costing more than the whole budget is admitted once nothing else is in flight, so
+    a budget smaller than the largest allowed image slows such images down but never refuses
     them for size alone.
     """
 
     def __init__(self, limit: int):
         if limit < 1:
-            raise ValueError(f"the pixel budget must be positive, got {limit}")
+            raise ValueError(f"the memory budget must be positive, got {limit}")
         self.limit = limit
         self.in_use = 0
         self._waiting: deque[tuple[int, asyncio.Future]] = deque()
 
-    def _cost(self, pixels: int) -> int:
-        return max(1, min(int(pixels), self.limit))
+    def _cost(self, nbytes: int) -> int:
+        return max(1, min(int(nbytes), self.limit))
 
     @contextlib.asynccontextmanager
-    async def hold(self, pixels: int, timeout_s: float) -> AsyncIterator[None]:
-        """Hold ``pixels`` of the budget for the body of the ``async with``.
+    async def hold(self, nbytes: int, timeout_s: float) -> AsyncIterator[None]:
+        """Hold ``nbytes`` of the budget for the body of the ``async with``.
 
-        Raises :class:`BudgetTimeout` when the pixels are not granted within ``timeout_s``.
+        Raises :class:`BudgetTimeout` when the bytes are not granted within ``timeout_s``.
         """
-        cost = self._cost(pixels)
+        cost = self._cost(nbytes)
         await self._acquire(cost, timeout_s)
         try:
             yield
@@ -68,7 +70,7 @@ class PixelBudget:
                     self._waiting.remove(entry)
                 self._grant()  # a big request at the head may have been blocking smaller ones
             if isinstance(exc, asyncio.TimeoutError):
-                raise BudgetTimeout(f"no room for {cost} pixels within {timeout_s:g} s") from None
+                raise BudgetTimeout(f"no room for {cost} bytes within {timeout_s:g} s") from None
             raise
 
     def _release(self, cost: int) -> None:

@@ -13,6 +13,7 @@ raysky itself can produce a 500.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
@@ -36,16 +37,18 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from raysky import __version__
 from raysky.data.images import (
+    DECODE_BYTES_PER_PIXEL,
     DEFAULT_MAX_PIXELS,
     ImageDecodeError,
+    ImageHeader,
     decode_image,
     encode_png,
-    read_image_size,
+    read_image_header,
 )
 from raysky.data.metadata import UNKNOWN, normalize_site
-from raysky.serve.admission import BudgetTimeout, PixelBudget
+from raysky.serve.admission import BudgetTimeout, MemoryBudget
 from raysky.serve.config import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_INFLIGHT_PIXELS
-from raysky.serve.security import ApiKeyChecker
+from raysky.serve.security import ApiKeyChecker, replica_checker
 
 ACCESS_LOGGER = "raysky.serve.access"
 METADATA_FIELDS = ("age", "sex", "site")
@@ -55,6 +58,12 @@ MAX_IMAGE_ID_LENGTH = 128
 MAX_AGE_YEARS = 120.0
 RESPONSE_PNG_COMPRESS_LEVEL = 1
 """Fast zlib level for the answer's PNGs: encoding stays under a millisecond per 200x150 map."""
+UPLOAD_MODES = frozenset({"RGB", "RGBX", "YCbCr", "CMYK", "L", "RGBA", "LA", "P", "PA"})
+"""Pillow modes accepted from uploads: 8-bit colour or grey, with or without alpha or a palette.
+Bilevel, 16/32-bit and float images are never dermoscopy photographs, and cost up to 4x the
+memory to decode."""
+READY_CACHE_S = 2.0
+"""How long /readyz reuses the model's last answer, so probes cannot fill the model's queue."""
 _ACCESS_SCOPE_KEY = "raysky.access"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _IMAGE_ID = re.compile(r"^[\w.:/+-]+$")
@@ -98,9 +107,9 @@ class BodyTooLarge(Exception):
 class ApiOptions:
     """Request limits of the HTTP layer and where the access log goes, besides stderr.
 
-    ``max_inflight_pixels`` bounds the decoded pixels this app holds at once (see
-    :mod:`raysky.serve.admission`); an upload that finds no room within
-    ``admission_timeout_s`` gets 503.
+    ``max_inflight_pixels`` bounds the decoded pixels, counted as 8-bit RGB, this app holds at
+    once (see :mod:`raysky.serve.admission`); an upload that finds no room within
+    ``admission_timeout_s`` gets 503. ``enable_docs`` serves ``/docs`` and ``/openapi.json``.
     """
 
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
@@ -108,6 +117,7 @@ class ApiOptions:
     access_log: str | None = None
     max_inflight_pixels: int = DEFAULT_MAX_INFLIGHT_PIXELS
     admission_timeout_s: float = 30.0
+    enable_docs: bool = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,12 +331,21 @@ def _upload_error(exc: ImageDecodeError) -> ApiError:
     return ApiError(400, "invalid_image", f"image: {exc.reason}", "image")
 
 
-def upload_size(data: bytes, max_pixels: int) -> tuple[int, int]:
-    """``(width, height)`` of an upload from its header; failures map as in decoding."""
+def upload_header(data: bytes, max_pixels: int) -> ImageHeader:
+    """An upload's header, checked before decoding: failures map as in decoding, and modes
+    outside :data:`UPLOAD_MODES` or several frames get 415."""
     try:
-        return read_image_size(data, "image", max_pixels=max_pixels)
+        header = read_image_header(data, "image", max_pixels=max_pixels)
     except ImageDecodeError as exc:
         raise _upload_error(exc) from None
+    if header.mode not in UPLOAD_MODES:
+        raise ApiError(415, "unsupported_image", f"image: {header.format} in Pillow mode "
+                       f"{header.mode!r} is not accepted; send an 8-bit colour or greyscale "
+                       "photograph (JPEG, PNG, TIFF, BMP, WebP, GIF)", "image")
+    if header.multi_frame:
+        raise ApiError(415, "unsupported_image", f"image: {header.format} with several frames "
+                       "or pages is not accepted; send a single image", "image")
+    return header
 
 
 def decode_upload(data: bytes, max_pixels: int) -> np.ndarray:
@@ -335,6 +354,30 @@ def decode_upload(data: bytes, max_pixels: int) -> np.ndarray:
         return np.asarray(decode_image(data, "image", max_pixels=max_pixels))
     except ImageDecodeError as exc:
         raise _upload_error(exc) from None
+
+
+class _CachedCall:
+    """Awaits ``call`` at most once per ``ttl_s``: concurrent and later callers within that
+    time share its outcome, a result or an exception alike."""
+
+    def __init__(self, call, ttl_s: float):
+        self._call = call
+        self._ttl_s = ttl_s
+        self._task: asyncio.Task | None = None
+        self._finished_at = -math.inf
+
+    async def __call__(self) -> Any:
+        now = time.monotonic()
+        if self._task is None or (self._task.done() and now - self._finished_at > self._ttl_s):
+            self._task = asyncio.ensure_future(self._call())
+            self._task.add_done_callback(self._finished)
+        # Shielded: a probe that gives up must not cancel the call the others are waiting on.
+        return await asyncio.shield(self._task)
+
+    def _finished(self, task: asyncio.Task) -> None:
+        self._finished_at = time.monotonic()
+        if not task.cancelled():
+            task.exception()  # retrieved here, so a failure nobody awaited is not logged
 
 
 def _png_base64(array: np.ndarray, is_mask: bool) -> str:
@@ -379,23 +422,30 @@ def create_api(backend: PredictBackend, options: ApiOptions | None = None,
                keys: ApiKeyChecker | None = None) -> FastAPI:
     """Build the FastAPI app over ``backend``.
 
-    ``keys`` defaults to the checker built from ``RAYSKY_API_KEYS`` in this process's
-    environment. Routes: ``POST /v1/predict``, ``GET /v1/model``, ``GET /healthz``,
-    ``GET /readyz``; OpenAPI at ``/docs``.
+    ``keys`` defaults to the keys of this process's environment, which must exist (see
+    :func:`raysky.serve.security.replica_checker`); an empty :class:`ApiKeyChecker` turns
+    authentication off. Routes: ``POST /v1/predict``, ``GET /v1/model``, ``GET /healthz``,
+    ``GET /readyz``; OpenAPI at ``/docs`` only with ``options.enable_docs``.
     """
     options = options or ApiOptions()
-    keys = keys if keys is not None else ApiKeyChecker.from_env()
-    budget = PixelBudget(options.max_inflight_pixels)
+    keys = keys if keys is not None else replica_checker(None, None, allow_unauthenticated=False)
+    # The budget is in bytes; max_inflight_pixels counts pixels of 8-bit RGB.
+    budget = MemoryBudget(options.max_inflight_pixels * DECODE_BYTES_PER_PIXEL["RGB"])
     access_logger = configure_access_log(options.access_log)
     logger.info("raysky API: API-key auth %s",
                 f"enabled ({keys.num_keys} keys)" if keys.enabled else "disabled")
 
+    docs = options.enable_docs
     app = FastAPI(
         title="raysky",
         version=__version__,
         description="Explainable skin-lesion classification: one dermoscopy image (plus optional "
         "age, sex and site) in; class probabilities, lesion mask and Grad-CAM heatmap out.",
+        # Off by default: the schema maps the API for anyone who can reach the port.
+        docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
     )
+    readiness = _CachedCall(backend.info, READY_CACHE_S)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
@@ -444,7 +494,7 @@ def create_api(backend: PredictBackend, options: ApiOptions | None = None,
     async def readyz() -> dict[str, str]:
         # Unauthenticated, like /healthz, for orchestrator probes: so it says nothing about
         # the models; /v1/model (authenticated) does.
-        await backend.info()
+        await readiness()
         return {"status": "ready"}
 
     @app.get("/v1/model", dependencies=[Depends(require_api_key)],
@@ -489,9 +539,9 @@ def create_api(backend: PredictBackend, options: ApiOptions | None = None,
             await form.close()
         entry = request.scope.get(_ACCESS_SCOPE_KEY, {})
         entry["image_bytes"] = len(data)
-        header_width, header_height = upload_size(data, options.max_pixels)
+        header = upload_header(data, options.max_pixels)
         try:
-            async with budget.hold(header_width * header_height, options.admission_timeout_s):
+            async with budget.hold(header.decode_bytes, options.admission_timeout_s):
                 image = await run_in_threadpool(decode_upload, data, options.max_pixels)
                 del data
                 # After EXIF orientation, which may swap the header's width and height.

@@ -35,7 +35,12 @@ from raysky.serve.config import (
     DEFAULT_MAX_INFLIGHT_PIXELS,
     AppConfig,
 )
-from raysky.serve.security import API_KEYS_ENV
+from raysky.serve.security import (
+    key_digest,
+    replica_checker,
+    require_keys_or_permission,
+    validate_api_keys,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -184,20 +189,29 @@ class ServeHandleBackend:
 @serve.deployment(name=INGRESS_DEPLOYMENT, max_ongoing_requests=128, max_queued_requests=512)
 @serve.ingress()
 class RayskyIngress:
-    """HTTP ingress: FastAPI app built per replica over a handle to the model deployment."""
+    """HTTP ingress: FastAPI app built per replica over a handle to the model deployment.
+
+    ``key_digests`` are the digests of the keys its deployer checked; ``None`` makes the replica
+    read the keys of its own node (``api_keys_file``, ``RAYSKY_API_KEYS_FILE`` or
+    ``RAYSKY_API_KEYS``). Without keys it refuses to start unless ``allow_unauthenticated``.
+    """
 
     def __init__(self, model: DeploymentHandle, max_body_bytes: int, max_pixels: int,
                  access_log: str | None = None,
-                 max_inflight_pixels: int = DEFAULT_MAX_INFLIGHT_PIXELS):
+                 max_inflight_pixels: int = DEFAULT_MAX_INFLIGHT_PIXELS,
+                 key_digests: tuple[bytes, ...] | None = None, api_keys_file: str | None = None,
+                 allow_unauthenticated: bool = False, enable_docs: bool = False):
         self._backend = ServeHandleBackend(model)
         self._options = ApiOptions(max_body_bytes=max_body_bytes, max_pixels=max_pixels,
                                    access_log=access_log,
-                                   max_inflight_pixels=max_inflight_pixels)
+                                   max_inflight_pixels=max_inflight_pixels,
+                                   enable_docs=enable_docs)
+        self._keys = replica_checker(key_digests, api_keys_file, allow_unauthenticated)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         # Built in the replica, after __init__, so limits and API keys come from this
-        # replica's arguments and environment rather than from import time.
-        return create_api(self._backend, self._options)
+        # replica's arguments and node rather than from import time.
+        return create_api(self._backend, self._options, self._keys)
 
 
 def check_checkpoints(config: AppConfig) -> None:
@@ -212,15 +226,32 @@ def check_checkpoints(config: AppConfig) -> None:
             raise ValueError(f"{uri}: is a {meta['kind']} checkpoint, but a {kind} was expected")
 
 
+def check_api_keys(config: AppConfig) -> tuple[bytes, ...] | None:
+    """Digests of the caller's ``api_keys``, or ``None`` when the replicas read their node's.
+
+    Either way an app without keys is refused here, before any replica starts, unless it is
+    allowed to run unauthenticated; the replicas check again where the keys are read.
+    """
+    if config.api_keys is None:
+        # Only checked here; each replica reads the keys of its own node.
+        replica_checker(None, config.api_keys_file, config.allow_unauthenticated)
+        return None
+    digests = tuple(key_digest(k) for k in validate_api_keys(config.api_keys, "api_keys"))
+    require_keys_or_permission(digests, config.allow_unauthenticated)
+    return digests
+
+
 def build_app(args: dict[str, Any] | AppConfig) -> serve.Application:
     """Application builder for ``serve run``/``serve deploy`` (``raysky.serve.app:build_app``).
 
     ``args`` holds :class:`~raysky.serve.config.AppConfig` fields; ``segmenter`` and
     ``classifier`` (local paths or ``s3://`` URIs) are required. Scaling and queue bounds set
-    here are defaults that a Serve config's ``deployments:`` section may override.
+    here are defaults that a Serve config's ``deployments:`` section may override. Without API
+    keys (see :mod:`raysky.serve.security`) it raises unless ``allow_unauthenticated`` is set.
     """
     config = args if isinstance(args, AppConfig) else AppConfig.from_dict(dict(args or {}))
     check_checkpoints(config)
+    key_digests = check_api_keys(config)
     model = LesionModel.options(
         autoscaling_config={
             "min_replicas": config.min_replicas,
@@ -230,18 +261,17 @@ def build_app(args: dict[str, Any] | AppConfig) -> serve.Application:
         },
         max_ongoing_requests=config.max_ongoing_requests,
         max_queued_requests=config.max_queued_requests,
-        ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": 1 if config.use_gpu else 0},
+        ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": 1 if config.use_gpu else 0,
+                           "memory": config.model_memory_bytes},
         user_config={"max_batch_size": config.max_batch_size,
                      "batch_wait_timeout_s": config.batch_wait_timeout_s},
     ).bind(config.segmenter, config.classifier, config.use_gpu, config.precision, config.threads)
-    ingress_actor_options: dict[str, Any] = {"num_cpus": INGRESS_NUM_CPUS}
-    if config.api_keys is not None:
-        ingress_actor_options["runtime_env"] = {
-            "env_vars": {API_KEYS_ENV: ",".join(config.api_keys)}}
+    # No runtime_env: the dashboard and state API show it in plain text (see security.py).
     return RayskyIngress.options(
         num_replicas=config.ingress_replicas,
         max_ongoing_requests=config.ingress_max_ongoing_requests,
         max_queued_requests=config.ingress_max_queued_requests,
-        ray_actor_options=ingress_actor_options,
+        ray_actor_options={"num_cpus": INGRESS_NUM_CPUS},
     ).bind(model, config.max_body_bytes, config.max_pixels, config.access_log,
-           config.max_inflight_pixels)
+           config.max_inflight_pixels, key_digests, config.api_keys_file,
+           config.allow_unauthenticated, config.enable_docs)

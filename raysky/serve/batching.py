@@ -20,7 +20,8 @@ class BatchQueue:
 
     ``run_batch`` takes a list of items and returns one result per item, in order. It runs
     on ``executor``, one batch at a time, so the event loop stays free to take requests.
-    If it raises, that batch's requests get the exception and the queue carries on.
+    If it raises for a batch of several items, each item is run again on its own, so only the
+    items that fail by themselves get an exception; the queue carries on either way.
     """
 
     def __init__(self, run_batch: Callable[[list[Any]], Sequence[Any]], executor: Executor,
@@ -60,16 +61,38 @@ class BatchQueue:
             if not batch:
                 continue
             try:
-                results = await loop.run_in_executor(self.executor, self.run_batch,
-                                                     [item for item, _ in batch])
-                if len(results) != len(batch):
-                    raise RuntimeError(f"run_batch returned {len(results)} results for "
-                                       f"{len(batch)} items")
-            except Exception as exc:
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
-            for (_, future), result in zip(batch, results, strict=True):
-                if not future.done():
-                    future.set_result(result)
+                await self._run(loop, batch)
+            except Exception:
+                # One bad item must not fail the requests it happened to be batched with.
+                for entry in batch:
+                    if not entry[1].done():
+                        await self._run(loop, [entry])
+
+    async def _run(self, loop: asyncio.AbstractEventLoop,
+                   batch: list[tuple[Any, asyncio.Future]]) -> None:
+        """Run one batch and resolve its futures. If ``run_batch`` raises for several items,
+        the exception propagates for the caller to split the batch; otherwise every future
+        gets its result or the error."""
+        futures = [future for _, future in batch]
+        try:
+            results = await loop.run_in_executor(self.executor, self.run_batch,
+                                                 [item for item, _ in batch])
+        except Exception as exc:
+            if len(batch) > 1:
+                raise
+            _fail(futures, exc)
+            return
+        if len(results) != len(batch):
+            # A bug in run_batch, not a bad item: running items alone would only hide it.
+            _fail(futures, RuntimeError(f"run_batch returned {len(results)} results for "
+                                        f"{len(batch)} items"))
+            return
+        for future, result in zip(futures, results, strict=True):
+            if not future.done():
+                future.set_result(result)
+
+
+def _fail(futures: list[asyncio.Future], exc: Exception) -> None:
+    for future in futures:
+        if not future.done():
+            future.set_exception(exc)

@@ -20,8 +20,16 @@ DEFAULT_BATCH_WAIT_S = 0.002
 """How long an idle model waits for a batch to fill; requests queued behind a busy model
 merge into its next batch regardless (see :mod:`raysky.serve.batching`)."""
 DEFAULT_MAX_INFLIGHT_PIXELS = 256_000_000
-"""Decoded pixels one ingress replica holds at once: about 2 GB at ~8 bytes per pixel
-(RGB array, mask, heatmap, PNG buffers); ten 24-megapixel dermoscopy images."""
+"""Decoded pixels of 8-bit RGB one ingress replica holds at once: about 2.5 GB at the ~10 bytes
+per pixel decoding takes; ten 24-megapixel dermoscopy images. Uploads with alpha or a palette
+count double (see :data:`raysky.data.images.DECODE_BYTES_PER_PIXEL`)."""
+MODEL_REPLICA_BASE_BYTES = 1536 * 2**20
+"""Memory of an idle model replica: Ray, torch and the paper preset's models (1.4 GiB peak
+measured)."""
+MODEL_BYTES_PER_BATCH_ITEM = 384 * 2**20
+"""Memory one more image in a batch adds to a model replica: its Grad-CAM activations at the
+paper's input sizes and its full-resolution RGB input, mask and heatmap (about 18 bytes per
+pixel, measured at 16 MP) for a 12-megapixel upload."""
 
 
 @dataclass(frozen=True)
@@ -33,11 +41,18 @@ class AppConfig:
     encodes PNGs, so its bounds are separate and larger. ``target_ongoing_requests`` defaults to
     one full batch per replica: the autoscaler adds a replica before requests start waiting
     for a second batch. ``torch_threads`` defaults to ``num_cpus`` because Ray pins replicas to
-    ``OMP_NUM_THREADS=1``. ``api_keys``, when given, is forwarded to the ingress replicas as
-    ``RAYSKY_API_KEYS``; ``None`` leaves the replicas' own environment in charge.
+    ``OMP_NUM_THREADS=1``. ``model_memory_mb`` is the memory Ray reserves per model replica
+    (default: :attr:`model_memory_bytes`, which grows with ``max_batch_size``).
+
+    Authentication (see :mod:`raysky.serve.security`): ``api_keys`` is for Python callers only
+    (``run_server``; a Serve config must not hold keys, so :meth:`from_dict` refuses it): the
+    keys are checked here and only their digests reach the replicas. Otherwise each ingress
+    replica reads the keys of its node from ``api_keys_file``, ``RAYSKY_API_KEYS_FILE`` or
+    ``RAYSKY_API_KEYS``. Without any key the app refuses to start unless
+    ``allow_unauthenticated`` is set. ``enable_docs`` serves ``/docs`` and ``/openapi.json``.
     ``access_log`` is an optional local file receiving the JSON access log, besides stderr.
-    ``max_inflight_pixels`` bounds each ingress replica's decoded uploads in flight; uploads
-    beyond it wait their turn (503 after 30 s).
+    ``max_inflight_pixels`` bounds each ingress replica's decoded uploads in flight, in pixels
+    of 8-bit RGB; uploads beyond it wait their turn (503 after 30 s).
     """
 
     segmenter: str
@@ -60,6 +75,10 @@ class AppConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_inflight_pixels: int = DEFAULT_MAX_INFLIGHT_PIXELS
     api_keys: tuple[str, ...] | None = None
+    api_keys_file: str | None = None
+    allow_unauthenticated: bool = False
+    enable_docs: bool = False
+    model_memory_mb: float | None = None
     access_log: str | None = None
 
     def __post_init__(self):
@@ -85,11 +104,23 @@ class AppConfig:
             raise ValueError("num_cpus must be >= 0 and ingress_replicas >= 1")
         if isinstance(self.api_keys, str):
             raise ValueError("api_keys must be a list of keys, not one string")
+        if self.api_keys is not None and self.api_keys_file:
+            raise ValueError("give api_keys or api_keys_file, not both")
+        if self.model_memory_mb is not None and self.model_memory_mb <= 0:
+            raise ValueError(f"model_memory_mb must be positive, got {self.model_memory_mb}")
 
     @property
     def threads(self) -> int:
         """Torch intra-op threads for each model replica."""
         return self.torch_threads or max(1, int(self.num_cpus))
+
+    @property
+    def model_memory_bytes(self) -> int:
+        """Memory Ray reserves for each model replica: ``model_memory_mb`` if set, else an idle
+        replica plus one image's worth per place in a batch."""
+        if self.model_memory_mb is not None:
+            return int(self.model_memory_mb * 2**20)
+        return MODEL_REPLICA_BASE_BYTES + self.max_batch_size * MODEL_BYTES_PER_BATCH_ITEM
 
     @property
     def target_ongoing(self) -> float:
@@ -98,22 +129,25 @@ class AppConfig:
 
     @classmethod
     def from_dict(cls, args: dict[str, Any]) -> AppConfig:
-        """Build from application arguments; unknown keys are an error naming them."""
-        known = {f.name for f in fields(cls)}
+        """Build from application arguments; unknown keys are an error naming them, and so are
+        API keys, which Serve would show in plain text with the rest of its config."""
+        if "api_keys" in args:
+            raise ValueError("api_keys cannot be given in a Serve config (the dashboard shows it "
+                             "in plain text): put the keys in a file named by api_keys_file or "
+                             "in RAYSKY_API_KEYS on the nodes")
+        known = {f.name for f in fields(cls)} - {"api_keys"}
         unknown = sorted(set(args) - known)
         if unknown:
             raise ValueError(f"unknown raysky serve argument(s) {unknown}; known: {sorted(known)}")
         missing = [f.name for f in fields(cls) if f.default is MISSING and f.name not in args]
         if missing:
             raise ValueError(f"missing raysky serve argument(s) {missing}")
-        args = dict(args)
-        if args.get("api_keys") is not None:
-            args["api_keys"] = tuple(args["api_keys"])
         return cls(**args)
 
     def to_app_args(self) -> dict[str, Any]:
-        """The application-argument dict :func:`raysky.serve.app.build_app` accepts."""
-        names = {f.name for f in fields(AppConfig)}
+        """The application-argument dict :func:`raysky.serve.app.build_app` accepts (without
+        ``api_keys``, which never goes into application arguments)."""
+        names = {f.name for f in fields(AppConfig)} - {"api_keys"}
         return {k: v for k, v in asdict(self).items() if k in names}
 
 

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 
 from raysky.cluster import ensure_ray
-from raysky.serve.app import build_app, check_checkpoints
+from raysky.serve.app import build_app, check_api_keys, check_checkpoints
 from raysky.serve.config import ServeSettings
 
 logger = logging.getLogger(__name__)
@@ -52,8 +52,10 @@ def run_server(settings: ServeSettings, blocking: bool = False) -> str:
     import ray
     from ray import serve
 
-    # Before starting anything: a wrong path should fail in a second, not after Ray is up.
+    # Before starting anything: a wrong path or missing keys should fail in a second, not
+    # after Ray is up.
     check_checkpoints(settings)
+    check_api_keys(settings)
     with _lock:
         if not ray.is_initialized():
             ensure_ray(settings.ray_address)
@@ -67,7 +69,8 @@ def run_server(settings: ServeSettings, blocking: bool = False) -> str:
             _state.apps.append(settings.app_name)
     url = base_url(settings)
     if blocking:
-        print(f"raysky: serving on {url} (OpenAPI at {url}/docs); Ctrl-C to stop", flush=True)
+        docs = f" (OpenAPI at {url}/docs)" if settings.enable_docs else ""
+        print(f"raysky: serving on {url}{docs}; Ctrl-C to stop", flush=True)
         serve_forever()
     return url
 
