@@ -137,12 +137,23 @@ def result_classes(frame: pd.DataFrame, source: str = "results") -> tuple[str, .
 
 def read_ground_truth(uri: str, format: str, metadata_uri: str | None = None,
                       split: str | None = None) -> list[LesionRecord]:
-    """Ground-truth records from any supported layout; ``split`` picks an ISIC 2018 split."""
-    if split is not None:
-        if str(format).lower() != "isic2018":
-            raise ValueError(f"--split applies only to format isic2018, not {format!r}")
+    """Ground-truth records from any supported layout, optionally one split of them.
+
+    ``split`` picks an ISIC 2018 split (Training, Validation, Test) for ``isic2018``, and for
+    the other layouts a split of the ``splits.csv`` at the dataset root (train, val, test), so
+    figures can be restricted to images the model never trained on.
+    """
+    if split is not None and str(format).lower() == "isic2018":
         return read_isic2018(uri, split)
-    return read_dataset(uri, format, metadata_uri)
+    records = read_dataset(uri, format, metadata_uri)
+    if split is None:
+        return records
+    from raysky.data.splits import SPLIT_FILE, select_split
+
+    split_uri = storage.join(uri, SPLIT_FILE)
+    if not storage.exists(split_uri):
+        raise ValueError(f"--split {split} needs {split_uri} (image_id,split), which does not exist")
+    return select_split(records, split_uri, split)
 
 
 def join_ground_truth(frame: pd.DataFrame, records: Sequence[LesionRecord]

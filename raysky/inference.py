@@ -19,11 +19,13 @@ from raysky.models.preprocess import images_to_tensor, resize_map
 from raysky.models.runtime import autocast, prepare_for_device, select_device
 
 MASK_THRESHOLD = 0.5
-TTA_FLIPS: tuple[tuple[int, ...], ...] = ((-1,), (-2,))
-"""Test-time views besides the image itself: horizontal and vertical flips (dims of NCHW).
+TTA_FLIPS: tuple[tuple[int, ...], ...] = ((-1,), (-2,), (-2, -1))
+"""Test-time views besides the image itself: horizontal, vertical and both flips.
 
 Dermoscopy has no canonical orientation, so a flipped lesion is as valid an input as the
-original, and averaging over flips removes some of the model's orientation noise."""
+original. The four views form a group, so the averaged answer is the same for an image and
+any flip of it. The dims count from the end, so they address H and W of an NCHW image and
+of an ``[B, h, w]`` map alike."""
 
 
 def segment_probabilities(segmenter: torch.nn.Module, meta: dict, images: Sequence[np.ndarray],
@@ -36,12 +38,11 @@ def segment_probabilities(segmenter: torch.nn.Module, meta: dict, images: Sequen
     """
     norm = meta["normalization"]
     tensor = images_to_tensor(images, meta["input_size"], norm["mean"], norm["std"]).to(device)
-    views = [tensor, *(tensor.flip(dims) for dims in TTA_FLIPS)] if tta else [tensor]
+    flips = TTA_FLIPS if tta else ()
     with torch.inference_mode(), autocast(device, precision):
-        logits = segmenter(torch.cat(views))
+        logits = segmenter(torch.cat([tensor, *(tensor.flip(dims) for dims in flips)]))
     prob = torch.sigmoid(logits.float())[:, 0].split(len(tensor))
-    unflipped = [prob[0], *(p.flip([d + 1 for d in dims]) for p, dims in zip(prob[1:], TTA_FLIPS,
-                                                                             strict=True))]
+    unflipped = [prob[0], *(p.flip(dims) for p, dims in zip(prob[1:], flips, strict=True))]
     return torch.stack(unflipped).mean(0)
 
 

@@ -358,8 +358,22 @@ def test_evaluate_reports_bad_input_clearly(sample_dir, synthetic, tmp_path, cap
     assert "no result in" in capsys.readouterr().err
 
     assert main(["evaluate", "--results", str(path), "--data", str(sample_dir),
-                 "--format", "ham10000", "--split", "Validation"]) == 2
-    assert "--split applies only to format isic2018" in capsys.readouterr().err
+                 "--format", "ham10000", "--split", "test"]) == 2
+    assert "--split test needs" in capsys.readouterr().err
+
+
+def test_split_restricts_the_figures_to_held_out_images(synthetic, sample_copy):
+    records, rows, path = synthetic
+    held_out = sorted(r.image_id for r in records)[::5]
+    scored = {row["image_id"] for row in _ok_rows(rows, records)}
+    lines = ["image_id,split"] + [f"{r.image_id},{'test' if r.image_id in held_out else 'train'}"
+                                  for r in records]
+    (sample_copy / "splits.csv").write_text("\n".join(lines) + "\n")
+    metrics = evaluate(str(path), str(sample_copy), "ham10000", split="test")
+    assert metrics["split"] == "test"
+    assert metrics["classification"]["n"] == len(scored & set(held_out)) > 0
+    everything = evaluate(str(path), str(sample_copy), "ham10000")
+    assert everything["classification"]["n"] == len(scored)
 
 
 def test_focus_statistics_and_binary_metric_edge_cases():

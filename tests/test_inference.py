@@ -51,3 +51,24 @@ def test_swapped_checkpoints_are_refused(tmp_path):
     save_checkpoint(create_classifier("tiny"), str(tmp_path / "cls"), "tiny")
     with pytest.raises(ValueError, match="but a segmenter was expected"):
         LesionPipeline.from_uris(str(tmp_path / "cls"), str(tmp_path / "seg"))
+
+
+def test_tta_answers_the_same_for_an_image_and_its_flips(pipeline, sample_dir):
+    image = np.asarray(Image.open(sorted((sample_dir / "images").glob("*.jpg"))[7]).convert("RGB"))
+    pipeline.tta = True
+    try:
+        views = [image, image[:, ::-1], image[::-1], image[::-1, ::-1]]
+        results = pipeline([np.ascontiguousarray(v) for v in views])
+        plain_tta = results[0]
+    finally:
+        pipeline.tta = False
+    plain = pipeline([image])[0]
+    # The four flips form a group, so TTA's average is the same whichever flip comes in ...
+    for result in results[1:]:
+        np.testing.assert_allclose(result.probabilities, plain_tta.probabilities, atol=1e-4)
+    unflipped = [results[1].mask[:, ::-1], results[2].mask[::-1], results[3].mask[::-1, ::-1]]
+    for mask in unflipped:
+        assert (mask == plain_tta.mask).mean() > 0.999
+    # ... while one view alone is not flip-invariant, so TTA changed the answer.
+    assert np.abs(plain.probabilities - plain_tta.probabilities).max() > 1e-4
+    assert plain_tta.heatmap is not None and plain_tta.heatmap.shape == image.shape[:2]

@@ -137,7 +137,7 @@ def test_split_file(tmp_path, sample_dir):
 @pytest.mark.parametrize(
     ("body", "row", "problem"),
     [
-        ("a,train\nb,tset\n", 3, "split must be one of train, val, got 'tset'"),
+        ("a,train\nb,tset\n", 3, "split must be one of train, val, test, got 'tset'"),
         ("a,train\nb,val\na,val\n", 4, "duplicate image id 'a' (first in row 2)"),
         ("a,train\n,val\n", 3, "empty 'image_id'"),
     ],

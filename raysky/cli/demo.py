@@ -8,6 +8,7 @@ import argparse
 def register(subparsers) -> None:
     """Add the ``demo`` sub-command."""
     from raysky.demo import DemoSettings
+    from raysky.models.config import PRESETS
 
     defaults = DemoSettings()
     parser = subparsers.add_parser(
@@ -22,8 +23,8 @@ def register(subparsers) -> None:
                         help="dataset folder or s3:// prefix; the bundled sample by default")
     parser.add_argument("--format", default=defaults.format,
                         choices=["ham10000", "isic2018", "isic2019"], help="dataset layout")
-    parser.add_argument("--preset", default=defaults.preset, choices=["tiny", "small", "paper"],
-                        help="model sizes")
+    parser.add_argument("--preset", default=defaults.preset, choices=list(PRESETS),
+                        help="model sizes and training recipe (see `raysky info`)")
     parser.add_argument("--segmenter-epochs", type=int, default=defaults.segmenter_epochs)
     parser.add_argument("--classifier-epochs", type=int, default=defaults.classifier_epochs)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)

@@ -16,8 +16,9 @@ def _add_ground_truth(parser: argparse.ArgumentParser, required: bool) -> None:
                         help="layout of --data (archive: labels come from --metadata)")
     parser.add_argument("--metadata", metavar="URI",
                         help="metadata CSV with labels, for --format archive")
-    parser.add_argument("--split", help="ISIC 2018 split to read: Training (default), Validation "
-                        "or Test; only with --format isic2018")
+    parser.add_argument("--split", help="evaluate one split only: for isic2018 Training "
+                        "(default), Validation or Test; for the other layouts train, val or test "
+                        "of the splits.csv at the --data root (test: images training never saw)")
     parser.add_argument("--low-focus", type=float, default=LOW_FOCUS_THRESHOLD, metavar="F",
                         help="lesion focus below which an image is flagged (default: %(default)s)")
 

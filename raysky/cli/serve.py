@@ -58,6 +58,9 @@ def register(subparsers) -> None:
     parser.add_argument("--gpu", action="store_true", help="give each model replica one GPU")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                         help="inference precision")
+    parser.add_argument("--tta", action="store_true",
+                        help="test-time augmentation: average the models over the four flips of "
+                        "each image (4x the model work; Grad-CAM explains the unflipped view)")
     parser.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY_BYTES / 2**20,
                         help="largest request body in MiB; larger bodies get 413")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
@@ -104,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
         torch_threads=args.threads,
         use_gpu=args.gpu,
         precision=args.precision,
+        tta=args.tta,
         max_body_bytes=int(args.max_body_mb * 2**20),
         max_pixels=args.max_pixels,
         max_inflight_pixels=args.max_inflight_pixels,

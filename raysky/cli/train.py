@@ -58,7 +58,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
                          help="Ray Train workers, each with its own data shard (default: %(default)s)")
     cluster.add_argument("--gpu", action="store_true", help="one GPU per worker: CUDA, bf16, channels_last")
     cluster.add_argument("--cpus-per-worker", type=float, default=d["cpus_per_worker"],
-                         help="CPUs reserved per worker; also its torch threads (default: %(default)s)")
+                         help="CPUs reserved per worker (default: %(default)s)")
+    cluster.add_argument("--threads-per-worker", type=int,
+                         help="torch threads per worker (default: --cpus-per-worker); more than "
+                         "the CPUs held lets a worker use cores that Ray Data's decoding leaves idle")
 
     run = parser.add_argument_group("run, checkpoints and resume")
     run.add_argument("--storage", default=d["storage"], metavar="URI",
@@ -111,7 +114,10 @@ def register(subparsers) -> None:
     masks.add_argument("--gt-masks", action="store_true",
                        help="use the dataset's ground-truth masks instead of a segmenter's")
     cls.add_argument("--no-metadata", action="store_true",
-                     help="leave out the age/sex/site metadata branch")
+                     help="leave out the age/sex/site metadata branch (ablation)")
+    cls.add_argument("--single-stream", action="store_true",
+                     help="leave out the lesion stream and the cross-attention fusion: the full "
+                     "image only (ablation)")
     cls.set_defaults(func=run, kind="classifier")
 
 
@@ -120,6 +126,7 @@ def settings_from_args(args: argparse.Namespace) -> TrainSettings:
     extra = {}
     if args.kind == "classifier":
         extra = {"segmenter": args.segmenter, "use_metadata": not args.no_metadata,
+                 "use_lesion_stream": not args.single_stream,
                  "mask_source": "ground-truth" if args.gt_masks else "segmenter"}
     return TrainSettings(
         data=args.data, name=args.name, format=args.format, preset=args.preset, epochs=args.epochs,
@@ -129,7 +136,8 @@ def settings_from_args(args: argparse.Namespace) -> TrainSettings:
         label_smoothing=args.label_smoothing, class_weight_power=args.class_weight_power,
         force_resume=args.force_resume, val_fraction=args.val_fraction, seed=args.seed,
         num_to_keep=args.num_to_keep, metric=args.metric, metric_mode=args.metric_mode,
-        max_failures=args.max_failures, cpus_per_worker=args.cpus_per_worker, **extra,
+        max_failures=args.max_failures, cpus_per_worker=args.cpus_per_worker,
+        threads_per_worker=args.threads_per_worker, **extra,
     )
 
 

@@ -19,9 +19,12 @@ from raysky.data.readers import _load_csv
 from raysky.data.records import DatasetError, LesionRecord
 from raysky.data.taxonomy import CANONICAL_CLASSES
 
-SPLIT_NAMES: tuple[str, ...] = ("train", "val")
+SPLIT_FILE = "splits.csv"
+"""The split file a dataset root may hold (``image_id,split``); training and evaluate honour it."""
+SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
+"""``test`` rows are held out: training never sees them, and ``evaluate --split test`` reads them."""
 _SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
-                  "validation": "val"}
+                  "validation": "val", "test": "test", "holdout": "test", "held-out": "test"}
 
 
 def _group_key(record: LesionRecord) -> tuple[str, str]:
@@ -114,13 +117,22 @@ def read_split_file(uri: str) -> dict[str, str]:
     return splits
 
 
+def select_split(records: Sequence[LesionRecord], uri: str, split: str) -> list[LesionRecord]:
+    """The records that the ``splits.csv`` at ``uri`` puts in ``split`` (train, val or test)."""
+    name = _SPLIT_ALIASES.get(split.lower())
+    if name is None:
+        raise ValueError(f"split must be one of {', '.join(SPLIT_NAMES)}, got {split!r}")
+    splits = read_split_file(uri)
+    return [record for record in records if splits.get(record.image_id) == name]
+
+
 def apply_split_file(
     records: Sequence[LesionRecord], uri: str
 ) -> tuple[list[LesionRecord], list[LesionRecord]]:
     """Split records into ``(train, val)`` as a ``splits.csv`` says, keeping input order.
 
     Rows for images that are not among ``records`` are ignored, so the full dataset's file
-    also works for a subset. A record that the file does not mention raises
+    also works for a subset, and ``test`` rows are in neither list: they stay unseen. A record that the file does not mention raises
     :class:`DatasetError`, because silently training on it could leak validation data.
     """
     splits = read_split_file(uri)

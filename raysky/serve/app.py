@@ -68,11 +68,11 @@ class LesionModel:
     """
 
     def __init__(self, segmenter: str, classifier: str, use_gpu: bool = False,
-                 precision: str = "fp32", threads: int = 1):
+                 precision: str = "fp32", threads: int = 1, tta: bool = False):
         # Ray starts replicas with OMP_NUM_THREADS=1; without this a CPU replica uses one core.
         self.threads = on_torch_thread(set_torch_threads, threads)
         self.pipeline = on_torch_thread(LesionPipeline.from_uris, segmenter, classifier,
-                                        use_gpu, precision)
+                                        use_gpu, precision, tta)
         self._batches = BatchQueue(self.run_batch, torch_executor(), DEFAULT_MAX_BATCH_SIZE)
         self._stats = {"batches": 0, "requests": 0, "largest_batch": 0, "compute_s": 0.0}
         logger.info("LesionModel ready: %s + %s, %d torch threads",
@@ -147,6 +147,7 @@ class LesionModel:
             "metadata_fields": list(pipeline.vocab.fields) if pipeline.vocab else [],
             "device": str(pipeline.device),
             "precision": pipeline.precision,
+            "tta": pipeline.tta,
             "torch_threads": self.threads,
             "max_batch_size": self._admit._get_max_batch_size(),
             "batch_wait_timeout_s": self._admit._get_batch_wait_timeout_s(),
@@ -265,7 +266,8 @@ def build_app(args: dict[str, Any] | AppConfig) -> serve.Application:
                            "memory": config.model_memory_bytes},
         user_config={"max_batch_size": config.max_batch_size,
                      "batch_wait_timeout_s": config.batch_wait_timeout_s},
-    ).bind(config.segmenter, config.classifier, config.use_gpu, config.precision, config.threads)
+    ).bind(config.segmenter, config.classifier, config.use_gpu, config.precision, config.threads,
+           config.tta)
     # No runtime_env: the dashboard and state API show it in plain text (see security.py).
     return RayskyIngress.options(
         num_replicas=config.ingress_replicas,

@@ -71,6 +71,7 @@ class AppConfig:
     torch_threads: int | None = None
     use_gpu: bool = False
     precision: str = "fp32"
+    tta: bool = False
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_inflight_pixels: int = DEFAULT_MAX_INFLIGHT_PIXELS

@@ -22,12 +22,10 @@ from raysky.data.images import ImageDecodeError, decode_image, decode_mask
 from raysky.data.metadata import MetadataVocab
 from raysky.data.readers import read_dataset
 from raysky.data.records import LesionRecord
-from raysky.data.splits import apply_split_file, split_by_lesion
+from raysky.data.splits import SPLIT_FILE, apply_split_file, split_by_lesion
 from raysky.train.augment import AugmentConfig, augment_pair, resize_pair
 
 logger = logging.getLogger(__name__)
-
-SPLIT_FILE = "splits.csv"
 
 
 def load_splits(data_uri: str, format: str, val_fraction: float = 0.15,

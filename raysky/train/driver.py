@@ -203,6 +203,7 @@ def _run(kind: str, settings: TrainSettings, train: list[LesionRecord], val: lis
     loop_config = {
         "kind": kind, "preset": settings.preset, "classes": list(classes),
         "vocab": vocab.to_dict(), "class_weights": weights, "use_metadata": settings.use_metadata,
+        "use_lesion_stream": settings.use_lesion_stream,
         "epochs": settings.epochs, "batch_size": settings.batch_size, "lr": settings.lr,
         "encoder_lr_scale": settings.encoder_lr_scale, "label_smoothing": settings.label_smoothing,
         "hyperparameters": hyperparameters(settings),

@@ -127,7 +127,8 @@ class ClassifierTask:
     def build_model(self) -> nn.Module:
         """A fresh classifier with this run's classes and metadata setting."""
         return create_classifier(self.config["preset"], classes=self.classes,
-                                 use_metadata=self.config.get("use_metadata", True), vocab=self.vocab)
+                                 use_metadata=self.config.get("use_metadata", True), vocab=self.vocab,
+                                 use_lesion_stream=self.config.get("use_lesion_stream", True))
 
     def inputs(self, batch: dict[str, np.ndarray], device: torch.device) -> dict[str, Any]:
         """Normalised image, lesion mask, metadata tensors and label indices on ``device``."""

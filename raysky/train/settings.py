@@ -29,7 +29,8 @@ def check_run_name(name: str) -> str:
 class TrainSettings:
     """Everything one training run needs; the CLI flags map one-to-one onto these fields.
 
-    ``segmenter``, ``use_metadata`` and ``mask_source`` apply to the classifier only.
+    ``segmenter``, ``use_metadata``, ``use_lesion_stream`` and ``mask_source`` apply to the
+    classifier only; the last two switches give the paper's ablations.
     ``metric`` / ``metric_mode`` choose the best checkpoint (default: Dice for the segmenter,
     balanced accuracy for the classifier, both maximised). Fields left ``None`` take the
     preset's :class:`~raysky.models.config.Recipe` for the model trained
@@ -66,6 +67,7 @@ class TrainSettings:
     # classifier only
     segmenter: str | None = None
     use_metadata: bool = True
+    use_lesion_stream: bool = True
     mask_source: str = "segmenter"
 
     def __post_init__(self) -> None:
