@@ -1,10 +1,13 @@
 """Read scoring results back: exactly one row per input, and the summary printed after a run.
 
-``raysky score`` writes plain Parquet files (``part-*.parquet``) under its output prefix. A
-retried task or a resumed run can, in rare cases, leave a second copy of a row on disk (for
-example when a node dies after its file was written but before the driver heard of it). Every
-reader here therefore deduplicates by ``image_id``, keeping an ``ok`` row over an ``error`` row
-and then the most recent ``scored_at``, so callers always see one row per input.
+``raysky score`` writes plain Parquet files (``part-*.parquet``) under its output prefix. Output
+written by older raysky versions can hold a second copy of a row (for example when a node died
+after its file was written but before the driver heard of it). Every reader here therefore
+deduplicates by ``image_id``, keeping an ``ok`` row over an ``error`` row and then the most
+recent ``scored_at``, so callers always see one row per input. Two rows with one ``image_id``
+but different ``source_uri`` are two inputs, not two copies: keeping one would lose the other,
+so such results are refused, naming the ids. ``error_kind`` (``bad_input`` or ``transient`` on
+error rows) is read as null from results written before the column existed.
 
 Files and folders whose names start with ``_`` or ``.`` are bookkeeping (run configuration,
 files being written) and are never read as results, following the Hadoop/Spark convention.
@@ -18,6 +21,7 @@ from collections import Counter
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from raysky import storage
@@ -25,7 +29,9 @@ from raysky import storage
 PROB_PREFIX = "prob_"
 """Per-class probability columns are named ``prob_<class code>``."""
 
-_DEDUP_COLUMNS = ("image_id", "status", "scored_at")
+_DEDUP_COLUMNS = ("image_id", "source_uri", "status", "scored_at")
+OPTIONAL_COLUMNS: dict[str, pa.DataType] = {"error_kind": pa.string()}
+"""Columns newer than some results on disk; read as null where a file lacks them."""
 SUMMARY_COLUMNS = ("image_id", "source_uri", "status", "error", "predicted_class",
                    "malignant_prob", "scored_at")
 
@@ -81,13 +87,29 @@ def schema(uri: str) -> pa.Schema:
     return pq.read_schema(path, filesystem=fs)
 
 
+def duplicate_ids(ids: pa.Array | pa.ChunkedArray) -> list[str]:
+    """The values that appear more than once in ``ids``, sorted."""
+    counts = pc.value_counts(ids)
+    return sorted(counts.filter(pc.greater(counts.field("counts"), 1)).field("values").to_pylist())
+
+
 def dedupe(frame: pd.DataFrame) -> pd.DataFrame:
     """One row per ``image_id``: ``ok`` before ``error``, then the latest ``scored_at``.
 
-    The result is sorted by ``image_id`` with a fresh index.
+    The result is sorted by ``image_id`` with a fresh index. Rows that share an ``image_id``
+    but not a ``source_uri`` raise ``ValueError`` naming the ids (see the module docstring).
     """
     if frame.empty:
         return frame.reset_index(drop=True)
+    if "source_uri" in frame.columns:
+        repeated = frame[frame["image_id"].duplicated(keep=False)]
+        sources = repeated.groupby("image_id", sort=True)["source_uri"].unique()
+        clashing = sources[sources.map(len) > 1]
+        if len(clashing):
+            shown = "; ".join(f"{image_id!r}: {', '.join(sorted(map(str, uris)))}"
+                              for image_id, uris in clashing.head(5).items())
+            raise ValueError(f"{len(clashing)} image ids name several different inputs ({shown}); "
+                             "one result per id would lose the others")
     order = frame.assign(_rank=(frame["status"] != "ok").astype("int8"))
     sort_by, ascending = ["image_id", "_rank"], [True, True]
     if "scored_at" in order.columns:
@@ -108,14 +130,20 @@ def read(uri: str, columns: list[str] | None = None) -> pd.DataFrame:
     if not files:
         raise FileNotFoundError(f"{uri}: no result files (part-*.parquet)")
     wanted = None
+    available = set(schema(uri).names)
     if columns is not None:
         wanted = list(dict.fromkeys([*columns, *_DEDUP_COLUMNS]))
-        available = set(schema(uri).names)
-        missing = [c for c in columns if c not in available]
+        missing = [c for c in columns if c not in available and c not in OPTIONAL_COLUMNS]
         if missing:
             raise ValueError(f"{uri}: no column {', '.join(missing)} in the results")
         wanted = [c for c in wanted if c in available]
-    frame = dedupe(read_table(files, wanted).to_pandas())
+    frame = read_table(files, wanted).to_pandas()
+    for name in OPTIONAL_COLUMNS:
+        if name not in available and (columns is None or name in columns):
+            # Older results: the column after ``error``, all null, where newer files have it.
+            at = frame.columns.get_loc("error") + 1 if "error" in frame.columns else len(frame.columns)
+            frame.insert(at, name, pd.Series([None] * len(frame), dtype=object, index=frame.index))
+    frame = dedupe(frame)
     if columns is not None:
         frame = frame[list(columns)]
     return frame

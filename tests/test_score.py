@@ -7,6 +7,7 @@ s3:// to s3://; most tests check that one output. Resume, pack and export run th
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import signal
@@ -30,7 +31,7 @@ from raysky.cli.main import main
 from raysky.data.images import decode_image
 from raysky.data.taxonomy import ISIC_COLUMN_NAMES, MALIGNANT_CLASSES
 from raysky.local_s3 import upload_directory
-from raysky.score import ScoreSettings, score_archive
+from raysky.score import ScoreSettings, score_archive, stages
 from raysky.score.output import check_run_config, split_table
 from raysky.score.stages import output_schema
 
@@ -42,12 +43,12 @@ BAD_INPUTS = {
     "zero_byte": ("error", "empty file", None),
     "truncated": ("error", "truncated", None),
     "not_an_image": ("error", "not an image", None),
-    "bomb": ("error", "image too large", None),
-    "bomb_huge": ("error", "image too large", None),
+    "bomb.png": ("error", "image too large", None),  # ids keep every suffix but .jpg
+    "bomb_huge.png": ("error", "image too large", None),
     "cmyk": ("ok", None, SAMPLE_SIZE),
     "grayscale": ("ok", None, SAMPLE_SIZE),
-    "rgba": ("ok", None, (123, 77)),
-    "gray16": ("ok", None, SAMPLE_SIZE),
+    "rgba.png": ("ok", None, (123, 77)),
+    "gray16.png": ("ok", None, SAMPLE_SIZE),
 }
 
 
@@ -129,9 +130,10 @@ def test_mixed_archive_one_row_per_object_with_right_status(mixed):
         assert row.status == status, (row.image_id, row.error)
         if status == "error":
             assert phrase in row.error, (row.image_id, row.error)
+            assert row.error_kind == "bad_input", (row.image_id, row.error_kind)
             assert pd.isna(row.predicted_class) and row.mask_png is None
         else:
-            assert pd.isna(row.error)
+            assert pd.isna(row.error) and pd.isna(row.error_kind)
         assert row.source_uri.startswith(f"{mixed['bucket']}/archive/")
     summary = mixed["summary"]
     n_error = sum(1 for s, _p, _z in expected.values() if s == "error")
@@ -220,6 +222,18 @@ def test_results_command_prints_the_summary(mixed, capsys):
     text = capsys.readouterr().out
     assert f"rows: {len(mixed['expected'])}  ok: 39  error: 5" in text
     assert "top 3 by malignant_prob" in text and "not an image x1" in text
+
+
+def test_a_finished_run_leaves_its_success_manifest_and_no_lock_or_pending_files(mixed):
+    output = mixed["settings"].output
+    success = json.loads(storage.read_bytes(f"{output}/_SUCCESS"))
+    assert success["run_id"] == mixed["summary"].run_id
+    assert success["rows"] == success["inputs"] == len(mixed["expected"])
+    files = results.result_files(output)
+    assert sorted(success["files"]) == sorted(f.rsplit("/", 1)[1] for f in files)
+    assert len(files) == mixed["summary"].files
+    assert not storage.exists(f"{output}/_raysky.lock")
+    assert storage.list_files(f"{output}/_pending") == []
 
 
 def test_second_run_into_same_output_scores_nothing(mixed):
@@ -375,3 +389,279 @@ def test_cli_reports_user_mistakes_in_one_line(tiny_checkpoints, sample_dir, tmp
     assert "batch_size must be at least 1" in capsys.readouterr().err
     assert main(["results", str(tmp_path / "empty")]) == 2
     assert "no result files" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------
+# Hardening: transient faults, one run at a time, no orphans, damaged checkpoints
+# ------------------------------------------------------------------------------------------
+
+
+class FlakyS3:
+    """A real S3 endpoint on 127.0.0.1 that forwards to moto but answers ``503 SlowDown`` to
+    the first ``failures[key]`` requests for an object, as throttled S3 does."""
+
+    def __init__(self, upstream: str):
+        import http.client
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import urlparse
+
+        self.failures: dict[str, int] = {}
+        self.requests: dict[str, int] = {}
+        target = urlparse(upstream)
+        flaky = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _handle(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                key = self.path.split("?", 1)[0].lstrip("/")
+                flaky.requests[key] = flaky.requests.get(key, 0) + 1
+                if flaky.failures.get(key, 0) > 0:
+                    flaky.failures[key] -= 1
+                    error = (b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>SlowDown</Code>"
+                             b"<Message>Please reduce your request rate.</Message></Error>")
+                    self.send_response(503)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(error)))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(error)
+                    return
+                upstream_conn = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
+                upstream_conn.request(self.command, self.path, body=body or None,
+                                      headers=dict(self.headers))
+                answer = upstream_conn.getresponse()
+                data = answer.read()
+                self.send_response(answer.status)
+                for name, value in answer.getheaders():
+                    if name.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(name, value)
+                # A HEAD answer's length is the object's size, which the client relies on.
+                self.send_header("Content-Length", answer.getheader("Content-Length", "0")
+                                 if self.command == "HEAD" else str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                upstream_conn.close()
+
+            do_GET = do_HEAD = _handle  # the test writes through moto directly
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def flaky_s3(s3):
+    proxy = FlakyS3(s3.env["AWS_ENDPOINT_URL"])
+    yield proxy
+    proxy.close()
+
+
+def test_reads_retry_throttling_and_flag_what_stays_unreadable_as_transient(
+        s3, flaky_s3, sample_dir, monkeypatch):
+    bucket = s3.create_bucket("score-flaky")
+    image = (sample_dir / "images" / "ISIC_0025250.jpg").read_bytes()
+    names = ("recovers.jpg", "throttled.jpg", "gone.jpg", "junk.jpg")
+    for name in names[:2]:
+        storage.write_bytes(f"{bucket}/in/{name}", image)
+    storage.write_bytes(f"{bucket}/in/junk.jpg", b"not an image")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", flaky_s3.url)  # reads only from here on
+    prefix = bucket.removeprefix("s3://")
+    # More failures than the S3 client retries by itself, so raysky's own retries are needed.
+    flaky_s3.failures = {f"{prefix}/in/recovers.jpg": 4, f"{prefix}/in/throttled.jpg": 10_000}
+    uris = [f"{bucket}/in/{name}" for name in names]
+    batch = pa.table({"image_id": [n[:-4] for n in names], "source_uri": uris,
+                      "age": [None] * 4, "sex": [None] * 4, "site": [None] * 4},
+                     schema=stages.INPUT_SCHEMA)
+    decoded = stages.decode_batch(batch).drop_columns(["pixels"]).to_pylist()
+    by_id = {row["image_id"]: row for row in decoded}
+    assert by_id["recovers"]["status"] == "ok", by_id["recovers"]
+    assert by_id["recovers"]["error_kind"] is None
+    assert flaky_s3.requests[f"{prefix}/in/recovers.jpg"] > 4
+    assert (by_id["throttled"]["status"], by_id["throttled"]["error_kind"]) == ("error", "transient")
+    assert "503" in by_id["throttled"]["error"]
+    assert (by_id["gone"]["error"], by_id["gone"]["error_kind"]) == ("file not found", "bad_input")
+    assert (by_id["junk"]["status"], by_id["junk"]["error_kind"]) == ("error", "bad_input")
+
+
+def _three_images(sample_dir: Path, root: Path) -> list[str]:
+    root.mkdir(parents=True)
+    paths = sorted((sample_dir / "images").glob("*.jpg"))[:3]
+    for path in paths:
+        shutil.copy(path, root / path.name)
+    return [p.stem for p in paths]
+
+
+def _as_transient_error(output: Path, image_id: str) -> None:
+    """Turn ``image_id``'s row into the error row a throttled read would have left."""
+    for path in output.glob("part-*.parquet"):
+        table = pq.read_table(path)
+        ids = table["image_id"].to_pylist()
+        if image_id not in ids:
+            continue
+        rows = table.to_pylist()
+        row = rows[ids.index(image_id)]
+        for name in row:
+            if name not in ("image_id", "source_uri", "segmenter_version", "classifier_version",
+                            "scored_at"):
+                row[name] = None
+        row.update(status="error", error="cannot read file (AWS Error SLOW_DOWN)",
+                   error_kind="transient")
+        pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), path)
+        return
+    raise AssertionError(f"{image_id} not in {output}")
+
+
+def test_rerun_retries_transient_errors_and_cleans_up_a_dead_run(
+        ray_local, sample_dir, tiny_checkpoints, tmp_path):
+    from raysky.score.lock import LOCK_NAME
+
+    ids = _three_images(sample_dir, tmp_path / "archive")
+    output = tmp_path / "results"
+    settings = ScoreSettings(input=str(tmp_path / "archive"), output=str(output), batch_size=2,
+                             rows_per_file=2, workers=1, cpus_per_worker=1, progress=False,
+                             **tiny_checkpoints)
+    first = score_archive(settings)
+    assert first.scored == 3 and (output / "_SUCCESS").exists()
+    _as_transient_error(output, ids[1])
+
+    # Asked not to, a rerun leaves the transient row alone.
+    kept = score_archive(ScoreSettings(**{**settings.__dict__, "retry_transient": False}))
+    assert (kept.scored, kept.retried_transient) == (0, 0)
+    assert results.read(str(output)).set_index("image_id").at[ids[1], "error_kind"] == "transient"
+
+    # A run that died: its lock (no heartbeat for an hour) and an unpublished duplicate file.
+    dead = output / "_pending" / "20000101T000000-dead00"
+    dead.mkdir(parents=True)
+    shutil.copy(next(output.glob("part-*.parquet")), dead / "part-20000101T000000-dead00-x.parquet")
+    (output / LOCK_NAME).write_text(json.dumps({
+        "run_id": "20000101T000000-dead00", "host": "elsewhere", "pid": 1,
+        "heartbeat_at_s": time.time() - 3600}))
+    con = duckdb.connect()
+    glob = str(output / "*.parquet")
+    assert con.execute(f"SELECT count(*) FROM read_parquet('{glob}')").fetchone()[0] == 3
+
+    again = score_archive(settings)
+    assert (again.scored, again.scored_ok, again.retried_transient) == (1, 1, 1)
+    frame = results.read(str(output))
+    assert (frame["status"] == "ok").all() and frame["error_kind"].isna().all()
+    count, distinct = con.execute(
+        f"SELECT count(*), count(DISTINCT image_id) FROM read_parquet('{glob}')").fetchone()
+    assert count == distinct == 3
+    assert not (output / "_pending").exists() and not (output / LOCK_NAME).exists()
+    success = json.loads((output / "_SUCCESS").read_text())
+    assert success["run_id"] == again.run_id and success["rows"] == success["inputs"] == 3
+    assert sorted(success["files"]) == sorted(p.name for p in output.glob("part-*.parquet"))
+
+
+def test_a_second_run_into_a_locked_output_gets_a_clear_error(tiny_checkpoints, sample_dir,
+                                                              tmp_path, capsys):
+    from raysky.score.lock import locked
+
+    output = tmp_path / "results"
+    command = ["score", "--input", str(sample_dir / "images"), "--output", str(output),
+               "--segmenter", tiny_checkpoints["segmenter"],
+               "--classifier", tiny_checkpoints["classifier"]]
+    with locked(str(output), "20250101T000000-first1"):
+        assert main(command) == 2
+        error = capsys.readouterr().err
+        assert f"{output} is in use by another raysky score (run 20250101T000000-first1" in error
+        assert len(error.strip().splitlines()) == 1
+        assert not list(output.glob("*.parquet")) and not (output / "_raysky_score.json").exists()
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_lock_is_exclusive_refreshed_and_taken_over_when_stale(s3, tmp_path, where):
+    from raysky.score.lock import LOCK_NAME, OutputLock, OutputLocked
+
+    output = str(tmp_path / "out") if where == "local" else f"{s3.create_bucket('score-locks')}/out"
+    first = OutputLock(output, "run-a")
+    first.acquire()
+    with pytest.raises(OutputLocked, match="in use by another raysky score .run run-a"):
+        OutputLock(output, "run-b").acquire()
+    first.refresh()
+    # The owner stops heartbeating (it died): past the timeout the next run takes over.
+    lock_uri = storage.join(output, LOCK_NAME)
+    stale = json.loads(storage.read_bytes(lock_uri))
+    stale.update(heartbeat_at_s=time.time() - 3600, host="elsewhere")
+    if where == "s3":
+        import boto3
+
+        bucket, key = lock_uri.removeprefix("s3://").split("/", 1)
+        boto3.client("s3").put_object(Bucket=bucket, Key=key, Body=json.dumps(stale).encode())
+    else:
+        storage.write_bytes(lock_uri, json.dumps(stale).encode())
+    second = OutputLock(output, "run-c")
+    second.acquire()
+    assert second.took_over["run_id"] == "run-a"
+    with pytest.raises(OutputLocked, match="lost the lock"):
+        first.refresh()
+    first.release()  # not its lock any more: nothing happens
+    assert json.loads(storage.read_bytes(lock_uri))["run_id"] == "run-c"
+    second.release()
+    assert not storage.exists(lock_uri)
+
+
+def test_results_written_before_error_kind_still_read(tmp_path):
+    classes = ("mel", "nv")
+    schema = output_schema(classes, heatmaps=False)
+    old = pa.schema([f for f in schema if f.name != "error_kind"])
+    rows = [{"image_id": "a", "source_uri": "a.jpg", "status": "ok", "predicted_class": "nv",
+             "prob_mel": 0.2, "prob_nv": 0.8, "malignant_prob": 0.2},
+            {"image_id": "b", "source_uri": "b.jpg", "status": "error", "error": "empty file"}]
+    (tmp_path / "old").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows, schema=old), tmp_path / "old" / "part-0.parquet")
+    frame = results.read(str(tmp_path / "old"))
+    assert list(frame.columns) == schema.names
+    assert frame["error_kind"].isna().all()
+    assert results.read(str(tmp_path / "old"), ["image_id", "error_kind"]).shape == (2, 2)
+    assert results.summarize(str(tmp_path / "old"))["error"] == 1
+
+
+def test_results_refuse_two_inputs_under_one_id(tmp_path):
+    schema = output_schema(("mel", "nv"), heatmaps=False)
+    (tmp_path / "r").mkdir()
+    rows = [{"image_id": "x", "source_uri": "a/x.jpg", "status": "ok"},
+            {"image_id": "x", "source_uri": "b/x.jpg", "status": "ok"},
+            {"image_id": "y", "source_uri": "y.jpg", "status": "ok"}]
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp_path / "r" / "part-0.parquet")
+    with pytest.raises(ValueError, match=r"1 image ids name several different inputs \('x': a/x.jpg, b/x.jpg\)"):
+        results.read(str(tmp_path / "r"))
+
+
+def test_score_refuses_a_damaged_checkpoint_before_writing(tiny_checkpoints, sample_dir,
+                                                           tmp_path, capsys):
+    damaged = tmp_path / "segmenter"
+    shutil.copytree(tiny_checkpoints["segmenter"], damaged)
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    output = tmp_path / "results"
+    assert main(["score", "--input", str(sample_dir / "images"), "--output", str(output),
+                 "--segmenter", str(damaged), "--classifier", tiny_checkpoints["classifier"]]) == 2
+    assert f"{damaged}: model.safetensors does not match config.json" in capsys.readouterr().err
+    assert not output.exists()
+
+
+def test_shards_with_unsafe_or_repeated_ids_are_refused(tmp_path):
+    from raysky.score.pipeline import PACK_MARKER, list_inputs
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / PACK_MARKER).write_text("{}")
+    table = pa.table({"image_id": ["ok", "../../x"], "source_uri": ["a", "b"], "image": [b"", b""]})
+    pq.write_table(table, shards / "part-0.parquet")
+    with pytest.raises(ValueError, match=r"unsafe image ids \('../../x'\)"):
+        list_inputs(str(shards))
+    pq.write_table(pa.table({"image_id": ["ok", "ok"], "source_uri": ["a", "b"],
+                             "image": [b"", b""]}), shards / "part-0.parquet")
+    with pytest.raises(ValueError, match=r"1 image ids appear in several shard rows \('ok'\)"):
+        list_inputs(str(shards))

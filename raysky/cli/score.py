@@ -14,8 +14,10 @@ def register(subparsers) -> None:
         "score", help="score an archive of images (prefix or packed shards) into Parquet",
         description="Segment, classify and explain (Grad-CAM) every image under --input with Ray "
         "Data, writing one row per input object to Parquet under --output. Bad images get a row "
-        "with status 'error' and the reason. Running again into the same output scores only "
-        "what is missing. Paths may be local or s3:// (endpoint from AWS_ENDPOINT_URL).")
+        "with status 'error', the reason and an error_kind (bad_input or transient). Running "
+        "again into the same output scores only what is missing and what failed transiently. "
+        "One run at a time per output (lock object _raysky.lock); _SUCCESS marks a complete "
+        "output. Paths may be local or s3:// (endpoint from AWS_ENDPOINT_URL).")
     score.add_argument("--input", required=True,
                        help="prefix of .jpg/.jpeg/.png objects, or shards written by `raysky pack`")
     score.add_argument("--output", required=True, help="results prefix (part-*.parquet files)")
@@ -38,6 +40,9 @@ def register(subparsers) -> None:
                        "512 MiB of PNG data")
     score.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                        help="model precision (default fp32)")
+    score.add_argument("--tta", action="store_true",
+                       help="test-time augmentation: average the models over the four flips of "
+                       "each image (4x the model work; Grad-CAM explains the unflipped view)")
     score.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                        help=f"reject larger images as decompression bombs (default {DEFAULT_MAX_PIXELS})")
     score.add_argument("--top", type=int, default=10,
@@ -45,6 +50,13 @@ def register(subparsers) -> None:
     score.add_argument("--address", default=None,
                        help="Ray cluster address (default: RAY_ADDRESS, else a private local Ray; "
                        "use 'auto' for a cluster started with `ray start`)")
+    score.add_argument("--no-retry-transient", dest="retry_transient", action="store_false",
+                       help="keep rows that failed transiently (error_kind 'transient', e.g. S3 "
+                       "throttling) instead of scoring them again")
+    # No default here: the CLI must not import raysky.score (and Ray) just to parse arguments.
+    score.add_argument("--lock-timeout", type=float, metavar="SECONDS",
+                       help="take over another run's lock on --output after this long without "
+                       "its heartbeat (default: raysky.score.lock.STALE_AFTER_S, 600)")
     score.add_argument("--json", action="store_true", help="print the summary as JSON")
     score.set_defaults(func=run_score)
 
@@ -91,8 +103,9 @@ def run_score(args: argparse.Namespace) -> int:
         classifier=args.classifier, metadata=args.metadata, heatmaps=args.heatmaps,
         batch_size=args.batch_size, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
         cpus_per_worker=args.cpus_per_worker, rows_per_file=args.rows_per_file,
-        precision=args.precision, max_pixels=args.max_pixels, top=args.top,
-        ray_address=args.address,
+        precision=args.precision, tta=args.tta, max_pixels=args.max_pixels, top=args.top,
+        ray_address=args.address, retry_transient=args.retry_transient,
+        **({} if args.lock_timeout is None else {"lock_timeout_s": args.lock_timeout}),
     ))
     print(json.dumps(summary.to_dict(), indent=2) if args.json else summary.format())
     return 0

@@ -1,16 +1,25 @@
 """Parquet output that survives crashes: atomic files, run ids, resume and orphan clean-up.
 
-Exactly-once rests on three rules:
+Exactly-once rests on these rules:
 
+* One run at a time writes an output: it holds ``<output>/_raysky.lock``
+  (:mod:`raysky.score.lock`).
 * A result file appears whole or not at all. A local file is written under a hidden temporary
   name and renamed into place. An S3 object is uploaded from memory in one request, because
   pyarrow's S3 stream completes a multipart upload on close even after a failed write, which
   could publish half a file.
-* Each run names its files ``part-<run id>-<unique>.parquet``. The driver records every file
-  the pipeline reports. When the run succeeds, the run's files that nobody reported are
-  deleted: they come from tasks that Ray retried after the first attempt had already written
-  its file (a lost node, a killed worker), so their rows are also in the retry's file.
-* A new run reads the ``image_id`` column of every file already there and skips those inputs.
+* Workers write their files under ``<output>/_pending/<run id>/``, which no reader looks at
+  (pandas and pyarrow through :mod:`raysky.results`, DuckDB's ``*.parquet``, and Spark skip
+  ``_`` folders). The driver publishes each file it hears about to
+  ``<output>/part-<run id>-<unique>.parquet``. Files nobody reported come from tasks that Ray
+  retried after the first attempt had already written (a lost node, a killed worker); they
+  stay pending and are deleted, with everything else an earlier run left pending, when a run
+  ends or the next one starts. A run that dies therefore never leaves a visible duplicate.
+* ``<output>/_SUCCESS`` (JSON: run id, time, row and file counts, the files) is removed when a
+  run starts and written when a run has left a row for every input.
+* A new run reads the ``image_id`` column of every file already there and skips those inputs,
+  except rows that failed for a transient reason (``error_kind='transient'``): those are first
+  removed from their files (:func:`forget_transient_errors`), then scored again.
 """
 
 from __future__ import annotations
@@ -31,6 +40,9 @@ from raysky.results import read_table, result_files
 
 FILE_PREFIX = "part-"
 TMP_PREFIX = ".tmp-"
+PENDING_DIR = "_pending"
+SUCCESS_NAME = "_SUCCESS"
+SUCCESS_FORMAT = "raysky-success/1"
 MAX_FILE_BYTES = 512 * 1024 * 1024
 """Binary payload per file at most; far below Arrow's 2 GiB limit for one ``binary`` array."""
 
@@ -85,11 +97,17 @@ def write_parquet_atomic(table: pa.Table, uri: str) -> None:
     storage.write_bytes(uri, sink.getvalue())  # a pyarrow Buffer: no copy into bytes
 
 
+def pending_dir(output: str, run_id: str) -> str:
+    """Where the files of run ``run_id`` wait until the driver publishes them."""
+    return storage.join(output, PENDING_DIR, run_id)
+
+
 def write_pieces(table: pa.Table, output: str, run_id: str,
                  max_rows: int) -> list[tuple[str, pa.Table]]:
-    """Write ``table`` as one or more ``part-<run_id>-*.parquet`` files.
+    """Write ``table`` as one or more pending ``part-<run_id>-*.parquet`` files.
 
-    ``large_binary`` columns are written as ``binary``. Returns ``(uri, rows written there)`` pairs.
+    ``large_binary`` columns are written as ``binary``. Returns ``(pending uri, rows written
+    there)`` pairs; :func:`publish` makes a file visible.
     """
     written = []
     # Pieces are cut to at most MAX_FILE_BYTES of binary data, so 64-bit offsets are never needed
@@ -99,7 +117,8 @@ def write_pieces(table: pa.Table, output: str, run_id: str,
     ])
     for piece in split_table(table, max_rows):
         piece = piece.cast(schema)
-        uri = storage.join(output, f"{FILE_PREFIX}{run_id}-{uuid.uuid4().hex[:12]}.parquet")
+        uri = storage.join(pending_dir(output, run_id),
+                           f"{FILE_PREFIX}{run_id}-{uuid.uuid4().hex[:12]}.parquet")
         write_parquet_atomic(piece, uri)
         written.append((uri, piece))
     return written
@@ -113,27 +132,99 @@ def done_ids(output: str) -> pa.Array:
     return pc.unique(read_table(files, ["image_id"]).column("image_id").combine_chunks())
 
 
+def publish(output: str, pending_uri: str) -> str:
+    """Move a pending file into ``output`` under its own name; return its visible URI.
+
+    A local rename is atomic; on S3 the copy appears whole (one ``CopyObject``) before the
+    pending object is deleted.
+    """
+    name = posixpath.basename(str(pending_uri).replace(os.sep, "/"))
+    target = storage.join(output, name)
+    fs, source = storage.resolve(pending_uri)
+    fs.move(source, storage.resolve(target)[1])
+    return target
+
+
 def remove_stale_temporaries(output: str) -> int:
-    """Delete temporary files that a crashed writer left under a local ``output``."""
+    """Delete what earlier runs left unpublished: ``_pending/`` and local temporary files.
+
+    Call it only while holding the output's lock: another live run's pending files would go too.
+    """
+    pending = storage.list_files(storage.join(output, PENDING_DIR))
+    storage.delete(storage.join(output, PENDING_DIR))
+    removed = len(pending)
     fs, path = storage.resolve(output)
-    if not isinstance(fs, pafs.LocalFileSystem) or not os.path.isdir(path):
-        return 0
-    removed = 0
-    for name in os.listdir(path):
-        if name.startswith(TMP_PREFIX):
-            os.remove(os.path.join(path, name))
-            removed += 1
+    if isinstance(fs, pafs.LocalFileSystem) and os.path.isdir(path):
+        # Writers before _pending/ existed put their temporaries at the top.
+        for name in os.listdir(path):
+            if name.startswith(TMP_PREFIX):
+                os.remove(os.path.join(path, name))
+                removed += 1
     return removed
 
 
-def remove_orphans(output: str, run_id: str, reported: set[str]) -> list[str]:
-    """Delete this run's files that the pipeline never reported (duplicates from retried tasks)."""
-    prefix = f"{FILE_PREFIX}{run_id}-"
-    orphans = [f for f in result_files(output)
-               if posixpath.basename(f.replace(os.sep, "/")).startswith(prefix) and f not in reported]
-    for uri in orphans:
-        storage.delete(uri)
+def remove_orphans(output: str, run_id: str) -> list[str]:
+    """Delete this run's files still pending once every reported file has been published:
+    duplicates from retried tasks. Returns the deleted URIs. The whole ``_pending/`` folder
+    goes: the run holds the output's lock, so no other run has files there."""
+    orphans = storage.list_files(pending_dir(output, run_id))
+    storage.delete(storage.join(output, PENDING_DIR))
     return orphans
+
+
+def forget_transient_errors(output: str, run_id: str) -> int:
+    """Remove rows with ``status='error'`` and ``error_kind='transient'`` from the result files,
+    so that this run scores those inputs again; return how many rows were removed.
+
+    Each affected file is rewritten without those rows: the remainder is written pending, the
+    old file deleted, then the remainder published. A crash in between loses no result for
+    good: the rows missing then are simply scored again by the next run.
+    """
+    files = result_files(output)
+    if not files or "error_kind" not in read_table(files[:1]).schema.names:
+        return 0
+    removed = 0
+    for uri in files:
+        # The small columns first: only the rare file with transient rows is read whole.
+        if not _transient(read_table([uri], ["status", "error_kind"])).any():
+            continue
+        table = read_table([uri])
+        transient = _transient(table)
+        keep = table.filter(pa.array(~transient))
+        written = write_pieces(keep, output, run_id, max(1, keep.num_rows)) if keep.num_rows else []
+        storage.delete(uri)
+        for pending, _piece in written:
+            publish(output, pending)
+        removed += int(transient.sum())
+    return removed
+
+
+def _transient(table: pa.Table):
+    """Boolean numpy mask of the rows that failed for a transient reason."""
+    failed = pc.and_kleene(pc.equal(table["status"], "error"),
+                           pc.equal(table["error_kind"], "transient"))
+    return pc.fill_null(failed, False).to_numpy(zero_copy_only=False)
+
+
+def clear_success(output: str) -> None:
+    """Remove the success manifest: the output is about to change."""
+    storage.delete(storage.join(output, SUCCESS_NAME))
+
+
+def write_success(output: str, run_id: str, inputs: int, rows: int) -> dict:
+    """Write ``<output>/_SUCCESS`` for a run after which every input has a row; return it.
+
+    ``rows`` is the number of image ids the output holds; ``files`` lists the result files that
+    make it up, for readers that want exactly the committed set.
+    """
+    files = result_files(output)
+    manifest = {"format": SUCCESS_FORMAT, "run_id": run_id,
+                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "inputs": inputs, "rows": rows,
+                "files": [posixpath.basename(f.replace(os.sep, "/")) for f in files]}
+    storage.write_bytes(storage.join(output, SUCCESS_NAME), json.dumps(manifest, indent=2).encode())
+    return manifest
+
 
 
 def check_run_config(output: str, name: str, expected: dict) -> None:

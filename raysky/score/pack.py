@@ -8,7 +8,8 @@ could not be read. Images are not decoded here: a corrupt image is packed as it 
 scoring the shards reports it exactly as scoring the raw prefix would.
 
 Packing is resumable the same way scoring is: run it again into the same output and only the
-objects not yet in a shard are read.
+objects not yet in a shard are read. Like scoring, a pack run holds the output's lock, publishes
+shards only once the driver has heard of them, and writes ``_SUCCESS`` when it is complete.
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ import pyarrow.compute as pc
 
 from raysky.cluster import ensure_ray
 from raysky.progress import Progress
+from raysky.score import lock as output_lock
 from raysky.score import output as out
 from raysky.score.pipeline import PACK_MARKER, WRITE_CPUS, Written, collect_written, input_blocks
-from raysky.score.stages import MAX_INPUT_BYTES, read_limited, write_batch
+from raysky.score.stages import MAX_INPUT_BYTES, read_failure, read_limited, write_batch
 
-PACK_FORMAT = "raysky-pack/1"
+PACK_FORMAT = "raysky-pack/2"
+"""Version 2: image ids from each file's own name (see ``read_archive``)."""
 RECORD_SCHEMA = pa.schema([
     ("image_id", pa.string()), ("source_uri", pa.string()), ("age", pa.float64()),
     ("sex", pa.string()), ("site", pa.string()), ("lesion_id", pa.string()), ("label", pa.string()),
@@ -59,12 +62,9 @@ def read_objects(batch: pa.Table, max_bytes: int = MAX_INPUT_BYTES) -> pa.Table:
         try:
             images.append(read_limited(uri, max_bytes))
             errors.append(None)
-        except FileNotFoundError:
+        except Exception as exc:  # one unreadable object must not stop the job
             images.append(None)
-            errors.append("file not found")
-        except (OSError, ValueError) as exc:  # ImageDecodeError is a ValueError
-            images.append(None)
-            errors.append(getattr(exc, "reason", None) or f"cannot read file ({exc})")
+            errors.append(read_failure(exc)[0])
     return (batch.append_column("image", pa.array(images, pa.large_binary()))
             .append_column("read_error", pa.array(errors, pa.string())))
 
@@ -78,26 +78,34 @@ def pack_archive(input_uri: str, output_uri: str, rows_per_file: int = 1000,
     if rows_per_file < 1:
         raise ValueError(f"rows_per_file must be at least 1, got {rows_per_file}")
     start = time.monotonic()
-    out.check_run_config(output_uri, PACK_MARKER, {"format": PACK_FORMAT})
-    out.remove_stale_temporaries(output_uri)
-    records = read_archive(input_uri, metadata_uri)
-    table = pa.table({name: [getattr(r, "image_uri" if name == "source_uri" else name)
-                             for r in records] for name in RECORD_SCHEMA.names},
-                     schema=RECORD_SCHEMA)
-    todo = table.filter(pc.invert(pc.is_in(table["image_id"], value_set=out.done_ids(output_uri))))
     run_id = out.new_run_id()
-    written = Written()
-    if todo.num_rows:
-        import ray
+    with output_lock.locked(output_uri, run_id, "pack") as held:
+        out.check_run_config(output_uri, PACK_MARKER, {"format": PACK_FORMAT})
+        out.clear_success(output_uri)
+        out.remove_stale_temporaries(output_uri)
+        records = read_archive(input_uri, metadata_uri)
+        table = pa.table({name: [getattr(r, "image_uri" if name == "source_uri" else name)
+                                 for r in records] for name in RECORD_SCHEMA.names},
+                         schema=RECORD_SCHEMA)
+        done = out.done_ids(output_uri)
+        todo = table.filter(pc.invert(pc.is_in(table["image_id"], value_set=done)))
+        written = Written()
+        if todo.num_rows:
+            import ray
 
-        ensure_ray(ray_address)
-        ds = ray.data.from_arrow(input_blocks(todo, 16))
-        ds = ds.map_batches(read_objects, batch_size=16, batch_format="pyarrow")
-        ds = ds.map_batches(write_batch, batch_size=rows_per_file, batch_format="pyarrow",
-                            num_cpus=WRITE_CPUS, fn_kwargs={"output": output_uri, "run_id": run_id,
-                                                      "rows_per_file": rows_per_file})
-        meter = Progress("pack", total=todo.num_rows) if progress else None
-        written = collect_written(ds, output_uri, run_id, meter)
+            ensure_ray(ray_address)
+            ds = ray.data.from_arrow(input_blocks(todo, 16))
+            ds = ds.map_batches(read_objects, batch_size=16, batch_format="pyarrow")
+            ds = ds.map_batches(write_batch, batch_size=rows_per_file, batch_format="pyarrow",
+                                num_cpus=WRITE_CPUS, fn_kwargs={"output": output_uri,
+                                                                "run_id": run_id,
+                                                                "rows_per_file": rows_per_file})
+            meter = Progress("pack", total=todo.num_rows) if progress else None
+            written = collect_written(ds, output_uri, run_id, meter, held)
+            done = out.done_ids(output_uri)
+        held.check()
+        if int(pc.sum(pc.is_in(table["image_id"], value_set=done)).as_py() or 0) == table.num_rows:
+            out.write_success(output_uri, run_id, table.num_rows, len(done))
     return PackSummary(output=output_uri, inputs=table.num_rows,
                        skipped=table.num_rows - todo.num_rows, packed=written.rows,
                        read_errors=written.errors, files=len(written.files), elapsed_s=time.monotonic() - start)

@@ -21,12 +21,14 @@ from raysky.cluster import ensure_ray
 from raysky.data.images import DEFAULT_MAX_PIXELS, decode_batch_memory
 from raysky.models.runtime import PRECISIONS
 from raysky.progress import Progress, format_duration
+from raysky.score import lock as output_lock
 from raysky.score import output as out
 from raysky.score import stages
 
 RUN_CONFIG = "_raysky_score.json"
 PACK_MARKER = "_raysky_pack.json"
-RESULTS_FORMAT = "raysky-results/1"
+RESULTS_FORMAT = "raysky-results/2"
+"""Version 2: archive ids from each file's own name, and the ``error_kind`` column."""
 WRITE_CPUS = 0.25
 
 
@@ -37,6 +39,9 @@ class ScoreSettings:
     ``input`` is a prefix of image files (local or ``s3://``) or Parquet shards written by
     ``raysky pack``. ``workers=None`` lets Ray Data grow the model pool from 1 up to what the
     cluster holds. ``cpus_per_worker`` is also each model worker's torch thread count.
+    ``retry_transient`` scores rows that failed for a transient reason again (see
+    :mod:`raysky.score.stages`). ``lock_timeout_s`` is how long without a heartbeat before
+    another run's lock on ``output`` counts as dead and is taken over.
     """
 
     input: str
@@ -51,10 +56,13 @@ class ScoreSettings:
     cpus_per_worker: int = 2
     rows_per_file: int = 1000
     precision: str = "fp32"
+    tta: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
     top: int = 10
     ray_address: str | None = None
     progress: bool = True
+    retry_transient: bool = True
+    lock_timeout_s: float = output_lock.STALE_AFTER_S
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first setting that cannot work."""
@@ -67,6 +75,7 @@ class ScoreSettings:
             (self.cpus_per_worker >= 1, f"cpus_per_worker must be at least 1, got {self.cpus_per_worker}"),
             (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}"),
             (self.max_pixels >= 1, f"max_pixels must be positive, got {self.max_pixels}"),
+            (self.lock_timeout_s > 0, f"lock_timeout_s must be positive, got {self.lock_timeout_s}"),
             (storage.resolve(self.input) != storage.resolve(self.output),
              f"output {self.output} must differ from input {self.input}"),
         ]
@@ -90,6 +99,7 @@ class ScoreSummary:
     files: int
     elapsed_s: float
     totals: dict = field(default_factory=dict)
+    retried_transient: int = 0
 
     @property
     def images_per_s(self) -> float:
@@ -105,6 +115,8 @@ class ScoreSummary:
         head = (f"scored {self.scored} of {self.inputs} inputs ({self.scored_ok} ok, "
                 f"{self.scored_error} error; {self.skipped} already done) into {self.files} "
                 f"files in {format_duration(self.elapsed_s)}: {self.images_per_s:.1f} img/s")
+        if self.retried_transient:
+            head += f"\nretried {self.retried_transient} inputs that had failed transiently"
         body = results.format_summary(self.totals) if self.totals else ""
         return f"{head}\n{self.output}\n{body}".rstrip()
 
@@ -154,11 +166,15 @@ def list_inputs(uri: str, metadata_uri: str | None = None, done: pa.Array | None
     if not shards:
         raise FileNotFoundError(f"{uri}: no Parquet shards found")
     ids = results.read_table(shards, ["image_id"]).column("image_id").combine_chunks()
-    counts = pc.value_counts(ids)
-    repeated = counts.filter(pc.greater(counts.field("counts"), 1))
-    if len(repeated):
-        raise ValueError(f"{uri}: image id {repeated[0]['values'].as_py()!r} appears in several "
-                         "shard rows; pack each object once")
+    repeated = results.duplicate_ids(ids)
+    if repeated:
+        raise ValueError(f"{uri}: {len(repeated)} image ids appear in several shard rows "
+                         f"({', '.join(map(repr, repeated[:5]))}); pack each object once")
+    unsafe = [i for i in ids.to_pylist() if storage.name_problem(i, nested=False)]
+    if unsafe:
+        raise ValueError(f"{uri}: {len(unsafe)} shard rows have unsafe image ids "
+                         f"({', '.join(map(repr, unsafe[:5]))}): "
+                         f"{storage.name_problem(unsafe[0], nested=False)}")
     available = set(results.read_table(shards[:1]).schema.names)
     if not {"image_id", "source_uri", "image"} <= available:
         raise ValueError(f"{shards[0]}: shards need columns image_id, source_uri and image "
@@ -215,19 +231,23 @@ class Written:
     errors: int = 0
 
 
-def collect_written(ds, output: str, run_id: str, progress: Progress | None = None) -> Written:
-    """Run a dataset that ends in :func:`~raysky.score.stages.write_batch` and tally its
-    manifest rows, then delete the files of this run that no manifest reported (duplicates
-    left by retried tasks), so each input keeps exactly one row."""
+def collect_written(ds, output: str, run_id: str, progress: Progress | None = None,
+                    lock: output_lock.OutputLock | None = None) -> Written:
+    """Run a dataset that ends in :func:`~raysky.score.stages.write_batch`, publish each file
+    its manifest rows report and tally them, then delete the files of this run that no
+    manifest reported (duplicates left by retried tasks), so each input keeps exactly one row.
+    A ``lock`` lost on the way (see :mod:`raysky.score.lock`) stops the run."""
     written = Written()
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        if lock is not None:
+            lock.check()
         for row in batch.to_pylist():
-            written.files.add(row["file"])
+            written.files.add(out.publish(output, row["file"]))
             written.rows += row["rows"]
             written.errors += row["error"]
             if progress:
                 progress.update(row["rows"], extra=f"{written.errors} errors")
-    orphans = out.remove_orphans(output, run_id, written.files)
+    orphans = out.remove_orphans(output, run_id)
     if orphans:
         print(f"removed {len(orphans)} duplicate files left by retried tasks", file=sys.stderr)
     return written
@@ -269,6 +289,7 @@ def build_dataset(inputs: Inputs, settings: ScoreSettings, classes: tuple[str, .
             "segmenter": settings.segmenter, "classifier": settings.classifier,
             "heatmaps": settings.heatmaps, "use_gpu": settings.gpus_per_worker > 0,
             "precision": settings.precision, "threads": settings.cpus_per_worker,
+            "tta": settings.tta,
         },
     )
     ds = ds.map_batches(
@@ -286,8 +307,9 @@ def build_dataset(inputs: Inputs, settings: ScoreSettings, classes: tuple[str, .
 
 
 def _model_facts(settings: ScoreSettings) -> dict:
-    """Versions and classes from the checkpoints' JSON, checked before any worker starts."""
-    from raysky.models.checkpoint import read_checkpoint_meta
+    """Versions and classes from the checkpoints' JSON, checked (kinds and weights' hashes)
+    before any worker starts, so a damaged checkpoint fails the run before it writes a row."""
+    from raysky.models.checkpoint import WEIGHTS_FILE, read_checkpoint_meta, verify_weights
 
     seg = read_checkpoint_meta(settings.segmenter)
     cls = read_checkpoint_meta(settings.classifier)
@@ -295,6 +317,7 @@ def _model_facts(settings: ScoreSettings) -> dict:
                             (cls, "classifier", settings.classifier)):
         if meta.get("kind") != kind:
             raise ValueError(f"{uri}: is a {meta.get('kind')} checkpoint, but a {kind} was expected")
+        verify_weights(uri, meta, storage.read_bytes(storage.join(uri, WEIGHTS_FILE)))
     return {"format": RESULTS_FORMAT, "segmenter_version": seg["version"],
             "classifier_version": cls["version"], "classes": list(cls["classes"]),
             "heatmaps": settings.heatmaps}
@@ -313,27 +336,37 @@ def _count_done(inputs: Inputs, done: pa.Array) -> int:
 def score_archive(settings: ScoreSettings) -> ScoreSummary:
     """Score every input not yet in ``settings.output`` and return the run's summary.
 
-    Running again into the same output after an interruption scores only what is missing;
-    :func:`raysky.results.read` then returns exactly one row per input.
+    Running again into the same output after an interruption scores only what is missing, plus
+    the inputs that failed transiently (unless ``retry_transient`` is off);
+    :func:`raysky.results.read` then returns exactly one row per input. The run holds the
+    output's lock throughout (:mod:`raysky.score.lock`), and writes ``_SUCCESS`` when every
+    input has a row.
     """
     settings.validate()
     start = time.monotonic()
     facts = _model_facts(settings)
-    out.check_run_config(settings.output, RUN_CONFIG, facts)
-    out.remove_stale_temporaries(settings.output)
-    inputs = list_inputs(settings.input, settings.metadata, out.done_ids(settings.output))
     run_id = out.new_run_id()
-    written = Written()
-    if inputs.todo:
-        ensure_ray(settings.ray_address)
-        progress = Progress("score", total=inputs.todo) if settings.progress else None
-        ds = build_dataset(inputs, settings, tuple(facts["classes"]), run_id)
-        written = collect_written(ds, settings.output, run_id, progress)
+    with output_lock.locked(settings.output, run_id, "score", settings.lock_timeout_s) as held:
+        out.check_run_config(settings.output, RUN_CONFIG, facts)
+        out.clear_success(settings.output)
         out.remove_stale_temporaries(settings.output)
-        missing = inputs.todo - _count_done(inputs, out.done_ids(settings.output))
-        if missing:
-            raise RuntimeError(f"{missing} inputs have no row in {settings.output} after the run; "
-                               "run the same command again to score them")
+        retried = (out.forget_transient_errors(settings.output, run_id)
+                   if settings.retry_transient else 0)
+        done = out.done_ids(settings.output)
+        inputs = list_inputs(settings.input, settings.metadata, done)
+        written = Written()
+        if inputs.todo:
+            ensure_ray(settings.ray_address)
+            progress = Progress("score", total=inputs.todo) if settings.progress else None
+            ds = build_dataset(inputs, settings, tuple(facts["classes"]), run_id)
+            written = collect_written(ds, settings.output, run_id, progress, held)
+            done = out.done_ids(settings.output)
+            missing = inputs.todo - _count_done(inputs, done)
+            if missing:
+                raise RuntimeError(f"{missing} inputs have no row in {settings.output} after the "
+                                   "run; run the same command again to score them")
+        held.check()
+        out.write_success(settings.output, run_id, inputs.total, len(done))
     totals = results.summarize(settings.output, settings.top) if results.result_files(
         settings.output) else {}
     return ScoreSummary(
@@ -341,5 +374,5 @@ def score_archive(settings: ScoreSettings) -> ScoreSummary:
         skipped=inputs.total - inputs.todo, scored=written.rows,
         scored_ok=written.rows - written.errors, scored_error=written.errors,
         files=len(written.files),
-        elapsed_s=time.monotonic() - start, totals=totals,
+        elapsed_s=time.monotonic() - start, totals=totals, retried_transient=retried,
     )

@@ -6,14 +6,19 @@ raw masks and raw heatmaps travel between stages as ``large_binary`` plus ``widt
 (a batch of large images can exceed the 2 GiB that a ``binary`` array can hold); only the
 final, compressed PNGs are written, as plain ``binary``.
 
-No stage raises on a bad image: every failure becomes a row with ``status='error'`` and a
-short reason in ``error``.
+No stage raises on a bad image: every failure becomes a row with ``status='error'``, a short
+reason in ``error`` and its kind in ``error_kind``: ``bad_input`` when the input itself is at
+fault (not an image, too large, gone, breaks the model), ``transient`` when reading it failed
+for a reason that may pass (S3 throttling, a timeout, a dropped connection) after
+:data:`READ_ATTEMPTS` tries with backoff. A re-run scores transient rows again.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import math
+import random
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -31,6 +36,14 @@ MAX_INPUT_BYTES = 256 * 1024 * 1024
 """Objects larger than this are not read at all; no dermoscopy image comes near it."""
 
 OK, ERROR = "ok", "error"
+BAD_INPUT, TRANSIENT = "bad_input", "transient"
+ERROR_KINDS: tuple[str, ...] = (BAD_INPUT, TRANSIENT)
+"""Values of ``error_kind`` on error rows (null on ok rows)."""
+
+READ_ATTEMPTS = 4
+"""Tries per object read before an ``OSError`` becomes a transient error row."""
+READ_BACKOFF_S = 0.25
+"""First wait between tries; it doubles each time, with jitter (0.25 s, 0.5 s, 1 s)."""
 
 INPUT_SCHEMA = pa.schema([
     ("image_id", pa.string()), ("source_uri", pa.string()), ("age", pa.float64()),
@@ -39,8 +52,8 @@ INPUT_SCHEMA = pa.schema([
 """Rows entering the decode stage. Packed shards add ``image`` (bytes) and ``read_error``."""
 
 DECODED_SCHEMA = pa.schema([
-    *INPUT_SCHEMA, ("status", pa.string()), ("error", pa.string()), ("width", pa.int32()),
-    ("height", pa.int32()), ("pixels", pa.large_binary()),
+    *INPUT_SCHEMA, ("status", pa.string()), ("error", pa.string()), ("error_kind", pa.string()),
+    ("width", pa.int32()), ("height", pa.int32()), ("pixels", pa.large_binary()),
 ])
 
 MANIFEST_SCHEMA = pa.schema([("file", pa.string()), ("rows", pa.int64()), ("ok", pa.int64()),
@@ -51,7 +64,8 @@ def output_schema(classes: Sequence[str], heatmaps: bool) -> pa.Schema:
     """The columns of a result file, in order: plain Arrow types only."""
     fields = [
         ("image_id", pa.string()), ("source_uri", pa.string()), ("status", pa.string()),
-        ("error", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
+        ("error", pa.string()), ("error_kind", pa.string()), ("width", pa.int32()),
+        ("height", pa.int32()),
         ("predicted_class", pa.string()),
         *[(f"{PROB_PREFIX}{code}", pa.float32()) for code in classes],
         ("malignant_prob", pa.float32()), ("mask_png", pa.binary()),
@@ -78,34 +92,54 @@ def model_output_schema(classes: Sequence[str], heatmaps: bool) -> pa.Schema:
 # ---------------------------------------------------------------------------------------------
 
 
-def read_limited(uri: str, limit: int = MAX_INPUT_BYTES) -> bytes:
-    """Read one object, refusing (with :class:`ImageDecodeError`) anything over ``limit`` bytes."""
+def read_limited(uri: str, limit: int = MAX_INPUT_BYTES, attempts: int = READ_ATTEMPTS) -> bytes:
+    """Read one object, refusing (with :class:`ImageDecodeError`) anything over ``limit`` bytes.
+
+    An ``OSError`` other than a missing file is retried up to ``attempts`` tries in all, with
+    exponential backoff, and raised when the last try fails too.
+    """
     fs, path = storage.resolve(uri)
-    with fs.open_input_stream(path) as stream:
-        data = stream.read(limit + 1)
+    for attempt in range(attempts):
+        try:
+            with fs.open_input_stream(path) as stream:
+                data = stream.read(limit + 1)
+            break
+        except FileNotFoundError:
+            raise
+        except OSError:
+            if attempt + 1 >= attempts:
+                raise
+            # Jitter keeps the tasks that were throttled together from retrying together.
+            time.sleep(READ_BACKOFF_S * 2 ** attempt * random.uniform(0.5, 1.5))
     if len(data) > limit:
         raise ImageDecodeError(uri, f"file too large (over {limit} bytes)")
     return data
 
 
-def _decode_one(uri: str, data: bytes | None, read_error: str | None,
-                max_pixels: int) -> tuple[str | None, int | None, int | None, bytes | None]:
-    """Return ``(error, width, height, pixels)``; exactly one of error and pixels is set."""
+def read_failure(exc: Exception) -> tuple[str, str]:
+    """``(error, error_kind)`` for an exception met while reading and decoding one input."""
+    if isinstance(exc, ImageDecodeError):
+        return exc.reason, BAD_INPUT
+    if isinstance(exc, FileNotFoundError):
+        return "file not found", BAD_INPUT
+    if isinstance(exc, OSError):
+        return f"cannot read file ({exc})", TRANSIENT
+    return f"cannot decode ({type(exc).__name__}: {exc})", BAD_INPUT
+
+
+def _decode_one(uri: str, data: bytes | None, read_error: str | None, max_pixels: int
+                ) -> tuple[str | None, str | None, int | None, int | None, bytes | None]:
+    """Return ``(error, error_kind, width, height, pixels)``; either error or pixels is set."""
     if read_error:
-        return read_error, None, None, None
+        # Packed shards keep only the reason; the bytes are not there to read again.
+        return read_error, BAD_INPUT, None, None, None
     try:
         if data is None:
             data = read_limited(uri)
         image = decode_image(data, source=uri, max_pixels=max_pixels)
-    except ImageDecodeError as exc:
-        return exc.reason, None, None, None
-    except FileNotFoundError:
-        return "file not found", None, None, None
-    except OSError as exc:
-        return f"cannot read file ({exc})", None, None, None
     except Exception as exc:  # a batch job must not die on one input, whatever went wrong
-        return f"cannot decode ({type(exc).__name__}: {exc})", None, None, None
-    return None, image.width, image.height, np.asarray(image, dtype=np.uint8).tobytes()
+        return (*read_failure(exc), None, None, None)
+    return None, None, image.width, image.height, np.asarray(image, dtype=np.uint8).tobytes()
 
 
 def decode_batch(batch: pa.Table, max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -130,17 +164,18 @@ def decode_batch(batch: pa.Table, max_pixels: int = DEFAULT_MAX_PIXELS,
         index = {row["image_id"]: row for row in metadata.to_pylist()}
         for name in ("age", "sex", "site"):
             columns[name] = [index.get(i, {}).get(name) for i in ids]
-    status, errors, widths, heights, pixels = [], [], [], [], []
+    status, errors, kinds, widths, heights, pixels = [], [], [], [], [], []
     for uri, data, read_error in zip(uris, images, read_errors, strict=True):
-        error, width, height, raw = _decode_one(uri, data, read_error, max_pixels)
+        error, kind, width, height, raw = _decode_one(uri, data, read_error, max_pixels)
         status.append(ERROR if error else OK)
         errors.append(error)
+        kinds.append(kind)
         widths.append(width)
         heights.append(height)
         pixels.append(raw)
     return pa.table({
         "image_id": ids, "source_uri": uris, **columns, "status": status, "error": errors,
-        "width": widths, "height": heights, "pixels": pixels,
+        "error_kind": kinds, "width": widths, "height": heights, "pixels": pixels,
     }, schema=DECODED_SCHEMA)
 
 
@@ -160,13 +195,14 @@ class ScoreModel:
     """
 
     def __init__(self, segmenter: str, classifier: str, heatmaps: bool = True,
-                 use_gpu: bool = False, precision: str = "fp32", threads: int | None = None):
+                 use_gpu: bool = False, precision: str = "fp32", threads: int | None = None,
+                 tta: bool = False):
         from raysky.inference import LesionPipeline
 
         # Ray pins OMP_NUM_THREADS=1 in actors; use the CPUs this actor was granted instead.
         on_torch_thread(set_torch_threads, threads)
         self.pipeline = on_torch_thread(LesionPipeline.from_uris, segmenter, classifier,
-                                        use_gpu=use_gpu, precision=precision)
+                                        use_gpu=use_gpu, precision=precision, tta=tta)
         self.heatmaps = heatmaps
         self.classes = self.pipeline.classes
         self.schema = model_output_schema(self.classes, heatmaps)
@@ -200,11 +236,12 @@ class ScoreModel:
         for i, row in enumerate(rows):
             result = predictions.get(i)
             if isinstance(result, str):
-                row = {**row, "status": ERROR, "error": result}
+                row = {**row, "status": ERROR, "error": result, "error_kind": BAD_INPUT}
                 result = None
             values = {
                 "image_id": row["image_id"], "source_uri": row["source_uri"],
-                "status": row["status"], "error": row["error"], "width": row["width"],
+                "status": row["status"], "error": row["error"],
+                "error_kind": row["error_kind"], "width": row["width"],
                 "height": row["height"], "segmenter_version": self.pipeline.segmenter_version,
                 "classifier_version": self.pipeline.classifier_version, "scored_at": now,
             }
