@@ -7,7 +7,7 @@ Measures, on one preset, batch size and thread count, in one run:
      model, backward through both DenseNet encoders), the straightforward alternative;
 and repeats 1-2 under bf16 autocast. Prints images/s and ratios against (1).
 
-    python benchmarks/explain_cost.py --preset small --batch-size 16 --batches 5
+    python benchmarks/explain_cost.py --preset lite --batch-size 16 --batches 5
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def _time(fn, batches: int, warmup: int = 1) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="small", choices=["tiny", "small", "paper"])
+    parser.add_argument("--preset", default="lite", choices=["tiny", "lite", "paper"])
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--batches", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")

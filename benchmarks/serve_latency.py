@@ -19,7 +19,7 @@ that ceiling, as a ratio to 3, is printed next to the measured ratio.
 Untrained models of ``--preset`` are used unless checkpoints are given (weights do not change
 the cost). Images come from ``--data`` (a folder of .jpg/.png; default the bundled sample):
 
-    python benchmarks/serve_latency.py --preset small
+    python benchmarks/serve_latency.py --preset lite
     python benchmarks/serve_latency.py --data /path/to/ham10000/images --preset paper --gpu
 """
 
@@ -161,7 +161,7 @@ async def _endpoint_load(url: str, encoded: list[bytes], total: int, concurrency
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="small", choices=["tiny", "small", "paper"],
+    parser.add_argument("--preset", default="lite", choices=["tiny", "lite", "paper"],
                         help="untrained models of this preset (ignored with checkpoints)")
     parser.add_argument("--segmenter", help="segmenter checkpoint instead of --preset")
     parser.add_argument("--classifier", help="classifier checkpoint instead of --preset")

@@ -12,7 +12,7 @@ one run:
   3. the plain loop under bf16 autocast against fp32 on CPU.
 
     python benchmarks/train_throughput.py --data data/sample --preset tiny
-    python benchmarks/train_throughput.py --data /path/to/ham10000 --preset small --limit 512
+    python benchmarks/train_throughput.py --data /path/to/ham10000 --preset lite --limit 512
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="data/sample", help="HAM10000-layout folder (default: %(default)s)")
-    parser.add_argument("--preset", default="tiny", choices=["tiny", "small", "paper"])
+    parser.add_argument("--preset", default="tiny", choices=["tiny", "lite", "paper"])
     parser.add_argument("--kind", default="segmenter", choices=["segmenter", "classifier"])
     parser.add_argument("--epochs", type=int, default=4, help="epochs per run; the first is warm-up")
     parser.add_argument("--batch-size", type=int, default=8)

@@ -40,3 +40,47 @@ def test_thread_count_applies_on_the_torch_thread():
     finally:
         on_torch_thread(set_torch_threads, before)
         set_torch_threads(before)
+
+
+def _fake_clock(cost: dict[str, float]):
+    """A step and a timer where each step of a precision takes ``cost[precision]`` seconds."""
+    now = [0.0]
+    calls: list[str] = []
+
+    def step(precision: str) -> None:
+        calls.append(precision)
+        now[0] += cost[precision]
+
+    return step, (lambda: now[0]), calls
+
+
+def test_auto_precision_keeps_the_faster_measured_step():
+    import torch
+
+    from raysky.models.runtime import choose_precision
+
+    cpu = torch.device("cpu")
+    step, timer, calls = _fake_clock({"fp32": 1.0, "bf16": 0.8})
+    precision, medians = choose_precision("auto", cpu, step, has_bf16=True, timer=timer)
+    assert precision == "bf16"
+    assert medians == pytest.approx({"fp32": 1.0, "bf16": 0.8})
+    assert calls.count("bf16") == calls.count("fp32") == 4  # one warm-up, three timed
+    step, timer, _ = _fake_clock({"fp32": 1.0, "bf16": 1.76})  # DenseNet201's measured ratio
+    assert choose_precision("auto", cpu, step, has_bf16=True, timer=timer)[0] == "fp32"
+    step, timer, _ = _fake_clock({"fp32": 1.0, "bf16": 0.97})  # within the margin: not worth it
+    assert choose_precision("auto", cpu, step, has_bf16=True, timer=timer)[0] == "fp32"
+    # Without bf16 instructions, or when asked for a precision, nothing is measured.
+    step, timer, calls = _fake_clock({"fp32": 1.0, "bf16": 0.1})
+    assert choose_precision("auto", cpu, step, has_bf16=False, timer=timer) == ("fp32", {})
+    assert choose_precision("bf16", cpu, step, timer=timer) == ("bf16", {})
+    assert calls == []
+
+
+def test_cpu_bf16_detection_reads_the_flags(tmp_path):
+    from raysky.models.runtime import cpu_has_bf16
+
+    (tmp_path / "avx2").write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n")
+    (tmp_path / "bf16").write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n")
+    assert not cpu_has_bf16(str(tmp_path / "avx2"))
+    assert cpu_has_bf16(str(tmp_path / "bf16"))
+    assert not cpu_has_bf16(str(tmp_path / "missing"))

@@ -64,13 +64,15 @@ def cpu_has_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
 
 
 def choose_precision(requested: str, device: torch.device, step: Callable[[str], None],
-                     trials: int = 3, margin: float = 0.95) -> tuple[str, dict[str, float]]:
+                     trials: int = 3, margin: float = 0.95, has_bf16: bool | None = None,
+                     timer: Callable[[], float] | None = None) -> tuple[str, dict[str, float]]:
     """Resolve ``auto`` into ``fp32`` or ``bf16``; returns it with the step times measured.
 
     CUDA takes bf16 where the card supports it. A CPU without bf16 instructions takes fp32
     without measuring. Otherwise ``step(precision)`` (one training step of the real model) is
     timed ``trials`` times each way, interleaved so that noise hits both alike, and bf16 wins
-    only when its median is under ``margin`` of fp32's.
+    only when its median is under ``margin`` of fp32's. ``has_bf16`` and ``timer`` default to
+    :func:`cpu_has_bf16` and ``time.perf_counter``.
     """
     if requested != AUTO:
         if requested not in PRECISIONS:
@@ -82,16 +84,17 @@ def choose_precision(requested: str, device: torch.device, step: Callable[[str],
 
     if device.type == "cuda":
         return ("bf16" if torch.cuda.is_bf16_supported() else "fp32"), {}
-    if not cpu_has_bf16():
+    if not (cpu_has_bf16() if has_bf16 is None else has_bf16):
         return "fp32", {}
+    timer = timer or time.perf_counter
     times: dict[str, list[float]] = {"fp32": [], "bf16": []}
     for precision in PRECISIONS:  # warm-up: first calls allocate and pick kernels
         step(precision)
     for _ in range(trials):
         for precision in PRECISIONS:
-            started = time.perf_counter()
+            started = timer()
             step(precision)
-            times[precision].append(time.perf_counter() - started)
+            times[precision].append(timer() - started)
     median = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
     return ("bf16" if median["bf16"] < margin * median["fp32"] else "fp32"), median
 

@@ -118,18 +118,24 @@ def decode_and_transform(batch: dict[str, np.ndarray], size: int, train: bool,
                          augment: AugmentConfig | None = None, seed: int = 0) -> dict[str, np.ndarray]:
     """Ray Data ``map_batches`` function: read, decode and augment (or resize) a batch of rows.
 
-    An image or mask that cannot be read or decoded drops its row with a warning rather than
-    failing the job, so one corrupt file does not stop a run of thousands.
+    An image or mask that cannot be read or decoded keeps its row, blank, with ``readable``
+    0 and the reason in ``read_error``, rather than failing the job: one corrupt file must
+    not stop a run of thousands, yet the training loop must see how many it lost (see
+    :func:`readable_rows`). Keeping the row also keeps every worker's shard, and so its step
+    count, as planned, which DDP needs.
     """
     augment = augment or AugmentConfig()
     rng = augmentation_rng(seed, batch["image_id"]) if train else None
-    images, masks, keep = [], [], []
+    images, masks, errors = [], [], []
     for i, (image_uri, mask_uri) in enumerate(zip(batch["image_uri"], batch["mask_uri"], strict=True)):
         try:
             image = decode_image(storage.read_bytes(str(image_uri)), source=str(image_uri))
             mask = decode_mask(storage.read_bytes(str(mask_uri)), source=str(mask_uri)) if mask_uri else None
         except (ImageDecodeError, FileNotFoundError, OSError) as exc:
-            logger.warning("skipping %s: %s", batch["image_id"][i], exc)
+            logger.warning("cannot read %s: %s", batch["image_id"][i], exc)
+            images.append(np.zeros((size, size, 3), np.uint8))
+            masks.append(np.zeros((size, size), np.uint8))
+            errors.append(f"{batch['image_id'][i]}: {exc}")
             continue
         if train:
             out_image, out_mask = augment_pair(image, mask, size, augment, rng)
@@ -137,18 +143,30 @@ def decode_and_transform(batch: dict[str, np.ndarray], size: int, train: bool,
             out_image, out_mask = resize_pair(image, mask, size)
         images.append(out_image)
         masks.append(out_mask)
-        keep.append(i)
-    keep_idx = np.asarray(keep, dtype=np.int64)
+        errors.append("")
     return {
-        "image_id": np.asarray(batch["image_id"])[keep_idx],
+        "image_id": np.asarray(batch["image_id"]),
         "image": np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8),
         "mask": np.stack(masks) if masks else np.zeros((0, size, size), np.uint8),
-        "label": np.asarray(batch["label"], dtype=np.int64)[keep_idx],
+        "readable": np.asarray([not e for e in errors], dtype=np.uint8),
+        "read_error": np.asarray(errors, dtype=object),
+        "label": np.asarray(batch["label"], dtype=np.int64),
         "age": np.stack([np.asarray(batch["age_z"], dtype=np.float32),
-                         np.asarray(batch["age_missing"], dtype=np.float32)], axis=1)[keep_idx],
-        "sex": np.asarray(batch["sex"], dtype=np.int64)[keep_idx],
-        "site": np.asarray(batch["site"], dtype=np.int64)[keep_idx],
+                         np.asarray(batch["age_missing"], dtype=np.float32)], axis=1),
+        "sex": np.asarray(batch["sex"], dtype=np.int64),
+        "site": np.asarray(batch["site"], dtype=np.int64),
     }
+
+
+def readable_rows(batch: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The batch without its unreadable rows, and those rows' errors (``image_id: reason``)."""
+    if "readable" not in batch:
+        return batch, []
+    readable = np.asarray(batch["readable"], dtype=bool)
+    errors = [str(e) for e in np.asarray(batch["read_error"])[~readable]]
+    if readable.all():
+        return batch, errors
+    return {key: np.asarray(value)[readable] for key, value in batch.items()}, errors
 
 
 def build_dataset(rows: list[dict], size: int, train: bool, augment: AugmentConfig | None = None,

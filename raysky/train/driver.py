@@ -29,7 +29,6 @@ from raysky.models.runtime import TRAIN_PRECISIONS
 from raysky.train.datasets import build_dataset, class_weights, encode_rows, load_splits
 from raysky.train.loops import (
     DEFAULT_METRIC,
-    FAIL_ONCE_ENV,
     HISTORY_FILE,
     train_loop_per_worker,
 )
@@ -211,7 +210,7 @@ def _run(kind: str, settings: TrainSettings, train: list[LesionRecord], val: lis
         "threads": threads, "seed": settings.seed, "train_rows": len(train),
         "pretrained_encoder": settings.pretrained_encoder, "metric": metric, "metric_mode": mode,
         "run_name": settings.name, "progress_interval": settings.progress_interval,
-        "fail_once_marker": os.environ.get(FAIL_ONCE_ENV), "settings": to_jsonable(summary_settings),
+        "settings": to_jsonable(summary_settings),
     }
     if storage.is_s3(root):
         # Ray resolves a bare s3:// URI with its own defaults; passing raysky's filesystem

@@ -35,12 +35,13 @@ from raysky.models.preprocess import images_to_tensor, masks_to_tensor
 from raysky.models.pretrained import initialise_model, model_encoders
 from raysky.models.runtime import autocast, choose_precision, prepare_for_device, set_torch_threads
 from raysky.progress import Progress
+from raysky.train.datasets import readable_rows
 
 STATE_FILE = "train_state.pt"
 METRICS_FILE = "metrics.json"
 HISTORY_FILE = "history.json"
-FAIL_ONCE_ENV = "RAYSKY_TEST_FAIL_ONCE"
-"""Test-only hook: a marker-file path. If set, the last rank exits once, mid-epoch."""
+MAX_UNREADABLE_SHARE = 0.01
+"""An epoch that cannot read more than this share of its training images fails."""
 
 DEFAULT_METRIC = {"segmenter": ("dice", "max"), "classifier": ("balanced_accuracy", "max")}
 MASK_THRESHOLD = 0.5
@@ -90,7 +91,7 @@ class SegmenterTask:
         """Mean loss, Dice, Jaccard and ISIC's thresholded Jaccard over the validation set."""
         model.eval()
         preds, truths, loss_sum, count = [], [], 0.0, 0
-        for batch in batches:
+        for batch in _readable(batches):
             inputs = self.inputs(batch, device)
             with autocast(device, precision):
                 logits = model(inputs["image"])
@@ -167,7 +168,7 @@ class ClassifierTask:
         """Unweighted loss, accuracy, balanced accuracy, macro and per-class AUC."""
         model.eval()
         labels, probs, loss_sum = [], [], 0.0
-        for batch in batches:
+        for batch in _readable(batches):
             inputs = self.inputs(batch, device)
             with autocast(device, precision):
                 logits = model(inputs["image"], inputs["mask"], inputs["metadata"]).float()
@@ -182,6 +183,14 @@ class ClassifierTask:
 
 
 TASKS = {"segmenter": SegmenterTask, "classifier": ClassifierTask}
+
+
+def _readable(batches: Iterable[dict]) -> Iterable[dict]:
+    # Validation skips unreadable images (logged where they were read) and empty batches.
+    for batch in batches:
+        batch, _ = readable_rows(batch)
+        if len(batch["image"]):
+            yield batch
 
 
 def _synthetic_images(batch_size: int, size: int) -> dict[str, np.ndarray]:
@@ -252,13 +261,20 @@ def make_optimizer(model: nn.Module, config: dict, steps_per_epoch: int):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _maybe_fail_once(config: dict, epoch: int, step: int, rank: int, world: int) -> None:
-    """Test hook: kill this worker process once, mid-epoch, after a checkpoint exists."""
-    marker = config.get("fail_once_marker")
-    if marker and epoch >= 1 and step == 1 and rank == world - 1 and not os.path.exists(marker):
-        with open(marker, "w") as handle:
-            handle.write(f"killed rank {rank} in epoch {epoch + 1}\n")
-        os._exit(1)
+def _check_unreadable(kind: str, epoch: int, unreadable: int, seen: int,
+                      examples: list[str]) -> None:
+    """Fail the epoch when more than :data:`MAX_UNREADABLE_SHARE` of its images were unreadable.
+
+    A few corrupt files are skipped (and logged); more than that is a broken dataset or
+    storage, and checkpointing an epoch that silently trained on less would hide it.
+    """
+    total = unreadable + seen
+    if total and unreadable > MAX_UNREADABLE_SHARE * total:
+        raise RuntimeError(
+            f"{kind}: epoch {epoch + 1}: {unreadable} of {total} training images "
+            f"({unreadable / total:.1%}) could not be read, more than "
+            f"{MAX_UNREADABLE_SHARE:.0%}; not checkpointing a shrunken epoch. First: "
+            + "; ".join(examples))
 
 
 def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
@@ -394,11 +410,18 @@ def train_loop_per_worker(config: dict) -> None:
     for epoch in range(start_epoch, epochs):
         model.train()
         epoch_start = time.time()
-        loss_sum, seen = 0.0, 0
+        loss_sum, seen, unreadable, first_errors = 0.0, 0, 0, []
         batches = train_shard.iter_batches(
             batch_size=batch_size, batch_format="numpy", drop_last=True,
             prefetch_batches=2)
         for step, batch in enumerate(batches, start=1):
+            batch, errors = readable_rows(batch)
+            unreadable += len(errors)
+            first_errors.extend(errors[: max(0, 3 - len(first_errors))])
+            if not len(batch["image"]):
+                # Every rank must step for DDP; a batch with nothing readable cannot.
+                raise RuntimeError(f"{task.kind}: epoch {epoch + 1}: no image of a batch of "
+                                   f"{len(errors)} could be read ({'; '.join(errors[:3])})")
             inputs = task.inputs(batch, device)
             with autocast(device, precision):
                 loss = task.loss(model, inputs)
@@ -412,12 +435,13 @@ def train_loop_per_worker(config: dict) -> None:
             seen += n
             if first_step_at is None:
                 first_step_at = time.time()
-            _maybe_fail_once(config, epoch, step, rank, world)
             if rank == 0:
                 progress.update(n * world, extra=f"epoch {epoch + 1}/{epochs}, step {step}/"
                                 f"{steps_per_epoch}, loss {float(loss.detach()):.4f}")
         train_seconds = time.time() - epoch_start
-        loss_total, seen_total = _all_reduce_sum([loss_sum, float(seen)], device)
+        loss_total, seen_total, unreadable_total = _all_reduce_sum(
+            [loss_sum, float(seen), float(unreadable)], device)
+        _check_unreadable(task.kind, epoch, int(unreadable_total), int(seen_total), first_errors)
 
         metrics: dict[str, Any] = {
             "epoch": epoch + 1,
