@@ -12,7 +12,6 @@ from raysky.data.taxonomy import ISIC2019_CLASSES
 from raysky.models import create_classifier, create_segmenter, load_checkpoint, save_checkpoint
 from raysky.models.checkpoint import (
     CheckpointIntegrityError,
-    load_encoder_weights,
     read_checkpoint_meta,
 )
 
@@ -79,19 +78,6 @@ def test_guard_rails_name_the_problem(tmp_path):
     (tmp_path / "bad" / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="invalid JSON"):
         read_checkpoint_meta(str(tmp_path / "bad"))
-
-
-def test_pretrained_encoder_weights_load_from_a_file(tmp_path):
-    source = create_classifier("tiny").full_encoder
-    torch.save({"state_dict": source.state_dict()}, tmp_path / "densenet.pth")
-    target = create_classifier("tiny").full_encoder
-    loaded, total = load_encoder_weights(target, str(tmp_path / "densenet.pth"))
-    assert loaded == total
-    for key, value in source.state_dict().items():
-        assert torch.equal(value, target.state_dict()[key]), key
-    torch.save({"unrelated.weight": torch.zeros(3)}, tmp_path / "wrong.pth")
-    with pytest.raises(ValueError, match="no tensor matches"):
-        load_encoder_weights(target, str(tmp_path / "wrong.pth"))
 
 
 def test_truncated_or_swapped_weights_are_refused_naming_the_checkpoint(s3, tmp_path):

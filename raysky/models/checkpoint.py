@@ -16,7 +16,6 @@ import json
 import time
 from dataclasses import dataclass, field
 
-import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
@@ -182,26 +181,3 @@ def load_checkpoint(uri: str, expected_kind: str | None = None) -> LoadedModel:
     verify_weights(uri, meta, weights)
     model.load_state_dict(load_safetensors(weights))
     return LoadedModel(model=model.eval(), meta=meta)
-
-
-def load_encoder_weights(encoder: nn.Module, uri: str) -> tuple[int, int]:
-    """Load pretrained weights (a timm/torchvision state dict) from a file or URI into ``encoder``.
-
-    Accepts ``.safetensors`` or a ``torch.save`` state dict (optionally under ``state_dict``).
-    Classifier-head keys are ignored. Returns ``(loaded, total)`` tensor counts; a file that
-    matches none of the encoder's tensors is an error rather than a silent no-op.
-    """
-    data = storage.read_bytes(uri)
-    if uri.endswith(".safetensors"):
-        state = load_safetensors(data)
-    else:
-        import io
-
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
-    own = encoder.state_dict()
-    matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    if not matched:
-        raise ValueError(f"{uri}: no tensor matches the encoder's parameters (wrong architecture?)")
-    encoder.load_state_dict(matched, strict=False)
-    return len(matched), len(own)
