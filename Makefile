@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint demo bench clean chromium
+.PHONY: venv test test-fast lint demo bench clean chromium
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ lint: venv
 
 test: venv lint .venv-isic/.installed chromium
 	$(BIN)/pytest -q -p no:cacheprovider
+
+# The edit-test loop: everything but the tests marked slow (Ray clusters, training runs).
+test-fast: venv lint .venv-isic/.installed chromium
+	$(BIN)/pytest -q -p no:cacheprovider -m "not slow"
 
 demo: venv
 	$(BIN)/raysky demo
