@@ -146,7 +146,7 @@ def main() -> None:
                  log_to_driver=False)
         settings = TrainSettings(
             data=data, name="bench", preset=args.preset, epochs=args.epochs, batch_size=args.batch_size,
-            workers=1, cpus_per_worker=args.threads, threads_per_worker=args.threads,
+            precision="fp32", lr=3e-4, weight_decay=1e-4, workers=1, cpus_per_worker=args.threads, threads_per_worker=args.threads,
             storage=os.path.join(workdir, "runs"), max_failures=0, progress_interval=1e9,
             **({"mask_source": "ground-truth"} if args.kind == "classifier" else {}),
         )
