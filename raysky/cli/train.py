@@ -24,7 +24,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
                       help="dataset root, a local folder or s3:// prefix")
     data.add_argument("--format", default=d["format"], choices=[f for f in FORMATS if f != "archive"],
                       help="dataset layout (default: %(default)s); a splits.csv at the root "
-                      "(image_id,split) fixes the validation split")
+                      "(image_id,split of train/val/test) fixes the validation split, and its "
+                      "test images are never trained on")
     data.add_argument("--val-fraction", type=float, default=d["val_fraction"],
                       help="validation share when there is no splits.csv; split by lesion_id "
                       "(default: %(default)s)")
