@@ -1,0 +1,216 @@
+"""Subgroup audit: how well the model does for whom, each figure with a bootstrap interval.
+
+The input is one table of scored images with their ground truth: what
+:func:`raysky.evaluate.join_ground_truth` returns (``label`` per row), with the patients'
+metadata beside it (:func:`audit_table` builds it from results and dataset records). The
+standard groupings are sex, age band, anatomical site and skin tone (from a ``skin_tone`` or
+``ita_deg`` column, where the results carry one); ``by`` adds any other column. Per group: n,
+malignant n, balanced accuracy, malignant AUC and, at a referral threshold, sensitivity and
+specificity of ``malignant_prob >= threshold`` (the referral rule of issue 14), each with a
+seeded bootstrap 95% interval resampled by lesion where lesion ids exist. Groups with fewer than
+10 malignant or 10 benign images are marked ``too_few``, and are neither ranked nor flagged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from raysky.audit.bootstrap import DEFAULT_REPLICATES, MIN_PER_CLASS, bootstrap_intervals, rank_auc
+from raysky.audit.skin_tone import skin_tone_category
+from raysky.data.records import LesionRecord
+from raysky.data.taxonomy import MALIGNANT_CLASSES
+from raysky.metrics import balanced_accuracy
+
+UNKNOWN = "unknown"
+AGE_BANDS: tuple[tuple[float, str], ...] = ((30, "<30"), (50, "30-49"), (70, "50-69"),
+                                            (math.inf, "70+"))
+"""Upper bound (exclusive) and name of each age band."""
+STANDARD = {"sex": ("sex",), "age_band": ("age",),
+            "site": ("site", "localization", "anatom_site_general"),
+            "skin_tone": ("skin_tone", "ita_deg")}
+"""Each standard grouping and the columns it can come from, in order of preference."""
+
+
+def age_band(age: object) -> str:
+    """The band of an age in years (<30, 30-49, 50-69, 70+), ``unknown`` when missing."""
+    try:
+        value = float(age)
+    except (TypeError, ValueError):
+        return UNKNOWN
+    if math.isnan(value):
+        return UNKNOWN
+    return next(name for upper, name in AGE_BANDS if value < upper)
+
+
+def audit_table(results: pd.DataFrame, records: Sequence[LesionRecord]) -> pd.DataFrame:
+    """Results joined to ground truth by :func:`raysky.evaluate.join_ground_truth`, plus each
+    record's ``lesion_id``, ``age``, ``sex`` and ``site`` (where the results lack them)."""
+    # The id rule join_ground_truth applies to records (an image suffix dropped), so the
+    # metadata lands on the rows it joined.
+    from raysky.evaluate import _normalize_id, join_ground_truth
+
+    joined, _coverage = join_ground_truth(results, records)
+    fields = [f for f in ("lesion_id", "age", "sex", "site") if f not in joined.columns]
+    meta = pd.DataFrame({"image_id": [_normalize_id(r.image_id) for r in records],
+                         **{f: [getattr(r, f) for r in records] for f in fields}})
+    return joined.merge(meta.drop_duplicates("image_id"), on="image_id", how="left")
+
+
+def _group_column(table: pd.DataFrame, name: str) -> tuple[pd.Series | None, str | None]:
+    """The group label per row of one grouping, and the column it came from."""
+    for column in STANDARD.get(name, (name,)):
+        if column not in table.columns:
+            continue
+        values = table[column]
+        if column == "age":
+            return values.map(age_band), column
+        if column == "ita_deg":
+            return values.map(lambda v: skin_tone_category(None if pd.isna(v) else float(v))
+                              ).fillna(UNKNOWN), column
+        return values.map(lambda v: UNKNOWN if pd.isna(v) or str(v).strip() == ""
+                          else str(v).strip()), column
+    return None, None
+
+
+def _metrics(threshold: float | None):
+    """The bootstrapped metrics over (class index, probabilities, malignant, malignant_prob)."""
+    out = {
+        "balanced_accuracy": lambda y, p, t, s: balanced_accuracy(y, p),
+        "malignant_auc": lambda y, p, t, s: rank_auc(t, s),
+    }
+    if threshold is not None:
+        # Same rule as the referral decision: the threshold itself refers.
+        out["sensitivity"] = lambda y, p, t, s: float((s[t] >= threshold).mean()) if t.any() else math.nan
+        out["specificity"] = lambda y, p, t, s: float((s[~t] < threshold).mean()) if (~t).any() else math.nan
+    return out
+
+
+def _reasons(malignant: int, benign: int, threshold: float | None) -> dict[str, str]:
+    reasons = {}
+    if malignant == 0 or benign == 0:
+        reasons["malignant_auc"] = "no malignant images" if malignant == 0 else "no benign images"
+    if threshold is None:
+        reasons["sensitivity"] = reasons["specificity"] = "no referral threshold given"
+    else:
+        if malignant == 0:
+            reasons["sensitivity"] = "no malignant images"
+        if benign == 0:
+            reasons["specificity"] = "no benign images"
+    return reasons
+
+
+def _evaluate(rows: pd.DataFrame, arrays: tuple, threshold: float | None, clusters,
+              replicates: int, seed: int, minimum: int) -> dict:
+    truth = arrays[2]
+    malignant, benign = int(truth.sum()), int((~truth).sum())
+    out = {"n": len(rows), "malignant_n": malignant, "benign_n": benign,
+           "too_few": bool(malignant < minimum or benign < minimum)}
+    out.update(bootstrap_intervals(_metrics(threshold), *arrays, clusters=clusters,
+                                   replicates=replicates, seed=seed))
+    for name, reason in _reasons(malignant, benign, threshold).items():
+        out[name] = {**out.get(name, {"value": None, "low": None, "high": None}), "reason": reason}
+    return out
+
+
+def subgroup_audit(table: pd.DataFrame, by: Sequence[str] = (), threshold: float | None = None,
+                   seed: int = 0, replicates: int = DEFAULT_REPLICATES,
+                   min_per_class: int = MIN_PER_CLASS, standard: bool = True) -> dict:
+    """Per-group performance with bootstrap 95% intervals (see the module docstring).
+
+    ``table`` needs ``label``, ``malignant_prob`` and the ``prob_<class>`` columns; rows whose
+    ``status`` is not ``ok`` or that have no label are left out. ``by`` names extra columns
+    (an unknown name is a ``ValueError`` listing the columns there are). Returns ``overall``
+    and, per grouping, its ``column`` and ``groups``; each group carries ``flagged`` (its
+    sensitivity interval lies wholly below the overall sensitivity) and ``rank`` (by malignant
+    AUC, 1 best; None when ``too_few``). A standard grouping whose columns are absent is listed
+    under ``unavailable`` with the reason.
+    """
+    from raysky.evaluate import result_classes
+
+    unknown = [name for name in by if name not in table.columns and name not in STANDARD]
+    if unknown:
+        raise ValueError(f"no column {', '.join(map(repr, unknown))} to group by; the table has "
+                         f"{', '.join(map(str, table.columns))}")
+    missing = [c for c in ("label", "malignant_prob") if c not in table.columns]
+    if missing:
+        raise ValueError(f"the audit table lacks {', '.join(missing)} (join results to ground "
+                         "truth first: raysky.audit.subgroups.audit_table)")
+    rows = table[table["label"].notna()]
+    if "status" in rows.columns:
+        rows = rows[rows["status"] == "ok"]
+    rows = rows.reset_index(drop=True)
+    classes = result_classes(rows)
+    index = {c: i for i, c in enumerate(classes)}
+    # A label the model does not predict can never be recalled: an index no argmax returns.
+    arrays = (rows["label"].map(lambda v: index.get(v, -2)).to_numpy(np.int64),
+              rows[[f"prob_{c}" for c in classes]].to_numpy(np.float64),
+              rows["label"].isin(MALIGNANT_CLASSES).to_numpy(bool),
+              rows["malignant_prob"].to_numpy(np.float64))
+    lesions = rows["lesion_id"] if "lesion_id" in rows.columns else None
+    lesions = None if lesions is None or lesions.isna().all() else lesions.to_numpy(object)
+
+    def run(mask: np.ndarray | None) -> dict:
+        part = tuple(a[mask] for a in arrays) if mask is not None else arrays
+        chosen = rows[mask] if mask is not None else rows
+        clusters = None if lesions is None else (lesions[mask] if mask is not None else lesions)
+        return _evaluate(chosen, part, threshold, clusters, replicates, seed, min_per_class)
+
+    overall = run(None)
+    out = {"n": len(rows), "threshold": threshold, "seed": seed, "replicates": replicates,
+           "level": 0.95, "min_per_class": min_per_class,
+           "resampled_by": "lesion_id" if lesions is not None else "image",
+           "overall": overall, "groupings": {}, "unavailable": {}}
+    names = [*(STANDARD if standard else ()), *(b for b in by if b not in STANDARD or not standard)]
+    for name in dict.fromkeys(names):
+        labels, column = _group_column(rows, name)
+        if labels is None:
+            out["unavailable"][name] = f"no {' or '.join(STANDARD[name])} column"
+            continue
+        groups = []
+        order = {band: i for i, (_upper, band) in enumerate(AGE_BANDS)}
+        for value in sorted(labels.unique(), key=lambda v: (v == UNKNOWN, order.get(v, 0), v)):
+            result = {"group": value, **run((labels == value).to_numpy())}
+            sens, overall_sens = result.get("sensitivity", {}), overall.get("sensitivity", {})
+            result["flagged"] = bool(
+                not result["too_few"] and sens.get("high") is not None
+                and overall_sens.get("value") is not None and sens["high"] < overall_sens["value"])
+            groups.append(result)
+        ranked = sorted((g for g in groups if not g["too_few"] and g["malignant_auc"]["value"]
+                         is not None), key=lambda g: -g["malignant_auc"]["value"])
+        for g in groups:
+            g["rank"] = next((i for i, r in enumerate(ranked, 1) if r is g), None)
+        out["groupings"][name] = {"column": column, "groups": groups}
+    return out
+
+
+def _cell(entry: dict | None) -> str:
+    if not entry or entry.get("value") is None:
+        return "-"
+    if entry.get("low") is None:
+        return f"{entry['value']:.2f}"
+    return f"{entry['value']:.2f} [{entry['low']:.2f}, {entry['high']:.2f}]"
+
+
+def format_subgroups(audit: dict) -> str:
+    """:func:`subgroup_audit`'s output as a plain-text table, one line per group."""
+    keys = ("balanced_accuracy", "malignant_auc", "sensitivity", "specificity")
+    head = f"{'group':<28}{'n':>6}{'mal':>5}  " + "".join(f"{k:<22}" for k in keys) + "notes"
+    lines = [f"resampled by {audit['resampled_by']}, {audit['replicates']} replicates, "
+             f"threshold {audit['threshold']}", head]
+
+    def line(name: str, g: dict) -> str:
+        notes = [n for n, on in (("too few", g["too_few"]), ("FLAGGED", g.get("flagged"))) if on]
+        return (f"{name[:27]:<28}{g['n']:>6}{g['malignant_n']:>5}  "
+                + "".join(f"{_cell(g.get(k)):<22}" for k in keys) + ", ".join(notes))
+
+    lines.append(line("overall", audit["overall"]))
+    for grouping, body in audit["groupings"].items():
+        for g in body["groups"]:
+            lines.append(line(f"{grouping}={g['group']}", g))
+    for grouping, reason in audit["unavailable"].items():
+        lines.append(f"{grouping}: not available ({reason})")
+    return "\n".join(lines)
