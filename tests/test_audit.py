@@ -83,8 +83,9 @@ def test_ita_is_none_when_too_dark_or_too_small():
 @pytest.mark.parametrize("ita,category", [
     (70, "very light"), (55.01, "very light"), (55, "light"), (41.01, "light"),
     (41, "intermediate"), (28.01, "intermediate"), (28, "tan"), (10.01, "tan"), (10, "brown"),
-    (0, "brown"), (-30, "brown"), (-30.01, "dark"), (-80, "dark"),
-    (None, None), (float("nan"), None), (95, None), (-95, None),
+    (0, "brown"), (-30, "brown"), (-30.01, "dark"), (-79, "dark"),
+    (80, "very light"), (-80, "dark"), (None, None), (float("nan"), None), (80.5, None),
+    (-85, None), (120, None),
 ])
 def test_skin_tone_categories_and_their_bounds(ita, category):
     assert skin_tone_category(ita) == category
