@@ -6,12 +6,15 @@ sizes, returning masks and heatmaps at each image's original resolution.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from raysky.calibration.ood import OODScorer
+from raysky.calibration.referral import refer
 from raysky.data.taxonomy import malignant_indices
 from raysky.explain.gradcam import GradCAMExplainer, lesion_focus
 from raysky.models.checkpoint import LoadedModel, load_checkpoint
@@ -26,6 +29,8 @@ Dermoscopy has no canonical orientation, so a flipped lesion is as valid an inpu
 original. The four views form a group, so the averaged answer is the same for an image and
 any flip of it. The dims count from the end, so they address H and W of an NCHW image and
 of an ``[B, h, w]`` map alike."""
+
+logger = logging.getLogger(__name__)
 
 
 def segment_probabilities(segmenter: torch.nn.Module, meta: dict, images: Sequence[np.ndarray],
@@ -46,6 +51,27 @@ def segment_probabilities(segmenter: torch.nn.Module, meta: dict, images: Sequen
     return torch.stack(unflipped).mean(0)
 
 
+def lesion_mask_input(probabilities: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """``[B, h, w]`` lesion probabilities as the classifier's ``[B, 1, *size]`` 0/1 mask."""
+    mask = torch.nn.functional.interpolate(probabilities[:, None].float(), size=tuple(size),
+                                           mode="bilinear", align_corners=False)
+    return (mask > MASK_THRESHOLD).float()
+
+
+def classifier_outputs(classifier: torch.nn.Module, image: torch.Tensor, mask: torch.Tensor,
+                       metadata: dict[str, torch.Tensor], device: torch.device,
+                       precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw float32 logits ``[B, C]`` and image features ``[B, D]`` without Grad-CAM.
+
+    The inputs are the classifier's normalised images and 0/1 masks (see
+    :func:`lesion_mask_input`); scoring and ``raysky calibrate`` both come through here.
+    """
+    with torch.inference_mode(), autocast(device, precision):
+        full_map, lesion_map = classifier.encode(image, mask)
+        logits, features = classifier.classify_with_features(full_map, lesion_map, metadata)
+    return logits.float(), features.float()
+
+
 def binary_mask(probabilities: torch.Tensor, height: int, width: int) -> np.ndarray:
     """One ``[h, w]`` probability map resized to ``height x width`` and thresholded, uint8 0/1."""
     return (resize_map(probabilities, height, width) > MASK_THRESHOLD).astype(np.uint8)
@@ -62,6 +88,10 @@ class LesionPrediction:
     lesion_area_frac: float
     heatmap: np.ndarray | None  # float32 HxW in [0, 1], None when not explained
     lesion_focus: float  # NaN when not explained or the heatmap is empty
+    # None when the classifier checkpoint has no calibration (raysky calibrate adds one)
+    refer: bool | None = None  # malignant_prob at or above the referral threshold
+    ood_score: float | None = None  # higher: less like the calibration images
+    ood: bool | None = None  # ood_score above the threshold (advice, not an error)
 
 
 class LesionPipeline:
@@ -85,6 +115,16 @@ class LesionPipeline:
         self.classes: tuple[str, ...] = classifier.classes
         self.malignant = malignant_indices(self.classes)
         self.vocab = self.classifier.vocab
+        self.calibration: dict | None = classifier.meta.get("calibration")
+        self.temperature, self.referral_threshold, self.ood_scorer = 1.0, None, None
+        if self.calibration:
+            self.temperature = float(self.calibration["temperature"])
+            self.referral_threshold = float(self.calibration["referral"]["threshold"])
+            self.ood_scorer = OODScorer(self.calibration["ood"])
+        else:
+            logger.warning("classifier %s has no calibration: probabilities are uncalibrated and "
+                           "refer, ood_score and ood stay null (run raysky calibrate to add one)",
+                           self.classifier_version)
 
     @classmethod
     def from_uris(cls, segmenter_uri: str, classifier_uri: str, use_gpu: bool = False,
@@ -102,6 +142,11 @@ class LesionPipeline:
     def classifier_version(self) -> str:
         """Version id of the classifier's weights."""
         return self.classifier_meta["version"]
+
+    @property
+    def calibration_version(self) -> str | None:
+        """Version id of the classifier's calibration, None without one."""
+        return self.calibration["version"] if self.calibration else None
 
     def _autocast(self):
         return autocast(self.device, self.precision)
@@ -121,8 +166,8 @@ class LesionPipeline:
         # Grad-CAM explains the unflipped view; the flips only refine the probabilities.
         views = [(image.flip(dims), mask.flip(dims)) for dims in TTA_FLIPS]
         with torch.inference_mode(), self._autocast():
-            return [torch.softmax(self.classifier(x, m, metadata).float(), dim=1)
-                    for x, m in views]
+            return [torch.softmax(self.classifier(x, m, metadata).float() / self.temperature,
+                                  dim=1) for x, m in views]
 
     def __call__(self, images: Sequence[np.ndarray], metadata: Sequence[dict] | None = None,
                  explain: bool = True) -> list[LesionPrediction]:
@@ -132,20 +177,24 @@ class LesionPipeline:
         metadata = metadata or [{}] * len(images)
         seg_prob = self.segment(images)
         cls_input = self._input(images, self.classifier_meta)
-        size = cls_input.shape[-2:]
-        cls_mask = torch.nn.functional.interpolate(seg_prob[:, None], size=size, mode="bilinear",
-                                                   align_corners=False)
-        cls_mask = (cls_mask > MASK_THRESHOLD).float()
+        cls_mask = lesion_mask_input(seg_prob, cls_input.shape[-2:])
         meta_tensors = self.vocab.encode_batch(
             [m.get("age") for m in metadata], [m.get("sex") for m in metadata],
             [m.get("site") for m in metadata],
         )
         if explain:
-            probs, heatmaps = self.explainer(cls_input, cls_mask, meta_tensors, autocast=self._autocast)
+            (probs, heatmaps), logits, features = self.explainer.explain(
+                cls_input, cls_mask, meta_tensors, autocast=self._autocast,
+                temperature=self.temperature)
         else:
-            with torch.inference_mode(), self._autocast():
-                logits = self.classifier(cls_input, cls_mask, meta_tensors)
-            probs, heatmaps = torch.softmax(logits.float(), dim=1), None
+            logits, features = classifier_outputs(self.classifier, cls_input, cls_mask,
+                                                  meta_tensors, self.device, self.precision)
+            probs, heatmaps = torch.softmax(logits / self.temperature, dim=1), None
+        ood_scores = ood_flags = None
+        if self.ood_scorer is not None:
+            # Scored on the unflipped view, the one Grad-CAM explains.
+            ood_scores = self.ood_scorer(features.cpu().numpy(), logits.cpu().numpy())
+            ood_flags = self.ood_scorer.flag(ood_scores)
         if self.tta:
             flipped = self._flipped_probabilities(cls_input, cls_mask, meta_tensors)
             probs = torch.stack([probs.detach().float(), *flipped]).mean(0)
@@ -161,13 +210,18 @@ class LesionPipeline:
                                            torch.from_numpy(mask)[None])[0])
             p = probs[i].numpy().astype(np.float32)
             p = p / p.sum()
+            malignant = float(p[self.malignant].sum()) if self.malignant else 0.0
             results.append(LesionPrediction(
                 probabilities=p,
                 predicted_class=self.classes[int(p.argmax())],
-                malignant_prob=float(p[self.malignant].sum()) if self.malignant else 0.0,
+                malignant_prob=malignant,
                 mask=mask,
                 lesion_area_frac=float(mask.mean()),
                 heatmap=heatmap,
                 lesion_focus=focus,
+                refer=(None if self.referral_threshold is None
+                       else refer(malignant, self.referral_threshold)),
+                ood_score=None if ood_scores is None else float(ood_scores[i]),
+                ood=None if ood_flags is None else bool(ood_flags[i]),
             ))
         return results

@@ -69,12 +69,22 @@ class GradCAMExplainer:
     def __call__(self, image: torch.Tensor, mask: torch.Tensor,
                  metadata: dict[str, torch.Tensor] | None = None,
                  targets: torch.Tensor | None = None,
-                 autocast=None) -> Explanation:
-        """Return probabilities and heatmaps at the input's resolution.
+                 autocast=None, temperature: float = 1.0) -> Explanation:
+        """Return probabilities and heatmaps at the input's resolution (see :meth:`explain`)."""
+        return self.explain(image, mask, metadata, targets, autocast, temperature)[0]
+
+    def explain(self, image: torch.Tensor, mask: torch.Tensor,
+                metadata: dict[str, torch.Tensor] | None = None,
+                targets: torch.Tensor | None = None, autocast=None,
+                temperature: float = 1.0) -> tuple[Explanation, torch.Tensor, torch.Tensor]:
+        """Probabilities and heatmaps, plus the raw logits and image features of the same pass.
 
         ``autocast`` is an optional context manager factory (see ``raysky.models.runtime``)
-        applied to the forward pass. Gradients are enabled here even if the caller is under
-        ``no_grad``, since Grad-CAM cannot work without them.
+        applied to the forward pass. The probabilities are ``softmax(logits / temperature)``,
+        so a calibrated checkpoint's temperature applies here too; the default target, the
+        argmax, does not depend on it. The raw logits and the features (``[B, D]``), both
+        detached float32, are what :mod:`raysky.calibration.ood` scores. Gradients are enabled here even if the caller is
+        under ``no_grad``, since Grad-CAM cannot work without them.
         """
         import contextlib
 
@@ -88,7 +98,8 @@ class GradCAMExplainer:
         maps = [m.detach().requires_grad_(True) for m in (full_map, lesion_map) if m is not None]
         with torch.enable_grad():
             with ctx():
-                logits = self.model.classify(maps[0], maps[1] if len(maps) > 1 else None, metadata)
+                logits, features = self.model.classify_with_features(
+                    maps[0], maps[1] if len(maps) > 1 else None, metadata)
             logits = logits.float()
             if targets is None:
                 targets = logits.argmax(dim=1)
@@ -96,4 +107,6 @@ class GradCAMExplainer:
             grads = torch.autograd.grad(score, maps)
         cams = [cam_from_gradients(m.detach(), g) for m, g in zip(maps, grads, strict=True)]
         heatmaps = combine_stream_cams(cams, tuple(image.shape[-2:]))
-        return Explanation(torch.softmax(logits.detach(), dim=1), heatmaps.detach())
+        probabilities = torch.softmax(logits.detach() / temperature, dim=1)
+        return (Explanation(probabilities, heatmaps.detach()), logits.detach(),
+                features.detach().float())

@@ -181,3 +181,24 @@ def load_checkpoint(uri: str, expected_kind: str | None = None) -> LoadedModel:
     verify_weights(uri, meta, weights)
     model.load_state_dict(load_safetensors(weights))
     return LoadedModel(model=model.eval(), meta=meta)
+
+
+def save_calibrated(source_uri: str, target_uri: str, calibration: dict) -> dict:
+    """Write a new version of the checkpoint at ``source_uri`` to ``target_uri``, calibrated.
+
+    The weights are copied byte for byte (verified first), so ``version`` and
+    ``weights_sha256`` stay those of the weights; ``config.json`` gains ``calibration``
+    (whose own ``version`` identifies it, see :mod:`raysky.calibration`) and
+    ``calibrated_from``. Returns the new description.
+    """
+    meta = read_checkpoint_meta(source_uri)
+    if meta["kind"] != "classifier":
+        raise ValueError(f"{source_uri}: only a classifier can be calibrated, this is a {meta['kind']}")
+    weights = storage.read_bytes(storage.join(source_uri, WEIGHTS_FILE))
+    verify_weights(source_uri, meta, weights)
+    meta = {**meta, "calibration": calibration, "calibrated_from": str(source_uri),
+            "calibrated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    storage.makedirs(target_uri)
+    storage.write_bytes(storage.join(target_uri, WEIGHTS_FILE), weights)
+    storage.write_bytes(storage.join(target_uri, CONFIG_FILE), json.dumps(meta, indent=2).encode())
+    return meta

@@ -155,6 +155,17 @@ class DualStreamClassifier(nn.Module):
     def classify(self, full_map: torch.Tensor, lesion_map: torch.Tensor | None,
                  metadata: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Logits from the feature maps (cross-attention fusion, metadata, head)."""
+        return self.classify_with_features(full_map, lesion_map, metadata)[0]
+
+    def classify_with_features(self, full_map: torch.Tensor, lesion_map: torch.Tensor | None,
+                               metadata: dict[str, torch.Tensor] | None = None
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and the image feature: the full-image stream's pooled tokens after fusion.
+
+        The image feature (``[B, embed_dim]``) is what out-of-distribution detection measures
+        (:mod:`raysky.calibration.ood`): it has seen the lesion stream through cross-attention,
+        but not the metadata, which says nothing about whether the picture is dermoscopy.
+        """
         full = self._tokens(full_map, self.full_proj, 0)
         if self.fusion is None or lesion_map is None:
             pooled = [full.mean(1)]
@@ -168,7 +179,7 @@ class DualStreamClassifier(nn.Module):
             metadata = {k: v.to(full_map.device) for k, v in metadata.items()}
             meta = self.metadata(metadata["age"], metadata["sex"], metadata["site"])
             pooled.append(meta.to(full.dtype))
-        return self.head(torch.cat(pooled, dim=1))
+        return self.head(torch.cat(pooled, dim=1)), pooled[0]
 
     def forward_features(self, image: torch.Tensor, mask: torch.Tensor,
                          metadata: dict[str, torch.Tensor] | None = None) -> ClassifierOutput:

@@ -1,0 +1,147 @@
+"""Run a classifier over labelled images and write its calibrated checkpoint version.
+
+This is the in-process, plain PyTorch side of ``raysky calibrate`` and of the calibration at the
+end of classifier training: calibration sets are val-split sized, so Ray is not needed. The
+classifier sees its inputs exactly as in scoring (:func:`raysky.inference.classifier_outputs`):
+images squashed to its input size, lesion masks from the segmenter
+(:func:`raysky.inference.segment_probabilities`) or from ``mask_uri`` (ground truth, or the
+segmenter masks a training run saved).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from raysky import storage
+from raysky.calibration.fit import check_counts, fit_calibration
+from raysky.calibration.ood import DEFAULT_METHOD
+from raysky.calibration.referral import DEFAULT_SENSITIVITY
+from raysky.data.images import ImageDecodeError, decode_image, load_mask
+from raysky.data.records import LesionRecord
+from raysky.models.checkpoint import LoadedModel, load_checkpoint, save_calibrated
+
+BATCH_SIZE = 16
+
+
+@dataclass
+class LabelledOutputs:
+    """Raw logits, image features and label indices of the images that could be read."""
+
+    logits: np.ndarray
+    features: np.ndarray
+    labels: np.ndarray
+    image_ids: list[str]
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def labelled_records(records: Sequence[LesionRecord], classes: Sequence[str]) -> list[LesionRecord]:
+    """The records whose label is one of the classifier's ``classes``."""
+    return [r for r in records if r.label in set(classes)]
+
+
+def _read(record: LesionRecord, with_mask: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    image = np.asarray(decode_image(storage.read_bytes(record.image_uri), source=record.image_uri))
+    if not with_mask:
+        return image, None
+    # No mask reads as an empty one, which the lesion stream treats as "no lesion found".
+    mask = load_mask(record.mask_uri) if record.mask_uri else np.zeros(image.shape[:2], np.uint8)
+    return image, mask
+
+
+def collect_outputs(classifier: LoadedModel, records: Sequence[LesionRecord],
+                    segmenter: LoadedModel | None = None, batch_size: int = BATCH_SIZE,
+                    use_gpu: bool = False) -> LabelledOutputs:
+    """The classifier's raw logits and image features on ``records`` that carry a label.
+
+    Masks come from ``segmenter`` when given, else from each record's ``mask_uri``. Images that
+    cannot be read are skipped and listed in ``skipped`` with the reason.
+    """
+    from raysky.inference import classifier_outputs, lesion_mask_input, segment_probabilities
+    from raysky.models.preprocess import images_to_tensor, masks_to_tensor
+    from raysky.models.runtime import select_device
+
+    device = select_device(use_gpu)
+    model = classifier.model.eval().to(device)
+    seg_model = segmenter.model.eval().to(device) if segmenter is not None else None
+    meta, classes = classifier.meta, classifier.classes
+    index = {code: i for i, code in enumerate(classes)}
+    norm, size = meta["normalization"], meta["input_size"]
+    logits, features, labels, ids, skipped = [], [], [], [], {}
+    todo = labelled_records(records, classes)
+    for start in range(0, len(todo), batch_size):
+        batch, images, masks = [], [], []
+        for record in todo[start:start + batch_size]:
+            try:
+                image, mask = _read(record, with_mask=seg_model is None)
+            except (ImageDecodeError, FileNotFoundError, OSError) as exc:
+                skipped[record.image_id] = str(exc)
+                continue
+            batch.append(record)
+            images.append(image)
+            masks.append(mask)
+        if not batch:
+            continue
+        if seg_model is not None:
+            lesion = segment_probabilities(seg_model, segmenter.meta, images, device)
+        else:
+            lesion = masks_to_tensor(masks, size)[:, 0].to(device)
+        image_t = images_to_tensor(images, size, norm["mean"], norm["std"]).to(device)
+        mask_t = lesion_mask_input(lesion, image_t.shape[-2:])
+        metadata = model.vocab.encode_batch([r.age for r in batch], [r.sex for r in batch],
+                                            [r.site for r in batch])
+        with torch.no_grad():
+            out_logits, out_features = classifier_outputs(model, image_t, mask_t, metadata, device)
+        logits.append(out_logits.cpu().numpy())
+        features.append(out_features.cpu().numpy())
+        labels.extend(index[r.label] for r in batch)
+        ids.extend(r.image_id for r in batch)
+    if not ids:
+        raise ValueError(f"none of the {len(todo)} labelled images could be read")
+    return LabelledOutputs(np.concatenate(logits), np.concatenate(features),
+                           np.asarray(labels, dtype=np.int64), ids, skipped)
+
+
+def calibrate_checkpoint(classifier_uri: str, records: Sequence[LesionRecord], out_uri: str,
+                         fitted_on: dict, target_sensitivity: float = DEFAULT_SENSITIVITY,
+                         segmenter_uri: str | None = None, ood_method: str = DEFAULT_METHOD,
+                         use_gpu: bool = False) -> dict:
+    """Fit a calibration of ``classifier_uri`` on ``records`` and write it to ``out_uri``.
+
+    The labelled counts are checked before any image is read (fewer than 20 malignant or 20
+    benign raise :class:`~raysky.calibration.fit.NotEnoughCalibrationData` naming them), and
+    again after unreadable images are dropped. Returns the new checkpoint's description;
+    ``out_uri`` must differ from ``classifier_uri``, which is left as it was.
+    """
+    if storage.join(str(out_uri), "") == storage.join(str(classifier_uri), ""):
+        raise ValueError("--out must differ from --classifier: calibration writes a new "
+                         "checkpoint version and leaves the original unchanged")
+    classifier = load_checkpoint(classifier_uri, "classifier")
+    source = str(fitted_on.get("data", "the data"))
+    index = {code: i for i, code in enumerate(classifier.classes)}
+    check_counts([index[r.label] for r in labelled_records(records, classifier.classes)],
+                 classifier.classes, source)
+    segmenter = load_checkpoint(segmenter_uri, "segmenter") if segmenter_uri else None
+    outputs = collect_outputs(classifier, records, segmenter, use_gpu=use_gpu)
+    if outputs.skipped:
+        shown = "; ".join(f"{k}: {v}" for k, v in list(outputs.skipped.items())[:5])
+        print(f"calibrate: skipped {len(outputs.skipped)} unreadable image(s): {shown}", flush=True)
+    masks = f"segmenter {segmenter.version}" if segmenter else "mask_uri"
+    record = fit_calibration(outputs.logits, outputs.features, outputs.labels,
+                             classifier.classes, {**fitted_on, "masks": masks},
+                             target_sensitivity, ood_method)
+    return save_calibrated(classifier_uri, out_uri, record)
+
+
+def describe_calibration(record: dict) -> str:
+    """One line on a calibration record, for the terminal."""
+    ref, ood = record["referral"], record["ood"]
+    return (f"calibration {record['version']}: temperature {record['temperature']:.3f} (NLL "
+            f"{record['nll_before']:.3f} -> {record['nll_after']:.3f}); refer at malignant_prob "
+            f">= {ref['threshold']:.4f}: sensitivity {ref['sensitivity']:.3f} (target "
+            f"{ref['target_sensitivity']:g}), specificity {ref['specificity']:.3f} on "
+            f"{ref['n_malignant']} malignant / {ref['n_benign']} benign; OOD {ood['method']} "
+            f"> {ood['threshold']:.4g}; fitted on {record['fitted_on']['n']} images")

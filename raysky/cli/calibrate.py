@@ -1,0 +1,83 @@
+"""``raysky calibrate``: fit temperature, referral threshold and OOD statistics on labelled data."""
+
+from __future__ import annotations
+
+import argparse
+
+_FORMATS = ("ham10000", "isic2018", "isic2019", "archive")
+
+
+def register(subparsers) -> None:
+    """Add the ``calibrate`` sub-command."""
+    parser = subparsers.add_parser(
+        "calibrate", help="calibrate a classifier checkpoint on labelled data (new version)",
+        description="Run the classifier over labelled images and fit three things: a "
+        "temperature for its probabilities, the malignant_prob threshold that reaches the "
+        "referral sensitivity for malignant lesions (MEL, BCC, AKIEC), and out-of-distribution "
+        "statistics with a threshold flagging at most 5%% of these images. Writes a new "
+        "checkpoint version to --out: the same weights, with the calibration in its "
+        "config.json. Needs at least 20 malignant and 20 benign labelled images.")
+    parser.add_argument("--classifier", required=True, metavar="CKPT_URI",
+                        help="classifier checkpoint to calibrate (local path or s3://)")
+    parser.add_argument("--data", required=True, metavar="URI",
+                        help="labelled dataset: local folder or s3:// prefix")
+    parser.add_argument("--format", required=True, choices=_FORMATS, help="layout of --data")
+    parser.add_argument("--metadata", metavar="URI",
+                        help="metadata CSV with labels, for --format archive")
+    parser.add_argument("--split", help="calibrate on one split only (val, train or test; for "
+                        "isic2018 Training, Validation or Test): the splits.csv at the --data "
+                        "root, else the lesion-grouped split training makes")
+    parser.add_argument("--out", required=True, metavar="CKPT_URI",
+                        help="where to write the calibrated checkpoint (must differ from "
+                        "--classifier)")
+    parser.add_argument("--referral-sensitivity", type=float, default=0.95, metavar="S",
+                        help="sensitivity for malignant lesions the referral threshold reaches "
+                        "on this data (default: %(default)s)")
+    parser.add_argument("--ood-method", choices=("mahalanobis", "energy"), default="mahalanobis",
+                        help="out-of-distribution score (default: %(default)s)")
+    masks = parser.add_mutually_exclusive_group(required=True)
+    masks.add_argument("--segmenter", metavar="CKPT_URI",
+                       help="segmenter checkpoint whose masks feed the lesion stream")
+    masks.add_argument("--gt-masks", action="store_true",
+                       help="use the dataset's ground-truth masks instead")
+    parser.add_argument("--gpu", action="store_true", help="run the models on a GPU")
+    parser.set_defaults(func=run)
+
+
+def calibration_records(data: str, format: str, split: str | None, metadata: str | None = None):
+    """The records to calibrate on: all of ``data``, or one split of it.
+
+    A ``splits.csv`` at the root (or ISIC 2018's own splits) decides as ``raysky evaluate``
+    does; without one, ``train``/``val`` are the lesion-grouped split training makes with its
+    defaults, so ``--split val`` calibrates on the images the run validated on.
+    """
+    from raysky import storage
+    from raysky.data.splits import SPLIT_FILE
+    from raysky.evaluate import read_ground_truth
+    from raysky.train.datasets import load_splits
+
+    if (split is None or format == "isic2018"
+            or storage.exists(storage.join(data, SPLIT_FILE))):
+        return read_ground_truth(data, format, metadata, split)
+    if split.lower() not in ("train", "val", "training", "validation"):
+        raise ValueError(f"--split {split} needs {storage.join(data, SPLIT_FILE)}, which does "
+                         "not exist (without it only train and val are defined)")
+    train, val, _how = load_splits(data, format)
+    return train if split.lower().startswith("train") else val
+
+
+def run(args: argparse.Namespace) -> int:
+    """Calibrate and write the new checkpoint version."""
+    from raysky.calibration.collect import calibrate_checkpoint, describe_calibration
+
+    records = calibration_records(args.data, args.format, args.split, args.metadata)
+    meta = calibrate_checkpoint(
+        args.classifier, records, args.out,
+        {"data": str(args.data), "format": args.format, "split": args.split},
+        target_sensitivity=args.referral_sensitivity,
+        segmenter_uri=None if args.gt_masks else args.segmenter,
+        ood_method=args.ood_method, use_gpu=args.gpu)
+    print(describe_calibration(meta["calibration"]))
+    print(f"calibrated checkpoint {meta['version']} ({meta['calibration']['version']}) written "
+          f"to {args.out}")
+    return 0
