@@ -9,6 +9,7 @@ import sys
 # Each module defines ``register(subparsers)``, adding a sub-command whose parser sets ``func``.
 COMMAND_MODULES: tuple[str, ...] = (
     "raysky.cli.info",
+    "raysky.cli.calibrate",
     "raysky.cli.demo",
     "raysky.cli.evaluate",
     "raysky.cli.score",
