@@ -323,13 +323,17 @@ def class_probabilities(frame: pd.DataFrame, classes: Sequence[str]) -> np.ndarr
 
 
 def evaluate_frame(frame: pd.DataFrame, records: Sequence[LesionRecord],
-                   low_focus: float = LOW_FOCUS_THRESHOLD) -> dict:
+                   low_focus: float = LOW_FOCUS_THRESHOLD,
+                   checkpoint_calibration: dict | None = None) -> dict:
     """All metrics for an in-memory results table against ground-truth records (JSON-ready).
 
     Classification uses the matched ``ok`` rows with a label, segmentation those with a
     ground-truth mask and a ``mask_png``, lesion focus every ``ok`` result. Ground-truth
     classes the model does not predict are added with probability 0, and listed in
-    ``classification.classes_not_predicted``.
+    ``classification.classes_not_predicted``. ``calibration`` holds ECE, Brier and referral
+    figures (see :func:`raysky.calibration.evaluation.calibration_metrics`);
+    ``checkpoint_calibration`` is the classifier checkpoint's calibration record (``{}``
+    for a checkpoint without one, None when no checkpoint was given).
     """
     model_classes = result_classes(frame)
     joined, coverage = join_ground_truth(frame, records)
@@ -346,6 +350,7 @@ def evaluate_frame(frame: pd.DataFrame, records: Sequence[LesionRecord],
             labelled["label"].tolist(), probs, classes, malignant)
         out["classification"]["classes_not_predicted"] = [
             c for c in classes if c not in model_classes]
+        out["calibration"] = _calibration(labelled, classes, probs, checkpoint_calibration)
 
     if "mask_png" in ok.columns:
         segmented = ok[ok["mask_uri"].notna() & ok["mask_png"].notna()]
@@ -377,17 +382,52 @@ def evaluate_frame(frame: pd.DataFrame, records: Sequence[LesionRecord],
     return out
 
 
+def _calibration(labelled: pd.DataFrame, classes: Sequence[str], probs: np.ndarray,
+                 checkpoint_calibration: dict | None) -> dict:
+    from raysky.calibration.evaluation import calibration_metrics, results_calibration_version
+
+    index = {code: i for i, code in enumerate(classes)}
+    stored = results_calibration_version(labelled)
+    refer = labelled["refer"].to_numpy() if "refer" in labelled.columns else None
+    if refer is not None and pd.isna(refer).any():
+        refer = None
+    return calibration_metrics(
+        labelled["label"].map(index).to_numpy(dtype=np.int64), probs,
+        labelled["label"].isin(list(MALIGNANT_CLASSES)).to_numpy(),
+        [i for i, code in enumerate(classes) if code in MALIGNANT_CLASSES], stored, refer,
+        checkpoint_calibration)
+
+
+def checkpoint_calibration_for(frame: pd.DataFrame, classifier_uri: str) -> dict:
+    """The calibration record (``{}`` if none) of the classifier the results were scored with.
+
+    The checkpoint's weights version must be the results' ``classifier_version``.
+    """
+    from raysky.models.checkpoint import read_checkpoint_meta
+
+    meta = read_checkpoint_meta(classifier_uri)
+    if "classifier_version" in frame.columns:
+        scored = sorted({str(v) for v in frame["classifier_version"].dropna()})
+        if scored and scored != [meta["version"]]:
+            raise ValueError(f"{classifier_uri} is classifier {meta['version']}, but the results "
+                             f"were scored with {', '.join(scored)}")
+    return meta.get("calibration") or {}
+
+
 def evaluate(results_uri: str, data_uri: str, format: str, metadata_uri: str | None = None,
-             split: str | None = None, low_focus: float = LOW_FOCUS_THRESHOLD) -> dict:
+             split: str | None = None, low_focus: float = LOW_FOCUS_THRESHOLD,
+             classifier_uri: str | None = None) -> dict:
     """Read results and ground truth (local or ``s3://``) and compute every metric.
 
     See :func:`evaluate_frame` for what is computed; the returned dict also records its inputs.
-    Heatmaps are not read.
+    Heatmaps are not read. ``classifier_uri``, the checkpoint the results were scored with,
+    supplies the temperature for the calibration figures before and after.
     """
     columns = [name for name in results_columns(results_uri) if name != "heatmap_png"]
     frame = read_results(results_uri, columns)
     records = read_ground_truth(data_uri, format, metadata_uri, split)
-    metrics = evaluate_frame(frame, records, low_focus)
+    calibration = checkpoint_calibration_for(frame, classifier_uri) if classifier_uri else None
+    metrics = evaluate_frame(frame, records, low_focus, calibration)
     if metrics["coverage"]["matched"] == 0:
         raise ValueError(
             f"no result in {results_uri} matches an image of {data_uri} ({format}); examples: "
@@ -444,6 +484,10 @@ def format_table(metrics: dict) -> str:
                   "  " + f"{'':<10}" + "".join(f"{c:>7}" for c in cm["classes"]) + f"{'tied':>7}"]
         for code, row, tied in zip(cm["classes"], cm["matrix"], cm["undecided"], strict=True):
             lines.append("  " + f"{code:<10}" + "".join(f"{n:>7}" for n in row) + f"{tied:>7}")
+    if metrics.get("calibration"):
+        from raysky.calibration.evaluation import format_calibration
+
+        lines += format_calibration(metrics["calibration"])
     focus = metrics.get("lesion_focus")
     if focus:
         lines += ["", f"Lesion focus ({focus['n']} explained, {focus['missing']} without heatmap)",

@@ -7,8 +7,9 @@ scripts.
 
 Sections: a summary of the run; with ground truth, the ISIC metrics, the confusion matrix and
 ROC curves; a gallery of the ``top_n`` lesions with the highest ``malignant_prob`` (image with
-the predicted mask's outline, Grad-CAM overlay, class probabilities, lesion focus); and the
-images flagged for review (lesion focus below a threshold, and rows that failed to score).
+the predicted mask's outline, Grad-CAM overlay, class probabilities, lesion focus); the
+reliability diagram of the calibration (with ground truth); and the images flagged for review
+(lesion focus below a threshold, out of distribution, and rows that failed to score).
 """
 
 from __future__ import annotations
@@ -26,11 +27,13 @@ import pandas as pd
 from PIL import Image
 
 from raysky import storage
+from raysky.calibration.plots import reliability_section
 from raysky.data.images import ImageDecodeError, decode_image, decode_mask
 from raysky.data.taxonomy import MALIGNANT_CLASSES
 from raysky.evaluate import (
     LOW_FOCUS_THRESHOLD,
     PROB_PREFIX,
+    checkpoint_calibration_for,
     class_probabilities,
     evaluate_frame,
     focus_statistics,
@@ -53,7 +56,8 @@ _HEAT_COLORS = np.array([[48, 18, 59], [40, 140, 250], [60, 220, 120], [250, 200
                          [190, 20, 10]], dtype=np.float64)
 _LIGHT_COLUMNS = ("image_id", "source_uri", "status", "error", "width", "height",
                   "predicted_class", "malignant_prob", "lesion_area_frac", "lesion_focus",
-                  "segmenter_version", "classifier_version", "scored_at")
+                  "segmenter_version", "classifier_version", "refer", "ood_score", "ood",
+                  "calibration_version", "scored_at")
 
 
 # --------------------------------------------------------------------------------------------
@@ -316,6 +320,26 @@ def _metrics_section(metrics: dict) -> str:
     return "".join(parts)
 
 
+def _ood_section(rows: pd.DataFrame, shown: pd.DataFrame, cards, scored: bool) -> str:
+    """Images whose ``ood`` flag is set: advice that they may not be dermoscopy at all."""
+    if not scored:
+        return ('<section id="ood"><h2>Out of distribution</h2><p class="note">These results '
+                "have no ood column (scored before raysky had one).</p></section>")
+    table = "".join(f'<tr><td class="l">{html.escape(str(r["image_id"]))}</td>'
+                    f'<td>{_fmt(float(r["ood_score"]))}</td><td class="l">'
+                    f'{html.escape(str(r.get("source_uri", "")))}</td></tr>'
+                    for _, r in rows.iterrows())
+    listing = (f'<table><tr><th class="l">image</th><th>ood_score</th><th class="l">source</th>'
+               f"</tr>{table}</table>" if len(rows) else
+               '<p class="note">None (a classifier without calibration flags nothing).</p>')
+    return (f'<section id="ood"><h2>Out of distribution ({len(rows)}'
+            + (f", {len(shown)} shown" if len(shown) < len(rows) else "")
+            + ')</h2><p class="note">ood_score above the calibration threshold: the image is '
+            "unlike the dermoscopy the model was calibrated on (a clinical photo, a screenshot, "
+            "a scan). Its predictions are kept but deserve less trust.</p>"
+            f'{listing}<div class="gallery">{cards(shown)}</div></section>')
+
+
 def _roc_section(labelled: pd.DataFrame, classes: Sequence[str]) -> str:
     probs = class_probabilities(labelled, classes)
     labels = labelled["label"].to_numpy()
@@ -369,11 +393,13 @@ def _pictures_for(rows: pd.DataFrame, binaries: pd.DataFrame) -> dict[str, tuple
 def build_report(results_uri: str, out_uri: str, data_uri: str | None = None,
                  format: str | None = None, metadata_uri: str | None = None,
                  split: str | None = None, top_n: int = 24, max_flagged: int = 48,
-                 low_focus: float = LOW_FOCUS_THRESHOLD, title: str = "raysky review") -> dict:
+                 low_focus: float = LOW_FOCUS_THRESHOLD, title: str = "raysky review",
+                 classifier_uri: str | None = None) -> dict:
     """Write the HTML review page for ``results_uri`` to ``out_uri`` (local or ``s3://``).
 
     With ``data_uri`` and ``format`` the page adds ISIC metrics, a confusion matrix and ROC
-    curves (see :func:`raysky.evaluate.evaluate_frame`). Only the rows shown in the gallery and
+    curves (see :func:`raysky.evaluate.evaluate_frame`) and the reliability diagram, before and
+    after calibration when ``classifier_uri`` names the checkpoint scored with. Only the rows shown in the gallery and
     the flagged list have their masks and heatmaps read, so the page builds quickly from large
     results. Returns counts of what the page shows.
     """
@@ -388,14 +414,20 @@ def build_report(results_uri: str, out_uri: str, data_uri: str | None = None,
     if data_uri is not None:
         records = read_ground_truth(data_uri, format, metadata_uri, split)
         with_masks = read_results(results_uri, [n for n in names if n != "heatmap_png"])
-        metrics = evaluate_frame(with_masks, records, low_focus)
+        calibration = (checkpoint_calibration_for(with_masks, classifier_uri)
+                       if classifier_uri else None)
+        metrics = evaluate_frame(with_masks, records, low_focus, calibration)
         labels = {r.image_id: r.label for r in records if r.label is not None}
 
     gallery = ok.sort_values("malignant_prob", ascending=False, kind="stable").head(top_n)
     focus = ok["lesion_focus"] if "lesion_focus" in ok.columns else pd.Series(dtype=float)
     low = ok[focus < low_focus].sort_values("lesion_focus", kind="stable")
     flagged = low.head(max_flagged)
-    shown = pd.concat([gallery, flagged]).drop_duplicates("image_id")
+    ood_rows = (ok[ok["ood"].fillna(False).astype(bool)].sort_values("ood_score", ascending=False,
+                                                                     kind="stable")
+                if "ood" in ok.columns else ok.iloc[:0])
+    ood_shown = ood_rows.head(max_flagged)
+    shown = pd.concat([gallery, flagged, ood_shown]).drop_duplicates("image_id")
     binary_columns = [n for n in ("mask_png", "heatmap_png") if n in names]
     binaries = (read_results(results_uri, ["image_id", *binary_columns],
                              image_ids=shown["image_id"].tolist())
@@ -439,6 +471,7 @@ def build_report(results_uri: str, out_uri: str, data_uri: str | None = None,
     ]
     if metrics is not None:
         body.append(_metrics_section(metrics))
+        body.append(reliability_section(metrics.get("calibration")))
         matched = ok[ok["image_id"].isin(labels)].copy()
         if len(matched) and "classification" in metrics:
             matched["label"] = matched["image_id"].map(labels)
@@ -458,11 +491,12 @@ def build_report(results_uri: str, out_uri: str, data_uri: str | None = None,
                 + (f'<table><tr><th class="l">image</th><th class="l">source</th>'
                    f'<th class="l">error</th></tr>{error_rows}</table>' if len(errors) else
                    '<p class="note">None.</p>')
-                + "</section></main>")
+                + "</section>")
+    body.append(_ood_section(ood_rows, ood_shown, cards, "ood" in ok.columns) + "</main>")
     page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
             f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"
             f"{''.join(body)}</body></html>")
     storage.write_bytes(out_uri, page.encode("utf-8"))
     return {"images": len(frame), "errors": len(errors), "gallery": len(gallery),
-            "flagged": len(flagged) + len(errors), "bytes": len(page)}
+            "flagged": len(flagged) + len(errors), "ood": len(ood_rows), "bytes": len(page)}

@@ -7,7 +7,8 @@ deduplicates by ``image_id``, keeping an ``ok`` row over an ``error`` row and th
 recent ``scored_at``, so callers always see one row per input. Two rows with one ``image_id``
 but different ``source_uri`` are two inputs, not two copies: keeping one would lose the other,
 so such results are refused, naming the ids. ``error_kind`` (``bad_input`` or ``transient`` on
-error rows) is read as null from results written before the column existed.
+error rows), ``refer``, ``ood_score``, ``ood`` and ``calibration_version`` are read as null
+from results written before those columns existed.
 
 Files and folders whose names start with ``_`` or ``.`` are bookkeeping (run configuration,
 files being written) and are never read as results, following the Hadoop/Spark convention.
@@ -30,10 +31,18 @@ PROB_PREFIX = "prob_"
 """Per-class probability columns are named ``prob_<class code>``."""
 
 _DEDUP_COLUMNS = ("image_id", "source_uri", "status", "scored_at")
-OPTIONAL_COLUMNS: dict[str, pa.DataType] = {"error_kind": pa.string()}
-"""Columns newer than some results on disk; read as null where a file lacks them."""
+OPTIONAL_COLUMNS: dict[str, tuple[str, str]] = {
+    "error_kind": ("error", "object"),
+    "refer": ("malignant_prob", "object"),
+    "ood_score": ("refer", "float32"),
+    "ood": ("ood_score", "object"),
+    "calibration_version": ("classifier_version", "object"),
+}
+"""Columns newer than some results on disk: ``name: (column it follows, pandas dtype)``.
+
+Where a file lacks one it is read as null, in the place newer files have it."""
 SUMMARY_COLUMNS = ("image_id", "source_uri", "status", "error", "predicted_class",
-                   "malignant_prob", "scored_at")
+                   "malignant_prob", "refer", "ood", "scored_at")
 
 
 def is_hidden(uri: str, root: str) -> bool:
@@ -138,11 +147,10 @@ def read(uri: str, columns: list[str] | None = None) -> pd.DataFrame:
             raise ValueError(f"{uri}: no column {', '.join(missing)} in the results")
         wanted = [c for c in wanted if c in available]
     frame = read_table(files, wanted).to_pandas()
-    for name in OPTIONAL_COLUMNS:
+    for name, (after, dtype) in OPTIONAL_COLUMNS.items():
         if name not in available and (columns is None or name in columns):
-            # Older results: the column after ``error``, all null, where newer files have it.
-            at = frame.columns.get_loc("error") + 1 if "error" in frame.columns else len(frame.columns)
-            frame.insert(at, name, pd.Series([None] * len(frame), dtype=object, index=frame.index))
+            at = frame.columns.get_loc(after) + 1 if after in frame.columns else len(frame.columns)
+            frame.insert(at, name, pd.Series([None] * len(frame), dtype=dtype, index=frame.index))
     frame = dedupe(frame)
     if columns is not None:
         frame = frame[list(columns)]
@@ -158,6 +166,8 @@ def class_columns(frame_or_schema) -> list[str]:
 def summarize(source: str | pd.DataFrame, top: int = 10) -> dict:
     """Counts of ok and error rows, error reasons, the class distribution and the top ``top``.
 
+    ``refer`` and ``ood`` count the ok rows flagged, not flagged and null (no calibration).
+
     ``source`` is a results URI or a frame from :func:`read`. The top list holds the rows with
     the highest ``malignant_prob``: ``image_id``, ``source_uri``, ``predicted_class`` and
     ``malignant_prob``.
@@ -167,18 +177,27 @@ def summarize(source: str | pd.DataFrame, top: int = 10) -> dict:
     errors = frame[frame["status"] != "ok"]
     classes = Counter(ok["predicted_class"].astype(str))
     ranked = ok.sort_values(["malignant_prob", "image_id"], ascending=[False, True]).head(top)
+    flags = {name: _flag_counts(ok[name]) for name in ("refer", "ood") if name in ok.columns}
     return {
         "rows": int(len(frame)),
         "ok": int(len(ok)),
         "error": int(len(errors)),
         "error_reasons": dict(Counter(_reason_kind(e) for e in errors["error"]).most_common()),
         "class_counts": dict(sorted(classes.items(), key=lambda kv: (-kv[1], kv[0]))),
+        **flags,
         "top_malignant": [
             {"image_id": r.image_id, "source_uri": r.source_uri,
              "predicted_class": r.predicted_class, "malignant_prob": round(float(r.malignant_prob), 6)}
             for r in ranked.itertuples()
         ],
     }
+
+
+def _flag_counts(values: pd.Series) -> dict[str, int]:
+    """``true``, ``false`` and ``null`` counts of a boolean column with nulls."""
+    known = values.dropna().astype(bool)
+    return {"true": int(known.sum()), "false": int((~known).sum()),
+            "null": int(len(values) - len(known))}
 
 
 def _reason_kind(error: object) -> str:
@@ -197,6 +216,11 @@ def format_summary(summary: dict) -> str:
         total = max(1, summary["ok"])
         lines.append("predicted classes: " + ", ".join(
             f"{code} {n} ({100 * n / total:.1f}%)" for code, n in summary["class_counts"].items()))
+    for name, what in (("refer", "referred"), ("ood", "out of distribution")):
+        counts = summary.get(name)
+        if counts:
+            lines.append(f"{what} ({name}): {counts['true']}  not: {counts['false']}"
+                         + (f"  null (no calibration): {counts['null']}" if counts["null"] else ""))
     if summary["top_malignant"]:
         lines.append(f"top {len(summary['top_malignant'])} by malignant_prob:")
         for rank, row in enumerate(summary["top_malignant"], 1):

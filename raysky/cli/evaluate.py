@@ -19,6 +19,9 @@ def _add_ground_truth(parser: argparse.ArgumentParser, required: bool) -> None:
     parser.add_argument("--split", help="evaluate one split only: for isic2018 Training "
                         "(default), Validation or Test; for the other layouts train, val or test "
                         "of the splits.csv at the --data root (test: images training never saw)")
+    parser.add_argument("--classifier", metavar="CKPT_URI",
+                        help="the classifier checkpoint the results were scored with: its "
+                        "temperature gives the calibration figures before and after")
     parser.add_argument("--low-focus", type=float, default=LOW_FOCUS_THRESHOLD, metavar="F",
                         help="lesion focus below which an image is flagged (default: %(default)s)")
 
@@ -31,8 +34,10 @@ def register(subparsers) -> None:
         "supported layout and compute ISIC's metrics: Dice, Jaccard and thresholded Jaccard per "
         "image and on average; balanced accuracy, AUC, AUC above 80%% sensitivity, average "
         "precision, sensitivity and specificity per class and macro-averaged, plus malignant "
-        "versus benign; the confusion matrix; and lesion-focus statistics. Prints a table and "
-        "optionally writes JSON with ISIC's metric names.")
+        "versus benign; the confusion matrix; lesion-focus statistics; and calibration: ECE "
+        "(15 bins) and Brier score before and after calibration (with --classifier), and the "
+        "sensitivity and specificity of the referrals with bootstrap 95%% intervals. Prints a "
+        "table and optionally writes JSON with ISIC's metric names.")
     parser.add_argument("--results", required=True, metavar="URI",
                         help="results Parquet file or folder of Parquet files (local or s3://)")
     _add_ground_truth(parser, required=True)
@@ -64,7 +69,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from raysky.evaluate import evaluate, format_table, write_json
 
     metrics = evaluate(args.results, args.data, args.format, metadata_uri=args.metadata,
-                       split=args.split, low_focus=args.low_focus)
+                       split=args.split, low_focus=args.low_focus,
+                       classifier_uri=args.classifier)
     print(format_table(metrics))
     if args.out:
         write_json(metrics, args.out)
@@ -83,7 +89,8 @@ def run_report(args: argparse.Namespace) -> int:
     summary = build_report(args.results, args.out, data_uri=args.data, format=args.format,
                            metadata_uri=args.metadata, split=args.split, top_n=args.top,
                            max_flagged=args.max_flagged, low_focus=args.low_focus,
-                           title=args.title)
+                           title=args.title, classifier_uri=args.classifier)
     print(f"report written to {args.out}: {summary['images']} images, {summary['errors']} "
-          f"errors, {summary['gallery']} in the gallery, {summary['flagged']} flagged")
+          f"errors, {summary['gallery']} in the gallery, {summary['flagged']} flagged, "
+          f"{summary['ood']} out of distribution")
     return 0

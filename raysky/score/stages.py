@@ -61,18 +61,24 @@ MANIFEST_SCHEMA = pa.schema([("file", pa.string()), ("rows", pa.int64()), ("ok",
 
 
 def output_schema(classes: Sequence[str], heatmaps: bool) -> pa.Schema:
-    """The columns of a result file, in order: plain Arrow types only."""
+    """The columns of a result file, in order: plain Arrow types only.
+
+    ``refer``, ``ood_score``, ``ood`` and ``calibration_version`` are null when the classifier
+    checkpoint has no calibration (see :mod:`raysky.calibration`).
+    """
     fields = [
         ("image_id", pa.string()), ("source_uri", pa.string()), ("status", pa.string()),
         ("error", pa.string()), ("error_kind", pa.string()), ("width", pa.int32()),
         ("height", pa.int32()),
         ("predicted_class", pa.string()),
         *[(f"{PROB_PREFIX}{code}", pa.float32()) for code in classes],
-        ("malignant_prob", pa.float32()), ("mask_png", pa.binary()),
+        ("malignant_prob", pa.float32()), ("refer", pa.bool_()), ("ood_score", pa.float32()),
+        ("ood", pa.bool_()), ("mask_png", pa.binary()),
         ("lesion_area_frac", pa.float32()),
         *([("heatmap_png", pa.binary())] if heatmaps else []),
         ("lesion_focus", pa.float32()), ("segmenter_version", pa.string()),
-        ("classifier_version", pa.string()), ("scored_at", pa.timestamp("us", tz="UTC")),
+        ("classifier_version", pa.string()), ("calibration_version", pa.string()),
+        ("scored_at", pa.timestamp("us", tz="UTC")),
     ]
     return pa.schema(fields)
 
@@ -243,12 +249,14 @@ class ScoreModel:
                 "status": row["status"], "error": row["error"],
                 "error_kind": row["error_kind"], "width": row["width"],
                 "height": row["height"], "segmenter_version": self.pipeline.segmenter_version,
-                "classifier_version": self.pipeline.classifier_version, "scored_at": now,
+                "classifier_version": self.pipeline.classifier_version,
+                "calibration_version": self.pipeline.calibration_version, "scored_at": now,
             }
             if result is not None:
                 values.update({
                     "predicted_class": result.predicted_class,
                     "malignant_prob": result.malignant_prob,
+                    "refer": result.refer, "ood_score": result.ood_score, "ood": result.ood,
                     "mask_raw": result.mask.astype(np.uint8).tobytes(),
                     "lesion_area_frac": result.lesion_area_frac,
                     "lesion_focus": None if math.isnan(result.lesion_focus) else result.lesion_focus,

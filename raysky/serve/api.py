@@ -516,6 +516,10 @@ def create_api(backend: PredictBackend, options: ApiOptions | None = None,
         lesion's area fraction and, as base64 PNGs at the uploaded image's size, the lesion
         mask (0/255) and the Grad-CAM heatmap (8-bit grey, 255 = strongest evidence).
         ``lesion_focus`` is the heatmap's share inside the mask (null without ``explain``).
+        With a calibrated classifier the probabilities are calibrated, ``refer`` says whether
+        ``malignant_prob`` reaches the referral threshold, and ``ood`` whether ``ood_score``
+        marks the image as unlike dermoscopy (advice only); all three and
+        ``calibration_version`` are null without a calibration.
         """
         start = time.perf_counter()
         content_type = request.headers.get("content-type", "")
@@ -569,10 +573,15 @@ def create_api(backend: PredictBackend, options: ApiOptions | None = None,
             "malignant_prob": result["malignant_prob"],
             "lesion_area_frac": result["lesion_area_frac"],
             "lesion_focus": None if focus is None or math.isnan(focus) else focus,
+            # null when the classifier checkpoint has no calibration (raysky calibrate)
+            "refer": result.get("refer"),
+            "ood_score": result.get("ood_score"),
+            "ood": result.get("ood"),
             "mask_png": mask_png,
             "heatmap_png": heatmap_png,
             "segmenter_version": result["segmenter_version"],
             "classifier_version": result["classifier_version"],
+            "calibration_version": result.get("calibration_version"),
             "latency_ms": round((time.perf_counter() - start) * 1000.0, 2),
             "request_id": entry.get("request_id"),
         }

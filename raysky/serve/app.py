@@ -128,10 +128,14 @@ class LesionModel:
             "malignant_prob": prediction.malignant_prob,
             "lesion_area_frac": prediction.lesion_area_frac,
             "lesion_focus": prediction.lesion_focus,
+            "refer": prediction.refer,
+            "ood_score": prediction.ood_score,
+            "ood": prediction.ood,
             "mask": prediction.mask if want_mask else None,
             "heatmap": heatmap,
             "segmenter_version": self.pipeline.segmenter_version,
             "classifier_version": self.pipeline.classifier_version,
+            "calibration_version": self.pipeline.calibration_version,
         }
 
     async def info(self) -> dict[str, Any]:
@@ -142,6 +146,7 @@ class LesionModel:
             "malignant_classes": [pipeline.classes[i] for i in pipeline.malignant],
             "segmenter_version": pipeline.segmenter_version,
             "classifier_version": pipeline.classifier_version,
+            "calibration_version": pipeline.calibration_version,
             "segmenter_input_size": pipeline.segmenter_meta["input_size"],
             "classifier_input_size": pipeline.classifier_meta["input_size"],
             "metadata_fields": list(pipeline.vocab.fields) if pipeline.vocab else [],

@@ -4,8 +4,10 @@
 ``jobs/`` entrypoints and the end-to-end demo all call. A run lives at
 ``<storage>/<name>/`` (a local folder or an ``s3://`` prefix) and holds Ray Train's
 checkpoint directories (``checkpoint_epoch_NNNN/``, each a raysky checkpoint), the classifier's
-segmenter masks, and ``result.json`` with the best checkpoint and its metrics. Running again
-with the same storage and name resumes from the latest checkpoint.
+segmenter masks, ``result.json`` with the best checkpoint and its metrics, and for the classifier
+``calibrated/``: the best checkpoint calibrated on the val split (``calibrated_checkpoint_uri``;
+skipped, with the reason printed, when the val split holds under 20 malignant or 20 benign
+images). Running again with the same storage and name resumes from the latest checkpoint.
 """
 
 from __future__ import annotations
@@ -252,7 +254,43 @@ def _run(kind: str, settings: TrainSettings, train: list[LesionRecord], val: lis
         print(f"{kind}: classes {list(classes)}, training counts {counts}, loss weights "
               f"{[round(w, 3) for w in weights]}", flush=True)
     result = trainer.fit()
-    return _summarise(result, run_uri, root, metric, mode)
+    summary = _summarise(result, run_uri, root, metric, mode)
+    if kind == "classifier":
+        summary.calibrated_checkpoint_uri = _calibrate_best(summary, val, settings)
+        storage.write_bytes(summary.result_uri, json.dumps(summary.to_dict(), indent=2).encode())
+    return summary
+
+
+CALIBRATED_DIR = "calibrated"
+"""The run's calibrated version of its best classifier checkpoint: ``<run>/calibrated``."""
+
+
+def _calibrate_best(summary: TrainResult, val: list[LesionRecord],
+                    settings: TrainSettings) -> str | None:
+    """Calibrate the best checkpoint on the val split and write it to ``<run>/calibrated``.
+
+    The val records carry the masks the run validated with (the segmenter's, or ground
+    truth). Too small a val split skips calibration with a printed reason, not an error: the
+    weights are fine, and ``raysky calibrate`` can calibrate them later on more data.
+    """
+    from raysky.calibration import NotEnoughCalibrationData
+    from raysky.calibration.collect import calibrate_checkpoint, describe_calibration
+
+    if summary.best_checkpoint_uri is None:
+        print("classifier: calibration skipped: the run reported no best checkpoint", flush=True)
+        return None
+    target = storage.join(summary.run_uri, CALIBRATED_DIR)
+    try:
+        meta = calibrate_checkpoint(summary.best_checkpoint_uri, val, target,
+                                    {"data": str(settings.data), "format": settings.format,
+                                     "split": "val"}, use_gpu=settings.gpu)
+    except NotEnoughCalibrationData as exc:
+        print(f"classifier: calibration skipped: {exc} (run raysky calibrate on more labelled "
+              "data)", flush=True)
+        return None
+    print(f"classifier: {describe_calibration(meta['calibration'])}; written to {target}",
+          flush=True)
+    return target
 
 
 def _summarise(result, run_uri: str, root: str, metric: str, mode: str) -> TrainResult:

@@ -107,6 +107,8 @@ class TrainResult:
     latest_checkpoint_uri: str | None = None
     history: list[dict] = field(default_factory=list)
     result_uri: str | None = None
+    # classifier runs: the best checkpoint calibrated on the val split, None when skipped
+    calibrated_checkpoint_uri: str | None = None
 
     def to_dict(self) -> dict:
         """JSON-ready form (NaN metrics become null)."""

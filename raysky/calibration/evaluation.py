@@ -1,0 +1,128 @@
+"""The calibration part of ``raysky evaluate``: ECE and Brier before and after, and referral.
+
+Results store calibrated probabilities only (when the classifier had a calibration). The
+uncalibrated ones are not stored but recovered: ``softmax(log p * T)`` undoes the temperature
+exactly, up to float32 rounding (:func:`raysky.calibration.temperature.uncalibrate`). That
+keeps the results schema to what screening needs, and needs only the temperature, which the
+checkpoint named by ``--classifier`` holds (its calibration version must match the results').
+The same works the other way: uncalibrated results and a calibrated checkpoint give the
+calibrated figures, and the referral decisions at its threshold, without scoring again.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from raysky.calibration.referral import refer, sensitivity_specificity
+from raysky.calibration.temperature import recalibrate, uncalibrate
+from raysky.metrics import (
+    bootstrap_interval,
+    brier_score,
+    expected_calibration_error,
+    reliability_bins,
+)
+
+
+def results_calibration_version(frame) -> str | None:
+    """The one calibration version of the results' ok rows, None when uncalibrated.
+
+    Results mixing calibration versions (or calibrated and uncalibrated rows) are refused:
+    their probabilities mean different things.
+    """
+    if "calibration_version" not in frame.columns:
+        return None
+    values = {None if v is None or v != v else str(v) for v in frame["calibration_version"]}
+    if len(values) > 1:
+        raise ValueError(f"the results mix calibration versions {sorted(map(str, values))}; "
+                         "evaluate each version's rows apart")
+    return values.pop() if values else None
+
+
+def calibration_quality(labels: np.ndarray, probs: np.ndarray) -> dict:
+    """ECE (15 bins, top-label), multi-class Brier score and the reliability bins."""
+    return {"ece": expected_calibration_error(labels, probs), "brier": brier_score(labels, probs),
+            "reliability": reliability_bins(labels, probs)}
+
+
+def referral_metrics(referred: np.ndarray, is_malignant: np.ndarray, threshold: float | None,
+                     seed: int = 0) -> dict:
+    """Sensitivity and specificity of the referrals, each with a seeded bootstrap 95% interval."""
+    referred = np.asarray(referred, dtype=bool)
+    truth = np.asarray(is_malignant, dtype=bool)
+    sens, spec = sensitivity_specificity(referred, truth)
+    sens_ci = bootstrap_interval(lambda r, t: sensitivity_specificity(r, t)[0], [referred, truth],
+                                 seed=seed)
+    spec_ci = bootstrap_interval(lambda r, t: sensitivity_specificity(r, t)[1], [referred, truth],
+                                 seed=seed)
+    return {"threshold": threshold, "n_malignant": int(truth.sum()), "n_benign": int((~truth).sum()),
+            "referred": int(referred.sum()), "sensitivity": sens, "sensitivity_ci95": list(sens_ci),
+            "specificity": spec, "specificity_ci95": list(spec_ci), "bootstrap_resamples": 1000}
+
+
+def calibration_metrics(labels: np.ndarray, probs: np.ndarray, is_malignant: np.ndarray,
+                        malignant_columns: list[int], stored_version: str | None,
+                        refer_column: np.ndarray | None, checkpoint_calibration: dict | None
+                        ) -> dict:
+    """Calibration figures for labelled result rows (``labels`` index ``probs`` columns).
+
+    ``stored_version`` is the results' calibration version (None: uncalibrated results);
+    ``checkpoint_calibration`` the ``--classifier`` checkpoint's record, if one was given.
+    ``before``/``after`` are the uncalibrated and calibrated figures, each null when it
+    cannot be had. ``referral`` uses the results' ``refer`` column, or the checkpoint's
+    threshold on recalibrated probabilities for uncalibrated results.
+    """
+    record = checkpoint_calibration or None
+    if stored_version and record and record.get("version") != stored_version:
+        raise ValueError(f"the results were scored with calibration {stored_version}, but "
+                         f"--classifier has {record.get('version')}; give the checkpoint the "
+                         "results were scored with")
+    if stored_version and record is None and checkpoint_calibration is not None:
+        raise ValueError(f"the results were scored with calibration {stored_version}, but "
+                         "--classifier has no calibration")
+    out: dict = {"calibration_version": stored_version, "temperature": None,
+                 "probabilities": "calibrated" if stored_version else "uncalibrated",
+                 "before": None, "after": None, "referral": None}
+    after, referred, threshold = None, None, None
+    if stored_version:
+        out["after"] = calibration_quality(labels, probs)
+        if record:
+            out["temperature"] = float(record["temperature"])
+            out["before"] = calibration_quality(labels, uncalibrate(probs, out["temperature"]))
+        if refer_column is not None:
+            referred = np.asarray([bool(v) for v in refer_column])
+            threshold = record["referral"]["threshold"] if record else None
+    else:
+        out["before"] = calibration_quality(labels, probs)
+        if record:
+            out["temperature"] = float(record["temperature"])
+            after = recalibrate(probs, out["temperature"])
+            out["after"] = calibration_quality(labels, after)
+            threshold = float(record["referral"]["threshold"])
+            referred = refer(after[:, malignant_columns].sum(axis=1), threshold)
+            out["calibration_version"] = record.get("version")
+    if referred is not None:
+        out["referral"] = referral_metrics(referred, is_malignant, threshold)
+    return out
+
+
+def format_calibration(section: dict) -> list[str]:
+    """Terminal lines for :func:`calibration_metrics`' output."""
+    def fmt(part: dict | None, key: str) -> str:
+        return "-" if not part or part.get(key) is None else f"{part[key]:.4f}"
+
+    temperature = section.get("temperature")
+    lines = ["", f"Calibration ({section['probabilities']} results"
+             + (f", {section['calibration_version']}" if section.get("calibration_version") else "")
+             + (f", temperature {temperature:.3f}" if temperature else "") + ")",
+             f"  ECE (15 bins)  before {fmt(section['before'], 'ece')}  after "
+             f"{fmt(section['after'], 'ece')}",
+             f"  Brier          before {fmt(section['before'], 'brier')}  after "
+             f"{fmt(section['after'], 'brier')}"]
+    ref = section.get("referral")
+    if ref:
+        lines.append(f"  referral: {ref['referred']} referred; sensitivity {ref['sensitivity']:.3f} "
+                     f"[{ref['sensitivity_ci95'][0]:.3f}, {ref['sensitivity_ci95'][1]:.3f}] on "
+                     f"{ref['n_malignant']} malignant, specificity {ref['specificity']:.3f} "
+                     f"[{ref['specificity_ci95'][0]:.3f}, {ref['specificity_ci95'][1]:.3f}] on "
+                     f"{ref['n_benign']} benign (bootstrap 95%)")
+    return lines
