@@ -213,17 +213,21 @@ def test_segmenter_checkpoints_and_metrics_land_in_s3(segmenter_run, bucket):
 
 
 def _kill_first_train_worker(killed: dict, stop: threading.Event) -> None:
-    """From outside the run: SIGKILL the first Ray Train worker process that comes up."""
-    from ray.util.state import list_actors
+    """From outside the run: SIGKILL the first Ray Train worker process that comes up.
+
+    Ray names its worker processes after the actor (``ray::RayTrainWorker``), so the process
+    table finds them without the state API, which needs the dashboard.
+    """
+    import psutil
 
     while not stop.is_set():
-        workers = [a for a in list_actors(filters=[("state", "=", "ALIVE")])
-                   if "TrainWorker" in a.class_name and a.pid]
-        if workers:
-            killed["at"] = time.time()
-            os.kill(workers[-1].pid, signal.SIGKILL)
-            killed["pid"] = workers[-1].pid
-            return
+        for process in psutil.process_iter(["cmdline"]):
+            cmdline = process.info["cmdline"] or []
+            if cmdline and cmdline[0].startswith("ray::RayTrainWorker"):
+                killed["at"] = time.time()
+                os.kill(process.pid, signal.SIGKILL)
+                killed["pid"] = process.pid
+                return
         time.sleep(0.2)
 
 
