@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterable
 import numpy as np
 from PIL import Image, ImageDraw
 
+from raysky.audit.skin_tone import fit_mask
+
 ARTEFACT_KINDS: tuple[str, ...] = ("ruler", "ink", "bubbles", "hair", "vignette")
 _MAX_SUPERSAMPLED_SIDE = 2048
 
@@ -43,8 +45,6 @@ def margin_px(shape: tuple[int, ...]) -> int:
 def protected_region(lesion_mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """The lesion mask (nonzero pixels) dilated by :func:`margin_px`, as booleans at ``shape``."""
     from scipy import ndimage
-
-    from raysky.audit.skin_tone import fit_mask
 
     lesion = fit_mask(lesion_mask, tuple(shape[:2]))
     if not lesion.any():
@@ -242,8 +242,6 @@ def add_artefact(rgb: np.ndarray, lesion_mask: np.ndarray, kind: str,
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise ValueError(f"expected a uint8 RGB image [H, W, 3], got {rgb.dtype} {rgb.shape}")
     shape = rgb.shape[:2]
-    from raysky.audit.skin_tone import fit_mask
-
     lesion = fit_mask(lesion_mask, shape)
     protected = protected_region(lesion, shape)
     colour, alpha = _layer(kind, shape, protected, lesion, rng)
