@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from raysky.net import free_port
+from raysky.local.net import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 

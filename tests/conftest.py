@@ -34,7 +34,7 @@ def sample_copy(tmp_path: Path, sample_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def s3():
     """A real S3 endpoint (moto server) on 127.0.0.1, with AWS_* variables pointing at it."""
-    from raysky.local_s3 import local_s3
+    from raysky.local.s3 import local_s3
 
     with local_s3() as server:
         yield server

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 
 from raysky.data import read_dataset
-from raysky.demo import held_out_split
+from raysky.local.demo import held_out_split
 
 
 def test_held_out_split_is_lesion_disjoint_and_keeps_every_class_in_test(sample_copy):

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from raysky import storage
-from raysky.local_s3 import upload_directory
+from raysky.local.s3 import upload_directory
 from raysky.models import create_classifier, create_segmenter, load_checkpoint, save_checkpoint
 
 pytestmark = pytest.mark.slow

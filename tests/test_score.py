@@ -30,7 +30,7 @@ from raysky import results, storage
 from raysky.cli.main import main
 from raysky.data.images import decode_image
 from raysky.data.taxonomy import ISIC_COLUMN_NAMES, MALIGNANT_CLASSES
-from raysky.local_s3 import upload_directory
+from raysky.local.s3 import upload_directory
 from raysky.score import ScoreSettings, score_archive, stages
 from raysky.score.output import check_run_config, split_table
 from raysky.score.stages import output_schema

@@ -28,9 +28,9 @@ from PIL import Image
 from raysky.data.images import decode_image, decode_mask
 from raysky.data.taxonomy import MALIGNANT_CLASSES
 from raysky.inference import LesionPipeline
+from raysky.local.net import free_port
 from raysky.models import create_classifier, create_segmenter, save_checkpoint
 from raysky.models.checkpoint import read_checkpoint_meta
-from raysky.net import free_port
 
 pytestmark = pytest.mark.slow
 

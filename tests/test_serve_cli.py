@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from raysky.cli.main import main
-from raysky.net import free_port
+from raysky.local.net import free_port
 
 pytestmark = pytest.mark.slow
 

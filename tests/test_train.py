@@ -23,7 +23,7 @@ from raysky import storage
 from raysky.cli.main import main
 from raysky.data import read_dataset
 from raysky.data.taxonomy import order_classes
-from raysky.local_s3 import upload_directory
+from raysky.local.s3 import upload_directory
 from raysky.models import load_checkpoint
 from raysky.train import TrainSettings, datasets, train_segmenter
 from raysky.train.augment import AugmentConfig, augment_pair, resize_pair

@@ -7,7 +7,7 @@ import argparse
 
 def register(subparsers) -> None:
     """Add the ``demo`` sub-command."""
-    from raysky.demo import DemoSettings
+    from raysky.local.demo import DemoSettings
     from raysky.models.config import PRESETS
 
     defaults = DemoSettings()
@@ -40,7 +40,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo with the parsed flags."""
-    from raysky.demo import DemoSettings, run_demo
+    from raysky.local.demo import DemoSettings, run_demo
 
     run_demo(DemoSettings(
         data=args.data, format=args.format, preset=args.preset,

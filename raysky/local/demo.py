@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from raysky import storage
-from raysky.net import free_port
+from raysky.local.net import free_port
 from raysky.progress import format_duration
 
 BUNDLED_SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
@@ -43,13 +43,6 @@ class DemoSettings:
 
 def _step(number: int, text: str) -> None:
     print(f"\n== [{number}/7] {text}", flush=True)
-
-
-def _upload_dataset(data: str, prefix: str) -> int:
-    """Copy a local dataset folder to ``prefix``; returns the number of files copied."""
-    from raysky.local_s3 import upload_directory
-
-    return upload_directory(data, prefix)
 
 
 def held_out_split(records, per_class: tuple[int, int] = (3, 1)) -> dict[str, str]:
@@ -81,7 +74,7 @@ def run_demo(settings: DemoSettings) -> dict:
 
     from raysky.cluster import ensure_ray
     from raysky.evaluate import evaluate, format_table
-    from raysky.local_s3 import local_s3
+    from raysky.local.s3 import local_s3, upload_directory
     from raysky.report import build_report
     from raysky.score import ScoreSettings, score_archive
     from raysky.serve import ServeSettings, run_server, shutdown
@@ -115,7 +108,7 @@ def run_demo(settings: DemoSettings) -> dict:
         if storage.is_s3(settings.data):
             dataset_uri = settings.data
         else:
-            count = _upload_dataset(settings.data, dataset_uri)
+            count = upload_directory(settings.data, dataset_uri)
             print(f"{count} files -> {dataset_uri}")
         from raysky.data.readers import read_dataset
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from raysky.net import free_port
+from raysky.local.net import free_port
 
 S3_ENV_DEFAULTS = {
     "AWS_ACCESS_KEY_ID": "testing",

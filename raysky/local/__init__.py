@@ -1,0 +1,5 @@
+"""Local runs: the demo, the embedded S3 endpoint (moto on 127.0.0.1) and loopback networking.
+
+Nothing here is needed to train, score or serve on a cluster; it is what ``raysky demo``, the
+tests and the benchmarks use to run the real pipeline on one machine.
+"""
