@@ -44,6 +44,10 @@ def test_explicit_targets_change_the_map_and_default_is_the_prediction(classifie
     default = explainer(image, mask)
     predicted = explainer(image, mask, targets=default.probabilities.argmax(1))
     assert torch.allclose(default.heatmaps, predicted.heatmaps)
+    n_classes = default.probabilities.shape[1]
+    other = explainer(image, mask, targets=(default.probabilities.argmax(1) + 1) % n_classes)
+    for i in range(2):
+        assert not torch.allclose(other.heatmaps[i], default.heatmaps[i], atol=1e-4), i
 
 
 def test_single_stream_cam_matches_pytorch_grad_cam():

@@ -40,6 +40,12 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo with the parsed flags."""
+    try:
+        import httpx  # noqa: F401
+        import moto  # noqa: F401
+    except ImportError as exc:
+        raise ValueError(f"the demo needs the 'demo' extra ({exc.name} is not installed): "
+                         "pip install 'raysky[demo]'") from exc
     from raysky.local.demo import DemoSettings, run_demo
 
     run_demo(DemoSettings(
