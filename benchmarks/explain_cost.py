@@ -39,6 +39,7 @@ def main() -> None:
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
+    from raysky.explain import feature_layer
     from raysky.inference import LesionPipeline
     from raysky.models import create_classifier, create_segmenter
     from raysky.models.checkpoint import LoadedModel, describe, serialize_weights
@@ -75,7 +76,7 @@ def main() -> None:
             return self.model(x, self.mask)
 
     wrapped = ImageAndMask()
-    layers = [model.full_encoder.features, model.lesion_encoder.features]
+    layers = [feature_layer(model.full_encoder), feature_layer(model.lesion_encoder)]
 
     def reference():
         preds = pipe(images, explain=False)  # the prediction pass

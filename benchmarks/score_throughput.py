@@ -151,10 +151,13 @@ def plain_loop(files: list[str], ckpt: dict, batch_size: int, out: Path) -> floa
     """Images/s of a straightforward single-process loop, pytorch-grad-cam as its README shows."""
     from pytorch_grad_cam import GradCAM
 
+    from raysky.explain import feature_layer
+
     seg, cls = load_checkpoint(ckpt["segmenter"]), load_checkpoint(ckpt["classifier"])
     seg_meta, cls_meta = seg.meta, cls.meta
     wrapper = _SingleInput(cls.model)
-    target_layers = [cls.model.full_encoder.features[-1], cls.model.lesion_encoder.features[-1]]
+    target_layers = [feature_layer(cls.model.full_encoder),
+                     feature_layer(cls.model.lesion_encoder)]
     classes = cls.classes
     rows = []
     start = time.perf_counter()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from raysky.explain import GradCAMExplainer, lesion_focus
+from raysky.explain import GradCAMExplainer, feature_layer, lesion_focus
 from raysky.models import create_classifier
 
 
@@ -50,6 +50,22 @@ def test_explicit_targets_change_the_map_and_default_is_the_prediction(classifie
         assert not torch.allclose(other.heatmaps[i], default.heatmaps[i], atol=1e-4), i
 
 
+@pytest.mark.parametrize("preset", ["tiny", "lite"])
+def test_feature_layer_outputs_what_forward_features_returns(preset):
+    model = create_classifier(preset, pretrained_encoder="none").eval()
+    seen = []
+    handle = feature_layer(model.full_encoder).register_forward_hook(
+        lambda _m, _i, out: seen.append(out))
+    try:
+        with torch.no_grad():
+            expected = model.full_encoder.forward_features(torch.randn(1, 3, 64, 64))
+    finally:
+        handle.remove()
+    assert len(seen) == 1 and torch.equal(seen[0], expected)
+    with pytest.raises(ValueError, match="no known last feature layer"):
+        feature_layer(torch.nn.Linear(2, 2))
+
+
 def test_single_stream_cam_matches_pytorch_grad_cam():
     """Our hook-free Grad-CAM equals the reference library's on the same layer."""
     from pytorch_grad_cam import GradCAM
@@ -68,7 +84,7 @@ def test_single_stream_cam_matches_pytorch_grad_cam():
         def forward(self, x):
             return self.model(x, torch.ones(x.shape[0], 1, *x.shape[-2:]))
 
-    with GradCAM(model=ImageOnly(), target_layers=[model.full_encoder.features]) as cam:
+    with GradCAM(model=ImageOnly(), target_layers=[feature_layer(model.full_encoder)]) as cam:
         reference = cam(input_tensor=image, targets=[ClassifierOutputTarget(1), ClassifierOutputTarget(4)])
     for ours_map, ref_map in zip(ours.heatmaps.numpy(), reference, strict=True):
         if ref_map.max() == 0:

@@ -5,6 +5,7 @@ from raysky.explain.gradcam import (
     GradCAMExplainer,
     cam_from_gradients,
     combine_stream_cams,
+    feature_layer,
     lesion_focus,
     normalize_heatmaps,
 )
@@ -14,6 +15,7 @@ __all__ = [
     "GradCAMExplainer",
     "cam_from_gradients",
     "combine_stream_cams",
+    "feature_layer",
     "lesion_focus",
     "normalize_heatmaps",
 ]

@@ -24,6 +24,26 @@ class Explanation(NamedTuple):
     heatmaps: torch.Tensor
 
 
+# The last module each timm encoder family runs in ``forward_features``: its output is the
+# feature map raysky explains, so hook-based Grad-CAM tools must target exactly that module.
+_FEATURE_LAYERS: tuple[str, ...] = ("bn2", "features")
+
+
+def feature_layer(encoder: torch.nn.Module) -> torch.nn.Module:
+    """The module of ``encoder`` whose output is ``encoder.forward_features(x)``.
+
+    That is the layer :class:`GradCAMExplainer` explains (EfficientNet's ``bn2`` after the
+    head convolution, DenseNet's ``features`` block), for reference implementations such as
+    pytorch-grad-cam that hook a named layer. Other encoder families are a ``ValueError``.
+    """
+    for name in _FEATURE_LAYERS:
+        layer = getattr(encoder, name, None)
+        if isinstance(layer, torch.nn.Module):
+            return layer
+    raise ValueError(f"{type(encoder).__name__}: no known last feature layer (looked for "
+                     f"{', '.join(_FEATURE_LAYERS)}); add this encoder family to _FEATURE_LAYERS")
+
+
 def cam_from_gradients(feature_map: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
     """Grad-CAM for one layer: ReLU of the feature maps weighted by their spatially pooled gradients."""
     weights = gradients.float().mean(dim=(2, 3), keepdim=True)
