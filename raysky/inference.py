@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from raysky.audit.skin_tone import ita_degrees, skin_tone_category
 from raysky.calibration.ood import OODScorer
 from raysky.calibration.referral import refer
 from raysky.data.taxonomy import malignant_indices
@@ -92,6 +93,10 @@ class LesionPrediction:
     refer: bool | None = None  # malignant_prob at or above the referral threshold
     ood_score: float | None = None  # higher: less like the calibration images
     ood: bool | None = None  # ood_score above the threshold (advice, not an error)
+    # Skin tone of the skin outside the predicted lesion (raysky.audit.skin_tone); None when
+    # too little skin is usable or a colour cast makes the angle implausible
+    ita_deg: float | None = None
+    skin_tone: str | None = None
 
 
 class LesionPipeline:
@@ -208,6 +213,7 @@ class LesionPipeline:
                 heatmap = np.clip(resize_map(heatmaps[i], height, width), 0.0, 1.0)
                 focus = float(lesion_focus(torch.from_numpy(heatmap)[None],
                                            torch.from_numpy(mask)[None])[0])
+            ita = ita_degrees(image, mask)
             p = probs[i].numpy().astype(np.float32)
             p = p / p.sum()
             malignant = float(p[self.malignant].sum()) if self.malignant else 0.0
@@ -223,5 +229,7 @@ class LesionPipeline:
                        else refer(malignant, self.referral_threshold)),
                 ood_score=None if ood_scores is None else float(ood_scores[i]),
                 ood=None if ood_flags is None else bool(ood_flags[i]),
+                ita_deg=ita,
+                skin_tone=skin_tone_category(ita),
             ))
         return results

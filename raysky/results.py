@@ -7,8 +7,8 @@ deduplicates by ``image_id``, keeping an ``ok`` row over an ``error`` row and th
 recent ``scored_at``, so callers always see one row per input. Two rows with one ``image_id``
 but different ``source_uri`` are two inputs, not two copies: keeping one would lose the other,
 so such results are refused, naming the ids. ``error_kind`` (``bad_input`` or ``transient`` on
-error rows), ``refer``, ``ood_score``, ``ood`` and ``calibration_version`` are read as null
-from results written before those columns existed.
+error rows), ``refer``, ``ood_score``, ``ood``, ``ita_deg``, ``skin_tone`` and
+``calibration_version`` are read as null from results written before those columns existed.
 
 Files and folders whose names start with ``_`` or ``.`` are bookkeeping (run configuration,
 files being written) and are never read as results, following the Hadoop/Spark convention.
@@ -36,13 +36,15 @@ OPTIONAL_COLUMNS: dict[str, tuple[str, str]] = {
     "refer": ("malignant_prob", "object"),
     "ood_score": ("refer", "float32"),
     "ood": ("ood_score", "object"),
+    "ita_deg": ("ood", "float32"),
+    "skin_tone": ("ita_deg", "object"),
     "calibration_version": ("classifier_version", "object"),
 }
 """Columns newer than some results on disk: ``name: (column it follows, pandas dtype)``.
 
 Where a file lacks one it is read as null, in the place newer files have it."""
 SUMMARY_COLUMNS = ("image_id", "source_uri", "status", "error", "predicted_class",
-                   "malignant_prob", "refer", "ood", "scored_at")
+                   "malignant_prob", "refer", "ood", "skin_tone", "scored_at")
 
 
 def is_hidden(uri: str, root: str) -> bool:
@@ -166,7 +168,8 @@ def class_columns(frame_or_schema) -> list[str]:
 def summarize(source: str | pd.DataFrame, top: int = 10) -> dict:
     """Counts of ok and error rows, error reasons, the class distribution and the top ``top``.
 
-    ``refer`` and ``ood`` count the ok rows flagged, not flagged and null (no calibration).
+    ``refer`` and ``ood`` count the ok rows flagged, not flagged and null (no calibration);
+    ``skin_tone`` counts the ok rows per ITA category, ``unknown`` where it is null.
 
     ``source`` is a results URI or a frame from :func:`read`. The top list holds the rows with
     the highest ``malignant_prob``: ``image_id``, ``source_uri``, ``predicted_class`` and
@@ -185,6 +188,8 @@ def summarize(source: str | pd.DataFrame, top: int = 10) -> dict:
         "error_reasons": dict(Counter(_reason_kind(e) for e in errors["error"]).most_common()),
         "class_counts": dict(sorted(classes.items(), key=lambda kv: (-kv[1], kv[0]))),
         **flags,
+        **({"skin_tone": dict(Counter(ok["skin_tone"].fillna("unknown").astype(str))
+                              .most_common())} if "skin_tone" in ok.columns else {}),
         "top_malignant": [
             {"image_id": r.image_id, "source_uri": r.source_uri,
              "predicted_class": r.predicted_class, "malignant_prob": round(float(r.malignant_prob), 6)}
@@ -221,6 +226,9 @@ def format_summary(summary: dict) -> str:
         if counts:
             lines.append(f"{what} ({name}): {counts['true']}  not: {counts['false']}"
                          + (f"  null (no calibration): {counts['null']}" if counts["null"] else ""))
+    if summary.get("skin_tone"):
+        lines.append("skin tone (ITA): " + ", ".join(
+            f"{tone} {n}" for tone, n in summary["skin_tone"].items()))
     if summary["top_malignant"]:
         lines.append(f"top {len(summary['top_malignant'])} by malignant_prob:")
         for rank, row in enumerate(summary["top_malignant"], 1):

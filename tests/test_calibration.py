@@ -122,9 +122,10 @@ def test_calibrate_refuses_the_bundled_sample_naming_the_counts(tiny_checkpoints
     assert not out.exists()
 
 
-def test_results_written_before_the_calibration_columns_still_read(tmp_path):
+def test_results_written_before_the_calibration_and_skin_tone_columns_still_read(tmp_path):
     schema = output_schema(("mel", "nv"), heatmaps=False)
-    new = ("refer", "ood_score", "ood", "calibration_version", "error_kind")
+    new = ("refer", "ood_score", "ood", "calibration_version", "error_kind", "ita_deg",
+           "skin_tone")
     old = pa.schema([f for f in schema if f.name not in new])
     rows = [{"image_id": "a", "source_uri": "a.jpg", "status": "ok", "predicted_class": "nv",
              "prob_mel": 0.2, "prob_nv": 0.8, "malignant_prob": 0.2},
@@ -139,13 +140,15 @@ def test_results_written_before_the_calibration_columns_still_read(tmp_path):
     summary = results.summarize(str(tmp_path / "old"))
     assert summary["refer"] == {"true": 0, "false": 0, "null": 2} == summary["ood"]
     assert "null (no calibration): 2" in results.format_summary(summary)
+    assert summary["skin_tone"] == {"unknown": 2}
 
 
 def test_results_summary_counts_refer_and_ood(tmp_path):
     schema = output_schema(("mel", "nv"), heatmaps=False)
     rows = [{"image_id": str(i), "source_uri": f"{i}.jpg", "status": "ok", "predicted_class": "nv",
              "prob_mel": 0.1 * i, "prob_nv": 1 - 0.1 * i, "malignant_prob": 0.1 * i,
-             "refer": i >= 3, "ood_score": float(i), "ood": i == 4, "calibration_version": "cal-x"}
+             "refer": i >= 3, "ood_score": float(i), "ood": i == 4, "calibration_version": "cal-x",
+             "ita_deg": None if i == 0 else 30.0, "skin_tone": None if i == 0 else "intermediate"}
             for i in range(5)]
     (tmp_path / "r").mkdir()
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp_path / "r" / "part-0.parquet")
@@ -154,6 +157,8 @@ def test_results_summary_counts_refer_and_ood(tmp_path):
     assert summary["ood"] == {"true": 1, "false": 4, "null": 0}
     text = results.format_summary(summary)
     assert "referred (refer): 2  not: 3" in text and "out of distribution (ood): 1  not: 4" in text
+    assert summary["skin_tone"] == {"intermediate": 4, "unknown": 1}
+    assert "skin tone (ITA): intermediate 4, unknown 1" in text
 
 
 class _CalibratedBackend:
@@ -169,7 +174,8 @@ class _CalibratedBackend:
                   "lesion_focus": float("nan"), "mask": np.zeros((height, width), np.uint8),
                   "heatmap": None, "segmenter_version": "s", "classifier_version": "c"}
         if self.cal:
-            answer.update(refer=True, ood_score=3.5, ood=False, calibration_version="cal-1")
+            answer.update(refer=True, ood_score=3.5, ood=False, calibration_version="cal-1",
+                          ita_deg=33.5, skin_tone="intermediate")
         return answer
 
     async def info(self):
@@ -177,7 +183,7 @@ class _CalibratedBackend:
 
 
 @pytest.mark.parametrize("cal", [True, False])
-def test_the_serve_answer_carries_refer_and_ood(cal, tmp_path):
+def test_the_serve_answer_carries_refer_ood_and_skin_tone(cal, tmp_path):
     import asyncio
     import io
 
@@ -200,3 +206,4 @@ def test_the_serve_answer_carries_refer_and_ood(cal, tmp_path):
     body = asyncio.run(post()).json()
     expected = ((True, 3.5, False, "cal-1") if cal else (None, None, None, None))
     assert tuple(body[k] for k in ("refer", "ood_score", "ood", "calibration_version")) == expected
+    assert (body["ita_deg"], body["skin_tone"]) == ((33.5, "intermediate") if cal else (None, None))

@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pytest
 import torch
@@ -255,6 +256,22 @@ def test_scoring_and_evaluate_carry_the_calibration(trained, calibrated, enlarge
         tables[name] = read(str(tmp_path / name))
     plain, cal = tables["plain"], tables["calibrated"]
     assert plain[["refer", "ood", "ood_score", "calibration_version"]].isna().all().all()
+    # Skin tone, calibrated or not: the ITA of each image outside its own stored mask.
+    from raysky.audit.skin_tone import ita_degrees, skin_tone_category
+    from raysky.data.images import decode_mask, load_rgb
+
+    measured = 0
+    for row in plain.itertuples():
+        expected = ita_degrees(np.asarray(load_rgb(row.source_uri)), decode_mask(row.mask_png))
+        category = skin_tone_category(expected)
+        if expected is None:
+            assert pd.isna(row.ita_deg) and pd.isna(row.skin_tone)  # null, not a number
+        else:
+            measured += 1
+            assert row.ita_deg == pytest.approx(expected, abs=1e-3)
+            # Beyond +-80 degrees (a colour cast) the angle is kept, the category is not.
+            assert row.skin_tone == category or (category is None and pd.isna(row.skin_tone))
+    assert measured, "no image had measurable skin"
     assert cal["calibration_version"].nunique() == 1 and cal["refer"].notna().all()
     assert cal["ood"].map(type).eq(bool).all()
     meta = load_checkpoint(calibrated).meta

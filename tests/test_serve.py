@@ -42,7 +42,7 @@ RESPONSE_FIELDS = {
     "image_id", "width", "height", "classes", "probabilities", "predicted_class",
     "malignant_prob", "lesion_area_frac", "lesion_focus", "mask_png", "heatmap_png",
     "segmenter_version", "classifier_version", "latency_ms", "request_id",
-    "refer", "ood_score", "ood", "calibration_version",
+    "refer", "ood_score", "ood", "calibration_version", "ita_deg", "skin_tone",
 }
 
 

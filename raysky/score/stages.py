@@ -64,7 +64,8 @@ def output_schema(classes: Sequence[str], heatmaps: bool) -> pa.Schema:
     """The columns of a result file, in order: plain Arrow types only.
 
     ``refer``, ``ood_score``, ``ood`` and ``calibration_version`` are null when the classifier
-    checkpoint has no calibration (see :mod:`raysky.calibration`).
+    checkpoint has no calibration (see :mod:`raysky.calibration`); ``ita_deg`` and
+    ``skin_tone`` are null where the skin round the lesion cannot be measured.
     """
     fields = [
         ("image_id", pa.string()), ("source_uri", pa.string()), ("status", pa.string()),
@@ -73,7 +74,8 @@ def output_schema(classes: Sequence[str], heatmaps: bool) -> pa.Schema:
         ("predicted_class", pa.string()),
         *[(f"{PROB_PREFIX}{code}", pa.float32()) for code in classes],
         ("malignant_prob", pa.float32()), ("refer", pa.bool_()), ("ood_score", pa.float32()),
-        ("ood", pa.bool_()), ("mask_png", pa.binary()),
+        ("ood", pa.bool_()), ("ita_deg", pa.float32()), ("skin_tone", pa.string()),
+        ("mask_png", pa.binary()),
         ("lesion_area_frac", pa.float32()),
         *([("heatmap_png", pa.binary())] if heatmaps else []),
         ("lesion_focus", pa.float32()), ("segmenter_version", pa.string()),
@@ -257,6 +259,7 @@ class ScoreModel:
                     "predicted_class": result.predicted_class,
                     "malignant_prob": result.malignant_prob,
                     "refer": result.refer, "ood_score": result.ood_score, "ood": result.ood,
+                    "ita_deg": result.ita_deg, "skin_tone": result.skin_tone,
                     "mask_raw": result.mask.astype(np.uint8).tobytes(),
                     "lesion_area_frac": result.lesion_area_frac,
                     "lesion_focus": None if math.isnan(result.lesion_focus) else result.lesion_focus,

@@ -519,7 +519,9 @@ def create_api(backend: PredictBackend, options: ApiOptions | None = None,
         With a calibrated classifier the probabilities are calibrated, ``refer`` says whether
         ``malignant_prob`` reaches the referral threshold, and ``ood`` whether ``ood_score``
         marks the image as unlike dermoscopy (advice only); all three and
-        ``calibration_version`` are null without a calibration.
+        ``calibration_version`` are null without a calibration. ``ita_deg`` and ``skin_tone``
+        are the Individual Typology Angle of the skin round the predicted lesion and its
+        category, null where too little skin is usable.
         """
         start = time.perf_counter()
         content_type = request.headers.get("content-type", "")
@@ -577,6 +579,8 @@ def create_api(backend: PredictBackend, options: ApiOptions | None = None,
             "refer": result.get("refer"),
             "ood_score": result.get("ood_score"),
             "ood": result.get("ood"),
+            "ita_deg": result.get("ita_deg"),
+            "skin_tone": result.get("skin_tone"),
             "mask_png": mask_png,
             "heatmap_png": heatmap_png,
             "segmenter_version": result["segmenter_version"],

@@ -131,6 +131,8 @@ class LesionModel:
             "refer": prediction.refer,
             "ood_score": prediction.ood_score,
             "ood": prediction.ood,
+            "ita_deg": prediction.ita_deg,
+            "skin_tone": prediction.skin_tone,
             "mask": prediction.mask if want_mask else None,
             "heatmap": heatmap,
             "segmenter_version": self.pipeline.segmenter_version,
