@@ -29,7 +29,7 @@ import pyarrow.fs as pafs
 
 from raysky import storage
 from raysky.data.images import ImageDecodeError, decode_mask, load_mask
-from raysky.data.readers import read_dataset, read_isic2018
+from raysky.data.readers import metadata_frame, read_dataset, read_isic2018
 from raysky.data.records import LesionRecord
 from raysky.data.taxonomy import MALIGNANT_CLASSES, canonical_label, order_classes
 from raysky.jsonable import to_jsonable
@@ -324,7 +324,8 @@ def class_probabilities(frame: pd.DataFrame, classes: Sequence[str]) -> np.ndarr
 
 def evaluate_frame(frame: pd.DataFrame, records: Sequence[LesionRecord],
                    low_focus: float = LOW_FOCUS_THRESHOLD,
-                   checkpoint_calibration: dict | None = None) -> dict:
+                   checkpoint_calibration: dict | None = None, by: Sequence[str] = (),
+                   metadata: pd.DataFrame | None = None) -> dict:
     """All metrics for an in-memory results table against ground-truth records (JSON-ready).
 
     Classification uses the matched ``ok`` rows with a label, segmentation those with a
@@ -333,7 +334,10 @@ def evaluate_frame(frame: pd.DataFrame, records: Sequence[LesionRecord],
     ``classification.classes_not_predicted``. ``calibration`` holds ECE, Brier and referral
     figures (see :func:`raysky.calibration.evaluation.calibration_metrics`);
     ``checkpoint_calibration`` is the classifier checkpoint's calibration record (``{}``
-    for a checkpoint without one, None when no checkpoint was given).
+    for a checkpoint without one, None when no checkpoint was given). ``subgroups`` is the
+    audit of :func:`raysky.audit.subgroups.subgroup_audit` by sex, age band, site, skin tone
+    and the ``by`` columns, taken from the results, the records or ``metadata`` (the dataset's
+    metadata table, :func:`raysky.data.readers.metadata_frame`).
     """
     model_classes = result_classes(frame)
     joined, coverage = join_ground_truth(frame, records)
@@ -351,6 +355,7 @@ def evaluate_frame(frame: pd.DataFrame, records: Sequence[LesionRecord],
         out["classification"]["classes_not_predicted"] = [
             c for c in classes if c not in model_classes]
         out["calibration"] = _calibration(labelled, classes, probs, checkpoint_calibration)
+        out["subgroups"] = _subgroups(frame, records, checkpoint_calibration, by, metadata)
 
     if "mask_png" in ok.columns:
         segmented = ok[ok["mask_uri"].notna() & ok["mask_png"].notna()]
@@ -398,6 +403,45 @@ def _calibration(labelled: pd.DataFrame, classes: Sequence[str], probs: np.ndarr
         checkpoint_calibration)
 
 
+def _subgroups(frame: pd.DataFrame, records: Sequence[LesionRecord],
+               checkpoint_calibration: dict | None, by: Sequence[str],
+               metadata: pd.DataFrame | None) -> dict:
+    """The subgroup audit, on calibrated probabilities wherever a calibration is known.
+
+    The referral threshold belongs to calibrated ``malignant_prob``: uncalibrated results
+    scored with a checkpoint that has a calibration are recalibrated first, as for the
+    calibration figures.
+    """
+    from raysky.audit.subgroups import STANDARD, audit_table, subgroup_audit
+    from raysky.calibration.evaluation import results_calibration_version
+    from raysky.calibration.temperature import recalibrate
+
+    table = audit_table(frame, records)
+    wanted = [name for name in by if name not in table.columns and name not in STANDARD]
+    if wanted and metadata is not None:
+        extra = metadata[["image_id", *[c for c in wanted if c in metadata.columns]]].copy()
+        extra["image_id"] = extra["image_id"].map(_normalize_id)
+        table = table.merge(extra.drop_duplicates("image_id"), on="image_id", how="left")
+    missing = [name for name in wanted if name not in table.columns]
+    if missing:
+        there = sorted({*STANDARD, "lesion_id", "age", "sex", "site",
+                        *(metadata.columns if metadata is not None else ())} - {"image_id"})
+        source = (f" or {metadata.attrs.get('source', 'the metadata')}" if metadata is not None
+                  else " (this layout has no metadata file)")
+        raise ValueError(f"--by {', '.join(missing)}: no such column in the results, the records"
+                         f"{source}; columns to group by: {', '.join(there)}")
+    record = checkpoint_calibration or {}
+    threshold = float(record["referral"]["threshold"]) if record.get("referral") else None
+    ok = (table["status"] == "ok").to_numpy()
+    if record.get("temperature") and not results_calibration_version(table[ok]):
+        columns = [c for c in table.columns if c.startswith(PROB_PREFIX)]
+        probs = recalibrate(table.loc[ok, columns].to_numpy(np.float64), float(record["temperature"]))
+        table.loc[ok, columns] = probs
+        malignant = [i for i, c in enumerate(columns) if c[len(PROB_PREFIX):] in MALIGNANT_CLASSES]
+        table.loc[ok, "malignant_prob"] = probs[:, malignant].sum(axis=1)
+    return subgroup_audit(table, by=list(by), threshold=threshold)
+
+
 def checkpoint_calibration_for(frame: pd.DataFrame, classifier_uri: str) -> dict:
     """The calibration record (``{}`` if none) of the classifier the results were scored with.
 
@@ -416,18 +460,20 @@ def checkpoint_calibration_for(frame: pd.DataFrame, classifier_uri: str) -> dict
 
 def evaluate(results_uri: str, data_uri: str, format: str, metadata_uri: str | None = None,
              split: str | None = None, low_focus: float = LOW_FOCUS_THRESHOLD,
-             classifier_uri: str | None = None) -> dict:
+             classifier_uri: str | None = None, by: Sequence[str] = ()) -> dict:
     """Read results and ground truth (local or ``s3://``) and compute every metric.
 
     See :func:`evaluate_frame` for what is computed; the returned dict also records its inputs.
     Heatmaps are not read. ``classifier_uri``, the checkpoint the results were scored with,
-    supplies the temperature for the calibration figures before and after.
+    supplies the temperature for the calibration figures before and after, and the referral
+    threshold of the subgroup audit; ``by`` adds groupings by metadata columns.
     """
     columns = [name for name in results_columns(results_uri) if name != "heatmap_png"]
     frame = read_results(results_uri, columns)
     records = read_ground_truth(data_uri, format, metadata_uri, split)
     calibration = checkpoint_calibration_for(frame, classifier_uri) if classifier_uri else None
-    metrics = evaluate_frame(frame, records, low_focus, calibration)
+    metadata = metadata_frame(data_uri, format, metadata_uri) if by else None
+    metrics = evaluate_frame(frame, records, low_focus, calibration, by, metadata)
     if metrics["coverage"]["matched"] == 0:
         raise ValueError(
             f"no result in {results_uri} matches an image of {data_uri} ({format}); examples: "
@@ -488,6 +534,11 @@ def format_table(metrics: dict) -> str:
         from raysky.calibration.evaluation import format_calibration
 
         lines += format_calibration(metrics["calibration"])
+    if metrics.get("subgroups"):
+        from raysky.audit.subgroups import format_subgroups
+
+        lines += ["", "Subgroups (malignant vs benign; bootstrap 95% intervals)",
+                  *("  " + line for line in format_subgroups(metrics["subgroups"]).splitlines())]
     focus = metrics.get("lesion_focus")
     if focus:
         lines += ["", f"Lesion focus ({focus['n']} explained, {focus['missing']} without heatmap)",

@@ -27,8 +27,10 @@ import pandas as pd
 from PIL import Image
 
 from raysky import storage
+from raysky.audit.plots import subgroup_section
 from raysky.calibration.plots import reliability_section
 from raysky.data.images import ImageDecodeError, decode_image, decode_mask
+from raysky.data.readers import metadata_frame
 from raysky.data.taxonomy import MALIGNANT_CLASSES
 from raysky.evaluate import (
     LOW_FOCUS_THRESHOLD,
@@ -394,12 +396,14 @@ def build_report(results_uri: str, out_uri: str, data_uri: str | None = None,
                  format: str | None = None, metadata_uri: str | None = None,
                  split: str | None = None, top_n: int = 24, max_flagged: int = 48,
                  low_focus: float = LOW_FOCUS_THRESHOLD, title: str = "raysky review",
-                 classifier_uri: str | None = None) -> dict:
+                 classifier_uri: str | None = None, by: Sequence[str] = ()) -> dict:
     """Write the HTML review page for ``results_uri`` to ``out_uri`` (local or ``s3://``).
 
     With ``data_uri`` and ``format`` the page adds ISIC metrics, a confusion matrix and ROC
     curves (see :func:`raysky.evaluate.evaluate_frame`) and the reliability diagram, before and
-    after calibration when ``classifier_uri`` names the checkpoint scored with. Only the rows shown in the gallery and
+    after calibration when ``classifier_uri`` names the checkpoint scored with, and the subgroup
+    audit (by sex, age band, site, skin tone and the ``by`` metadata columns) with its forest
+    plot. Only the rows shown in the gallery and
     the flagged list have their masks and heatmaps read, so the page builds quickly from large
     results. Returns counts of what the page shows.
     """
@@ -416,7 +420,8 @@ def build_report(results_uri: str, out_uri: str, data_uri: str | None = None,
         with_masks = read_results(results_uri, [n for n in names if n != "heatmap_png"])
         calibration = (checkpoint_calibration_for(with_masks, classifier_uri)
                        if classifier_uri else None)
-        metrics = evaluate_frame(with_masks, records, low_focus, calibration)
+        metadata = metadata_frame(data_uri, format, metadata_uri) if by else None
+        metrics = evaluate_frame(with_masks, records, low_focus, calibration, by, metadata)
         labels = {r.image_id: r.label for r in records if r.label is not None}
 
     gallery = ok.sort_values("malignant_prob", ascending=False, kind="stable").head(top_n)
@@ -472,6 +477,7 @@ def build_report(results_uri: str, out_uri: str, data_uri: str | None = None,
     if metrics is not None:
         body.append(_metrics_section(metrics))
         body.append(reliability_section(metrics.get("calibration")))
+        body.append(subgroup_section(metrics.get("subgroups")))
         matched = ok[ok["image_id"].isin(labels)].copy()
         if len(matched) and "classification" in metrics:
             matched["label"] = matched["image_id"].map(labels)

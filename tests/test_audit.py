@@ -236,8 +236,8 @@ def test_subgroup_audit_marks_too_few_nulls_auc_without_positives_and_flags(join
     for name in ("balanced_accuracy", "malignant_auc", "sensitivity", "specificity"):
         entry = groups["good"][name]
         assert entry["low"] <= entry["value"] <= entry["high"]
-    assert audit["unavailable"] == {"sex": "no sex column", "age_band": "no age column",
-                                    "skin_tone": "no skin_tone or ita_deg column"}
+    assert audit["unavailable"] == {"sex": "no sex values", "age_band": "no age values",
+                                    "skin_tone": "no skin_tone or ita_deg values"}
     assert audit == subgroup_audit(joined_table, by=["group"], threshold=0.5, seed=0,
                                    replicates=200)
     assert "FLAGGED" in format_subgroups(audit)

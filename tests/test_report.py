@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import result_row, synthetic_rows, write_results
 from PIL import Image
-from test_evaluate import result_row, synthetic_rows, write_results
 
 from raysky.cli.main import main
 from raysky.data.images import load_rgb

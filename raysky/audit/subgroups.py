@@ -63,7 +63,9 @@ def audit_table(results: pd.DataFrame, records: Sequence[LesionRecord]) -> pd.Da
 def _group_column(table: pd.DataFrame, name: str) -> tuple[pd.Series | None, str | None]:
     """The group label per row of one grouping, and the column it came from."""
     for column in STANDARD.get(name, (name,)):
-        if column not in table.columns:
+        # A column with no value at all (results scored before raysky measured skin tone,
+        # read back as null) groups nothing: it is as absent as a missing one.
+        if column not in table.columns or table[column].isna().all():
             continue
         values = table[column]
         if column == "age":
@@ -168,7 +170,7 @@ def subgroup_audit(table: pd.DataFrame, by: Sequence[str] = (), threshold: float
     for name in dict.fromkeys(names):
         labels, column = _group_column(rows, name)
         if labels is None:
-            out["unavailable"][name] = f"no {' or '.join(STANDARD[name])} column"
+            out["unavailable"][name] = f"no {' or '.join(STANDARD[name])} values"
             continue
         groups = []
         order = {band: i for i, (_upper, band) in enumerate(AGE_BANDS)}

@@ -22,6 +22,9 @@ def _add_ground_truth(parser: argparse.ArgumentParser, required: bool) -> None:
     parser.add_argument("--classifier", metavar="CKPT_URI",
                         help="the classifier checkpoint the results were scored with: its "
                         "temperature gives the calibration figures before and after")
+    parser.add_argument("--by", action="append", default=[], metavar="COLUMN",
+                        help="also audit subgroups by this metadata column (repeatable); sex, "
+                        "age band, site and skin tone are always audited")
     parser.add_argument("--low-focus", type=float, default=LOW_FOCUS_THRESHOLD, metavar="F",
                         help="lesion focus below which an image is flagged (default: %(default)s)")
 
@@ -70,7 +73,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     metrics = evaluate(args.results, args.data, args.format, metadata_uri=args.metadata,
                        split=args.split, low_focus=args.low_focus,
-                       classifier_uri=args.classifier)
+                       classifier_uri=args.classifier, by=args.by)
     print(format_table(metrics))
     if args.out:
         write_json(metrics, args.out)
@@ -89,7 +92,7 @@ def run_report(args: argparse.Namespace) -> int:
     summary = build_report(args.results, args.out, data_uri=args.data, format=args.format,
                            metadata_uri=args.metadata, split=args.split, top_n=args.top,
                            max_flagged=args.max_flagged, low_focus=args.low_focus,
-                           title=args.title, classifier_uri=args.classifier)
+                           title=args.title, classifier_uri=args.classifier, by=args.by)
     print(f"report written to {args.out}: {summary['images']} images, {summary['errors']} "
           f"errors, {summary['gallery']} in the gallery, {summary['flagged']} flagged, "
           f"{summary['ood']} out of distribution")

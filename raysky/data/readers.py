@@ -563,3 +563,28 @@ def class_counts(records: Iterable[LesionRecord]) -> dict[str, int]:
     counts = Counter(record.label for record in records if record.label is not None)
     order = {code: i for i, code in enumerate(CANONICAL_CLASSES)}
     return {code: counts[code] for code in sorted(counts, key=lambda c: (order.get(c, 99), c))}
+
+
+_METADATA_FILES: dict[str, str] = {"ham10000": HAM10000_METADATA, "isic2019": ISIC2019_METADATA}
+
+
+def metadata_frame(uri: str, format: str, metadata_uri: str | None = None) -> pd.DataFrame | None:
+    """Every column of a dataset's metadata CSV as text, with the image id as ``image_id``.
+
+    The records keep only the fields the model uses (age, sex, site, lesion); audits group by
+    any other column a team records (``dx_type``, a clinic, a device), so they read the file
+    itself: ``HAM10000_metadata.csv`` or ``ISIC_2019_Training_Metadata.csv`` at the root, or
+    the archive's ``metadata_uri``. None when the layout has no metadata file (ISIC 2018) or
+    it is absent. Empty cells are None; ``frame.attrs["source"]`` names the file.
+    """
+    key = str(format).strip().lower()
+    path = metadata_uri if key == "archive" else (
+        storage.join(uri, _METADATA_FILES[key]) if key in _METADATA_FILES else None)
+    if path is None or not storage.exists(path):
+        return None
+    table = _load_csv(path)
+    id_column = table.column("image_id", "image")
+    frame = pd.DataFrame([row for _number, row in table.rows], columns=table.columns)
+    frame = frame.rename(columns={id_column: "image_id"})
+    frame.attrs["source"] = path
+    return frame

@@ -1,0 +1,109 @@
+"""The subgroup section of ``raysky report``: the audit table and a forest plot of malignant AUC
+with 95% intervals, as inline SVG (no plotting library, no script), like the reliability
+diagram of :mod:`raysky.calibration.plots`."""
+
+from __future__ import annotations
+
+import html
+
+from raysky.data.taxonomy import MALIGNANT_CLASSES
+
+_POINT, _FLAGGED, _FEW = "#0072B2", "#D55E00", "#999999"  # Okabe-Ito, as elsewhere in the report
+
+
+def _rows(audit: dict) -> list[tuple[str, dict]]:
+    rows = [("overall", audit["overall"])]
+    for grouping, body in audit["groupings"].items():
+        rows += [(f"{grouping} = {g['group']}", g) for g in body["groups"]]
+    return rows
+
+
+def forest_svg(audit: dict, width: int = 620) -> str:
+    """Malignant AUC per group as a point with its interval, on a 0.5-1 axis (chance at 0.5).
+
+    Groups marked ``too_few`` are drawn grey and groups without an AUC are listed without a
+    point; flagged groups are orange. The overall figure is a dashed vertical line.
+    """
+    rows = _rows(audit)
+    label_w, pad, row_h, top = 210, 16, 16, 20
+    plot_w = width - label_w - 2 * pad
+    height = top + row_h * len(rows) + 30
+
+    def x(value: float) -> float:
+        return label_w + pad + (min(max(value, 0.5), 1.0) - 0.5) / 0.5 * plot_w
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             f'role="img" aria-label="forest plot of malignant AUC">']
+    for tick in (0.5, 0.6, 0.7, 0.8, 0.9, 1.0):
+        parts.append(f'<line x1="{x(tick):.1f}" y1="{top - 6}" x2="{x(tick):.1f}" '
+                     f'y2="{height - 24}" stroke="#eee"/>')
+        parts.append(f'<text x="{x(tick):.1f}" y="{height - 10}" font-size="10" '
+                     f'text-anchor="middle">{tick:.1f}</text>')
+    overall = audit["overall"]["malignant_auc"].get("value")
+    if overall is not None:
+        parts.append(f'<line x1="{x(overall):.1f}" y1="{top - 6}" x2="{x(overall):.1f}" '
+                     f'y2="{height - 24}" stroke="#555" stroke-dasharray="4 3"/>')
+    for i, (name, group) in enumerate(rows):
+        y = top + i * row_h
+        auc = group["malignant_auc"]
+        color = _FEW if group["too_few"] else _FLAGGED if group.get("flagged") else _POINT
+        note = " (too few)" if group["too_few"] else " (flagged)" if group.get("flagged") else ""
+        parts.append(f'<text x="{label_w}" y="{y + 4}" font-size="11" text-anchor="end" '
+                     f'fill="{color}">{html.escape(name[:34] + note)}</text>')
+        if auc.get("value") is None:
+            reason = auc.get("reason", "no AUC")
+            parts.append(f'<text x="{label_w + pad}" y="{y + 4}" font-size="10" fill="#999">'
+                         f"{html.escape(reason)}</text>")
+            continue
+        if auc.get("low") is not None:
+            parts.append(f'<line x1="{x(auc["low"]):.1f}" y1="{y}" x2="{x(auc["high"]):.1f}" '
+                         f'y2="{y}" stroke="{color}" stroke-width="2"/>')
+        interval = (f", 95% CI {auc['low']:.3f}-{auc['high']:.3f}" if auc.get("low") is not None
+                    else "")
+        parts.append(f'<circle cx="{x(auc["value"]):.1f}" cy="{y}" r="3.5" fill="{color}">'
+                     f"<title>{html.escape(name)}: AUC {auc['value']:.3f}{interval}, "
+                     f"n {group['n']}, malignant {group['malignant_n']}</title></circle>")
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _cell(entry: dict | None) -> str:
+    if not entry or entry.get("value") is None:
+        reason = (entry or {}).get("reason")
+        return f'<td class="muted" title="{html.escape(reason or "")}">-</td>'
+    interval = (f" <small>[{entry['low']:.2f}, {entry['high']:.2f}]</small>"
+                if entry.get("low") is not None else "")
+    return f"<td>{entry['value']:.2f}{interval}</td>"
+
+
+def subgroup_section(audit: dict | None) -> str:
+    """The report's subgroup section from ``evaluate``'s ``subgroups`` dict ('' if none)."""
+    if not audit:
+        return ""
+    keys = ("balanced_accuracy", "malignant_auc", "sensitivity", "specificity")
+    head = "".join(f"<th>{k.replace('_', ' ')}</th>" for k in keys)
+    body = []
+    for name, group in _rows(audit):
+        notes = ", ".join(n for n, on in (("too few", group["too_few"]),
+                                          ("flagged", group.get("flagged"))) if on)
+        rank = group.get("rank")
+        body.append(f'<tr{" class=flagged" if group.get("flagged") else ""}><th class="l">'
+                    f"{html.escape(name)}</th><td>{group['n']}</td><td>{group['malignant_n']}"
+                    f"</td>{''.join(_cell(group.get(k)) for k in keys)}"
+                    f"<td>{'' if rank is None else rank}</td><td class=\"l\">{notes}</td></tr>")
+    unavailable = "".join(f"<li>{html.escape(g)}: {html.escape(r)}</li>"
+                          for g, r in audit.get("unavailable", {}).items())
+    threshold = audit.get("threshold")
+    note = (f"Malignant ({', '.join(sorted(MALIGNANT_CLASSES))}) against benign. Bootstrap 95% intervals, "
+            f"{audit['replicates']} seeded replicates resampled by {audit['resampled_by']}. "
+            f"Groups with under {audit['min_per_class']} malignant or benign images are marked "
+            f"too few and not ranked; a group is flagged when its sensitivity interval lies "
+            f"wholly below the overall sensitivity. "
+            + (f"Sensitivity and specificity at the referral threshold {threshold:.4f}."
+               if threshold is not None else "No calibrated classifier given (--classifier): "
+               "no referral threshold, so no sensitivity or specificity."))
+    return (f'<section id="subgroups"><h2>Subgroups</h2><p class="note">{html.escape(note)}</p>'
+            f'<table><tr><th class="l">group</th><th>n</th><th>malignant</th>{head}<th>AUC rank'
+            f'</th><th class="l">notes</th></tr>{"".join(body)}</table>'
+            + (f'<ul class="note">{unavailable}</ul>' if unavailable else "")
+            + f"<h2>Malignant AUC by group</h2>{forest_svg(audit)}</section>")
