@@ -403,6 +403,11 @@ def _calibration(labelled: pd.DataFrame, classes: Sequence[str], probs: np.ndarr
         checkpoint_calibration)
 
 
+_NOT_GROUPS = frozenset({"image_id", "source_uri", "error", "width", "height", "scored_at",
+                         *BINARY_COLUMNS})
+"""Results columns that hold one value per image, never a group."""
+
+
 def _subgroups(frame: pd.DataFrame, records: Sequence[LesionRecord],
                checkpoint_calibration: dict | None, by: Sequence[str],
                metadata: pd.DataFrame | None) -> dict:
@@ -424,7 +429,12 @@ def _subgroups(frame: pd.DataFrame, records: Sequence[LesionRecord],
         table = table.merge(extra.drop_duplicates("image_id"), on="image_id", how="left")
     missing = [name for name in wanted if name not in table.columns]
     if missing:
-        there = sorted({*STANDARD, "lesion_id", "age", "sex", "site",
+        # Results columns can be grouped by too (a classifier version, the OOD flag); only the
+        # categorical ones are worth naming: probabilities, images and per-row text are not.
+        categorical = [c for c in frame.columns if c not in _NOT_GROUPS
+                       and not c.startswith(PROB_PREFIX) and not pd.api.types.is_float_dtype(
+                           frame[c]) and not pd.api.types.is_datetime64_any_dtype(frame[c])]
+        there = sorted({*STANDARD, "lesion_id", "age", "sex", "site", *categorical,
                         *(metadata.columns if metadata is not None else ())} - {"image_id"})
         source = (f" or {metadata.attrs.get('source', 'the metadata')}" if metadata is not None
                   else " (this layout has no metadata file)")
@@ -435,6 +445,7 @@ def _subgroups(frame: pd.DataFrame, records: Sequence[LesionRecord],
     ok = (table["status"] == "ok").to_numpy()
     if record.get("temperature") and not results_calibration_version(table[ok]):
         columns = [c for c in table.columns if c.startswith(PROB_PREFIX)]
+        table[[*columns, "malignant_prob"]] = table[[*columns, "malignant_prob"]].astype(np.float64)
         probs = recalibrate(table.loc[ok, columns].to_numpy(np.float64), float(record["temperature"]))
         table.loc[ok, columns] = probs
         malignant = [i for i, c in enumerate(columns) if c[len(PROB_PREFIX):] in MALIGNANT_CLASSES]
@@ -481,6 +492,30 @@ def evaluate(results_uri: str, data_uri: str, format: str, metadata_uri: str | N
             f"{metrics['coverage']['examples_without_results'][:3]}")
     return {"results": str(results_uri), "data": str(data_uri), "format": format,
             **({"split": split} if split else {}), **metrics}
+
+
+def card_sections(metrics: dict) -> dict[str, dict]:
+    """The model-card sections of :func:`evaluate`'s output: the headline figures (what was
+    evaluated, classification, segmentation and calibration without the per-bin details) and
+    the subgroup audit."""
+    cls = metrics.get("classification") or {}
+    calibration = metrics.get("calibration") or {}
+    evaluation = {
+        "data": metrics.get("data"), "format": metrics.get("format"), "split": metrics.get("split"),
+        "images": metrics.get("coverage", {}).get("matched"),
+        "balanced_accuracy": cls.get("balanced_accuracy"), "auc": cls.get("auc"),
+        "malignant_auc": (cls.get("malignant") or {}).get("auc"),
+        "dice": (metrics.get("segmentation") or {}).get("dice"),
+        "ece_before": (calibration.get("before") or {}).get("ece"),
+        "ece_after": (calibration.get("after") or {}).get("ece"),
+        "referral": {k: v for k, v in (calibration.get("referral") or {}).items()
+                     if k in ("threshold", "sensitivity", "sensitivity_ci95", "specificity",
+                              "specificity_ci95", "n_malignant", "n_benign")} or None,
+    }
+    sections = {"evaluation": to_jsonable(evaluation)}
+    if metrics.get("subgroups"):
+        sections["subgroups"] = to_jsonable(metrics["subgroups"])
+    return sections
 
 
 # --------------------------------------------------------------------------------------------

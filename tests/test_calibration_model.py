@@ -203,6 +203,14 @@ def test_calibrate_writes_a_new_version_with_the_same_weights(trained, calibrate
     assert cal["ood"]["method"] == "mahalanobis" and cal["ood"]["dim"] == 32
     assert cal["fitted_on"]["n"] == 70 and cal["fitted_on"]["format"] == "ham10000"
     assert load_checkpoint(calibrated, "classifier").meta["calibration"] == cal  # sha verified
+    # The new version's model card carries the calibration; the source's does not.
+    card = json.loads((target / "model_card.json").read_text())
+    assert card["calibration"]["temperature"] == cal["temperature"]
+    assert card["calibration"]["referral"] == ref
+    assert card["model"]["calibration_version"] == cal["version"]
+    assert json.loads((trained["root"] / "classifier" / "model_card.json").read_text()
+                      )["calibration"] is None
+    assert "Temperature" in (target / "model_card.md").read_text()
 
 
 def test_the_pipeline_applies_the_calibration(trained, calibrated, sample_dir, caplog):
@@ -297,6 +305,21 @@ def test_scoring_and_evaluate_carry_the_calibration(trained, calibrated, enlarge
           f"{metrics['after']['ece']:.4f}, Brier {metrics['before']['brier']:.4f} -> "
           f"{metrics['after']['brier']:.4f}, referral sensitivity {ref['sensitivity']:.3f} "
           f"{ref['sensitivity_ci95']}, specificity {ref['specificity']:.3f} {ref['specificity_ci95']}")
+    # evaluate --update-card: a new version whose card holds these figures and the subgroups.
+    carded = tmp_path / "carded"
+    assert main(["evaluate", "--results", str(tmp_path / "plain"), "--data", str(enlarged),
+                 "--format", "ham10000", "--classifier", calibrated,
+                 "--update-card", str(carded)]) == 0
+    card = json.loads((carded / "model_card.json").read_text())
+    figures = evaluate_frame(plain, read_dataset(str(enlarged), "ham10000"),
+                             checkpoint_calibration=meta["calibration"])
+    assert card["evaluation"]["balanced_accuracy"] == pytest.approx(
+        figures["classification"]["balanced_accuracy"])
+    assert card["evaluation"]["ece_after"] == pytest.approx(figures["calibration"]["after"]["ece"])
+    assert card["subgroups"]["overall"]["n"] == figures["subgroups"]["overall"]["n"]
+    assert card["calibration"]["temperature"] == meta["calibration"]["temperature"]
+    assert (carded / "model.safetensors").read_bytes() == (
+        Path(calibrated) / "model.safetensors").read_bytes()
     # A calibration that does not match the results' is refused.
     with pytest.raises(ValueError, match="scored with calibration"):
         evaluate_frame(cal, records, checkpoint_calibration={**meta["calibration"], "version": "cal-x"})

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -156,7 +157,8 @@ def test_robustness_end_to_end_on_the_sample(tmp_path, sample_copy, tiny_checkpo
                  "--classifier", tiny_checkpoints["classifier"], "--data", str(sample_copy),
                  "--format", "ham10000", "--split", "val", "--artefacts", "ruler,bubbles",
                  "--out", str(out), "--limit", "4", "--workers", "1", "--cpus-per-worker", "1",
-                 "--batch-size", "4", "--replicates", "20", "--quiet"])
+                 "--batch-size", "4", "--replicates", "20", "--quiet",
+                 "--update-card", str(tmp_path / "classifier-carded")])
     assert code == 0
     printed = capsys.readouterr().out
     assert "ruler" in printed and "bubbles" in printed
@@ -182,3 +184,9 @@ def test_robustness_end_to_end_on_the_sample(tmp_path, sample_copy, tiny_checkpo
             assert key in result["macro_auprc"] and key in result["malignant_auc"]
         strip = Image.open(report["examples"][kind])
         assert strip.height == 3 * 150 and strip.width > 4 * 150  # clean, altered, heatmap x 4
+    # The new classifier version's card holds the same table; the weights are the same bytes.
+    carded = tmp_path / "classifier-carded"
+    card = json.loads((carded / "model_card.json").read_text())
+    assert card["robustness"]["by_artefact"] == report["by_artefact"]
+    assert (carded / "model.safetensors").read_bytes() == (
+        Path(tiny_checkpoints["classifier"]) / "model.safetensors").read_bytes()

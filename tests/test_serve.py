@@ -182,6 +182,11 @@ def test_health_ready_model_info_and_openapi(client, checkpoints):
     assert info["max_batch_size"] == 8
     assert info["torch_threads"] == 2  # set explicitly despite Ray's OMP_NUM_THREADS=1
     assert set(info["malignant_classes"]) == set(cls_meta["classes"]) & MALIGNANT_CLASSES
+    card = info["model_card"]["classifier"]
+    assert card["model"]["version"] == cls_meta["version"]
+    assert card["model"]["weights_sha256"] == cls_meta["weights_sha256"]
+    assert card["model"]["classes"] == cls_meta["classes"] and card["intended_use"]
+    assert info["model_card"]["segmenter"]["model"]["version"] == seg_version
     assert client.get("/docs").status_code == 200  # this app enables them
     predict = client.get("/openapi.json").json()["paths"]["/v1/predict"]["post"]
     form = predict["requestBody"]["content"]["multipart/form-data"]["schema"]

@@ -210,6 +210,16 @@ def test_segmenter_checkpoints_and_metrics_land_in_s3(segmenter_run, bucket):
     assert summary["metrics"]["dice"] == pytest.approx(metrics["dice"])
     in_checkpoint = json.loads(storage.read_bytes(f"{result.best_checkpoint_uri}/metrics.json"))
     assert in_checkpoint["epoch"] == 1 and in_checkpoint["dice"] == pytest.approx(metrics["dice"])
+    # The model card beside the weights, built from the same checkpoint.
+    card = json.loads(storage.read_bytes(f"{result.best_checkpoint_uri}/model_card.json"))
+    assert card["model"]["version"] == loaded.version
+    assert card["validation"]["dice"] == pytest.approx(metrics["dice"])
+    assert card["training_data"]["train_images"] + card["training_data"]["val_images"] == 35
+    assert card["training_data"]["val_classes"] == {"with_mask": 7}
+    assert card["recipe"]["epochs"] == 1 and card["recipe"]["machine"]["logical_cpus"] >= 1
+    assert card["recipe"]["training_seconds"] == pytest.approx(metrics["train_seconds"])
+    markdown = storage.read_bytes(f"{result.best_checkpoint_uri}/model_card.md").decode()
+    assert loaded.version in markdown and "## Intended use" in markdown
 
 
 def _kill_first_train_worker(killed: dict, stop: threading.Event) -> None:

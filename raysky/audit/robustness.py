@@ -248,6 +248,14 @@ def run_robustness(settings: RobustnessSettings) -> dict:
     return report
 
 
+def card_section(report: dict) -> dict:
+    """The model-card section of a robustness report: the per-type figures and where they were
+    measured, without the file lists and example strips."""
+    keys = ("data", "format", "split", "images", "masks", "mask_source", "seed", "artefacts",
+            "by_artefact")
+    return {k: report[k] for k in keys if k in report}
+
+
 def _fmt(value: float | None, signed: bool = False) -> str:
     return "-" if value is None else f"{value:+.3f}" if signed else f"{value:.3f}"
 

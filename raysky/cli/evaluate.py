@@ -44,6 +44,10 @@ def register(subparsers) -> None:
     parser.add_argument("--results", required=True, metavar="URI",
                         help="results Parquet file or folder of Parquet files (local or s3://)")
     _add_ground_truth(parser, required=True)
+    parser.add_argument("--update-card", metavar="CKPT_URI",
+                        help="write a new version of --classifier here whose model card gains "
+                        "these figures and the subgroup table (the weights are copied as they "
+                        "are)")
     parser.add_argument("--out", metavar="URI",
                         help="write the metrics as JSON here (local path or s3://)")
     parser.set_defaults(func=run_evaluate)
@@ -74,10 +78,19 @@ def run_evaluate(args: argparse.Namespace) -> int:
     metrics = evaluate(args.results, args.data, args.format, metadata_uri=args.metadata,
                        split=args.split, low_focus=args.low_focus,
                        classifier_uri=args.classifier, by=args.by)
+    if args.update_card and not args.classifier:
+        raise ValueError("--update-card needs --classifier, the checkpoint the results were "
+                         "scored with, whose card it extends")
     print(format_table(metrics))
     if args.out:
         write_json(metrics, args.out)
         print(f"\nmetrics written to {args.out}")
+    if args.update_card:
+        from raysky.evaluate import card_sections
+        from raysky.models.card import update_card
+
+        meta = update_card(args.classifier, args.update_card, card_sections(metrics))
+        print(f"model card updated: classifier {meta['version']} written to {args.update_card}")
     return 0
 
 

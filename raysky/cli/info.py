@@ -11,17 +11,30 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "info", help="list model presets, or describe a checkpoint",
         description="Without arguments, list the model presets and their sizes. With a checkpoint "
-        "URI (local path or s3://), print its kind, version, classes and config.")
+        "URI (local path or s3://), print its kind, version, classes and config, or with --card its "
+        "model card.")
     parser.add_argument("checkpoint", nargs="?", help="checkpoint directory or s3:// prefix")
+    parser.add_argument("--card", action="store_true",
+                        help="print the checkpoint's model card (Markdown) instead of its config")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Print presets or a checkpoint description."""
+    if args.card and not args.checkpoint:
+        raise ValueError("--card needs a checkpoint")
     if args.checkpoint:
         from raysky.models.checkpoint import read_checkpoint_meta
 
-        print(json.dumps(read_checkpoint_meta(args.checkpoint), indent=2))
+        meta = read_checkpoint_meta(args.checkpoint)
+        if args.card:
+            from raysky.models.card import build_card, render_markdown
+
+            # Rendered from config.json, the card's only source, so it matches the checkpoint
+            # even where model_card.md was never written (checkpoints older than cards).
+            print(render_markdown(build_card(meta)), end="")
+        else:
+            print(json.dumps(meta, indent=2))
         return 0
     from raysky.models.config import PRESETS, encoder_label
 

@@ -43,6 +43,9 @@ def register(subparsers) -> None:
     parser.add_argument("--cpus-per-worker", type=int, default=2, help="CPUs per model worker")
     parser.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per model worker")
     parser.add_argument("--address", default=None, help="Ray cluster address (see `raysky score`)")
+    parser.add_argument("--update-card", metavar="CKPT_URI",
+                        help="write a new version of --classifier here whose model card gains "
+                        "the robustness table (the weights are copied as they are)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     parser.set_defaults(func=run)
 
@@ -55,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
     from raysky.audit.robustness import (
         OUTPUT_FILE,
         RobustnessSettings,
+        card_section,
         format_report,
         run_robustness,
     )
@@ -71,4 +75,9 @@ def run(args: argparse.Namespace) -> int:
     report = run_robustness(settings)
     print(format_report(report))
     print(f"\nwritten to {os.path.join(args.out, OUTPUT_FILE)}")
+    if args.update_card:
+        from raysky.models.card import update_card
+
+        meta = update_card(args.classifier, args.update_card, {"robustness": card_section(report)})
+        print(f"model card updated: classifier {meta['version']} written to {args.update_card}")
     return 0

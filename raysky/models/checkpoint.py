@@ -22,6 +22,7 @@ from torch import nn
 
 from raysky import __version__, storage
 from raysky.data.metadata import MetadataVocab
+from raysky.models.card import write_card
 from raysky.models.classifier import DualStreamClassifier
 from raysky.models.config import (
     ClassifierConfig,
@@ -113,6 +114,7 @@ def save_checkpoint(model: nn.Module, uri: str, preset: str, extra: dict | None 
     storage.makedirs(uri)
     storage.write_bytes(storage.join(uri, WEIGHTS_FILE), weights)
     storage.write_bytes(storage.join(uri, CONFIG_FILE), json.dumps(meta, indent=2).encode())
+    write_card(uri, meta)
     return meta
 
 
@@ -183,22 +185,40 @@ def load_checkpoint(uri: str, expected_kind: str | None = None) -> LoadedModel:
     return LoadedModel(model=model.eval(), meta=meta)
 
 
-def save_calibrated(source_uri: str, target_uri: str, calibration: dict) -> dict:
-    """Write a new version of the checkpoint at ``source_uri`` to ``target_uri``, calibrated.
+def save_version(source_uri: str, target_uri: str, updates: dict) -> dict:
+    """Write a new version of the checkpoint at ``source_uri`` to ``target_uri``.
 
     The weights are copied byte for byte (verified first), so ``version`` and
-    ``weights_sha256`` stay those of the weights; ``config.json`` gains ``calibration``
-    (whose own ``version`` identifies it, see :mod:`raysky.calibration`) and
-    ``calibrated_from``. Returns the new description.
+    ``weights_sha256`` stay those of the weights; ``config.json`` gains ``updates`` (a
+    calibration, card sections) and ``derived_from``/``derived_at``, and the model card is
+    written for the new description. ``target_uri`` must differ from ``source_uri``, which is
+    left as it was. Returns the new description.
     """
+    if storage.join(str(target_uri), "") == storage.join(str(source_uri), ""):
+        raise ValueError(f"{target_uri}: a new checkpoint version needs its own location; give "
+                         "an output that differs from the checkpoint it comes from")
     meta = read_checkpoint_meta(source_uri)
-    if meta["kind"] != "classifier":
-        raise ValueError(f"{source_uri}: only a classifier can be calibrated, this is a {meta['kind']}")
     weights = storage.read_bytes(storage.join(source_uri, WEIGHTS_FILE))
     verify_weights(source_uri, meta, weights)
-    meta = {**meta, "calibration": calibration, "calibrated_from": str(source_uri),
-            "calibrated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    meta = {**meta, **updates, "derived_from": str(source_uri),
+            "derived_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     storage.makedirs(target_uri)
     storage.write_bytes(storage.join(target_uri, WEIGHTS_FILE), weights)
     storage.write_bytes(storage.join(target_uri, CONFIG_FILE), json.dumps(meta, indent=2).encode())
+    write_card(target_uri, meta)
     return meta
+
+
+def save_calibrated(source_uri: str, target_uri: str, calibration: dict) -> dict:
+    """Write a new version of the checkpoint at ``source_uri`` to ``target_uri``, calibrated.
+
+    See :func:`save_version`: ``config.json`` gains ``calibration`` (whose own ``version``
+    identifies it, see :mod:`raysky.calibration`) and ``calibrated_from``, and the card its
+    calibration section. Returns the new description.
+    """
+    kind = read_checkpoint_meta(source_uri)["kind"]
+    if kind != "classifier":
+        raise ValueError(f"{source_uri}: only a classifier can be calibrated, this is a {kind}")
+    return save_version(source_uri, target_uri, {
+        "calibration": calibration, "calibrated_from": str(source_uri),
+        "calibrated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})

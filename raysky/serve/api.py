@@ -498,7 +498,8 @@ def create_api(backend: PredictBackend, options: ApiOptions | None = None,
         return {"status": "ready"}
 
     @app.get("/v1/model", dependencies=[Depends(require_api_key)],
-             summary="Classes, input sizes, versions and batching of the served models")
+             summary="Classes, input sizes, versions, batching and the model cards of the "
+             "served models")
     async def model_info() -> dict[str, Any]:
         return await backend.info()
 

@@ -25,6 +25,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from raysky.inference import LesionPipeline, LesionPrediction
+from raysky.models.card import build_card
 from raysky.models.checkpoint import read_checkpoint_meta
 from raysky.models.runtime import on_torch_thread, set_torch_threads, torch_executor
 from raysky.serve.api import ApiOptions, ServiceUnavailable, create_api
@@ -75,6 +76,9 @@ class LesionModel:
                                         use_gpu, precision, tta)
         self._batches = BatchQueue(self.run_batch, torch_executor(), DEFAULT_MAX_BATCH_SIZE)
         self._stats = {"batches": 0, "requests": 0, "largest_batch": 0, "compute_s": 0.0}
+        # Built once from the checkpoints' own config.json: what /v1/model shows a reviewer.
+        self.model_cards = {"segmenter": build_card(self.pipeline.segmenter_meta),
+                            "classifier": build_card(self.pipeline.classifier_meta)}
         logger.info("LesionModel ready: %s + %s, %d torch threads",
                     self.pipeline.segmenter_version, self.pipeline.classifier_version, self.threads)
 
@@ -159,6 +163,7 @@ class LesionModel:
             "max_batch_size": self._admit._get_max_batch_size(),
             "batch_wait_timeout_s": self._admit._get_batch_wait_timeout_s(),
             "replica_stats": dict(self._stats),
+            "model_card": self.model_cards,
         }
 
 

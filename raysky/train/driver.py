@@ -28,10 +28,12 @@ from raysky.jsonable import to_jsonable
 from raysky.models import get_preset
 from raysky.models.checkpoint import read_checkpoint_meta
 from raysky.models.runtime import TRAIN_PRECISIONS
+from raysky.train.augment import AugmentConfig
 from raysky.train.datasets import build_dataset, class_weights, encode_rows, load_splits
 from raysky.train.loops import (
     DEFAULT_METRIC,
     HISTORY_FILE,
+    SCHEDULE,
     train_loop_per_worker,
 )
 from raysky.train.settings import (
@@ -148,6 +150,25 @@ def _check_cpus(settings: TrainSettings) -> None:
     print(f"warning: {message}", flush=True)
 
 
+def training_data(settings: TrainSettings, kind: str, train: list[LesionRecord],
+                  val: list[LesionRecord], split_how: str) -> dict[str, Any]:
+    """What a run trained on, for its model card: the data, the split (with the sha256 of a
+    split file) and the images per class on each side (per mask presence for a segmenter)."""
+    import hashlib
+
+    def counts(records: list[LesionRecord]) -> dict[str, int]:
+        if kind == "segmenter":
+            return {"with_mask": sum(r.mask_uri is not None for r in records)}
+        return class_counts(records)
+
+    split_sha256 = None
+    if storage.is_s3(split_how) or os.path.isfile(split_how):
+        split_sha256 = hashlib.sha256(storage.read_bytes(split_how)).hexdigest()
+    return {"data": str(settings.data), "format": settings.format, "split": split_how,
+            "split_sha256": split_sha256, "train_images": len(train), "val_images": len(val),
+            "train_classes": counts(train), "val_classes": counts(val)}
+
+
 def _run(kind: str, settings: TrainSettings, train: list[LesionRecord], val: list[LesionRecord],
          split_how: str, extra_summary: dict | None = None) -> TrainResult:
     from ray.train import (
@@ -201,7 +222,10 @@ def _run(kind: str, settings: TrainSettings, train: list[LesionRecord], val: lis
     threads = settings.threads_per_worker or max(1, int(settings.cpus_per_worker))
     summary_settings = {**asdict(settings), "precision": precision, "metric": metric,
                         "metric_mode": mode, "split": split_how, **(extra_summary or {})}
+    provenance = {"training_data": training_data(settings, kind, train, val, split_how),
+                  "schedule": SCHEDULE, "augmentation": to_jsonable(asdict(AugmentConfig()))}
     loop_config = {
+        "provenance": provenance,
         "kind": kind, "preset": settings.preset, "classes": list(classes),
         "vocab": vocab.to_dict(), "class_weights": weights, "use_metadata": settings.use_metadata,
         "use_lesion_stream": settings.use_lesion_stream,

@@ -30,6 +30,7 @@ from raysky.data.metadata import MetadataVocab
 from raysky.jsonable import to_jsonable
 from raysky.metrics import classification_summary, segmentation_summary
 from raysky.models import create_classifier, create_segmenter, get_preset, segmentation_loss
+from raysky.models.card import machine_description
 from raysky.models.checkpoint import load_checkpoint, save_checkpoint
 from raysky.models.preprocess import images_to_tensor, masks_to_tensor
 from raysky.models.pretrained import initialise_model, model_encoders
@@ -244,6 +245,11 @@ def parameter_groups(model: nn.Module, lr: float, encoder_lr_scale: float) -> li
             {"params": rest, "lr": lr, "name": "new_layers"}]
 
 
+SCHEDULE = ("AdamW; linear warm-up over min(one epoch, 10% of the steps), then cosine decay "
+            "to 1% of each parameter group's peak rate")
+"""What :func:`make_optimizer` does, in words, for the model card."""
+
+
 def make_optimizer(model: nn.Module, config: dict, steps_per_epoch: int):
     """AdamW with a linear warm-up over at most one epoch, then cosine decay to 1% of each
     group's peak rate (see :func:`parameter_groups`)."""
@@ -299,7 +305,9 @@ def write_checkpoint(directory: str, model: nn.Module, config: dict, state: dict
     """Fill ``directory`` with a raysky checkpoint plus resume state, metrics and history."""
     extra = {"epoch": metrics["epoch"], "run": config.get("run_name"), "metrics": to_jsonable(metrics),
              "settings": config.get("settings", {}), "initial_weights": state["initial_weights"],
-             "hyperparameters": state["hyperparameters"]}
+             "hyperparameters": state["hyperparameters"],
+             "provenance": config.get("provenance", {}), "machine": machine_description(),
+             "training_seconds": sum(float(h.get("train_seconds", 0.0)) for h in history)}
     save_checkpoint(unwrap(model), directory, config["preset"], extra=extra)
     torch.save(state, os.path.join(directory, STATE_FILE))
     with open(os.path.join(directory, METRICS_FILE), "w") as handle:

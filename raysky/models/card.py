@@ -1,0 +1,308 @@
+"""Model cards: what a checkpoint is, what it was trained on, how well it did for whom, and
+what it must not be used for, as ``model_card.json`` and ``model_card.md`` beside the weights.
+
+A card is built from the checkpoint's own ``config.json`` and never stored apart from it, so it
+cannot disagree with the checkpoint: training records its provenance there (data, split-file
+hash, recipe, machine, wall time), ``raysky calibrate`` its calibration, and ``raysky
+evaluate --update-card`` / ``raysky robustness --update-card`` add their sections under
+``card``. Adding a section writes a new checkpoint version (the weights copied byte for byte,
+so ``version`` and ``weights_sha256`` stay the same) and leaves the original as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from typing import Any
+
+from raysky import storage
+
+CARD_JSON = "model_card.json"
+CARD_MARKDOWN = "model_card.md"
+CARD_FORMAT = "raysky-model-card/1"
+SECTIONS: tuple[str, ...] = ("evaluation", "subgroups", "robustness")
+"""Sections that ``update_card`` adds; the others come from training and calibration."""
+
+INTENDED_USE = (
+    "Decision support for clinicians trained in dermoscopy: a second opinion on dermoscopic "
+    "images of a single skin lesion, with the lesion mask and a Grad-CAM heatmap to check what "
+    "the prediction rests on. It is not a diagnosis, it does not replace histopathology or a "
+    "clinician's examination, and it must not be used to rule out malignancy on its own.")
+VAL_METRICS = ("balanced_accuracy", "macro_auc", "accuracy", "auc_per_class", "val_loss",
+               "dice", "jaccard", "threshold_jaccard", "val_images")
+
+
+def machine_description() -> dict[str, Any]:
+    """The machine a model was trained on: CPU model and cores, GPU, and library versions."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            cpu = next((line.split(":", 1)[1].strip() for line in handle
+                        if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    try:
+        import ray
+
+        ray_version = ray.__version__
+    except ImportError:  # the card is also built where only torch is installed
+        ray_version = None
+    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "gpu": gpu,
+            "python": platform.python_version(), "torch": torch.__version__, "ray": ray_version}
+
+
+def _parameters(meta: dict) -> int | None:
+    """The parameter count, from the checkpoint's architecture (no weights are read)."""
+    from raysky.models.checkpoint import build_from_meta
+
+    try:
+        return sum(p.numel() for p in build_from_meta(meta).parameters())
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def build_card(meta: dict) -> dict[str, Any]:
+    """The card of the checkpoint described by ``meta`` (its ``config.json``), as JSON data.
+
+    Missing facts (a checkpoint saved outside ``raysky train``, sections not yet added) are
+    ``None`` with ``"not recorded"``/``"not measured"`` notes in the markdown, never guessed.
+    """
+    extra = meta.get("extra", {})
+    config = meta.get("config", {})
+    settings = extra.get("settings", {})
+    provenance = extra.get("provenance", {})
+    metrics = extra.get("metrics", {})
+    classes = meta.get("classes")
+    calibration = meta.get("calibration")
+    card = {
+        "format": CARD_FORMAT,
+        "model": {
+            "kind": meta.get("kind"), "preset": meta.get("preset"),
+            "version": meta.get("version"), "weights_sha256": meta.get("weights_sha256"),
+            "calibration_version": (calibration or {}).get("version"),
+            "raysky_version": meta.get("raysky_version"), "created_at": meta.get("created_at"),
+            "encoder": config.get("encoder"), "input_size": meta.get("input_size"),
+            "parameters": _parameters(meta), "classes": classes,
+            "lesion_stream": config.get("use_lesion_stream"),
+            "metadata": config.get("use_metadata"),
+            "architecture": ("Deep-UNet with dual attention gates on the skips and an ASPP "
+                             "bottleneck" if meta.get("kind") == "segmenter" else
+                             "full-image and lesion streams fused by cross-attention, plus a "
+                             "metadata transformer (age, sex, site)"
+                             if meta.get("kind") == "classifier" else None),
+        },
+        "initial_weights": extra.get("initial_weights"),
+        "training_data": provenance.get("training_data"),
+        "recipe": {
+            "epochs": settings.get("epochs"), "batch_size": settings.get("batch_size"),
+            "workers": settings.get("workers"), "lr": settings.get("lr"),
+            "encoder_lr_scale": settings.get("encoder_lr_scale"),
+            "weight_decay": settings.get("weight_decay"),
+            "label_smoothing": settings.get("label_smoothing"),
+            "class_weight_power": settings.get("class_weight_power"),
+            "schedule": provenance.get("schedule"), "augmentation": provenance.get("augmentation"),
+            "precision": metrics.get("precision", settings.get("precision")),
+            "training_seconds": extra.get("training_seconds"),
+            "machine": extra.get("machine"),
+        } if settings else None,
+        "validation": ({"epoch": extra.get("epoch"),
+                        **{k: metrics[k] for k in VAL_METRICS if k in metrics}}
+                       if metrics else None),
+        "calibration": ({"temperature": calibration.get("temperature"),
+                         "referral": calibration.get("referral"),
+                         "ood": {k: v for k, v in calibration.get("ood", {}).items()
+                                 if k in ("method", "threshold", "quantile", "dim")},
+                         "fitted_on": calibration.get("fitted_on")}
+                        if calibration else None),
+        **{section: meta.get("card", {}).get(section) for section in SECTIONS},
+        "intended_use": INTENDED_USE,
+        "limitations": _limitations(meta, provenance.get("training_data")),
+    }
+    return card
+
+
+def _limitations(meta: dict, data: dict | None) -> list[str]:
+    classes = meta.get("classes")
+    limits = []
+    if classes:
+        limits.append(f"It recognises only {', '.join(classes)}; any other lesion (for "
+                      "example squamous cell carcinoma in a HAM10000 model, or a melanoma "
+                      "subtype not in training) is forced into one of these classes.")
+    limits.append("Skin tone: HAM10000 and ISIC archives are predominantly light skin "
+                  "(Fitzpatrick I-III) and training did not measure the tones it saw; per-tone "
+                  "performance is only known where the subgroup section reports it (`raysky "
+                  "evaluate` groups by the ITA skin tone of each image).")
+    limits.append("Image types: trained on dermoscopy only. Clinical (macroscopic) photos, "
+                  "histology, screenshots and scans of documents were never shown; the "
+                  "out-of-distribution flag is advice, not a guarantee that such images are "
+                  "caught.")
+    if data and data.get("format"):
+        limits.append(f"Trained on one {data['format']} dataset; performance on other "
+                      "dermoscopes, clinics and populations is unknown until measured there.")
+    return limits
+
+
+def _value(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "not recorded"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_value(v, digits)}" for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return ", ".join(map(str, value))
+    return str(value)
+
+
+def _interval(entry: dict | None) -> str:
+    if not entry or entry.get("value") is None:
+        return "-"
+    if entry.get("low") is None:
+        return f"{entry['value']:.3f}"
+    return f"{entry['value']:.3f} [{entry['low']:.3f}, {entry['high']:.3f}]"
+
+
+def render_markdown(card: dict) -> str:
+    """The card as Markdown, for people: the same facts as the JSON, nothing more."""
+    model = card["model"]
+    lines = [f"# Model card: raysky {model['kind']} {model['version']}", ""]
+    lines += ["## Model", "",
+              f"- Kind: {model['kind']}, preset `{model['preset']}`: {model['architecture']}",
+              f"- Encoder: {_value(model['encoder'])} at {_value(model['input_size'])} px; "
+              f"{_value(model['parameters'])} parameters",
+              f"- Version {model['version']}, weights sha256 `{model['weights_sha256']}`"
+              + (f", calibration {model['calibration_version']}"
+                 if model["calibration_version"] else ""),
+              f"- raysky {model['raysky_version']}, created {model['created_at']}"]
+    if model["classes"]:
+        lines.append(f"- Classes: {', '.join(model['classes'])}; lesion stream "
+                     f"{_value(model['lesion_stream'])}, metadata {_value(model['metadata'])}")
+    lines += ["", "## Initial weights", ""]
+    for name, record in (card["initial_weights"] or {}).items():
+        lines.append(f"- {name}: {record.get('source')} (sha256 `{record.get('sha256')}`, "
+                     f"{record.get('tensors_loaded')}/{record.get('tensors_total')} tensors)")
+    if not card["initial_weights"]:
+        lines.append("- not recorded")
+    data = card["training_data"]
+    lines += ["", "## Training data", ""]
+    if data:
+        lines += [f"- {data.get('data')} ({data.get('format')}); split {data.get('split')}"
+                  + (f" (sha256 `{data['split_sha256']}`)" if data.get("split_sha256") else ""),
+                  f"- {data.get('train_images')} training and {data.get('val_images')} "
+                  "validation images"]
+        for part in ("train_classes", "val_classes"):
+            if data.get(part):
+                lines.append(f"- {part.replace('_', ' ')}: {_value(data[part])}")
+    else:
+        lines.append("- not recorded")
+    recipe = card["recipe"]
+    lines += ["", "## Recipe", ""]
+    if recipe:
+        lines += [f"- {_value(recipe['epochs'])} epochs, batch {_value(recipe['batch_size'])} "
+                  f"per worker on {_value(recipe['workers'])} worker(s), precision "
+                  f"{_value(recipe['precision'])}",
+                  f"- AdamW, lr {_value(recipe['lr'], 6)} (encoders x"
+                  f"{_value(recipe['encoder_lr_scale'], 2)}), weight decay "
+                  f"{_value(recipe['weight_decay'], 6)}, label smoothing "
+                  f"{_value(recipe['label_smoothing'], 2)}, class weight power "
+                  f"{_value(recipe['class_weight_power'], 2)}",
+                  f"- Schedule: {_value(recipe['schedule'])}",
+                  f"- Augmentation: {_value(recipe['augmentation'])}",
+                  f"- Training time: {_value(recipe['training_seconds'], 0)} s on "
+                  f"{_value(recipe['machine'])}"]
+    else:
+        lines.append("- not recorded")
+    lines += ["", "## Validation", ""]
+    validation = card["validation"]
+    lines += ([f"- {k}: {_value(v)}" for k, v in validation.items()] if validation
+              else ["- not recorded"])
+    lines += ["", "## Calibration and referral", ""]
+    calibration = card["calibration"]
+    if calibration:
+        ref = calibration["referral"] or {}
+        lines += [f"- Temperature {_value(calibration['temperature'])}; fitted on "
+                  f"{_value(calibration['fitted_on'])}",
+                  f"- Refer at malignant_prob >= {_value(ref.get('threshold'), 4)}: sensitivity "
+                  f"{_value(ref.get('sensitivity'))} (target {_value(ref.get('target_sensitivity'), 2)}), "
+                  f"specificity {_value(ref.get('specificity'))}",
+                  f"- Out of distribution: {_value(calibration['ood'])}"]
+    else:
+        lines.append("- not calibrated (`raysky calibrate` adds it)")
+    evaluation = card["evaluation"]
+    lines += ["", "## Evaluation", ""]
+    if evaluation:
+        lines.append(f"- {_value(evaluation)}")
+    else:
+        lines.append("- not measured (`raysky evaluate --update-card`)")
+    lines += ["", "## Subgroups", ""]
+    subgroups = card["subgroups"]
+    if subgroups:
+        lines += [f"Resampled by {subgroups.get('resampled_by')}; referral threshold "
+                  f"{_value(subgroups.get('threshold'), 4)}.", "",
+                  "| group | n | malignant | balanced accuracy | malignant AUC | sensitivity | "
+                  "specificity | notes |", "|---|---|---|---|---|---|---|---|"]
+        rows = [("overall", subgroups["overall"])] + [
+            (f"{name} = {g['group']}", g) for name, body in subgroups.get("groupings", {}).items()
+            for g in body["groups"]]
+        for name, g in rows:
+            notes = ", ".join(n for n, on in (("too few", g.get("too_few")),
+                                              ("flagged", g.get("flagged"))) if on)
+            lines.append(f"| {name} | {g['n']} | {g['malignant_n']} | "
+                         + " | ".join(_interval(g.get(k)) for k in (
+                             "balanced_accuracy", "malignant_auc", "sensitivity", "specificity"))
+                         + f" | {notes} |")
+    else:
+        lines.append("- not measured (`raysky evaluate --classifier CKPT --update-card OUT`)")
+    lines += ["", "## Robustness to dermoscopic artefacts", ""]
+    robustness = card["robustness"]
+    if robustness:
+        lines += [f"{robustness.get('images')} images, artefacts placed with "
+                  f"{robustness.get('masks')} masks.", "",
+                  "| artefact | flip rate | mean abs. change malignant_prob | change macro AUPRC "
+                  "| change malignant AUC | artefact attention | its area |",
+                  "|---|---|---|---|---|---|---|"]
+        for kind, r in robustness.get("by_artefact", {}).items():
+            lines.append(f"| {kind} | {_value(r['flip_rate']['value'])} | "
+                         f"{_value(r['mean_abs_delta_malignant_prob'])} | "
+                         f"{_value(r['macro_auprc']['delta'])} | "
+                         f"{_value(r['malignant_auc']['delta'])} | "
+                         f"{_value(r['artefact_attention'])} | "
+                         f"{_value(r['artefact_area_frac'])} |")
+    else:
+        lines.append("- not measured (`raysky robustness --update-card OUT`)")
+    lines += ["", "## Intended use", "", card["intended_use"], "", "## Known limits", ""]
+    lines += [f"- {limit}" for limit in card["limitations"]]
+    return "\n".join(lines) + "\n"
+
+
+def write_card(uri: str, meta: dict) -> dict:
+    """Write ``model_card.json`` and ``model_card.md`` for ``meta`` into the checkpoint at
+    ``uri`` (local or ``s3://``); returns the card."""
+    card = build_card(meta)
+    storage.write_bytes(storage.join(uri, CARD_JSON),
+                        json.dumps(card, indent=2, default=str).encode())
+    storage.write_bytes(storage.join(uri, CARD_MARKDOWN), render_markdown(card).encode())
+    return card
+
+
+def update_card(source_uri: str, target_uri: str, sections: dict[str, dict]) -> dict:
+    """Write a new version of the checkpoint at ``source_uri`` to ``target_uri`` whose card
+    gains (or replaces) ``sections`` (names from :data:`SECTIONS`); returns the new
+    ``config.json``.
+
+    The weights are copied byte for byte after their sha256 is verified, so the new version
+    has the same ``version`` and ``weights_sha256``; ``target_uri`` must differ from
+    ``source_uri``, which is left unchanged.
+    """
+    from raysky.models.checkpoint import read_checkpoint_meta, save_version
+
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"unknown card section(s) {', '.join(unknown)}; expected "
+                         f"{', '.join(SECTIONS)}")
+    card = {**read_checkpoint_meta(source_uri).get("card", {}), **sections}
+    return save_version(source_uri, target_uri, {"card": card})

@@ -1,0 +1,107 @@
+"""Model cards: built from the checkpoint itself, written beside every checkpoint, updated only
+as a new version with the weights untouched, and printed by ``raysky info --card``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from raysky.cli.main import main
+from raysky.models import create_classifier, load_checkpoint, save_checkpoint
+from raysky.models.card import SECTIONS, build_card, render_markdown, update_card
+
+# What raysky train records in a checkpoint's ``extra`` (see raysky.train.loops.write_checkpoint).
+TRAINING_EXTRA = {
+    "epoch": 3, "run": "cls",
+    "metrics": {"epoch": 3, "balanced_accuracy": 0.5849, "macro_auc": 0.9104, "accuracy": 0.806,
+                "auc_per_class": {"mel": 0.91, "nv": 0.94}, "val_loss": 0.77, "val_images": 1346,
+                "precision": "fp32", "train_seconds": 542.4},
+    "settings": {"epochs": 3, "batch_size": 16, "workers": 1, "lr": 0.001, "encoder_lr_scale": 0.2,
+                 "weight_decay": 1e-4, "label_smoothing": 0.1, "class_weight_power": 0.5,
+                 "precision": "auto"},
+    "initial_weights": {"full_encoder": {"source": "imagenet:package:x==1", "sha256": "ab" * 32,
+                                         "tensors_loaded": 294, "tensors_total": 294}},
+    "provenance": {"training_data": {"data": "s3://derm/ham", "format": "ham10000",
+                                     "split": "s3://derm/ham/splits.csv", "split_sha256": "cd" * 32,
+                                     "train_images": 7598, "val_images": 1346,
+                                     "train_classes": {"mel": 962, "nv": 5790}}},
+    "machine": {"cpu": "AMD EPYC", "logical_cpus": 2, "gpu": None},
+    "training_seconds": 1950.0,
+}
+
+
+@pytest.fixture
+def checkpoint(tmp_path) -> Path:
+    torch.manual_seed(0)
+    model = create_classifier("tiny", classes=["mel", "nv"])
+    save_checkpoint(model, str(tmp_path / "cls"), "tiny", extra=TRAINING_EXTRA)
+    return tmp_path / "cls"
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_the_card_agrees_with_the_checkpoint(checkpoint):
+    meta = json.loads((checkpoint / "config.json").read_text())
+    card = json.loads((checkpoint / "model_card.json").read_text())
+    assert card == json.loads(json.dumps(build_card(meta)))
+    model = card["model"]
+    assert (model["version"], model["weights_sha256"]) == (meta["version"], meta["weights_sha256"])
+    assert model["weights_sha256"] == _sha256(checkpoint / "model.safetensors")
+    assert model["parameters"] == sum(p.numel() for p in load_checkpoint(str(checkpoint)).model.parameters())
+    assert model["classes"] == ["mel", "nv"] and model["preset"] == "tiny"
+    metrics = meta["extra"]["metrics"]
+    for key in ("balanced_accuracy", "macro_auc", "accuracy", "auc_per_class", "val_images"):
+        assert card["validation"][key] == metrics[key]
+    assert card["initial_weights"] == meta["extra"]["initial_weights"]
+    assert card["training_data"]["split_sha256"] == "cd" * 32
+    assert card["recipe"]["lr"] == 0.001 and card["recipe"]["precision"] == "fp32"
+    assert card["recipe"]["training_seconds"] == 1950.0
+    assert all(card[section] is None for section in SECTIONS)
+    assert card["calibration"] is None and "not a diagnosis" in card["intended_use"]
+    assert any("mel, nv" in limit for limit in card["limitations"])
+    text = (checkpoint / "model_card.md").read_text()
+    assert text == render_markdown(card)
+    assert meta["version"] in text and "0.585" in text and "7598 training" in text
+    assert "not measured (`raysky robustness --update-card OUT`)" in text
+
+
+def test_updating_the_card_is_a_new_version_with_the_same_weights(checkpoint, tmp_path):
+    before = {p.name: p.read_bytes() for p in checkpoint.iterdir()}
+    robustness = {"images": 4, "masks": "ground truth", "by_artefact": {"ruler": {
+        "flip_rate": {"value": 0.25}, "mean_abs_delta_malignant_prob": 0.03,
+        "macro_auprc": {"delta": -0.01}, "malignant_auc": {"delta": 0.0},
+        "artefact_attention": 0.07, "artefact_area_frac": 0.06}}}
+    target = tmp_path / "cls-card"
+    meta = update_card(str(checkpoint), str(target), {"robustness": robustness})
+    assert _sha256(target / "model.safetensors") == _sha256(checkpoint / "model.safetensors")
+    assert meta["version"] == json.loads((checkpoint / "config.json").read_text())["version"]
+    assert meta["derived_from"] == str(checkpoint)
+    assert load_checkpoint(str(target)).meta["card"]["robustness"] == robustness  # sha verified
+    card = json.loads((target / "model_card.json").read_text())
+    assert card["robustness"] == robustness and card["validation"]["macro_auc"] == 0.9104
+    assert "| ruler | 0.250 |" in (target / "model_card.md").read_text()
+    # The original is untouched, and a second update keeps the first section.
+    assert {p.name: p.read_bytes() for p in checkpoint.iterdir()} == before
+    again = update_card(str(target), str(tmp_path / "v3"), {"evaluation": {"images": 4}})
+    assert set(again["card"]) == {"robustness", "evaluation"}
+
+
+def test_card_updates_refuse_bad_requests(checkpoint):
+    with pytest.raises(ValueError, match="unknown card section"):
+        update_card(str(checkpoint), str(checkpoint) + "-x", {"weights": {}})
+    with pytest.raises(ValueError, match="needs its own location"):
+        update_card(str(checkpoint), str(checkpoint), {"evaluation": {}})
+
+
+def test_info_prints_the_card(checkpoint, capsys):
+    assert main(["info", str(checkpoint), "--card"]) == 0
+    out = capsys.readouterr().out
+    assert out == (checkpoint / "model_card.md").read_text()
+    assert main(["info", "--card"]) == 2
+    assert "--card needs a checkpoint" in capsys.readouterr().err
