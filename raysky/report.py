@@ -247,6 +247,7 @@ td.l,th.l{text-align:left}.cm td{min-width:38px;text-align:center}
 .low{background:#fde2cf;color:#8a3b00}.okf{background:#d9f2e3;color:#0d5c33}
 .wrong{background:#fbd5d5;color:#8b1010}.right{background:#d9f2e3;color:#0d5c33}
 .note{font-size:12px;color:#555}
+tr.flagged th,tr.flagged td{background:#fde2cf;color:#8a3b00}tr.few td,tr.few th,.muted{color:#999}
 """
 
 

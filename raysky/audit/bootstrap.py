@@ -96,14 +96,17 @@ def bootstrap_interval(metric: Callable[..., float], *arrays: np.ndarray,
 
 
 def rank_auc(truth: np.ndarray, scores: np.ndarray) -> float:
-    """ROC AUC by the rank-sum (Mann-Whitney) formula, ties counted half, as scikit-learn's;
-    NaN without positives or negatives. Fast enough to run a thousand times per group."""
-    from scipy.stats import rankdata
-
+    """ROC AUC by the Mann-Whitney count, ties counted half, as scikit-learn's; NaN without
+    positives or negatives. Fast enough to run a thousand times per group."""
     truth = np.asarray(truth, dtype=bool)
+    scores = np.asarray(scores, dtype=np.float64)
     positives = int(truth.sum())
     negatives = len(truth) - positives
     if positives == 0 or negatives == 0:
         return float("nan")
-    ranks = rankdata(np.asarray(scores, dtype=np.float64))
-    return float((ranks[truth].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+    # Per positive, the negatives scored below it and those tied with it, by binary search in
+    # the sorted negatives: the same sum as ranking, without a full rank transform per replicate.
+    negative = np.sort(scores[~truth])
+    below = np.searchsorted(negative, scores[truth], side="left")
+    tied = np.searchsorted(negative, scores[truth], side="right") - below
+    return float((below.sum() + 0.5 * tied.sum()) / (positives * negatives))

@@ -5,6 +5,7 @@ diagram of :mod:`raysky.calibration.plots`."""
 from __future__ import annotations
 
 import html
+import math
 
 from raysky.data.taxonomy import MALIGNANT_CLASSES
 
@@ -19,7 +20,8 @@ def _rows(audit: dict) -> list[tuple[str, dict]]:
 
 
 def forest_svg(audit: dict, width: int = 620) -> str:
-    """Malignant AUC per group as a point with its interval, on a 0.5-1 axis (chance at 0.5).
+    """Malignant AUC per group as a point with its interval, on an axis from 0.5 (chance) to 1,
+    extended down in steps of 0.1 when a group's AUC or interval falls below chance.
 
     Groups marked ``too_few`` are drawn grey and groups without an AUC are listed without a
     point; flagged groups are orange. The overall figure is a dashed vertical line.
@@ -28,13 +30,19 @@ def forest_svg(audit: dict, width: int = 620) -> str:
     label_w, pad, row_h, top = 210, 16, 16, 20
     plot_w = width - label_w - 2 * pad
     height = top + row_h * len(rows) + 30
+    # A worse-than-chance group is exactly what a reader must see: clamping it to 0.5 would
+    # draw it as merely uninformative.
+    drawn = [v for _name, g in rows for v in (g["malignant_auc"].get("value"),
+                                              g["malignant_auc"].get("low")) if v is not None]
+    lowest = min([0.5, *(math.floor(v * 10) / 10 for v in drawn)])
+    ticks = [round(lowest + 0.1 * i, 1) for i in range(round((1.0 - lowest) * 10) + 1)]
 
     def x(value: float) -> float:
-        return label_w + pad + (min(max(value, 0.5), 1.0) - 0.5) / 0.5 * plot_w
+        return label_w + pad + (min(max(value, lowest), 1.0) - lowest) / (1.0 - lowest) * plot_w
 
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
              f'role="img" aria-label="forest plot of malignant AUC">']
-    for tick in (0.5, 0.6, 0.7, 0.8, 0.9, 1.0):
+    for tick in ticks:
         parts.append(f'<line x1="{x(tick):.1f}" y1="{top - 6}" x2="{x(tick):.1f}" '
                      f'y2="{height - 24}" stroke="#eee"/>')
         parts.append(f'<text x="{x(tick):.1f}" y="{height - 10}" font-size="10" '
@@ -87,7 +95,9 @@ def subgroup_section(audit: dict | None) -> str:
         notes = ", ".join(n for n, on in (("too few", group["too_few"]),
                                           ("flagged", group.get("flagged"))) if on)
         rank = group.get("rank")
-        body.append(f'<tr{" class=flagged" if group.get("flagged") else ""}><th class="l">'
+        # Flagged rows are highlighted; too-few rows are greyed, since their figures say little.
+        row_class = ("flagged" if group.get("flagged") else "few" if group["too_few"] else "")
+        body.append(f'<tr{f" class={row_class}" if row_class else ""}><th class="l">'
                     f"{html.escape(name)}</th><td>{group['n']}</td><td>{group['malignant_n']}"
                     f"</td>{''.join(_cell(group.get(k)) for k in keys)}"
                     f"<td>{'' if rank is None else rank}</td><td class=\"l\">{notes}</td></tr>")

@@ -23,7 +23,8 @@ def _add_ground_truth(parser: argparse.ArgumentParser, required: bool) -> None:
                         help="the classifier checkpoint the results were scored with: its "
                         "temperature gives the calibration figures before and after")
     parser.add_argument("--by", action="append", default=[], metavar="COLUMN",
-                        help="also audit subgroups by this metadata column (repeatable); sex, "
+                        help="also audit subgroups by this column of the results, the records "
+                        "or the dataset's metadata file (repeatable); sex, "
                         "age band, site and skin tone are always audited")
     parser.add_argument("--low-focus", type=float, default=LOW_FOCUS_THRESHOLD, metavar="F",
                         help="lesion focus below which an image is flagged (default: %(default)s)")
