@@ -42,9 +42,8 @@ from raysky.metrics import (
     jaccard_score,
     thresholded_jaccard,
 )
-from raysky.results import dedupe
+from raysky.results import PROB_PREFIX, dedupe
 
-PROB_PREFIX = "prob_"
 REQUIRED_COLUMNS: tuple[str, ...] = ("image_id", "status")
 LOW_FOCUS_THRESHOLD = 0.5
 """Default lesion focus below which an image is flagged: most Grad-CAM evidence is off-lesion."""

@@ -21,8 +21,8 @@ from raysky.explain.gradcam import GradCAMExplainer, lesion_focus
 from raysky.models.checkpoint import LoadedModel, load_checkpoint
 from raysky.models.preprocess import images_to_tensor, resize_map
 from raysky.models.runtime import autocast, prepare_for_device, select_device
+from raysky.models.segmenter import MASK_THRESHOLD
 
-MASK_THRESHOLD = 0.5
 TTA_FLIPS: tuple[tuple[int, ...], ...] = ((-1,), (-2,), (-2, -1))
 """Test-time views besides the image itself: horizontal, vertical and both flips.
 

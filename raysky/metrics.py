@@ -98,14 +98,15 @@ def confusion_matrix(labels: np.ndarray, probs: np.ndarray, num_classes: int) ->
 
 
 def classification_summary(labels: np.ndarray, probs: np.ndarray, classes: Sequence[str]) -> dict:
-    """Accuracy, balanced accuracy, macro AUC and per-class AUC in one dict (JSON-ready)."""
+    """Accuracy, balanced accuracy, macro AUC (``auc``, ISIC's name, as ``raysky evaluate``
+    reports it) and per-class AUC in one dict (JSON-ready)."""
     labels = np.asarray(labels)
     probs = np.asarray(probs, dtype=np.float64)
     aucs = per_class_auc(labels, probs)
     return {
         "accuracy": float((argmax_strict(probs) == labels).mean()) if len(labels) else float("nan"),
         "balanced_accuracy": balanced_accuracy(labels, probs),
-        "macro_auc": macro_auc(labels, probs),
+        "auc": macro_auc(labels, probs),
         "auc_per_class": {c: a for c, a in zip(classes, aucs, strict=True)},
     }
 

@@ -17,7 +17,7 @@ from raysky.models.card import SECTIONS, build_card, render_markdown, update_car
 # What raysky train records in a checkpoint's ``extra`` (see raysky.train.loops.write_checkpoint).
 TRAINING_EXTRA = {
     "epoch": 3, "run": "cls",
-    "metrics": {"epoch": 3, "balanced_accuracy": 0.5849, "macro_auc": 0.9104, "accuracy": 0.806,
+    "metrics": {"epoch": 3, "balanced_accuracy": 0.5849, "auc": 0.9104, "accuracy": 0.806,
                 "auc_per_class": {"mel": 0.91, "nv": 0.94}, "val_loss": 0.77, "val_images": 1346,
                 "precision": "fp32", "train_seconds": 542.4},
     "settings": {"epochs": 3, "batch_size": 16, "workers": 1, "lr": 0.001, "encoder_lr_scale": 0.2,
@@ -56,7 +56,7 @@ def test_the_card_agrees_with_the_checkpoint(checkpoint):
     assert model["parameters"] == sum(p.numel() for p in load_checkpoint(str(checkpoint)).model.parameters())
     assert model["classes"] == ["mel", "nv"] and model["preset"] == "tiny"
     metrics = meta["extra"]["metrics"]
-    for key in ("balanced_accuracy", "macro_auc", "accuracy", "auc_per_class", "val_images"):
+    for key in ("balanced_accuracy", "auc", "accuracy", "auc_per_class", "val_images"):
         assert card["validation"][key] == metrics[key]
     assert card["initial_weights"] == meta["extra"]["initial_weights"]
     assert card["training_data"]["split_sha256"] == "cd" * 32
@@ -84,7 +84,7 @@ def test_updating_the_card_is_a_new_version_with_the_same_weights(checkpoint, tm
     assert meta["derived_from"] == str(checkpoint)
     assert load_checkpoint(str(target)).meta["card"]["robustness"] == robustness  # sha verified
     card = json.loads((target / "model_card.json").read_text())
-    assert card["robustness"] == robustness and card["validation"]["macro_auc"] == 0.9104
+    assert card["robustness"] == robustness and card["validation"]["auc"] == 0.9104
     assert "| ruler | 0.250 |" in (target / "model_card.md").read_text()
     # The original is untouched, and a second update keeps the first section.
     assert {p.name: p.read_bytes() for p in checkpoint.iterdir()} == before

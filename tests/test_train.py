@@ -286,7 +286,7 @@ def test_classifier_cli_trains_on_segmenter_masks_from_s3(segmenter_run, bucket,
     assert loaded.classes == order_classes(labels)
     assert loaded.meta["extra"]["settings"]["segmenter"] == seg.best_checkpoint_uri
     metrics = summary["metrics"]
-    for key in ("accuracy", "balanced_accuracy", "macro_auc", "val_loss", "train_loss"):
+    for key in ("accuracy", "balanced_accuracy", "auc", "val_loss", "train_loss"):
         assert 0.0 <= metrics[key] < float("inf"), key
     assert set(metrics["auc_per_class"]) == set(loaded.classes)
 

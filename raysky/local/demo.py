@@ -224,7 +224,7 @@ def run_demo(settings: DemoSettings) -> dict:
 
 
 def _short(metrics: dict) -> str:
-    keys = ("epoch", "dice", "threshold_jaccard", "balanced_accuracy", "macro_auc", "val_loss")
+    keys = ("epoch", "dice", "threshold_jaccard", "balanced_accuracy", "auc", "val_loss")
     return ", ".join(f"{k}={metrics[k]:.3f}" if isinstance(metrics.get(k), float) else f"{k}={metrics[k]}"
                      for k in keys if k in metrics)
 

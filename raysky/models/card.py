@@ -29,7 +29,7 @@ INTENDED_USE = (
     "images of a single skin lesion, with the lesion mask and a Grad-CAM heatmap to check what "
     "the prediction rests on. It is not a diagnosis, it does not replace histopathology or a "
     "clinician's examination, and it must not be used to rule out malignancy on its own.")
-VAL_METRICS = ("balanced_accuracy", "macro_auc", "accuracy", "auc_per_class", "val_loss",
+VAL_METRICS = ("balanced_accuracy", "auc", "accuracy", "auc_per_class", "val_loss",
                "dice", "jaccard", "threshold_jaccard", "val_images")
 
 

@@ -30,6 +30,7 @@ from raysky.models.config import (
     config_from_dict,
     config_to_dict,
 )
+from raysky.models.runtime import unwrap_ddp
 from raysky.models.segmenter import DeepUNet
 
 FORMAT = "raysky-checkpoint/1"
@@ -62,7 +63,7 @@ class LoadedModel:
 
 def model_kind(model: nn.Module) -> str:
     """Name the kind of a raysky model; anything else is a ``TypeError``."""
-    model = getattr(model, "module", model)  # unwrap DDP
+    model = unwrap_ddp(model)
     if isinstance(model, DeepUNet):
         return "segmenter"
     if isinstance(model, DualStreamClassifier):
@@ -72,7 +73,7 @@ def model_kind(model: nn.Module) -> str:
 
 def serialize_weights(model: nn.Module) -> bytes:
     """Weights as safetensors bytes (contiguous CPU tensors, so channels_last models work too)."""
-    model = getattr(model, "module", model)
+    model = unwrap_ddp(model)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     return save_safetensors(state)
 
@@ -84,7 +85,7 @@ def weights_version(weights: bytes, kind: str) -> str:
 
 def describe(model: nn.Module, preset: str, weights: bytes, extra: dict | None = None) -> dict:
     """Build the checkpoint's JSON description for ``model`` and its serialized weights."""
-    inner = getattr(model, "module", model)
+    inner = unwrap_ddp(model)
     kind = model_kind(inner)
     config = inner.config
     meta = {

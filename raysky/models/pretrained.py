@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from raysky import storage
+from raysky.models.runtime import unwrap_ddp
 
 logger = logging.getLogger(__name__)
 
@@ -285,7 +286,7 @@ def initialise_encoders(encoders: dict[str, nn.Module], architecture: str, spec:
 
 def model_encoders(model: nn.Module) -> dict[str, nn.Module]:
     """A raysky model's encoders by name: ``encoder`` for the segmenter, the streams otherwise."""
-    model = getattr(model, "module", model)
+    model = unwrap_ddp(model)
     if hasattr(model, "full_encoder"):
         encoders = {"full_encoder": model.full_encoder}
         if model.lesion_encoder is not None:
@@ -296,5 +297,5 @@ def model_encoders(model: nn.Module) -> dict[str, nn.Module]:
 
 def initialise_model(model: nn.Module, spec: str) -> dict[str, EncoderInit]:
     """Initialise all of a raysky model's encoders from ``spec`` and return their records."""
-    config = getattr(model, "module", model).config
+    config = unwrap_ddp(model).config
     return initialise_encoders(model_encoders(model), config.encoder, spec, config.encoder_kwargs)

@@ -26,6 +26,11 @@ TORCH_THREAD_NAME = "raysky-torch"
 T = TypeVar("T")
 
 
+def unwrap_ddp(model: nn.Module) -> nn.Module:
+    """The plain model inside a ``DistributedDataParallel`` wrapper (or the model itself)."""
+    return getattr(model, "module", model)
+
+
 def select_device(use_gpu: bool = False) -> torch.device:
     """CUDA when asked for and present, else CPU; asking for a GPU that is absent is an error."""
     import torch

@@ -10,6 +10,10 @@ from torch import nn
 from raysky.models.blocks import ASPP, ConvBnAct, DualAttentionGate
 from raysky.models.config import SegmenterConfig
 
+MASK_THRESHOLD = 0.5
+"""A pixel is lesion where the segmenter's sigmoid probability exceeds this: in training's
+validation, scoring, serving and the classifier's lesion stream alike."""
+
 
 class DecoderBlock(nn.Module):
     """Upsample x2, gate the skip with the upsampled decoder state, concatenate and convolve."""

@@ -34,7 +34,14 @@ from raysky.models.card import machine_description
 from raysky.models.checkpoint import load_checkpoint, save_checkpoint
 from raysky.models.preprocess import images_to_tensor, masks_to_tensor
 from raysky.models.pretrained import initialise_model, model_encoders
-from raysky.models.runtime import autocast, choose_precision, prepare_for_device, set_torch_threads
+from raysky.models.runtime import (
+    autocast,
+    choose_precision,
+    prepare_for_device,
+    set_torch_threads,
+    unwrap_ddp,
+)
+from raysky.models.segmenter import MASK_THRESHOLD
 from raysky.progress import Progress
 from raysky.train.datasets import readable_rows
 
@@ -45,12 +52,6 @@ MAX_UNREADABLE_SHARE = 0.01
 """An epoch that cannot read more than this share of its training images fails."""
 
 DEFAULT_METRIC = {"segmenter": ("dice", "max"), "classifier": ("balanced_accuracy", "max")}
-MASK_THRESHOLD = 0.5
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain model inside a DDP wrapper (or the model itself)."""
-    return getattr(model, "module", model)
 
 
 class SegmenterTask:
@@ -253,7 +254,7 @@ SCHEDULE = ("AdamW; linear warm-up over min(one epoch, 10% of the steps), then c
 def make_optimizer(model: nn.Module, config: dict, steps_per_epoch: int):
     """AdamW with a linear warm-up over at most one epoch, then cosine decay to 1% of each
     group's peak rate (see :func:`parameter_groups`)."""
-    groups = parameter_groups(unwrap(model), config["lr"], config.get("encoder_lr_scale", 1.0))
+    groups = parameter_groups(unwrap_ddp(model), config["lr"], config.get("encoder_lr_scale", 1.0))
     optimizer = torch.optim.AdamW(groups, lr=config["lr"], weight_decay=config["weight_decay"])
     total = max(1, steps_per_epoch * config["epochs"])
     warmup = max(1, min(steps_per_epoch, total // 10))
@@ -308,7 +309,7 @@ def write_checkpoint(directory: str, model: nn.Module, config: dict, state: dict
              "hyperparameters": state["hyperparameters"],
              "provenance": config.get("provenance", {}), "machine": machine_description(),
              "training_seconds": sum(float(h.get("train_seconds", 0.0)) for h in history)}
-    save_checkpoint(unwrap(model), directory, config["preset"], extra=extra)
+    save_checkpoint(unwrap_ddp(model), directory, config["preset"], extra=extra)
     torch.save(state, os.path.join(directory, STATE_FILE))
     with open(os.path.join(directory, METRICS_FILE), "w") as handle:
         json.dump(to_jsonable(metrics), handle, indent=2)
@@ -469,7 +470,7 @@ def train_loop_per_worker(config: dict) -> None:
         report_checkpoint = None
         with tempfile.TemporaryDirectory() as directory:
             if rank == 0:
-                metrics.update(task.evaluate(unwrap(model), val_shard.iter_batches(
+                metrics.update(task.evaluate(unwrap_ddp(model), val_shard.iter_batches(
                     batch_size=batch_size, batch_format="numpy"), device, precision))
                 _score(metrics, config)
                 history.append(to_jsonable(metrics))
@@ -486,7 +487,7 @@ def train_loop_per_worker(config: dict) -> None:
 
 def _epoch_line(kind: str, metrics: dict, epochs: int) -> str:
     keys = ("train_loss", "val_loss", "dice", "jaccard", "threshold_jaccard", "accuracy",
-            "balanced_accuracy", "macro_auc")
+            "balanced_accuracy", "auc")
     shown = ", ".join(f"{k} {metrics[k]:.4f}" for k in keys if isinstance(metrics.get(k), float))
     return (f"{kind}: epoch {metrics['epoch']}/{epochs} done, {shown}, "
             f"{metrics['images_per_s']:.1f} img/s")
