@@ -10,7 +10,7 @@ def register(subparsers) -> None:
     from raysky.local.demo import DemoSettings
     from raysky.models.config import PRESETS
 
-    defaults = DemoSettings()
+    defaults = DemoSettings()  # every field has a default: the instance is the defaults
     parser = subparsers.add_parser(
         "demo", help="train, screen, report and serve on the bundled sample, all on 127.0.0.1",
         description="Start a local Ray and an embedded S3 endpoint (moto) on 127.0.0.1, upload the "

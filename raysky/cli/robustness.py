@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import argparse
 
-_FORMATS = ("ham10000", "isic2018", "isic2019", "archive")
-_KINDS = "ruler,ink,bubbles,hair,vignette"  # raysky.audit.artefacts.ARTEFACT_KINDS, unimported
+from raysky.audit.robustness import RobustnessSettings
+from raysky.cli.options import settings_defaults
+from raysky.data.readers import FORMATS
 
 
 def register(subparsers) -> None:
     """Add the ``robustness`` sub-command."""
+    d = settings_defaults(RobustnessSettings)
     parser = subparsers.add_parser(
         "robustness", help="measure how pasted dermoscopic artefacts change predictions",
         description="Write the dataset's images (or one --split, or a seeded --limit sample) "
@@ -25,24 +27,29 @@ def register(subparsers) -> None:
     parser.add_argument("--classifier", required=True, help="classifier checkpoint")
     parser.add_argument("--data", required=True, metavar="URI",
                         help="dataset: local folder or s3:// prefix")
-    parser.add_argument("--format", required=True, choices=_FORMATS, help="layout of --data")
+    parser.add_argument("--format", required=True, choices=FORMATS, help="layout of --data")
     parser.add_argument("--metadata", metavar="URI", help="metadata CSV, for --format archive")
     parser.add_argument("--split", help="one split: for isic2018 Training, Validation or Test; "
                         "otherwise train, val or test of the splits.csv at the --data root")
-    parser.add_argument("--artefacts", default=_KINDS, metavar="LIST",
+    parser.add_argument("--artefacts", default=",".join(d["artefacts"]), metavar="LIST",
                         help="comma-separated artefact types (default: %(default)s)")
-    parser.add_argument("--out", default="robustness", metavar="DIR",
+    parser.add_argument("--out", default=d["out"], metavar="DIR",
                         help="local working and output folder (default: %(default)s)")
     parser.add_argument("--limit", type=int, metavar="N",
                         help="a seeded sample of N images instead of all")
-    parser.add_argument("--seed", type=int, default=0, help="artefacts, sample and bootstrap seed")
-    parser.add_argument("--replicates", type=int, default=200,
+    parser.add_argument("--seed", type=int, default=d["seed"],
+                        help="artefacts, sample and bootstrap seed (default: %(default)s)")
+    parser.add_argument("--replicates", type=int, default=d["replicates"],
                         help="bootstrap replicates for the intervals (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per model call")
-    parser.add_argument("--workers", type=int, default=None, help="model workers (see score)")
-    parser.add_argument("--cpus-per-worker", type=int, default=2, help="CPUs per model worker")
-    parser.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per model worker")
-    parser.add_argument("--address", default=None, help="Ray cluster address (see `raysky score`)")
+    parser.add_argument("--batch-size", type=int, default=d["batch_size"],
+                        help="images per model call (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=d["workers"], help="model workers (see score)")
+    parser.add_argument("--cpus-per-worker", type=int, default=d["cpus_per_worker"],
+                        help="CPUs per model worker (default: %(default)s)")
+    parser.add_argument("--gpus-per-worker", type=float, default=d["gpus_per_worker"],
+                        help="GPUs per model worker (default: %(default)s)")
+    parser.add_argument("--address", default=d["ray_address"],
+                        help="Ray cluster address (see `raysky score`)")
     parser.add_argument("--update-card", metavar="CKPT_URI",
                         help="write a new version of --classifier here whose model card gains "
                         "the robustness table (the weights are copied as they are)")

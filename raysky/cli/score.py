@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 
-from raysky.data.images import DEFAULT_MAX_PIXELS
+from raysky.cli.options import settings_defaults
+from raysky.models.runtime import PRECISIONS
+from raysky.score.pipeline import ScoreSettings
 
 
 def register(subparsers) -> None:
     """Add the ``score``, ``pack``, ``export`` and ``results`` sub-commands."""
+    d = settings_defaults(ScoreSettings)
     score = subparsers.add_parser(
         "score", help="score an archive of images (prefix or packed shards) into Parquet",
         description="Segment, classify and explain (Grad-CAM) every image under --input with Ray "
@@ -28,35 +31,35 @@ def register(subparsers) -> None:
                        "localization/anatom_site_general); images without a row get unknown metadata")
     score.add_argument("--no-heatmaps", dest="heatmaps", action="store_false",
                        help="skip Grad-CAM: no heatmap_png column, lesion_focus left empty")
-    score.add_argument("--batch-size", type=int, default=16, help="images per model call (default 16)")
-    score.add_argument("--gpus-per-worker", type=float, default=0.0,
-                       help="GPUs per model worker; 0 runs the models on CPU (default 0)")
-    score.add_argument("--cpus-per-worker", type=int, default=2,
-                       help="CPUs, and torch threads, per model worker (default 2)")
-    score.add_argument("--workers", type=int, default=None,
+    score.add_argument("--batch-size", type=int, default=d["batch_size"],
+                       help="images per model call (default %(default)s)")
+    score.add_argument("--gpus-per-worker", type=float, default=d["gpus_per_worker"],
+                       help="GPUs per model worker; 0 runs the models on CPU (default %(default)s)")
+    score.add_argument("--cpus-per-worker", type=int, default=d["cpus_per_worker"],
+                       help="CPUs, and torch threads, per model worker (default %(default)s)")
+    score.add_argument("--workers", type=int, default=d["workers"],
                        help="model workers; default: grow from 1 to what the cluster fits")
-    score.add_argument("--rows-per-file", type=int, default=1000,
-                       help="rows per Parquet file at most (default 1000); files are also cut at "
+    score.add_argument("--rows-per-file", type=int, default=d["rows_per_file"],
+                       help="rows per Parquet file at most (default %(default)s); files are also cut at "
                        "512 MiB of PNG data")
-    score.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                       help="model precision (default fp32)")
+    score.add_argument("--precision", choices=PRECISIONS, default=d["precision"],
+                       help="model precision (default %(default)s)")
     score.add_argument("--tta", action="store_true",
                        help="test-time augmentation: average the models over the four flips of "
                        "each image (4x the model work; Grad-CAM explains the unflipped view)")
-    score.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                       help=f"reject larger images as decompression bombs (default {DEFAULT_MAX_PIXELS})")
-    score.add_argument("--top", type=int, default=10,
-                       help="rows listed by malignant_prob in the summary (default 10)")
-    score.add_argument("--address", default=None,
+    score.add_argument("--max-pixels", type=int, default=d["max_pixels"],
+                       help="reject larger images as decompression bombs (default %(default)s)")
+    score.add_argument("--top", type=int, default=d["top"],
+                       help="rows listed by malignant_prob in the summary (default %(default)s)")
+    score.add_argument("--address", default=d["ray_address"],
                        help="Ray cluster address (default: RAY_ADDRESS, else a private local Ray; "
                        "use 'auto' for a cluster started with `ray start`)")
     score.add_argument("--no-retry-transient", dest="retry_transient", action="store_false",
                        help="keep rows that failed transiently (error_kind 'transient', e.g. S3 "
                        "throttling) instead of scoring them again")
-    # No default here: the CLI must not import raysky.score (and Ray) just to parse arguments.
-    score.add_argument("--lock-timeout", type=float, metavar="SECONDS",
+    score.add_argument("--lock-timeout", type=float, metavar="SECONDS", default=d["lock_timeout_s"],
                        help="take over another run's lock on --output after this long without "
-                       "its heartbeat (default: raysky.score.lock.STALE_AFTER_S, 600)")
+                       "its heartbeat (default %(default)s)")
     score.add_argument("--json", action="store_true", help="print the summary as JSON")
     score.set_defaults(func=run_score)
 
@@ -67,8 +70,8 @@ def register(subparsers) -> None:
         "in large requests instead of one request per object. Resumable.")
     pack.add_argument("--input", required=True, help="prefix of .jpg/.jpeg/.png objects")
     pack.add_argument("--output", required=True, help="prefix for the shards")
-    pack.add_argument("--rows-per-file", type=int, default=1000,
-                      help="images per shard at most (default 1000)")
+    pack.add_argument("--rows-per-file", type=int, default=d["rows_per_file"],
+                      help="images per shard at most (default %(default)s)")
     pack.add_argument("--metadata", metavar="CSV_URI", help="metadata CSV joined by image id")
     pack.add_argument("--address", default=None, help="Ray cluster address (see `raysky score`)")
     pack.set_defaults(func=run_pack)
@@ -89,7 +92,8 @@ def register(subparsers) -> None:
         "removed) and print counts of ok and error rows, error reasons, the class "
         "distribution and the images with the highest malignant_prob.")
     show.add_argument("uri", help="results prefix written by `raysky score`")
-    show.add_argument("--top", type=int, default=10, help="rows listed by malignant_prob (default 10)")
+    show.add_argument("--top", type=int, default=d["top"],
+                      help="rows listed by malignant_prob (default %(default)s)")
     show.add_argument("--json", action="store_true", help="print the summary as JSON")
     show.set_defaults(func=run_results)
 
@@ -105,7 +109,7 @@ def run_score(args: argparse.Namespace) -> int:
         cpus_per_worker=args.cpus_per_worker, rows_per_file=args.rows_per_file,
         precision=args.precision, tta=args.tta, max_pixels=args.max_pixels, top=args.top,
         ray_address=args.address, retry_transient=args.retry_transient,
-        **({} if args.lock_timeout is None else {"lock_timeout_s": args.lock_timeout}),
+        lock_timeout_s=args.lock_timeout,
     ))
     print(json.dumps(summary.to_dict(), indent=2) if args.json else summary.format())
     return 0

@@ -9,13 +9,11 @@ import os
 
 def register(subparsers) -> None:
     """Add the ``serve`` sub-command."""
-    from raysky.data.images import DEFAULT_MAX_PIXELS
-    from raysky.serve.config import (
-        DEFAULT_BATCH_WAIT_S,
-        DEFAULT_MAX_BATCH_SIZE,
-        DEFAULT_MAX_BODY_BYTES,
-        DEFAULT_MAX_INFLIGHT_PIXELS,
-    )
+    from raysky.cli.options import settings_defaults
+    from raysky.models.runtime import PRECISIONS
+    from raysky.serve.config import ServeSettings
+
+    d = settings_defaults(ServeSettings)
 
     parser = subparsers.add_parser(
         "serve", help="run the live HTTP endpoint (Ray Serve) until Ctrl-C",
@@ -32,52 +30,53 @@ def register(subparsers) -> None:
                         help="segmenter checkpoint directory or s3:// prefix")
     parser.add_argument("--classifier", required=True,
                         help="classifier checkpoint directory or s3:// prefix")
-    parser.add_argument("--host", default="127.0.0.1",
+    parser.add_argument("--host", default=d["host"],
                         help="address to bind; 0.0.0.0 exposes the endpoint to the network")
-    parser.add_argument("--port", type=int, default=8000, help="HTTP port")
-    parser.add_argument("--min-replicas", type=int, default=1,
+    parser.add_argument("--port", type=int, default=d["port"], help="HTTP port")
+    parser.add_argument("--min-replicas", type=int, default=d["min_replicas"],
                         help="model replicas kept running when idle")
-    parser.add_argument("--max-replicas", type=int, default=1,
+    parser.add_argument("--max-replicas", type=int, default=d["max_replicas"],
                         help="model replicas the autoscaler may grow to")
-    parser.add_argument("--target-ongoing-requests", type=float, default=None,
+    parser.add_argument("--target-ongoing-requests", type=float,
+                        default=d["target_ongoing_requests"],
                         help="autoscaling target of in-flight requests per model replica "
                         "(default: --max-batch-size)")
-    parser.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE,
+    parser.add_argument("--max-batch-size", type=int, default=d["max_batch_size"],
                         help="largest batch a model replica scores at once")
-    parser.add_argument("--batch-wait-ms", type=float, default=DEFAULT_BATCH_WAIT_S * 1000.0,
+    parser.add_argument("--batch-wait-ms", type=float, default=d["batch_wait_timeout_s"] * 1000.0,
                         help="how long an idle model waits for a batch to fill; requests queued "
                         "behind a busy model join its next batch anyway")
-    parser.add_argument("--max-ongoing-requests", type=int, default=16,
+    parser.add_argument("--max-ongoing-requests", type=int, default=d["max_ongoing_requests"],
                         help="in-flight requests per model replica (>= --max-batch-size)")
-    parser.add_argument("--max-queued-requests", type=int, default=64,
+    parser.add_argument("--max-queued-requests", type=int, default=d["max_queued_requests"],
                         help="requests queued for the model beyond that; more get 503")
-    parser.add_argument("--num-cpus", type=float, default=1.0,
+    parser.add_argument("--num-cpus", type=float, default=d["num_cpus"],
                         help="CPUs reserved per model replica")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=int, default=d["torch_threads"],
                         help="torch threads per model replica (default: --num-cpus)")
     parser.add_argument("--gpu", action="store_true", help="give each model replica one GPU")
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+    parser.add_argument("--precision", choices=PRECISIONS, default=d["precision"],
                         help="inference precision")
     parser.add_argument("--tta", action="store_true",
                         help="test-time augmentation: average the models over the four flips of "
                         "each image (4x the model work; Grad-CAM explains the unflipped view)")
-    parser.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY_BYTES / 2**20,
+    parser.add_argument("--max-body-mb", type=float, default=d["max_body_bytes"] / 2**20,
                         help="largest request body in MiB; larger bodies get 413")
-    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+    parser.add_argument("--max-pixels", type=int, default=d["max_pixels"],
                         help="largest image (width x height) decoded; larger images get 413")
-    parser.add_argument("--max-inflight-pixels", type=int, default=DEFAULT_MAX_INFLIGHT_PIXELS,
+    parser.add_argument("--max-inflight-pixels", type=int, default=d["max_inflight_pixels"],
                         help="decoded pixels an ingress replica holds at once; uploads beyond "
                         "it wait their turn, and get 503 after 30 s (default: %(default)s)")
-    parser.add_argument("--api-keys-file", default=None,
+    parser.add_argument("--api-keys-file", default=d["api_keys_file"],
                         help="file holding the accepted API keys, one per line (keep it mode "
                         "0600); default: RAYSKY_API_KEYS_FILE, else RAYSKY_API_KEYS")
     parser.add_argument("--allow-unauthenticated", action="store_true",
                         help="serve without API keys: anyone who can reach the port can use it")
     parser.add_argument("--enable-docs", action="store_true",
                         help="serve the OpenAPI schema and docs at /openapi.json and /docs")
-    parser.add_argument("--access-log", default=None,
+    parser.add_argument("--access-log", default=d["access_log"],
                         help="also append the JSON access log to this local file")
-    parser.add_argument("--address", default="local",
+    parser.add_argument("--address", default=d["ray_address"],
                         help="Ray address: 'local' starts a private Ray, 'auto' joins the "
                         "running cluster")
     parser.set_defaults(func=run)

@@ -4,21 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import fields
 
+from raysky.cli.options import settings_defaults
 from raysky.data.readers import FORMATS
 from raysky.models.config import PRESETS
 from raysky.models.runtime import TRAIN_PRECISIONS
 from raysky.train.settings import TrainSettings
 
 
-def _defaults() -> dict:
-    # One source of defaults for the CLI and the Python API.
-    return {f.name: f.default for f in fields(TrainSettings)}
-
-
 def _common(parser: argparse.ArgumentParser) -> None:
-    d = _defaults()
+    d = settings_defaults(TrainSettings)
     data = parser.add_argument_group("data")
     data.add_argument("--data", required=True, metavar="URI",
                       help="dataset root, a local folder or s3:// prefix")
