@@ -24,10 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
-import pyarrow.dataset as pads
-import pyarrow.fs as pafs
 
-from raysky import storage
+from raysky import results, storage
 from raysky.data.images import ImageDecodeError, decode_mask, load_mask
 from raysky.data.readers import metadata_frame, read_dataset, read_isic2018
 from raysky.data.records import LesionRecord
@@ -42,7 +40,7 @@ from raysky.metrics import (
     jaccard_score,
     thresholded_jaccard,
 )
-from raysky.results import PROB_PREFIX, dedupe
+from raysky.results import PROB_PREFIX
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("image_id", "status")
 LOW_FOCUS_THRESHOLD = 0.5
@@ -64,36 +62,22 @@ def _normalize_id(image_id: object) -> str:
     return stem if ext.lower() in _IMAGE_SUFFIXES else text
 
 
-def _results_dataset(uri: str) -> pads.Dataset:
-    fs, path = storage.resolve(uri)
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.NotFound and not (storage.is_s3(uri) and storage.is_dir(uri)):
-        raise FileNotFoundError(f"results not found: {uri}")
-    try:
-        # A directory (what Ray Data writes) is read as one table; "_" and "." files are skipped.
-        return pads.dataset(path, filesystem=fs, format="parquet")
-    except Exception as exc:  # pyarrow raises several types for non-Parquet input
-        raise ValueError(f"{uri}: not a Parquet file or folder of Parquet files ({exc})") from None
-
-
 def results_columns(uri: str) -> list[str]:
-    """Column names of a results Parquet file or folder, read from its schema only."""
-    return list(_results_dataset(uri).schema.names)
+    """Column names of results (a Parquet file or folder), from the first file's footer only."""
+    return list(results.schema(uri).names)
 
 
 def read_results(uri: str, columns: Sequence[str] | None = None,
                  image_ids: Sequence[str] | None = None) -> pd.DataFrame:
-    """Read a results Parquet file, or a folder/prefix of them, into a DataFrame.
+    """The results under ``uri`` as evaluation reads them: :func:`raysky.results.read` (one row
+    per input; ``columns`` and ``image_ids`` limit what is read, and names absent from the
+    file are ignored, so optional columns such as ``heatmap_png`` can be asked for safely),
+    with ids matched as ISIC matches them (an image suffix dropped) and checked.
 
-    ``columns`` limits what is read (names absent from the file are ignored, so optional
-    columns such as ``heatmap_png`` can be asked for safely); ``image_ids`` limits the rows,
-    which keeps large binary columns off the heap when only a few images are needed. The
-    table must hold ``image_id`` and ``status`` and at least one ``prob_<class>`` column whose
-    suffix is a known diagnosis. Duplicate rows of an image are resolved as
-    :func:`raysky.results.dedupe` does. Problems raise ``ValueError`` naming the URI.
+    The table must hold ``image_id`` and ``status`` and at least one ``prob_<class>`` column
+    whose suffix is a known diagnosis. Problems raise ``ValueError`` naming the URI.
     """
-    dataset = _results_dataset(uri)
-    names = dataset.schema.names
+    names = results_columns(uri)
     missing = [name for name in REQUIRED_COLUMNS if name not in names]
     if missing:
         raise ValueError(f"{uri}: results lack required column(s) {', '.join(missing)} "
@@ -104,16 +88,8 @@ def read_results(uri: str, columns: Sequence[str] | None = None,
     for name in (*REQUIRED_COLUMNS, *(n for n in names if n.startswith(PROB_PREFIX))):
         if name not in wanted:
             wanted.append(name)
-    row_filter = None
-    if image_ids is not None:
-        row_filter = pads.field("image_id").isin(list(image_ids))
-    if "scored_at" in names and "scored_at" not in wanted:
-        wanted.append("scored_at")
-    frame = dataset.to_table(columns=wanted, filter=row_filter).to_pandas()
+    frame = results.read(uri, wanted, image_ids=image_ids)
     frame["image_id"] = frame["image_id"].map(_normalize_id)
-    # An interrupted scoring run may leave a second row for an image; the scorer's own rule
-    # (ok before error, then newest) picks the one that counts, so both read the same rows.
-    frame = dedupe(frame)
     result_classes(frame, uri)  # validates the class columns early, with the URI in the error
     return frame.reset_index(drop=True)
 

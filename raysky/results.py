@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import posixpath
 from collections import Counter
+from collections.abc import Sequence
 
 import pandas as pd
 import pyarrow as pa
@@ -64,8 +65,10 @@ def result_files(uri: str) -> list[str]:
     return [f for f in storage.list_files(uri, (".parquet",)) if not is_hidden(f, uri)]
 
 
-def read_table(files: list[str], columns: list[str] | None = None) -> pa.Table:
-    """Read ``files`` (all on one filesystem) into one Arrow table, projecting ``columns``.
+def read_table(files: list[str], columns: list[str] | None = None,
+               row_filter: pc.Expression | None = None) -> pa.Table:
+    """Read ``files`` (all on one filesystem) into one Arrow table, projecting ``columns`` and
+    keeping the rows ``row_filter`` selects (pushed down to the Parquet reader).
 
     Raises ``ValueError`` naming the file when a file is not readable Parquet.
     """
@@ -74,7 +77,8 @@ def read_table(files: list[str], columns: list[str] | None = None) -> pa.Table:
     fs, _ = storage.resolve(files[0])
     paths = [storage.resolve(f)[1] for f in files]
     try:
-        return pads.dataset(paths, filesystem=fs, format="parquet").to_table(columns=columns)
+        return pads.dataset(paths, filesystem=fs, format="parquet").to_table(
+            columns=columns, filter=row_filter)
     except (pa.ArrowInvalid, OSError) as exc:
         # Name the broken file: re-read one by one only on this rare path.
         import pyarrow.parquet as pq
@@ -95,7 +99,10 @@ def schema(uri: str) -> pa.Schema:
     import pyarrow.parquet as pq
 
     fs, path = storage.resolve(files[0])
-    return pq.read_schema(path, filesystem=fs)
+    try:
+        return pq.read_schema(path, filesystem=fs)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ValueError(f"{files[0]}: not a readable Parquet file ({exc})") from None
 
 
 def duplicate_ids(ids: pa.Array | pa.ChunkedArray) -> list[str]:
@@ -130,12 +137,15 @@ def dedupe(frame: pd.DataFrame) -> pd.DataFrame:
     return order.drop_duplicates("image_id", keep="first").drop(columns="_rank").reset_index(drop=True)
 
 
-def read(uri: str, columns: list[str] | None = None) -> pd.DataFrame:
+def read(uri: str, columns: list[str] | None = None,
+         image_ids: Sequence[str] | None = None) -> pd.DataFrame:
     """Read the results under ``uri`` into a DataFrame with exactly one row per scored input.
 
     ``columns`` limits what is read (the PNG columns are large); ``image_id``, ``status`` and
     ``scored_at`` are always read, to deduplicate, and dropped again when not asked for.
-    Raises ``FileNotFoundError`` when ``uri`` holds no result files.
+    ``image_ids`` keeps only those rows, filtered in the Parquet reader, so a few images'
+    masks and heatmaps can be read without the rest. Raises ``FileNotFoundError`` when
+    ``uri`` holds no result files.
     """
     files = result_files(uri)
     if not files:
@@ -148,7 +158,8 @@ def read(uri: str, columns: list[str] | None = None) -> pd.DataFrame:
         if missing:
             raise ValueError(f"{uri}: no column {', '.join(missing)} in the results")
         wanted = [c for c in wanted if c in available]
-    frame = read_table(files, wanted).to_pandas()
+    row_filter = None if image_ids is None else pc.field("image_id").isin(list(image_ids))
+    frame = read_table(files, wanted, row_filter).to_pandas()
     for name, (after, dtype) in OPTIONAL_COLUMNS.items():
         if name not in available and (columns is None or name in columns):
             at = frame.columns.get_loc(after) + 1 if after in frame.columns else len(frame.columns)

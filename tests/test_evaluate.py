@@ -227,13 +227,13 @@ def test_evaluate_reports_bad_input_clearly(sample_dir, synthetic, tmp_path, cap
     missing = tmp_path / "nope.parquet"
     assert main(["evaluate", "--results", str(missing), "--data", str(sample_dir),
                  "--format", "ham10000"]) == 2
-    assert f"results not found: {missing}" in capsys.readouterr().err
+    assert f"{missing}: no such file or object" in capsys.readouterr().err
 
     not_parquet = tmp_path / "results.parquet"
     not_parquet.write_text("image_id,status\n")
     assert main(["evaluate", "--results", str(not_parquet), "--data", str(sample_dir),
                  "--format", "ham10000"]) == 2
-    assert "not a Parquet file" in capsys.readouterr().err
+    assert "not a readable Parquet file" in capsys.readouterr().err
 
     no_probs = tmp_path / "no_probs.parquet"
     pq.write_table(pa.table({"image_id": ["a"], "status": ["ok"]}), no_probs)
