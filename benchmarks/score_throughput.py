@@ -183,7 +183,7 @@ def plain_loop(files: list[str], ckpt: dict, batch_size: int, out: Path) -> floa
                     "image_id": Path(path).stem, "source_uri": path,
                     "predicted_class": classes[int(probs[j].argmax())],
                     **{f"prob_{c}": float(p) for c, p in zip(classes, probs[j], strict=True)},
-                    "mask_png": encode_png(mask),
+                    "mask_png": encode_png(mask, mask=True),
                     "heatmap_png": encode_png(Image.fromarray(
                         np.clip(np.rint(heat * 255), 0, 255).astype(np.uint8), mode="L")),
                 })

@@ -82,7 +82,7 @@ def _latency_pairs(pipeline, arrays, encoded, url: str, n: int, offset: int):
             pipeline_only.append(time.perf_counter() - start)
             start = time.perf_counter()
             result = pipeline([np.asarray(decode_image(encoded[i % len(encoded)]))])[0]
-            encode_png(result.mask)
+            encode_png(result.mask, mask=True)
             encode_png(Image.fromarray(np.rint(result.heatmap * 255).astype(np.uint8), mode="L"))
             end_to_end.append(time.perf_counter() - start)
             start = time.perf_counter()

@@ -29,7 +29,7 @@ from PIL import Image
 from raysky import storage
 from raysky.audit.plots import subgroup_section
 from raysky.calibration.plots import reliability_section
-from raysky.data.images import ImageDecodeError, decode_image, decode_mask
+from raysky.data.images import ImageDecodeError, decode_mask, load_rgb
 from raysky.data.readers import metadata_frame
 from raysky.data.taxonomy import MALIGNANT_CLASSES
 from raysky.evaluate import (
@@ -146,7 +146,7 @@ def _load_image(uri: str | None) -> np.ndarray | None:
     if not uri:
         return None
     try:
-        return np.asarray(decode_image(storage.read_bytes(uri), source=str(uri)))
+        return np.asarray(load_rgb(uri))
     except (FileNotFoundError, OSError, ImageDecodeError):
         # The archive may have moved since scoring; the card then shows mask and heatmap only.
         return None

@@ -109,7 +109,7 @@ def result_row(image_id: str, source_uri: str, classes, probs=None, mask=None, h
     row.update({
         "width": width, "height": height, "predicted_class": classes[int(probs.argmax())],
         **{f"prob_{c}": float(p) for c, p in zip(classes, probs, strict=True)},
-        "malignant_prob": float(probs[malignant].sum()), "mask_png": encode_png(mask),
+        "malignant_prob": float(probs[malignant].sum()), "mask_png": encode_png(mask, mask=True),
         "lesion_area_frac": float(mask.mean()),
         "heatmap_png": None if heatmap is None else encode_png(
             np.clip(np.rint(heatmap * 255), 0, 255).astype(np.uint8)),

@@ -260,7 +260,7 @@ def test_mask_variants(kind):
     elif kind == "16bit":
         image = Image.fromarray(truth.astype(np.uint16) * 65535)
     else:
-        image = Image.open(io.BytesIO(encode_png(truth.astype(bool))))
+        image = Image.open(io.BytesIO(encode_png(truth.astype(bool), mask=True)))
     mask = decode_mask(_save(image, "PNG"), f"{kind}.png")
     assert mask.dtype == np.uint8
     assert np.array_equal(mask, truth)
@@ -279,9 +279,13 @@ def test_encode_png_round_trips(sample_rgb):
     assert np.array_equal(np.asarray(decode_image(encode_png(sample_rgb))), rgb)
     mask = np.zeros((6, 8), np.uint8)
     mask[2:4, 3:6] = 1
-    png = encode_png(mask)
+    png = encode_png(mask, mask=True)
     assert np.asarray(Image.open(io.BytesIO(png))).max() == 255  # written viewable, as 0/255
     assert np.array_equal(decode_mask(png), mask)
+    # Without mask=True the values stay: a faint heatmap of 0s and 1s is not a mask.
+    assert np.asarray(Image.open(io.BytesIO(encode_png(mask)))).max() == 1
+    with pytest.raises(ValueError, match="pass mask=True"):
+        encode_png(mask.astype(bool))
     with pytest.raises(ValueError, match="uint8 or bool"):
         encode_png(np.zeros((4, 4), np.float32))
 

@@ -20,7 +20,7 @@ from raysky import storage
 from raysky.calibration.fit import check_counts, fit_calibration
 from raysky.calibration.ood import DEFAULT_METHOD
 from raysky.calibration.referral import DEFAULT_SENSITIVITY
-from raysky.data.images import ImageDecodeError, decode_image, load_mask
+from raysky.data.images import ImageDecodeError, load_mask, load_rgb
 from raysky.data.records import LesionRecord
 from raysky.models.checkpoint import LoadedModel, load_checkpoint, save_calibrated
 
@@ -44,7 +44,7 @@ def labelled_records(records: Sequence[LesionRecord], classes: Sequence[str]) ->
 
 
 def _read(record: LesionRecord, with_mask: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    image = np.asarray(decode_image(storage.read_bytes(record.image_uri), source=record.image_uri))
+    image = np.asarray(load_rgb(record.image_uri))
     if not with_mask:
         return image, None
     # No mask reads as an empty one, which the lesion stream treats as "no lesion found".

@@ -247,20 +247,25 @@ def decode_mask(
     return (values > 127).astype(np.uint8)
 
 
-def encode_png(image: Image.Image | np.ndarray, compress_level: int = 6) -> bytes:
+def encode_png(image: Image.Image | np.ndarray, compress_level: int = 6, *,
+               mask: bool = False) -> bytes:
     """Encode a PIL image or a ``uint8``/``bool`` array (``HxW``, ``HxWx3``, ``HxWx4``) as PNG.
 
-    A 2-D array holding only 0 and 1, or a bool array, is treated as a mask and written as
-    0/255, so that it can be viewed and read back by :func:`decode_mask`. ``compress_level``
-    is zlib's 0-9: the default suits stored results; 1 encodes a heatmap about 3x faster for
-    about 40% more bytes, the better trade for a live answer.
+    With ``mask`` the array is a binary mask (bool, or 0/1, or 0/255: nonzero is lesion) and is
+    written as single-channel 0/255, so that it can be viewed and read back by
+    :func:`decode_mask`; without it the values are written as they are, so a faint 8-bit
+    heatmap that happens to hold only 0 and 1 stays itself. ``compress_level`` is zlib's 0-9:
+    the default suits stored results; 1 encodes a heatmap about 3x faster for about 40% more
+    bytes, the better trade for a live answer.
     """
     if isinstance(image, np.ndarray):
         array = image
-        if array.dtype == bool or (
-            array.ndim == 2 and array.dtype == np.uint8 and array.size and array.max() <= 1
-        ):
-            array = array.astype(np.uint8) * 255
+        if mask:
+            if array.ndim != 2:
+                raise ValueError(f"encode_png(mask=True) needs an HxW array, got {array.shape}")
+            array = (array != 0).astype(np.uint8) * 255
+        elif array.dtype == bool:
+            raise ValueError("encode_png got a bool array: pass mask=True to write it as a mask")
         if array.dtype != np.uint8 or array.ndim not in (2, 3) or (
             array.ndim == 3 and array.shape[2] not in (3, 4)
         ):

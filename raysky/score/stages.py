@@ -24,7 +24,6 @@ from collections.abc import Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from PIL import Image
 
 from raysky import storage
 from raysky.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, encode_png
@@ -282,9 +281,7 @@ def _png(raw: bytes | None, width: int, height: int, is_mask: bool) -> bytes | N
     if raw is None:
         return None
     array = np.frombuffer(raw, dtype=np.uint8).reshape(height, width)
-    # Masks go through encode_png's 0/1 -> 0/255 rule; heatmaps are passed as an 8-bit image
-    # so that a faint heatmap whose values happen to be 0 and 1 is not mistaken for a mask.
-    return encode_png(array if is_mask else Image.fromarray(array, mode="L"))
+    return encode_png(array, mask=is_mask)
 
 
 def encode_batch(batch: pa.Table, schema: pa.Schema) -> pa.Table:

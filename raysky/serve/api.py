@@ -30,7 +30,6 @@ import numpy as np
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -381,9 +380,8 @@ class _CachedCall:
 
 
 def _png_base64(array: np.ndarray, is_mask: bool) -> str:
-    # Heatmaps go through PIL explicitly: encode_png would read a 0/1-valued map as a mask.
-    image = array if is_mask else Image.fromarray(array, mode="L")
-    return base64.b64encode(encode_png(image, RESPONSE_PNG_COMPRESS_LEVEL)).decode("ascii")
+    png = encode_png(array, RESPONSE_PNG_COMPRESS_LEVEL, mask=is_mask)
+    return base64.b64encode(png).decode("ascii")
 
 
 def _encode_maps(result: dict[str, Any], want_mask: bool) -> tuple[str | None, str | None]:

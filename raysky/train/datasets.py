@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from raysky import storage
-from raysky.data.images import ImageDecodeError, decode_image, decode_mask
+from raysky.data.images import ImageDecodeError, decode_mask, load_rgb
 from raysky.data.metadata import MetadataVocab
 from raysky.data.readers import read_dataset
 from raysky.data.records import LesionRecord
@@ -129,7 +129,7 @@ def decode_and_transform(batch: dict[str, np.ndarray], size: int, train: bool,
     images, masks, errors = [], [], []
     for i, (image_uri, mask_uri) in enumerate(zip(batch["image_uri"], batch["mask_uri"], strict=True)):
         try:
-            image = decode_image(storage.read_bytes(str(image_uri)), source=str(image_uri))
+            image = load_rgb(str(image_uri))
             mask = decode_mask(storage.read_bytes(str(mask_uri)), source=str(mask_uri)) if mask_uri else None
         except (ImageDecodeError, FileNotFoundError, OSError) as exc:
             logger.warning("cannot read %s: %s", batch["image_id"][i], exc)

@@ -19,7 +19,7 @@ from dataclasses import replace
 import numpy as np
 
 from raysky import storage
-from raysky.data.images import ImageDecodeError, decode_image, encode_png
+from raysky.data.images import ImageDecodeError, encode_png, load_rgb
 from raysky.data.records import LesionRecord
 from raysky.inference import binary_mask, segment_probabilities
 from raysky.models.checkpoint import load_checkpoint
@@ -70,7 +70,7 @@ class SegmenterMasker:
         errors: list[str] = []
         for image_id, uri in zip(ids, batch["image_uri"], strict=True):
             try:
-                images.append(np.asarray(decode_image(storage.read_bytes(str(uri)), source=str(uri))))
+                images.append(np.asarray(load_rgb(str(uri))))
                 errors.append("")
             except (ImageDecodeError, FileNotFoundError, OSError) as exc:
                 # One unreadable image must not stop the job: its row carries the reason.
@@ -83,7 +83,7 @@ class SegmenterMasker:
             masks = on_torch_thread(self._masks, [images[i] for i in good])
             for mask, i in zip(masks, good, strict=True):
                 mask_uris[i] = mask_uri(self.output_uri, ids[i])
-                storage.write_bytes(mask_uris[i], encode_png(mask))
+                storage.write_bytes(mask_uris[i], encode_png(mask, mask=True))
         return {"image_id": np.asarray(ids), "mask_uri": np.asarray(mask_uris),
                 "error": np.asarray(errors)}
 
