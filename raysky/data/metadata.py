@@ -69,12 +69,18 @@ def _is_missing(value: object) -> bool:
     return isinstance(value, str) and value.strip().lower() in ("", "nan", "none", "null", UNKNOWN)
 
 
+SEX_ALIASES: dict[str, str] = {"m": "male", "f": "female"}
+SEX_SPELLINGS: tuple[str, ...] = (*SEX_VOCAB[1:], *SEX_ALIASES, UNKNOWN)
+"""Every sex value read as known (or as explicitly unknown), case-insensitively."""
+MAX_AGE_YEARS = 120.0
+
+
 def normalize_sex(value: object) -> str:
     """Fold any sex value to ``male``, ``female`` or ``unknown``."""
     if _is_missing(value):
         return UNKNOWN
     key = str(value).strip().lower()
-    key = {"m": "male", "f": "female"}.get(key, key)
+    key = SEX_ALIASES.get(key, key)
     return key if key in SEX_VOCAB else UNKNOWN
 
 
@@ -94,7 +100,7 @@ def normalize_age(value: object) -> float | None:
         age = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return None
-    if math.isnan(age) or not 0.0 <= age <= 120.0:
+    if math.isnan(age) or not 0.0 <= age <= MAX_AGE_YEARS:
         return None
     return age
 

@@ -44,7 +44,14 @@ from raysky.data.images import (
     encode_png,
     read_image_header,
 )
-from raysky.data.metadata import UNKNOWN, normalize_site
+from raysky.data.metadata import (
+    MAX_AGE_YEARS,
+    SEX_SPELLINGS,
+    UNKNOWN,
+    normalize_age,
+    normalize_sex,
+    normalize_site,
+)
 from raysky.serve.admission import BudgetTimeout, MemoryBudget
 from raysky.serve.config import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_INFLIGHT_PIXELS
 from raysky.serve.security import ApiKeyChecker, replica_checker
@@ -52,9 +59,7 @@ from raysky.serve.security import ApiKeyChecker, replica_checker
 ACCESS_LOGGER = "raysky.serve.access"
 METADATA_FIELDS = ("age", "sex", "site")
 FORM_FIELDS = ("image", "image_id", *METADATA_FIELDS)
-SEX_VALUES = ("male", "female", "m", "f", UNKNOWN)
 MAX_IMAGE_ID_LENGTH = 128
-MAX_AGE_YEARS = 120.0
 RESPONSE_PNG_COMPRESS_LEVEL = 1
 """Fast zlib level for the answer's PNGs: encoding stays under a millisecond per 200x150 map."""
 UPLOAD_MODES = frozenset({"RGB", "RGBX", "YCbCr", "CMYK", "L", "RGBA", "LA", "P", "PA"})
@@ -287,20 +292,19 @@ def parse_metadata(form) -> tuple[dict[str, Any], str | None]:
     metadata: dict[str, Any] = {}
     age = _form_text(form, "age")
     if age is not None:
-        try:
-            years = float(age)
-        except ValueError:
-            years = math.nan
-        if not (math.isfinite(years) and 0.0 <= years <= MAX_AGE_YEARS):
+        # The readers' own rules (raysky.data.metadata), made strict: what they would read as
+        # unknown is a client's mistake here, not a missing value.
+        years = normalize_age(age)
+        if years is None:
             raise ApiError(422, "invalid_metadata",
                            f"age must be a number of years in 0..{MAX_AGE_YEARS:g}, got {age!r}",
                            "age")
         metadata["age"] = years
     sex = _form_text(form, "sex")
     if sex is not None:
-        if sex.lower() not in SEX_VALUES:
+        if normalize_sex(sex) == UNKNOWN and sex.lower() != UNKNOWN:
             raise ApiError(422, "invalid_metadata",
-                           f"sex must be one of {list(SEX_VALUES)}, got {sex!r}", "sex")
+                           f"sex must be one of {list(SEX_SPELLINGS)}, got {sex!r}", "sex")
         metadata["sex"] = sex
     site = _form_text(form, "site")
     if site is not None:
@@ -406,7 +410,7 @@ PREDICT_REQUEST_BODY = {
             "image": {"type": "string", "format": "binary",
                       "description": "JPEG, PNG, TIFF, BMP, WebP or GIF"},
             "age": {"type": "number", "minimum": 0, "maximum": MAX_AGE_YEARS},
-            "sex": {"type": "string", "enum": list(SEX_VALUES)},
+            "sex": {"type": "string", "enum": list(SEX_SPELLINGS)},
             "site": {"type": "string", "description": "HAM10000 localization or ISIC "
                      "anatom_site_general, e.g. 'back', 'upper extremity', 'head/neck'"},
             "image_id": {"type": "string", "maxLength": MAX_IMAGE_ID_LENGTH,
