@@ -17,7 +17,7 @@ from raysky.calibration.ood import OODScorer, fit_ood
 from raysky.calibration.referral import fit_referral, refer
 from raysky.calibration.temperature import fit_temperature, recalibrate, softmax, uncalibrate
 from raysky.cli.main import main
-from raysky.metrics import bootstrap_interval, brier_score, expected_calibration_error
+from raysky.review.metrics import bootstrap_interval, brier_score, expected_calibration_error
 from raysky.score.stages import output_schema
 
 

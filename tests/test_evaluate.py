@@ -29,8 +29,8 @@ from conftest import (
 from raysky import storage
 from raysky.cli.main import main
 from raysky.data.taxonomy import HAM10000_CLASSES, ISIC_COLUMN_NAMES, MALIGNANT_CLASSES
-from raysky.evaluate import evaluate, focus_statistics, format_table, read_results
-from raysky.metrics import auc_above_sensitivity, average_precision, sensitivity_specificity
+from raysky.review.evaluate import evaluate, focus_statistics, format_table, read_results
+from raysky.review.metrics import auc_above_sensitivity, average_precision, sensitivity_specificity
 
 REPO = Path(__file__).resolve().parents[1]
 ISIC_PYTHON = REPO / ".venv-isic" / "bin" / "python"

@@ -16,7 +16,7 @@ from raysky.calibration.temperature import recalibrate
 from raysky.cli.main import main
 from raysky.data.readers import metadata_frame
 from raysky.data.taxonomy import HAM10000_CLASSES, MALIGNANT_CLASSES
-from raysky.evaluate import evaluate_frame
+from raysky.review.evaluate import evaluate_frame
 
 CLASSES = list(HAM10000_CLASSES)
 

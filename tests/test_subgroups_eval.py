@@ -16,7 +16,7 @@ from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 from raysky.audit.plots import subgroup_section
 from raysky.data.records import LesionRecord
 from raysky.data.taxonomy import MALIGNANT_CLASSES
-from raysky.evaluate import evaluate_frame
+from raysky.review.evaluate import evaluate_frame
 
 CLASSES = ["bcc", "mel", "nv"]
 THRESHOLD = 0.5

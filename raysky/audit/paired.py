@@ -2,7 +2,7 @@
 
 Rows pair by image id. The flip rate and the mean absolute change of ``malignant_prob`` are
 over every pair; macro AUPRC (the mean over classes of average precision, as
-:func:`raysky.metrics.average_precision` computes it) and malignant AUC over the labelled
+:func:`raysky.review.metrics.average_precision` computes it) and malignant AUC over the labelled
 pairs, as altered minus clean, each with a paired bootstrap interval (one resample of lesions,
 or of images without lesion ids, scores both sides). Artefact attention is the Grad-CAM share
 on the artefact's known pixels (:func:`raysky.audit.attention.artefact_attention`), beside the
@@ -21,7 +21,7 @@ from PIL import Image
 from raysky.audit.attention import artefact_attention, decode_heatmap
 from raysky.audit.bootstrap import bootstrap_intervals, rank_auc
 from raysky.data.taxonomy import MALIGNANT_CLASSES
-from raysky.metrics import average_precision
+from raysky.review.metrics import average_precision
 
 
 def read_scored(uri: str, table: pd.DataFrame) -> pd.DataFrame:
@@ -37,7 +37,7 @@ def read_scored(uri: str, table: pd.DataFrame) -> pd.DataFrame:
 
 def macro_auprc(labels: np.ndarray, probs: np.ndarray, classes: list[str]) -> float:
     """Mean over the classes with a positive among ``labels`` of the average precision of
-    ``probs[:, i]`` (:func:`raysky.metrics.average_precision`); NaN when none has one."""
+    ``probs[:, i]`` (:func:`raysky.review.metrics.average_precision`); NaN when none has one."""
     values = [average_precision(labels == c, probs[:, i]) for i, c in enumerate(classes)
               if (labels == c).any()]
     return float(np.mean(values)) if values else math.nan

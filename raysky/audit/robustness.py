@@ -31,8 +31,8 @@ from raysky.audit.artefacts import ARTEFACT_KINDS, add_artefact, parse_kinds
 from raysky.audit.paired import compare, example_strip, read_scored
 from raysky.audit.skin_tone import fit_mask
 from raysky.data.records import LesionRecord
-from raysky.evaluate import read_ground_truth, write_json
 from raysky.progress import Progress
+from raysky.review.evaluate import read_ground_truth, write_json
 
 MARKER = "_raysky_robustness.json"
 OUTPUT_FILE = "robustness.json"

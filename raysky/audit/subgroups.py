@@ -1,7 +1,7 @@
 """Subgroup audit: how well the model does for whom, each figure with a bootstrap interval.
 
 The input is one table of scored images with their ground truth: what
-:func:`raysky.evaluate.join_ground_truth` returns (``label`` per row), with the patients'
+:func:`raysky.review.evaluate.join_ground_truth` returns (``label`` per row), with the patients'
 metadata beside it (:func:`audit_table` builds it from results and dataset records). The
 standard groupings are sex, age band, anatomical site and skin tone (from a ``skin_tone`` or
 ``ita_deg`` column, where the results carry one); ``by`` adds any other column. Per group: n,
@@ -23,7 +23,7 @@ from raysky.audit.bootstrap import DEFAULT_REPLICATES, MIN_PER_CLASS, bootstrap_
 from raysky.audit.skin_tone import skin_tone_category
 from raysky.data.records import LesionRecord
 from raysky.data.taxonomy import MALIGNANT_CLASSES
-from raysky.metrics import balanced_accuracy
+from raysky.review.metrics import balanced_accuracy
 
 UNKNOWN = "unknown"
 AGE_BANDS: tuple[tuple[float, str], ...] = ((30, "<30"), (50, "30-49"), (70, "50-69"),
@@ -47,11 +47,11 @@ def age_band(age: object) -> str:
 
 
 def audit_table(results: pd.DataFrame, records: Sequence[LesionRecord]) -> pd.DataFrame:
-    """Results joined to ground truth by :func:`raysky.evaluate.join_ground_truth`, plus each
+    """Results joined to ground truth by :func:`raysky.review.evaluate.join_ground_truth`, plus each
     record's ``lesion_id``, ``age``, ``sex`` and ``site`` (where the results lack them)."""
     # The id rule join_ground_truth applies to records (an image suffix dropped), so the
     # metadata lands on the rows it joined.
-    from raysky.evaluate import _normalize_id, join_ground_truth
+    from raysky.review.evaluate import _normalize_id, join_ground_truth
 
     joined, _coverage = join_ground_truth(results, records)
     fields = [f for f in ("lesion_id", "age", "sex", "site") if f not in joined.columns]
@@ -131,7 +131,7 @@ def subgroup_audit(table: pd.DataFrame, by: Sequence[str] = (), threshold: float
     AUC, 1 best; None when ``too_few``). A standard grouping whose columns are absent is listed
     under ``unavailable`` with the reason.
     """
-    from raysky.evaluate import result_classes
+    from raysky.review.evaluate import result_classes
 
     unknown = [name for name in by if name not in table.columns and name not in STANDARD]
     if unknown:

@@ -15,7 +15,7 @@ import numpy as np
 
 from raysky.calibration.referral import refer, sensitivity_specificity
 from raysky.calibration.temperature import recalibrate, uncalibrate
-from raysky.metrics import (
+from raysky.review.metrics import (
     bootstrap_interval,
     brier_score,
     expected_calibration_error,

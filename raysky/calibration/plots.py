@@ -5,13 +5,13 @@ from __future__ import annotations
 import html
 from collections.abc import Sequence
 
-COLORS = ("#D55E00", "#0072B2")  # Okabe-Ito, as in raysky.report: before, after
+COLORS = ("#D55E00", "#0072B2")  # Okabe-Ito, as in raysky.review.report: before, after
 
 
 def reliability_svg(curves: Sequence[tuple[str, list[dict], float]], size: int = 340) -> str:
     """Accuracy against confidence per bin, one polyline per ``(name, bins, ece)`` curve.
 
-    ``bins`` are :func:`raysky.metrics.reliability_bins` rows; each point's area grows with its
+    ``bins`` are :func:`raysky.review.metrics.reliability_bins` rows; each point's area grows with its
     bin's count, and the diagonal is perfect calibration.
     """
     pad, plot = 44, size - 60

@@ -53,7 +53,7 @@ def calibration_records(data: str, format: str, split: str | None, metadata: str
     """
     from raysky import storage
     from raysky.data.splits import SPLIT_FILE
-    from raysky.evaluate import read_ground_truth
+    from raysky.review.evaluate import read_ground_truth
     from raysky.train.datasets import load_splits
 
     if (split is None or format == "isic2018"

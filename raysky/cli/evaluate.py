@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from raysky.evaluate import LOW_FOCUS_THRESHOLD
+from raysky.review.evaluate import LOW_FOCUS_THRESHOLD
 
 _FORMATS = ("ham10000", "isic2018", "isic2019", "archive")
 
@@ -74,7 +74,7 @@ def register(subparsers) -> None:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     """Compute, print and optionally write the metrics."""
-    from raysky.evaluate import evaluate, format_table, write_json
+    from raysky.review.evaluate import evaluate, format_table, write_json
 
     metrics = evaluate(args.results, args.data, args.format, metadata_uri=args.metadata,
                        split=args.split, low_focus=args.low_focus,
@@ -87,8 +87,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         write_json(metrics, args.out)
         print(f"\nmetrics written to {args.out}")
     if args.update_card:
-        from raysky.evaluate import card_sections
         from raysky.models.card import update_card
+        from raysky.review.evaluate import card_sections
 
         meta = update_card(args.classifier, args.update_card, card_sections(metrics))
         print(f"model card updated: classifier {meta['version']} written to {args.update_card}")
@@ -97,7 +97,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 def run_report(args: argparse.Namespace) -> int:
     """Write the HTML report."""
-    from raysky.report import build_report
+    from raysky.review.report import build_report
 
     if (args.data is None) != (args.format is None):
         raise ValueError("--data and --format go together: give both, or neither")

@@ -73,9 +73,9 @@ def run_demo(settings: DemoSettings) -> dict:
     import ray
 
     from raysky.cluster import ensure_ray
-    from raysky.evaluate import evaluate, format_table
     from raysky.local.s3 import local_s3, upload_directory
-    from raysky.report import build_report
+    from raysky.review.evaluate import evaluate, format_table
+    from raysky.review.report import build_report
     from raysky.score import ScoreSettings, score_archive
     from raysky.serve import ServeSettings, run_server, shutdown
     from raysky.train import TrainSettings, train_classifier, train_segmenter

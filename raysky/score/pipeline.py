@@ -16,14 +16,14 @@ from dataclasses import asdict, dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from raysky import results, storage
+from raysky import storage
 from raysky.cluster import ensure_ray
 from raysky.data.images import DEFAULT_MAX_PIXELS, decode_batch_memory
 from raysky.models.runtime import PRECISIONS
 from raysky.progress import Progress, format_duration
 from raysky.score import lock as output_lock
 from raysky.score import output as out
-from raysky.score import stages
+from raysky.score import results, stages
 
 RUN_CONFIG = "_raysky_score.json"
 PACK_MARKER = "_raysky_pack.json"

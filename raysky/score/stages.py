@@ -28,8 +28,8 @@ import pyarrow.compute as pc
 from raysky import storage
 from raysky.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, encode_png
 from raysky.models.runtime import on_torch_thread, set_torch_threads
-from raysky.results import PROB_PREFIX
 from raysky.score.output import write_pieces
+from raysky.score.results import PROB_PREFIX
 
 MAX_INPUT_BYTES = 256 * 1024 * 1024
 """Objects larger than this are not read at all; no dermoscopy image comes near it."""

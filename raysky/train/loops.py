@@ -28,7 +28,6 @@ from torch import nn
 
 from raysky.data.metadata import MetadataVocab
 from raysky.jsonable import to_jsonable
-from raysky.metrics import classification_summary, segmentation_summary
 from raysky.models import create_classifier, create_segmenter, get_preset, segmentation_loss
 from raysky.models.card import machine_description
 from raysky.models.checkpoint import load_checkpoint, save_checkpoint
@@ -43,6 +42,7 @@ from raysky.models.runtime import (
 )
 from raysky.models.segmenter import MASK_THRESHOLD
 from raysky.progress import Progress
+from raysky.review.metrics import classification_summary, segmentation_summary
 from raysky.train.datasets import readable_rows
 
 STATE_FILE = "train_state.pt"

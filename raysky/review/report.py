@@ -32,7 +32,7 @@ from raysky.calibration.plots import reliability_section
 from raysky.data.images import ImageDecodeError, decode_mask, load_rgb
 from raysky.data.readers import metadata_frame
 from raysky.data.taxonomy import MALIGNANT_CLASSES
-from raysky.evaluate import (
+from raysky.review.evaluate import (
     LOW_FOCUS_THRESHOLD,
     PROB_PREFIX,
     checkpoint_calibration_for,
@@ -44,7 +44,7 @@ from raysky.evaluate import (
     result_classes,
     results_columns,
 )
-from raysky.metrics import binary_metrics, roc_points
+from raysky.review.metrics import binary_metrics, roc_points
 
 THUMBNAIL_SIZE = 240
 """Longest side of gallery pictures, in pixels."""
@@ -401,7 +401,7 @@ def build_report(results_uri: str, out_uri: str, data_uri: str | None = None,
     """Write the HTML review page for ``results_uri`` to ``out_uri`` (local or ``s3://``).
 
     With ``data_uri`` and ``format`` the page adds ISIC metrics, a confusion matrix and ROC
-    curves (see :func:`raysky.evaluate.evaluate_frame`) and the reliability diagram, before and
+    curves (see :func:`raysky.review.evaluate.evaluate_frame`) and the reliability diagram, before and
     after calibration when ``classifier_uri`` names the checkpoint scored with, and the subgroup
     audit (by sex, age band, site, skin tone and the ``by`` metadata columns) with its forest
     plot. Only the rows shown in the gallery and

@@ -31,7 +31,8 @@ from raysky.data.readers import metadata_frame, read_dataset, read_isic2018
 from raysky.data.records import LesionRecord
 from raysky.data.taxonomy import MALIGNANT_CLASSES, canonical_label, order_classes
 from raysky.jsonable import to_jsonable
-from raysky.metrics import (
+from raysky.results import PROB_PREFIX
+from raysky.review.metrics import (
     argmax_strict,
     balanced_accuracy,
     binary_metrics,
@@ -40,7 +41,6 @@ from raysky.metrics import (
     jaccard_score,
     thresholded_jaccard,
 )
-from raysky.results import PROB_PREFIX
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("image_id", "status")
 LOW_FOCUS_THRESHOLD = 0.5

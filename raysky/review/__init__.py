@@ -1,0 +1,3 @@
+"""Reviewing results against ground truth: ISIC's metrics (``metrics``), ``raysky evaluate``
+(``evaluate``: joins results to a dataset and computes every figure) and the HTML review page
+of ``raysky report`` (``report``)."""
