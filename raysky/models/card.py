@@ -75,7 +75,9 @@ def build_card(meta: dict) -> dict[str, Any]:
     config = meta.get("config", {})
     settings = extra.get("settings", {})
     provenance = extra.get("provenance", {})
-    metrics = extra.get("metrics", {})
+    metrics = dict(extra.get("metrics", {}))
+    if "macro_auc" in metrics and "auc" not in metrics:  # checkpoints trained before the rename
+        metrics["auc"] = metrics["macro_auc"]
     classes = meta.get("classes")
     calibration = meta.get("calibration")
     card = {
@@ -154,7 +156,7 @@ def _value(value: Any, digits: int = 3) -> str:
     if isinstance(value, dict):
         return ", ".join(f"{k} {_value(v, digits)}" for k, v in value.items())
     if isinstance(value, list | tuple):
-        return ", ".join(map(str, value))
+        return "[" + ", ".join(_value(v, digits) for v in value) + "]"
     return str(value)
 
 
@@ -212,8 +214,10 @@ def render_markdown(card: dict) -> str:
                   f"{_value(recipe['class_weight_power'], 2)}",
                   f"- Schedule: {_value(recipe['schedule'])}",
                   f"- Augmentation: {_value(recipe['augmentation'])}",
-                  f"- Training time: {_value(recipe['training_seconds'], 0)} s on "
-                  f"{_value(recipe['machine'])}"]
+                  "- Training time: " + (
+                      f"{recipe['training_seconds']:.0f} s" if recipe["training_seconds"]
+                      is not None else "not recorded")
+                  + (f" on {_value(recipe['machine'])}" if recipe["machine"] else "")]
     else:
         lines.append("- not recorded")
     lines += ["", "## Validation", ""]
