@@ -245,5 +245,9 @@ def test_training_job_submitted_to_the_cluster_checkpoints_to_s3(ray_head, s3):
     best = summary["best_checkpoint_uri"]
     assert best and best.startswith(run + "/"), summary
     assert storage.exists(storage.join(best, "model.safetensors"))
-    assert load_checkpoint(best, expected_kind="segmenter").kind == "segmenter"
-    assert 0.0 <= summary["metrics"]["dice"] <= 1.0
+    loaded = load_checkpoint(best, expected_kind="segmenter")
+    # One epoch: the best checkpoint is that epoch's, and its own metrics are the summary's.
+    assert [h["epoch"] for h in summary["history"]] == [1] and loaded.meta["extra"]["epoch"] == 1
+    in_checkpoint = json.loads(storage.read_bytes(storage.join(best, "metrics.json")))
+    assert in_checkpoint["dice"] == pytest.approx(summary["metrics"]["dice"])
+    assert 0.0 <= summary["metrics"]["jaccard"] <= summary["metrics"]["dice"] <= 1.0

@@ -198,8 +198,10 @@ def test_segmenter_checkpoints_and_metrics_land_in_s3(segmenter_run, bucket):
     assert loaded.meta["extra"]["epoch"] == 1
 
     metrics = result.metrics
-    for key in ("dice", "jaccard", "threshold_jaccard", "val_loss", "train_loss"):
-        assert 0.0 <= metrics[key] < float("inf"), key
+    # Per image dice = 2J / (1 + J) >= J, and ISIC's thresholded Jaccard zeroes J below 0.65:
+    # the means keep both orders, whatever the untrained model predicts.
+    assert 0.0 <= metrics["threshold_jaccard"] <= metrics["jaccard"] <= metrics["dice"] <= 1.0
+    assert metrics["val_loss"] > 0.0 and metrics["train_loss"] > 0.0
     assert metrics["val_images"] == 7  # 35 images, about 15% per class held out by lesion
     # Each of the 2 workers ran 3 steps of 4 on its own 14-image shard; the reported total
     # covers both shards.
@@ -286,9 +288,12 @@ def test_classifier_cli_trains_on_segmenter_masks_from_s3(segmenter_run, bucket,
     assert loaded.classes == order_classes(labels)
     assert loaded.meta["extra"]["settings"]["segmenter"] == seg.best_checkpoint_uri
     metrics = summary["metrics"]
-    for key in ("accuracy", "balanced_accuracy", "auc", "val_loss", "train_loss"):
-        assert 0.0 <= metrics[key] < float("inf"), key
     assert set(metrics["auc_per_class"]) == set(loaded.classes)
+    # Macro AUC is the mean of the per-class AUCs that are defined on this validation split.
+    defined = [a for a in metrics["auc_per_class"].values() if a == a]
+    assert defined and metrics["auc"] == pytest.approx(sum(defined) / len(defined))
+    assert 0.0 <= metrics["balanced_accuracy"] <= 1.0 and 0.0 <= metrics["accuracy"] <= 1.0
+    assert metrics["val_loss"] > 0.0 and metrics["train_loss"] > 0.0
 
     # The Ray Data job wrote one segmenter mask per training and validation image.
     version = load_checkpoint(seg.best_checkpoint_uri).version
