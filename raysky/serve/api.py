@@ -2,8 +2,9 @@
 
 :func:`create_api` takes a :class:`PredictBackend` (in production, a Ray Serve handle to the
 batched model deployment, see :mod:`raysky.serve.app`) and returns the FastAPI app that the
-ingress deployment serves. Keeping HTTP concerns here (authentication, body limits, upload and
-metadata validation, error mapping, the access log, PNG encoding) keeps the model deployment a
+ingress deployment serves: the routes, authentication, error mapping and PNG encoding here, the
+access log and body limit in :mod:`raysky.serve.middleware`, upload and metadata validation in
+:mod:`raysky.serve.uploads`. Keeping HTTP concerns in these modules keeps the model deployment a
 thin wrapper around :class:`raysky.inference.LesionPipeline`.
 
 Every client mistake maps to a JSON error ``{"error": code, "detail": message, ...}`` with a
@@ -15,21 +16,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import logging
 import math
-import re
-import sys
 import time
-import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any, Protocol
 
 import numpy as np
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -38,39 +33,37 @@ from raysky import __version__
 from raysky.data.images import (
     DECODE_BYTES_PER_PIXEL,
     DEFAULT_MAX_PIXELS,
-    ImageDecodeError,
-    ImageHeader,
-    decode_image,
     encode_png,
-    read_image_header,
 )
 from raysky.data.metadata import (
     MAX_AGE_YEARS,
     SEX_SPELLINGS,
-    UNKNOWN,
-    normalize_age,
-    normalize_sex,
-    normalize_site,
 )
 from raysky.serve.admission import BudgetTimeout, MemoryBudget
 from raysky.serve.config import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_INFLIGHT_PIXELS
+from raysky.serve.errors import ApiError, BodyTooLarge, ServiceUnavailable
+from raysky.serve.middleware import (
+    ACCESS_SCOPE_KEY,
+    AccessLogMiddleware,
+    BodyLimitMiddleware,
+    configure_access_log,
+    error_response,
+    scope_request_id,
+    too_large,
+)
 from raysky.serve.security import ApiKeyChecker, replica_checker
+from raysky.serve.uploads import (
+    FORM_FIELDS,
+    MAX_IMAGE_ID_LENGTH,
+    decode_upload,
+    parse_metadata,
+    upload_header,
+)
 
-ACCESS_LOGGER = "raysky.serve.access"
-METADATA_FIELDS = ("age", "sex", "site")
-FORM_FIELDS = ("image", "image_id", *METADATA_FIELDS)
-MAX_IMAGE_ID_LENGTH = 128
 RESPONSE_PNG_COMPRESS_LEVEL = 1
 """Fast zlib level for the answer's PNGs: encoding stays under a millisecond per 200x150 map."""
-UPLOAD_MODES = frozenset({"RGB", "RGBX", "YCbCr", "CMYK", "L", "RGBA", "LA", "P", "PA"})
-"""Pillow modes accepted from uploads: 8-bit colour or grey, with or without alpha or a palette.
-Bilevel, 16/32-bit and float images are never dermoscopy photographs, and cost up to 4x the
-memory to decode."""
 READY_CACHE_S = 2.0
 """How long /readyz reuses the model's last answer, so probes cannot fill the model's queue."""
-_ACCESS_SCOPE_KEY = "raysky.access"
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-_IMAGE_ID = re.compile(r"^[\w.:/+-]+$")
 
 logger = logging.getLogger(__name__)
 
@@ -82,29 +75,6 @@ class PredictBackend(Protocol):
     async def predict(self, request: dict[str, Any]) -> dict[str, Any]: ...
 
     async def info(self) -> dict[str, Any]: ...
-
-
-class ServiceUnavailable(Exception):
-    """The model cannot take the request now (queue full, replica restarting); retry later."""
-
-    def __init__(self, detail: str, retry_after_s: int = 1):
-        super().__init__(detail)
-        self.detail = detail
-        self.retry_after_s = retry_after_s
-
-
-class ApiError(Exception):
-    """A client mistake, answered with ``status`` and a JSON body naming what was wrong."""
-
-    def __init__(self, status: int, code: str, detail: str, field: str | None = None,
-                 headers: dict[str, str] | None = None):
-        super().__init__(detail)
-        self.status, self.code, self.detail, self.field = status, code, detail, field
-        self.headers = headers
-
-
-class BodyTooLarge(Exception):
-    """Raised while the body is being read, once it has grown past the limit."""
 
 
 @dataclass(frozen=True)
@@ -122,241 +92,6 @@ class ApiOptions:
     max_inflight_pixels: int = DEFAULT_MAX_INFLIGHT_PIXELS
     admission_timeout_s: float = 30.0
     enable_docs: bool = False
-
-
-# ---------------------------------------------------------------------------------------------
-# Access log
-
-
-class JsonLineFormatter(logging.Formatter):
-    """Formats a record whose ``msg`` is a dict as one JSON object per line."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry = record.msg if isinstance(record.msg, dict) else {"message": record.getMessage()}
-        return json.dumps(entry, separators=(",", ":"), default=str)
-
-
-def configure_access_log(path: str | None = None) -> logging.Logger:
-    """Send the access log to stderr (the replica's log) and, if given, append it to ``path``.
-
-    Idempotent: calling it again with the same path adds no second handler.
-    """
-    access = logging.getLogger(ACCESS_LOGGER)
-    access.setLevel(logging.INFO)
-    access.propagate = False  # Serve's own handlers would wrap the JSON in their format
-    wanted = {("stream", None)} | ({("file", str(path))} if path else set())
-    present = {getattr(h, "_raysky_key", None) for h in access.handlers}
-    for key in wanted - present:
-        handler = (logging.StreamHandler(sys.stderr) if key[0] == "stream"
-                   else logging.FileHandler(key[1], encoding="utf-8"))
-        handler._raysky_key = key  # type: ignore[attr-defined]
-        handler.setFormatter(JsonLineFormatter())
-        access.addHandler(handler)
-    return access
-
-
-def _header(scope: dict, name: bytes) -> str | None:
-    for key, value in scope.get("headers", ()):
-        if key.lower() == name:
-            return value.decode("latin-1")
-    return None
-
-
-class AccessLogMiddleware:
-    """One JSON line per request: time, request id, method, path, status, latency and the
-    uploaded image's size. Deliberately nothing from the form body or query string, so patient
-    metadata and image ids never reach the logs."""
-
-    def __init__(self, app, logger_: logging.Logger):
-        self.app = app
-        self.logger = logger_
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        start = time.perf_counter()
-        # Serve's proxy assigns x-request-id and echoes it in the response; outside Serve we
-        # make one up and echo it ourselves.
-        incoming = _header(scope, b"x-request-id")
-        request_id = incoming if incoming and _REQUEST_ID.match(incoming) else uuid.uuid4().hex
-        entry: dict[str, Any] = {"request_id": request_id}
-        scope[_ACCESS_SCOPE_KEY] = entry
-        status = 500
-
-        async def send_wrapper(message):
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                if not incoming:
-                    message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_wrapper)
-        finally:
-            record = {
-                "ts": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
-                "request_id": request_id,
-                "method": scope.get("method"),
-                "path": scope.get("path"),
-                "status": status,
-                "latency_ms": round((time.perf_counter() - start) * 1000.0, 2),
-            }
-            record.update((k, v) for k, v in entry.items() if k != "request_id")
-            self.logger.info(record)
-
-
-class BodyLimitMiddleware:
-    """Reject bodies over ``max_bytes`` with 413: at once from ``Content-Length``, or while
-    reading a chunked body, before it is buffered in full."""
-
-    def __init__(self, app, max_bytes: int):
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = _header(scope, b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            error = _too_large(self.max_bytes) if declared.isdigit() else ApiError(
-                400, "bad_request", "invalid Content-Length header")
-            await _error_response(scope, error)(scope, receive, send)
-            return
-        received = 0
-
-        async def limited_receive():
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise BodyTooLarge()
-            return message
-
-        await self.app(scope, limited_receive, send)
-
-
-def _too_large(max_bytes: int) -> ApiError:
-    return ApiError(413, "body_too_large",
-                    f"request body exceeds the limit of {max_bytes} bytes")
-
-
-def _request_id(scope: dict) -> str | None:
-    return scope.get(_ACCESS_SCOPE_KEY, {}).get("request_id")
-
-
-def _error_response(scope: dict, error: ApiError) -> JSONResponse:
-    body: dict[str, Any] = {"error": error.code, "detail": error.detail}
-    if error.field:
-        body["field"] = error.field
-    body["request_id"] = _request_id(scope)
-    entry = scope.get(_ACCESS_SCOPE_KEY)
-    if entry is not None:
-        entry["error"] = error.code  # the code only: details may echo client input
-    return JSONResponse(body, status_code=error.status, headers=error.headers)
-
-
-# ---------------------------------------------------------------------------------------------
-# Validation
-
-
-def _form_text(form, name: str) -> str | None:
-    values = form.getlist(name)
-    if not values:
-        return None
-    if len(values) > 1:
-        raise ApiError(422, "invalid_field", f"field {name!r} was given {len(values)} times",
-                       name)
-    if not isinstance(values[0], str):
-        raise ApiError(422, "invalid_field", f"field {name!r} must be text, not a file", name)
-    text = values[0].strip()
-    return text or None
-
-
-def parse_metadata(form) -> tuple[dict[str, Any], str | None]:
-    """Validate the optional ``age``/``sex``/``site``/``image_id`` form fields.
-
-    Returns the metadata dict the pipeline takes and the image id. Unknown fields, a
-    non-numeric or implausible age, and a sex or site outside the vocabulary are rejected with
-    422 rather than silently read as unknown, so a client's typo cannot quietly change a
-    prediction. Missing or empty fields (and ``unknown``) are allowed.
-    """
-    unknown = sorted(set(form.keys()) - set(FORM_FIELDS))
-    if unknown:
-        raise ApiError(422, "unknown_field",
-                       f"unknown form field(s) {unknown}; accepted: {list(FORM_FIELDS)}",
-                       unknown[0])
-    metadata: dict[str, Any] = {}
-    age = _form_text(form, "age")
-    if age is not None:
-        # The readers' own rules (raysky.data.metadata), made strict: what they would read as
-        # unknown is a client's mistake here, not a missing value.
-        years = normalize_age(age)
-        if years is None:
-            raise ApiError(422, "invalid_metadata",
-                           f"age must be a number of years in 0..{MAX_AGE_YEARS:g}, got {age!r}",
-                           "age")
-        metadata["age"] = years
-    sex = _form_text(form, "sex")
-    if sex is not None:
-        if normalize_sex(sex) == UNKNOWN and sex.lower() != UNKNOWN:
-            raise ApiError(422, "invalid_metadata",
-                           f"sex must be one of {list(SEX_SPELLINGS)}, got {sex!r}", "sex")
-        metadata["sex"] = sex
-    site = _form_text(form, "site")
-    if site is not None:
-        if site.lower() != UNKNOWN and normalize_site(site) == UNKNOWN:
-            raise ApiError(422, "invalid_metadata",
-                           f"site {site!r} is not a known anatomical site (HAM10000 "
-                           "localization or ISIC anatom_site_general, e.g. 'back', "
-                           "'upper extremity', 'head/neck')", "site")
-        metadata["site"] = site
-    image_id = _form_text(form, "image_id")
-    if image_id is not None and (len(image_id) > MAX_IMAGE_ID_LENGTH
-                                 or not _IMAGE_ID.match(image_id)):
-        raise ApiError(422, "invalid_field",
-                       f"image_id must be at most {MAX_IMAGE_ID_LENGTH} letters, digits or "
-                       "._:/+- characters", "image_id")
-    return metadata, image_id
-
-
-def _upload_error(exc: ImageDecodeError) -> ApiError:
-    """The answer to an upload that cannot be decoded. Not an image: 415. More pixels than
-    allowed (a decompression bomb, or just too big): 413. Empty, truncated or corrupt: 400."""
-    if exc.reason == "not an image":
-        return ApiError(415, "unsupported_image", "the uploaded file is not an image in a "
-                        "supported format (JPEG, PNG, TIFF, BMP, WebP, GIF)", "image")
-    if exc.reason.startswith("image too large"):
-        return ApiError(413, "image_too_large", f"image: {exc.reason}", "image")
-    return ApiError(400, "invalid_image", f"image: {exc.reason}", "image")
-
-
-def upload_header(data: bytes, max_pixels: int) -> ImageHeader:
-    """An upload's header, checked before decoding: failures map as in decoding, and modes
-    outside :data:`UPLOAD_MODES` or several frames get 415."""
-    try:
-        header = read_image_header(data, "image", max_pixels=max_pixels)
-    except ImageDecodeError as exc:
-        raise _upload_error(exc) from None
-    if header.mode not in UPLOAD_MODES:
-        raise ApiError(415, "unsupported_image", f"image: {header.format} in Pillow mode "
-                       f"{header.mode!r} is not accepted; send an 8-bit colour or greyscale "
-                       "photograph (JPEG, PNG, TIFF, BMP, WebP, GIF)", "image")
-    if header.multi_frame:
-        raise ApiError(415, "unsupported_image", f"image: {header.format} with several frames "
-                       "or pages is not accepted; send a single image", "image")
-    return header
-
-
-def decode_upload(data: bytes, max_pixels: int) -> np.ndarray:
-    """Decode uploaded bytes to an RGB uint8 array, mapping each failure to its status."""
-    try:
-        return np.asarray(decode_image(data, "image", max_pixels=max_pixels))
-    except ImageDecodeError as exc:
-        raise _upload_error(exc) from None
 
 
 class _CachedCall:
@@ -451,35 +186,35 @@ def create_api(backend: PredictBackend, options: ApiOptions | None = None,
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
-        return _error_response(request.scope, exc)
+        return error_response(request.scope, exc)
 
     @app.exception_handler(BodyTooLarge)
-    async def _body_too_large(request: Request, exc: BodyTooLarge):
-        return _error_response(request.scope, _too_large(options.max_body_bytes))
+    async def _bodytoo_large(request: Request, exc: BodyTooLarge):
+        return error_response(request.scope, too_large(options.max_body_bytes))
 
     @app.exception_handler(ServiceUnavailable)
     async def _unavailable(request: Request, exc: ServiceUnavailable):
-        return _error_response(request.scope, ApiError(
+        return error_response(request.scope, ApiError(
             503, "unavailable", exc.detail, headers={"Retry-After": str(exc.retry_after_s)}))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_request(request: Request, exc: RequestValidationError):
         problems = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
         first = exc.errors()[0]["loc"][-1] if exc.errors() else None
-        return _error_response(request.scope, ApiError(
+        return error_response(request.scope, ApiError(
             422, "invalid_request", "; ".join(problems), str(first) if first else None))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         code = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}.get(
             exc.status_code, "http_error")
-        return _error_response(request.scope, ApiError(
+        return error_response(request.scope, ApiError(
             exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None)))
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception):
-        logger.exception("request %s failed", _request_id(request.scope))
-        return _error_response(request.scope, ApiError(
+        logger.exception("request %s failed", scope_request_id(request.scope))
+        return error_response(request.scope, ApiError(
             500, "internal_error", "internal error; the request id identifies it in the logs"))
 
     async def require_api_key(request: Request) -> None:
@@ -546,7 +281,7 @@ def create_api(backend: PredictBackend, options: ApiOptions | None = None,
             data = await upload.read()
         finally:
             await form.close()
-        entry = request.scope.get(_ACCESS_SCOPE_KEY, {})
+        entry = request.scope.get(ACCESS_SCOPE_KEY, {})
         entry["image_bytes"] = len(data)
         header = upload_header(data, options.max_pixels)
         try:
