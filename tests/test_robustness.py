@@ -184,6 +184,14 @@ def test_robustness_end_to_end_on_the_sample(tmp_path, sample_copy, tiny_checkpo
             assert key in result["macro_auprc"] and key in result["malignant_auc"]
         strip = Image.open(report["examples"][kind])
         assert strip.height == 3 * 150 and strip.width > 4 * 150  # clean, altered, heatmap x 4
+    # raysky report shows the same table and one example strip per type.
+    page = tmp_path / "report.html"
+    assert main(["report", "--results", str(out / "results" / "clean"), "--robustness", str(out),
+                 "--out", str(page)]) == 0
+    text = page.read_text()
+    assert 'id="robustness"' in text and text.count('examples: clean, altered, heatmap') == 2
+    flip = report["by_artefact"]["ruler"]["flip_rate"]["value"]
+    assert f"<td>{flip:.3f}</td>" in text
     # The new classifier version's card holds the same table; the weights are the same bytes.
     carded = tmp_path / "classifier-carded"
     card = json.loads((carded / "model_card.json").read_text())

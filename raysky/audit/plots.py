@@ -117,3 +117,41 @@ def subgroup_section(audit: dict | None) -> str:
             f'</th><th class="l">notes</th></tr>{"".join(body)}</table>'
             + (f'<ul class="note">{unavailable}</ul>' if unavailable else "")
             + f"<h2>Malignant AUC by group</h2>{forest_svg(audit)}</section>")
+
+
+def robustness_section(report: dict, strips: dict[str, str]) -> str:
+    """The report's artefact-robustness section from a ``robustness.json`` dict, with one
+    example strip per artefact type (``strips``: type -> image ``data:`` URI)."""
+    def fmt(value: float | None, signed: bool = False) -> str:
+        return "-" if value is None else f"{value:+.3f}" if signed else f"{value:.3f}"
+
+    def ci(entry: dict) -> str:
+        low, high = entry.get("low"), entry.get("high")
+        return "" if low is None else f" <small>[{low:+.3f}, {high:+.3f}]</small>"
+
+    rows = []
+    for kind, r in report.get("by_artefact", {}).items():
+        rows.append(
+            f'<tr><th class="l">{html.escape(kind)}</th><td>{r["pairs"]}</td>'
+            f"<td>{fmt(r['flip_rate']['value'])}</td>"
+            f"<td>{fmt(r['mean_abs_delta_malignant_prob'])}</td>"
+            f"<td>{fmt(r['macro_auprc']['delta'], True)}{ci(r['macro_auprc'])}</td>"
+            f"<td>{fmt(r['malignant_auc']['delta'], True)}{ci(r['malignant_auc'])}</td>"
+            f"<td>{fmt(r['artefact_attention'])}</td><td>{fmt(r['clean_attention_same_pixels'])}"
+            f"</td><td>{fmt(r['artefact_area_frac'])}</td></tr>")
+    examples = "".join(
+        f'<figure><figcaption>{html.escape(kind)}</figcaption><img alt="{html.escape(kind)} '
+        f'examples: clean, altered, heatmap" src="{uri}" style="max-width:100%"></figure>'
+        for kind, uri in strips.items())
+    note = (f"{report.get('images')} images of {html.escape(str(report.get('data')))}"
+            f"{' (' + html.escape(str(report['split'])) + ')' if report.get('split') else ''}; "
+            f"artefacts pasted outside the lesion using {html.escape(str(report.get('masks')))} "
+            "masks. Flip: share of images whose predicted class changed. AUPRC and AUC: altered "
+            "minus clean, with paired bootstrap 95% intervals. Attention: the Grad-CAM share on "
+            "the artefact's own pixels, beside the clean image's share on the same pixels and "
+            "their share of the image.")
+    return (f'<section id="robustness"><h2>Robustness to dermoscopic artefacts</h2>'
+            f'<p class="note">{note}</p><table><tr><th class="l">artefact</th><th>pairs</th>'
+            "<th>flip rate</th><th>mean |&Delta; malignant_prob|</th><th>&Delta; macro AUPRC</th>"
+            "<th>&Delta; malignant AUC</th><th>attention</th><th>clean, same pixels</th>"
+            f"<th>area</th></tr>{''.join(rows)}</table>{examples}</section>")

@@ -69,6 +69,9 @@ def register(subparsers) -> None:
     parser.add_argument("--max-flagged", type=int, default=48, metavar="N",
                         help="most low-focus images shown (default: %(default)s)")
     parser.add_argument("--title", default="raysky review", help="page title")
+    parser.add_argument("--robustness", metavar="DIR",
+                        help="add the artefact-robustness section of a `raysky robustness` run "
+                        "(its --out folder): the table and an example strip per artefact type")
     parser.set_defaults(func=run_report)
 
 
@@ -106,7 +109,8 @@ def run_report(args: argparse.Namespace) -> int:
     summary = build_report(args.results, args.out, data_uri=args.data, format=args.format,
                            metadata_uri=args.metadata, split=args.split, top_n=args.top,
                            max_flagged=args.max_flagged, low_focus=args.low_focus,
-                           title=args.title, classifier_uri=args.classifier, by=args.by)
+                           title=args.title, classifier_uri=args.classifier, by=args.by,
+                           robustness_dir=args.robustness)
     print(f"report written to {args.out}: {summary['images']} images, {summary['errors']} "
           f"errors, {summary['gallery']} in the gallery, {summary['flagged']} flagged, "
           f"{summary['ood']} out of distribution")

@@ -88,6 +88,10 @@ def read_results(uri: str, columns: Sequence[str] | None = None,
     for name in (*REQUIRED_COLUMNS, *(n for n in names if n.startswith(PROB_PREFIX))):
         if name not in wanted:
             wanted.append(name)
+    if image_ids is not None:
+        # Callers hold matched ids (suffix dropped); the file may store x.png or x.jpeg.
+        image_ids = [*image_ids, *(f"{i}{suffix}" for i in image_ids for suffix in
+                                   (*_IMAGE_SUFFIXES, *(x.upper() for x in _IMAGE_SUFFIXES)))]
     frame = results.read(uri, wanted, image_ids=image_ids)
     frame["image_id"] = frame["image_id"].map(_normalize_id)
     result_classes(frame, uri)  # validates the class columns early, with the URI in the error

@@ -17,7 +17,9 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import math
+import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -27,7 +29,7 @@ import pandas as pd
 from PIL import Image
 
 from raysky import storage
-from raysky.audit.plots import subgroup_section
+from raysky.audit.plots import robustness_section, subgroup_section
 from raysky.calibration.plots import reliability_section
 from raysky.data.images import ImageDecodeError, decode_mask, load_rgb
 from raysky.data.readers import metadata_frame
@@ -343,6 +345,23 @@ def _ood_section(rows: pd.DataFrame, shown: pd.DataFrame, cards, scored: bool) -
             f'{listing}<div class="gallery">{cards(shown)}</div></section>')
 
 
+def _robustness(folder: str) -> str:
+    """The robustness section from ``<folder>/robustness.json`` and its example strips."""
+    from raysky.audit.robustness import OUTPUT_FILE
+
+    path = os.path.join(folder, OUTPUT_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--robustness {folder}: no {OUTPUT_FILE} (the --out of a "
+                                "raysky robustness run)")
+    with open(path) as handle:
+        report = json.load(handle)
+    strips = {}
+    for kind, strip in report.get("examples", {}).items():
+        if strip and os.path.exists(strip):
+            strips[kind] = data_uri(np.asarray(Image.open(strip).convert("RGB")))
+    return robustness_section(report, strips)
+
+
 def _roc_section(labelled: pd.DataFrame, classes: Sequence[str]) -> str:
     probs = class_probabilities(labelled, classes)
     labels = labelled["label"].to_numpy()
@@ -397,14 +416,16 @@ def build_report(results_uri: str, out_uri: str, data_uri: str | None = None,
                  format: str | None = None, metadata_uri: str | None = None,
                  split: str | None = None, top_n: int = 24, max_flagged: int = 48,
                  low_focus: float = LOW_FOCUS_THRESHOLD, title: str = "raysky review",
-                 classifier_uri: str | None = None, by: Sequence[str] = ()) -> dict:
+                 classifier_uri: str | None = None, by: Sequence[str] = (),
+                 robustness_dir: str | None = None) -> dict:
     """Write the HTML review page for ``results_uri`` to ``out_uri`` (local or ``s3://``).
 
     With ``data_uri`` and ``format`` the page adds ISIC metrics, a confusion matrix and ROC
     curves (see :func:`raysky.review.evaluate.evaluate_frame`) and the reliability diagram, before and
     after calibration when ``classifier_uri`` names the checkpoint scored with, and the subgroup
     audit (by sex, age band, site, skin tone and the ``by`` metadata columns) with its forest
-    plot. Only the rows shown in the gallery and
+    plot. ``robustness_dir``, the ``--out`` of a ``raysky robustness`` run, adds its table and
+    one example strip per artefact type. Only the rows shown in the gallery and
     the flagged list have their masks and heatmaps read, so the page builds quickly from large
     results. Returns counts of what the page shows.
     """
@@ -499,7 +520,10 @@ def build_report(results_uri: str, out_uri: str, data_uri: str | None = None,
                    f'<th class="l">error</th></tr>{error_rows}</table>' if len(errors) else
                    '<p class="note">None.</p>')
                 + "</section>")
-    body.append(_ood_section(ood_rows, ood_shown, cards, "ood" in ok.columns) + "</main>")
+    body.append(_ood_section(ood_rows, ood_shown, cards, "ood" in ok.columns))
+    if robustness_dir is not None:
+        body.append(_robustness(robustness_dir))
+    body.append("</main>")
     page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
             f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"
