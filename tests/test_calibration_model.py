@@ -331,3 +331,28 @@ def test_collect_outputs_matches_the_pipeline_inputs(trained, sample_dir):
     outputs = collect_outputs(classifier, records)
     assert outputs.logits.shape == (5, 7) and outputs.features.shape == (5, 32)
     assert [CLASSES[i] for i in outputs.labels] == [r.label for r in records]
+
+
+def test_training_end_calibration_writes_calibrated_or_says_why_not(trained, enlarged, tmp_path,
+                                                                    capsys):
+    """What raysky train classifier does with its best checkpoint (raysky.train.driver)."""
+    from types import SimpleNamespace
+
+    from raysky.train.driver import _calibrate_best
+
+    settings = SimpleNamespace(data=str(enlarged), format="ham10000", gpu=False)
+    summary = SimpleNamespace(best_checkpoint_uri=trained["classifier"], run_uri=str(tmp_path))
+    records = read_dataset(str(enlarged), "ham10000")
+    target = _calibrate_best(summary, records, settings)
+    assert target == str(tmp_path / "calibrated")
+    meta = load_checkpoint(target, "classifier").meta
+    assert meta["calibration"]["fitted_on"] == {**meta["calibration"]["fitted_on"], "split": "val",
+                                                "n": len(records)}
+    assert "written to" in capsys.readouterr().out
+    # A val split under 20 malignant images: no calibrated version, and the reason printed.
+    small = str(tmp_path / "small-run")
+    assert _calibrate_best(SimpleNamespace(best_checkpoint_uri=trained["classifier"],
+                                           run_uri=small), records[:30], settings) is None
+    out = capsys.readouterr().out
+    assert "calibration skipped" in out and "calibration needs at least 20" in out
+    assert not Path(small, "calibrated").exists()
