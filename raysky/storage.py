@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import os
 import posixpath
+import random
 import re
+import time
 from functools import lru_cache
 from urllib.parse import urlparse
 
@@ -138,16 +140,41 @@ def is_dir(uri: str) -> bool:
     return False
 
 
-def read_bytes(uri: str) -> bytes:
-    """Read a whole object; raises FileNotFoundError naming ``uri`` when it is absent."""
+READ_ATTEMPTS = 4
+"""Tries per object read before an ``OSError`` is given up as transient (S3 throttling, a
+timeout, a dropped connection)."""
+READ_BACKOFF_S = 0.25
+"""First wait between tries; it doubles each time, with jitter (0.25 s, 0.5 s, 1 s)."""
+# Another try cannot make these readable.
+_PERMANENT = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+def read_bytes(uri: str, limit: int | None = None, attempts: int = READ_ATTEMPTS) -> bytes:
+    """Read a whole object, or at most ``limit + 1`` bytes of it when ``limit`` is given.
+
+    An absent object raises ``FileNotFoundError`` naming ``uri`` at once; any other
+    ``OSError`` is retried, up to ``attempts`` tries in all with jittered exponential backoff,
+    and raised when the last try fails too. Every raysky read of data (images, masks, CSVs,
+    checkpoints) comes through here, so a throttled bucket slows a job instead of failing it.
+    """
     fs, path = resolve(uri)
-    try:
-        with fs.open_input_stream(path) as stream:
-            return stream.read()
-    except (FileNotFoundError, OSError) as exc:
-        if fs.get_file_info(path).type == pafs.FileType.NotFound:
-            raise FileNotFoundError(f"{uri}: no such file or object") from exc
-        raise
+    for attempt in range(attempts):
+        try:
+            with fs.open_input_stream(path) as stream:
+                return stream.read() if limit is None else stream.read(limit + 1)
+        except _PERMANENT as exc:
+            if isinstance(exc, FileNotFoundError):
+                raise FileNotFoundError(f"{uri}: no such file or object") from exc
+            raise
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                if fs.get_file_info(path).type == pafs.FileType.NotFound:
+                    raise FileNotFoundError(f"{uri}: no such file or object") from exc
+            if attempt + 1 >= attempts:
+                raise
+            # Jitter keeps the readers that were throttled together from retrying together.
+            time.sleep(READ_BACKOFF_S * 2 ** attempt * random.uniform(0.5, 1.5))
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 def write_bytes(uri: str, data: bytes) -> None:

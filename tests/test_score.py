@@ -491,6 +491,13 @@ def test_reads_retry_throttling_and_flag_what_stays_unreadable_as_transient(
     assert "503" in by_id["throttled"]["error"]
     assert (by_id["gone"]["error"], by_id["gone"]["error_kind"]) == ("file not found", "bad_input")
     assert (by_id["junk"]["status"], by_id["junk"]["error_kind"]) == ("error", "bad_input")
+    # Training and every other reader go through the same retrying read.
+    from raysky.data.images import load_rgb
+
+    before = flaky_s3.requests[f"{prefix}/in/recovers.jpg"]
+    flaky_s3.failures[f"{prefix}/in/recovers.jpg"] = 4
+    assert load_rgb(uris[0]).size == (200, 150)
+    assert flaky_s3.requests[f"{prefix}/in/recovers.jpg"] > before + 4
 
 
 def _three_images(sample_dir: Path, root: Path) -> list[str]:

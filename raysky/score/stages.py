@@ -10,15 +10,13 @@ No stage raises on a bad image: every failure becomes a row with ``status='error
 reason in ``error`` and its kind in ``error_kind``: ``bad_input`` when the input itself is at
 fault (not an image, too large, gone, breaks the model), ``transient`` when reading it failed
 for a reason that may pass (S3 throttling, a timeout, a dropped connection) after
-:data:`READ_ATTEMPTS` tries with backoff. A re-run scores transient rows again.
+:data:`raysky.storage.READ_ATTEMPTS` tries with backoff. A re-run scores transient rows again.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import math
-import random
-import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -39,10 +37,6 @@ BAD_INPUT, TRANSIENT = "bad_input", "transient"
 ERROR_KINDS: tuple[str, ...] = (BAD_INPUT, TRANSIENT)
 """Values of ``error_kind`` on error rows (null on ok rows)."""
 
-READ_ATTEMPTS = 4
-"""Tries per object read before an ``OSError`` becomes a transient error row."""
-READ_BACKOFF_S = 0.25
-"""First wait between tries; it doubles each time, with jitter (0.25 s, 0.5 s, 1 s)."""
 
 INPUT_SCHEMA = pa.schema([
     ("image_id", pa.string()), ("source_uri", pa.string()), ("age", pa.float64()),
@@ -99,25 +93,14 @@ def model_output_schema(classes: Sequence[str], heatmaps: bool) -> pa.Schema:
 # ---------------------------------------------------------------------------------------------
 
 
-def read_limited(uri: str, limit: int = MAX_INPUT_BYTES, attempts: int = READ_ATTEMPTS) -> bytes:
+def read_limited(uri: str, limit: int = MAX_INPUT_BYTES,
+                 attempts: int = storage.READ_ATTEMPTS) -> bytes:
     """Read one object, refusing (with :class:`ImageDecodeError`) anything over ``limit`` bytes.
 
-    An ``OSError`` other than a missing file is retried up to ``attempts`` tries in all, with
-    exponential backoff, and raised when the last try fails too.
+    Transient ``OSError``s are retried by :func:`raysky.storage.read_bytes`, and raised when
+    the last of ``attempts`` tries fails too.
     """
-    fs, path = storage.resolve(uri)
-    for attempt in range(attempts):
-        try:
-            with fs.open_input_stream(path) as stream:
-                data = stream.read(limit + 1)
-            break
-        except FileNotFoundError:
-            raise
-        except OSError:
-            if attempt + 1 >= attempts:
-                raise
-            # Jitter keeps the tasks that were throttled together from retrying together.
-            time.sleep(READ_BACKOFF_S * 2 ** attempt * random.uniform(0.5, 1.5))
+    data = storage.read_bytes(uri, limit=limit, attempts=attempts)
     if len(data) > limit:
         raise ImageDecodeError(uri, f"file too large (over {limit} bytes)")
     return data
