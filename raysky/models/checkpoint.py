@@ -119,8 +119,12 @@ def save_checkpoint(model: nn.Module, uri: str, preset: str, extra: dict | None 
     return meta
 
 
-def read_checkpoint_meta(uri: str) -> dict:
-    """Read only a checkpoint's ``config.json``; errors name the URI and what is wrong."""
+def read_checkpoint_meta(uri: str, expected_kind: str | None = None) -> dict:
+    """Read only a checkpoint's ``config.json``; errors name the URI and what is wrong.
+
+    ``expected_kind`` (``segmenter`` or ``classifier``) guards against swapped arguments: a
+    checkpoint of the other kind is a ``ValueError`` that says which it is.
+    """
     config_uri = storage.join(uri, CONFIG_FILE)
     try:
         meta = json.loads(storage.read_bytes(config_uri))
@@ -130,6 +134,9 @@ def read_checkpoint_meta(uri: str) -> dict:
         raise ValueError(f"{config_uri}: invalid JSON ({exc})") from exc
     if meta.get("format") != FORMAT:
         raise ValueError(f"{config_uri}: unsupported checkpoint format {meta.get('format')!r}, expected {FORMAT}")
+    if expected_kind and meta.get("kind") != expected_kind:
+        raise ValueError(f"{uri}: is a {meta.get('kind')} checkpoint, but a {expected_kind} was "
+                         "expected")
     return meta
 
 
@@ -176,9 +183,7 @@ def load_checkpoint(uri: str, expected_kind: str | None = None) -> LoadedModel:
     weights are verified against the hash in ``config.json`` before they are used (see
     :func:`verify_weights`); a mismatch is a :class:`CheckpointIntegrityError`.
     """
-    meta = read_checkpoint_meta(uri)
-    if expected_kind and meta["kind"] != expected_kind:
-        raise ValueError(f"{uri}: is a {meta['kind']} checkpoint, but a {expected_kind} was expected")
+    meta = read_checkpoint_meta(uri, expected_kind)
     model = build_from_meta(meta)
     weights = storage.read_bytes(storage.join(uri, WEIGHTS_FILE))
     verify_weights(uri, meta, weights)
@@ -217,9 +222,7 @@ def save_calibrated(source_uri: str, target_uri: str, calibration: dict) -> dict
     identifies it, see :mod:`raysky.calibration`) and ``calibrated_from``, and the card its
     calibration section. Returns the new description.
     """
-    kind = read_checkpoint_meta(source_uri)["kind"]
-    if kind != "classifier":
-        raise ValueError(f"{source_uri}: only a classifier can be calibrated, this is a {kind}")
+    read_checkpoint_meta(source_uri, "classifier")
     return save_version(source_uri, target_uri, {
         "calibration": calibration, "calibrated_from": str(source_uri),
         "calibrated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})

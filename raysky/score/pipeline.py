@@ -311,12 +311,9 @@ def _model_facts(settings: ScoreSettings) -> dict:
     before any worker starts, so a damaged checkpoint fails the run before it writes a row."""
     from raysky.models.checkpoint import WEIGHTS_FILE, read_checkpoint_meta, verify_weights
 
-    seg = read_checkpoint_meta(settings.segmenter)
-    cls = read_checkpoint_meta(settings.classifier)
-    for meta, kind, uri in ((seg, "segmenter", settings.segmenter),
-                            (cls, "classifier", settings.classifier)):
-        if meta.get("kind") != kind:
-            raise ValueError(f"{uri}: is a {meta.get('kind')} checkpoint, but a {kind} was expected")
+    seg = read_checkpoint_meta(settings.segmenter, "segmenter")
+    cls = read_checkpoint_meta(settings.classifier, "classifier")
+    for meta, uri in ((seg, settings.segmenter), (cls, settings.classifier)):
         verify_weights(uri, meta, storage.read_bytes(storage.join(uri, WEIGHTS_FILE)))
     return {"format": RESULTS_FORMAT, "segmenter_version": seg["version"],
             "classifier_version": cls["version"], "classes": list(cls["classes"]),

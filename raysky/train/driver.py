@@ -361,10 +361,7 @@ def train_classifier(settings: TrainSettings) -> TrainResult:
     if settings.mask_source == "segmenter":
         from raysky.train.masks import segmenter_masks
 
-        meta = read_checkpoint_meta(settings.segmenter)
-        if meta["kind"] != "segmenter":
-            raise ValueError(f"{settings.segmenter}: is a {meta['kind']} checkpoint, but "
-                             "--segmenter needs a segmenter")
+        meta = read_checkpoint_meta(settings.segmenter, "segmenter")
         ensure_ray(log_to_driver=True)
         mask_uri = storage.join(_storage_root(settings.storage), settings.name, "masks", meta["version"])
         started = time.monotonic()
