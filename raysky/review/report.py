@@ -14,9 +14,7 @@ reliability diagram of the calibration (with ground truth); and the images flagg
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 import math
 import os
@@ -31,7 +29,7 @@ from PIL import Image
 from raysky import storage
 from raysky.audit.plots import robustness_section, subgroup_section
 from raysky.calibration.plots import reliability_section
-from raysky.data.images import ImageDecodeError, decode_mask, load_rgb
+from raysky.data.images import ImageDecodeError, decode_mask
 from raysky.data.readers import metadata_frame
 from raysky.data.taxonomy import MALIGNANT_CLASSES
 from raysky.review.evaluate import (
@@ -47,157 +45,18 @@ from raysky.review.evaluate import (
     results_columns,
 )
 from raysky.review.metrics import binary_metrics, roc_points
+from raysky.review.pictures import (
+    data_uri,
+    decode_heatmap,
+    lesion_pictures,
+    load_picture,
+    roc_svg,
+)
 
-THUMBNAIL_SIZE = 240
-"""Longest side of gallery pictures, in pixels."""
-
-# Small fixed palette (Okabe-Ito), readable by colour-blind reviewers.
-PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442",
-           "#000000")
-# Anchors of a perceptually ordered blue-green-yellow-red ramp for heatmaps.
-_HEAT_STOPS = np.array([0.0, 0.25, 0.5, 0.75, 1.0])
-_HEAT_COLORS = np.array([[48, 18, 59], [40, 140, 250], [60, 220, 120], [250, 200, 40],
-                         [190, 20, 10]], dtype=np.float64)
 _LIGHT_COLUMNS = ("image_id", "source_uri", "status", "error", "width", "height",
                   "predicted_class", "malignant_prob", "lesion_area_frac", "lesion_focus",
                   "segmenter_version", "classifier_version", "refer", "ood_score", "ood",
                   "calibration_version", "scored_at")
-
-
-# --------------------------------------------------------------------------------------------
-# Pictures
-# --------------------------------------------------------------------------------------------
-
-
-def heat_colors(heat: np.ndarray) -> np.ndarray:
-    """Map values in [0, 1] to RGB ``float64`` colours along the heatmap ramp."""
-    heat = np.clip(heat, 0.0, 1.0)
-    return np.stack([np.interp(heat, _HEAT_STOPS, _HEAT_COLORS[:, c]) for c in range(3)], -1)
-
-
-def mask_outline(mask: np.ndarray, width: int = 1) -> np.ndarray:
-    """Boolean boundary of a 0/1 mask: lesion pixels with a background 4-neighbour, thickened."""
-    inside = mask.astype(bool)
-    padded = np.pad(inside, 1, mode="edge")
-    eroded = (padded[1:-1, 1:-1] & padded[:-2, 1:-1] & padded[2:, 1:-1]
-              & padded[1:-1, :-2] & padded[1:-1, 2:])
-    edge = inside & ~eroded
-    for _ in range(width - 1):
-        padded = np.pad(edge, 1)
-        edge = (padded[1:-1, 1:-1] | padded[:-2, 1:-1] | padded[2:, 1:-1]
-                | padded[1:-1, :-2] | padded[1:-1, 2:])
-    return edge
-
-
-def _thumbnail_size(width: int, height: int) -> tuple[int, int]:
-    scale = THUMBNAIL_SIZE / max(width, height)
-    return max(1, round(width * scale)), max(1, round(height * scale))
-
-
-def lesion_pictures(image: np.ndarray | None, mask: np.ndarray | None,
-                    heatmap: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
-    """Two thumbnails: the image with the mask outlined, and the Grad-CAM overlay (or None).
-
-    Any of the inputs may be missing (an image that can no longer be read, a row without a
-    heatmap); a grey canvas of the mask's or heatmap's size stands in for a missing image.
-    """
-    shape = next(a.shape[:2] for a in (image, mask, heatmap) if a is not None)
-    size = _thumbnail_size(shape[1], shape[0])
-    if image is None:
-        base = np.full((size[1], size[0], 3), 96.0)
-    else:
-        base = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR), dtype=np.float64)
-    edge = None
-    if mask is not None:
-        small = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.NEAREST))
-        edge = mask_outline(small > 127, width=2)
-    outlined = base.copy()
-    if edge is not None:
-        outlined[edge] = (0, 255, 120)
-    overlay = None
-    if heatmap is not None:
-        heat = np.asarray(Image.fromarray(heatmap.astype(np.float32)).resize(size, Image.BILINEAR))
-        # Weak evidence stays transparent so the lesion underneath remains visible.
-        alpha = (0.75 * np.sqrt(np.clip(heat, 0.0, 1.0)))[..., None]
-        overlay = base * (1.0 - alpha) + heat_colors(heat) * alpha
-        if edge is not None:
-            overlay[edge] = (255, 255, 255)
-    as_uint8 = [np.clip(np.rint(p), 0, 255).astype(np.uint8) if p is not None else None
-                for p in (outlined, overlay)]
-    return as_uint8[0], as_uint8[1]
-
-
-def data_uri(picture: np.ndarray, quality: int = 85) -> str:
-    """An RGB ``uint8`` array as a base64 JPEG ``data:`` URI."""
-    buffer = io.BytesIO()
-    Image.fromarray(picture).save(buffer, format="JPEG", quality=quality)
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def _decode_heatmap(data: bytes | None) -> np.ndarray | None:
-    if data is None:
-        return None
-    try:
-        gray = Image.open(io.BytesIO(bytes(data))).convert("L")
-    except Exception:  # a damaged heatmap must not sink the page; the card shows without it
-        return None
-    return np.asarray(gray, dtype=np.float32) / 255.0
-
-
-def _load_image(uri: str | None) -> np.ndarray | None:
-    if not uri:
-        return None
-    try:
-        return np.asarray(load_rgb(uri))
-    except (FileNotFoundError, OSError, ImageDecodeError):
-        # The archive may have moved since scoring; the card then shows mask and heatmap only.
-        return None
-
-
-# --------------------------------------------------------------------------------------------
-# SVG plots
-# --------------------------------------------------------------------------------------------
-
-
-def roc_svg(curves: Sequence[tuple[str, np.ndarray, np.ndarray, float]], size: int = 340) -> str:
-    """ROC curves as inline SVG; ``curves`` holds ``(name, fpr, tpr, auc)`` tuples."""
-    pad, plot = 44, size - 60
-    x0, y0 = pad, 12
-
-    def xy(fpr: float, tpr: float) -> str:
-        return f"{x0 + fpr * plot:.1f},{y0 + (1 - tpr) * plot:.1f}"
-
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{size + 170}" height="{size}" '
-             f'role="img" aria-label="ROC curves">',
-             f'<rect x="{x0}" y="{y0}" width="{plot}" height="{plot}" fill="#fff" stroke="#999"/>']
-    for t in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0):
-        parts.append(f'<line x1="{x0 + t * plot:.1f}" y1="{y0}" x2="{x0 + t * plot:.1f}" '
-                     f'y2="{y0 + plot}" stroke="#eee"/>')
-        parts.append(f'<line x1="{x0}" y1="{y0 + t * plot:.1f}" x2="{x0 + plot}" '
-                     f'y2="{y0 + t * plot:.1f}" stroke="#eee"/>')
-        parts.append(f'<text x="{x0 + t * plot:.1f}" y="{y0 + plot + 14}" font-size="10" '
-                     f'text-anchor="middle">{t:.1f}</text>')
-        parts.append(f'<text x="{x0 - 4}" y="{y0 + (1 - t) * plot + 3:.1f}" font-size="10" '
-                     f'text-anchor="end">{t:.1f}</text>')
-    parts.append(f'<line x1="{x0}" y1="{y0 + plot}" x2="{x0 + plot}" y2="{y0}" stroke="#bbb" '
-                 f'stroke-dasharray="4 3"/>')
-    parts.append(f'<text x="{x0 + plot / 2}" y="{size - 6}" font-size="11" '
-                 f'text-anchor="middle">false-positive rate</text>')
-    parts.append(f'<text x="12" y="{y0 + plot / 2}" font-size="11" text-anchor="middle" '
-                 f'transform="rotate(-90 12 {y0 + plot / 2})">sensitivity</text>')
-    for i, (name, fpr, tpr, auc) in enumerate(curves):
-        color = PALETTE[i % len(PALETTE)]
-        points = " ".join(xy(f, t) for f, t in zip(fpr, tpr, strict=True))
-        width = 2.5 if name == "malignant" else 1.5
-        parts.append(f'<polyline points="{points}" fill="none" stroke="{color}" '
-                     f'stroke-width="{width}"/>')
-        ly = y0 + 10 + 16 * i
-        parts.append(f'<line x1="{x0 + plot + 12}" y1="{ly}" x2="{x0 + plot + 30}" y2="{ly}" '
-                     f'stroke="{color}" stroke-width="{width}"/>')
-        label = html.escape(f"{name}  AUC {auc:.3f}" if not math.isnan(auc) else name)
-        parts.append(f'<text x="{x0 + plot + 34}" y="{ly + 4}" font-size="11">{label}</text>')
-    parts.append("</svg>")
-    return "".join(parts)
 
 
 def confusion_table(confusion: dict) -> str:
@@ -401,8 +260,8 @@ def _pictures_for(rows: pd.DataFrame, binaries: pd.DataFrame) -> dict[str, tuple
                 mask = decode_mask(bytes(mask_data), f"mask_png of {image_id}")
             except ImageDecodeError:
                 mask = None
-        heatmap = _decode_heatmap(heat_data)
-        image = _load_image(source)
+        heatmap = decode_heatmap(heat_data)
+        image = load_picture(source)
         if image is None and mask is None and heatmap is None:
             return image_id, (None, None)
         return image_id, lesion_pictures(image, mask, heatmap)
