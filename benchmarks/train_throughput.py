@@ -22,7 +22,12 @@ import csv
 import os
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from raysky.train.settings import LoopConfig
 
 
 def _subset(data: str, limit: int, workdir: str) -> str:
@@ -49,7 +54,7 @@ def _subset(data: str, limit: int, workdir: str) -> str:
     return str(out)
 
 
-def plain_loop(config: dict, rows: list[dict], epochs: int, threads: int) -> dict:
+def plain_loop(config: LoopConfig, rows: list[dict], epochs: int, threads: int) -> dict:
     """The baseline: a torch DataLoader with one decoding worker and the shared step code."""
     import numpy as np
     import torch
@@ -57,14 +62,15 @@ def plain_loop(config: dict, rows: list[dict], epochs: int, threads: int) -> dic
 
     from raysky.models.runtime import autocast, set_torch_threads
     from raysky.train.datasets import decode_and_transform
-    from raysky.train.loops import make_optimizer, make_task
+    from raysky.train.loops import make_optimizer
+    from raysky.train.tasks import make_task
 
     started = time.perf_counter()
     set_torch_threads(threads)
     task = make_task(config)
-    torch.manual_seed(config["seed"])
+    torch.manual_seed(config.seed)
     model = task.build_model()
-    batch_size = config["batch_size"]
+    batch_size = config.batch_size
     steps_per_epoch = len(rows) // batch_size
     optimizer, scheduler = make_optimizer(model, config, steps_per_epoch)
     device = torch.device("cpu")
@@ -81,7 +87,7 @@ def plain_loop(config: dict, rows: list[dict], epochs: int, threads: int) -> dic
         epoch_start, images = time.perf_counter(), 0
         for batch in loader:
             inputs = task.inputs(batch, device)
-            with autocast(device, config["precision"]):
+            with autocast(device, config.precision):
                 loss = task.loss(model, inputs)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -119,25 +125,25 @@ def main() -> None:
     from raysky.data.taxonomy import order_classes
     from raysky.train import TrainSettings, train_classifier, train_segmenter
     from raysky.train.datasets import class_weights, encode_rows, load_splits
+    from raysky.train.settings import LoopConfig
 
     with tempfile.TemporaryDirectory() as workdir:
         data = _subset(args.data, args.limit, workdir) if args.limit else args.data
         train, _val, how = load_splits(data, "ham10000")
         classes = order_classes({r.label for r in train}) if args.kind == "classifier" else ()
         index = {c: i for i, c in enumerate(classes)}
-        config = {
-            "kind": args.kind, "preset": args.preset, "classes": list(classes),
-            "vocab": MetadataVocab().to_dict(), "use_metadata": True, "epochs": args.epochs,
-            "batch_size": args.batch_size, "lr": 3e-4, "weight_decay": 1e-4, "seed": 0,
-            "precision": "fp32",
-            "class_weights": class_weights([index[r.label] for r in train], len(classes)) if classes else None,
-        }
+        config = LoopConfig(
+            kind=args.kind, preset=args.preset, classes=list(classes),
+            vocab=MetadataVocab().to_dict(), epochs=args.epochs, batch_size=args.batch_size,
+            lr=3e-4, weight_decay=1e-4,
+            class_weights=(class_weights([index[r.label] for r in train], len(classes))
+                           if classes else None))
         rows = encode_rows(train, classes)
         print(f"{len(train)} training images ({how}), preset {args.preset}, {args.kind}, "
               f"batch {args.batch_size}, {args.threads} torch thread(s), {args.epochs} epochs")
 
         plain = plain_loop(config, rows, args.epochs, args.threads)
-        bf16 = None if args.skip_bf16 else plain_loop({**config, "precision": "bf16"}, rows,
+        bf16 = None if args.skip_bf16 else plain_loop(replace(config, precision="bf16"), rows,
                                                       args.epochs, args.threads)
 
         # One CPU for the worker's torch threads' share and one for Ray Data decoding, as the

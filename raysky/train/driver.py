@@ -38,6 +38,7 @@ from raysky.train.loops import (
 )
 from raysky.train.settings import (
     MASK_SOURCES,
+    LoopConfig,
     TrainResult,
     TrainSettings,
     hyperparameters,
@@ -224,20 +225,17 @@ def _run(kind: str, settings: TrainSettings, train: list[LesionRecord], val: lis
                         "metric_mode": mode, "split": split_how, **(extra_summary or {})}
     provenance = {"training_data": training_data(settings, kind, train, val, split_how),
                   "schedule": SCHEDULE, "augmentation": to_jsonable(asdict(AugmentConfig()))}
-    loop_config = {
-        "provenance": provenance,
-        "kind": kind, "preset": settings.preset, "classes": list(classes),
-        "vocab": vocab.to_dict(), "class_weights": weights, "use_metadata": settings.use_metadata,
-        "use_lesion_stream": settings.use_lesion_stream,
-        "epochs": settings.epochs, "batch_size": settings.batch_size, "lr": settings.lr,
-        "encoder_lr_scale": settings.encoder_lr_scale, "label_smoothing": settings.label_smoothing,
-        "hyperparameters": hyperparameters(settings),
-        "weight_decay": settings.weight_decay, "precision": precision, "use_gpu": settings.gpu,
-        "threads": threads, "seed": settings.seed, "train_rows": len(train),
-        "pretrained_encoder": settings.pretrained_encoder, "metric": metric, "metric_mode": mode,
-        "run_name": settings.name, "progress_interval": settings.progress_interval,
-        "settings": to_jsonable(summary_settings),
-    }
+    loop_config = LoopConfig(
+        kind=kind, preset=settings.preset, epochs=settings.epochs,
+        batch_size=settings.batch_size, lr=settings.lr, weight_decay=settings.weight_decay,
+        encoder_lr_scale=settings.encoder_lr_scale, label_smoothing=settings.label_smoothing,
+        classes=list(classes), vocab=vocab.to_dict(), class_weights=weights,
+        use_metadata=settings.use_metadata, use_lesion_stream=settings.use_lesion_stream,
+        precision=precision, use_gpu=settings.gpu, threads=threads, seed=settings.seed,
+        train_rows=len(train), pretrained_encoder=settings.pretrained_encoder, metric=metric,
+        metric_mode=mode, run_name=settings.name, progress_interval=settings.progress_interval,
+        hyperparameters=hyperparameters(settings), settings=to_jsonable(summary_settings),
+        provenance=provenance)
     if storage.is_s3(root):
         # Ray resolves a bare s3:// URI with its own defaults; passing raysky's filesystem
         # keeps the endpoint (MinIO, moto) and region that every other raysky I/O uses.
@@ -249,7 +247,7 @@ def _run(kind: str, settings: TrainSettings, train: list[LesionRecord], val: lis
         resources["GPU"] = 1
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config=loop_config.to_dict(),
         scaling_config=ScalingConfig(num_workers=settings.workers, use_gpu=settings.gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(

@@ -1,8 +1,8 @@
 """The per-worker training loop that Ray Train runs, shared by the segmenter and the classifier.
 
 One loop serves both models; what differs (model, loss, validation metrics) lives in a small
-task object, which the throughput benchmark also uses for its plain-PyTorch baseline, so the
-two measure the same step.
+task object (:mod:`raysky.train.tasks`), and what the loop is told arrives as a
+:class:`~raysky.train.settings.LoopConfig`.
 
 Each epoch every worker trains on its own shard of the training set (DDP keeps the replicas
 in sync); rank 0 then validates on the whole validation set, and every rank calls
@@ -18,32 +18,25 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Iterable
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from raysky.data.metadata import MetadataVocab
 from raysky.jsonable import to_jsonable
-from raysky.models import create_classifier, create_segmenter, get_preset, segmentation_loss
 from raysky.models.card import machine_description
 from raysky.models.checkpoint import load_checkpoint, save_checkpoint
-from raysky.models.preprocess import images_to_tensor, masks_to_tensor
 from raysky.models.pretrained import initialise_model, model_encoders
 from raysky.models.runtime import (
     autocast,
-    choose_precision,
     prepare_for_device,
     set_torch_threads,
     unwrap_ddp,
 )
-from raysky.models.segmenter import MASK_THRESHOLD
 from raysky.progress import Progress
-from raysky.review.metrics import classification_summary, segmentation_summary
 from raysky.train.datasets import readable_rows
+from raysky.train.settings import LoopConfig
+from raysky.train.tasks import make_task, measure_precision
 
 STATE_FILE = "train_state.pt"
 METRICS_FILE = "metrics.json"
@@ -52,189 +45,6 @@ MAX_UNREADABLE_SHARE = 0.01
 """An epoch that cannot read more than this share of its training images fails."""
 
 DEFAULT_METRIC = {"segmenter": ("dice", "max"), "classifier": ("balanced_accuracy", "max")}
-
-
-class SegmenterTask:
-    """Deep-UNet on image/mask pairs: BCE + soft Dice, validated by Dice and Jaccard."""
-
-    kind = "segmenter"
-
-    def __init__(self, config: dict):
-        self.config = config
-        self.model_config = get_preset(config["preset"]).segmenter
-
-    @property
-    def input_size(self) -> int:
-        """Side of the square the data pipeline resizes to."""
-        return self.model_config.input_size
-
-    def build_model(self) -> nn.Module:
-        """A fresh segmenter for the preset."""
-        return create_segmenter(self.config["preset"])
-
-    def inputs(self, batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
-        """Normalised image and 0/1 mask tensors on ``device``."""
-        cfg = self.model_config
-        image = images_to_tensor(list(batch["image"]), cfg.input_size, cfg.mean, cfg.std)
-        mask = masks_to_tensor(list(batch["mask"]), cfg.input_size)
-        return {"image": _to_device(image, device), "mask": mask.to(device, non_blocking=True)}
-
-    def loss(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The paper's BCE + soft-Dice loss."""
-        return segmentation_loss(model(inputs["image"]), inputs["mask"])
-
-    def synthetic_batch(self, batch_size: int) -> dict[str, np.ndarray]:
-        """A batch of the real shapes and dtypes with arbitrary values, for timing steps."""
-        return _synthetic_images(batch_size, self.input_size)
-
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module, batches: Iterable[dict], device: torch.device,
-                 precision: str) -> dict[str, Any]:
-        """Mean loss, Dice, Jaccard and ISIC's thresholded Jaccard over the validation set."""
-        model.eval()
-        preds, truths, loss_sum, count = [], [], 0.0, 0
-        for batch in _readable(batches):
-            inputs = self.inputs(batch, device)
-            with autocast(device, precision):
-                logits = model(inputs["image"])
-            n = len(inputs["mask"])
-            loss_sum += float(segmentation_loss(logits, inputs["mask"])) * n
-            count += n
-            preds.extend((torch.sigmoid(logits.float()) > MASK_THRESHOLD)[:, 0].cpu().numpy())
-            truths.extend(inputs["mask"][:, 0].cpu().numpy())
-        if not count:
-            raise ValueError("the validation set yielded no decodable images")
-        return {"val_loss": loss_sum / count, **segmentation_summary(preds, truths),
-                "val_images": count}
-
-
-class ClassifierTask:
-    """Dual-stream classifier: weighted cross-entropy, validated by accuracy, balanced accuracy
-    and per-class AUC."""
-
-    kind = "classifier"
-
-    def __init__(self, config: dict):
-        self.config = config
-        self.classes = tuple(config["classes"])
-        self.model_config = get_preset(config["preset"]).classifier
-        self.vocab = MetadataVocab.from_dict(config["vocab"]) if config.get("vocab") else MetadataVocab()
-        weights = config.get("class_weights")
-        self.weight = torch.tensor(weights, dtype=torch.float32) if weights else None
-
-    @property
-    def input_size(self) -> int:
-        """Side of the square the data pipeline resizes to."""
-        return self.model_config.input_size
-
-    def build_model(self) -> nn.Module:
-        """A fresh classifier with this run's classes and metadata setting."""
-        return create_classifier(self.config["preset"], classes=self.classes,
-                                 use_metadata=self.config.get("use_metadata", True), vocab=self.vocab,
-                                 use_lesion_stream=self.config.get("use_lesion_stream", True))
-
-    def inputs(self, batch: dict[str, np.ndarray], device: torch.device) -> dict[str, Any]:
-        """Normalised image, lesion mask, metadata tensors and label indices on ``device``."""
-        cfg = self.model_config
-        image = images_to_tensor(list(batch["image"]), cfg.input_size, cfg.mean, cfg.std)
-        mask = masks_to_tensor(list(batch["mask"]), cfg.input_size)
-        metadata = None
-        if self.config.get("use_metadata", True):
-            metadata = {
-                "age": torch.as_tensor(batch["age"], dtype=torch.float32).to(device),
-                "sex": torch.as_tensor(batch["sex"], dtype=torch.long).to(device),
-                "site": torch.as_tensor(batch["site"], dtype=torch.long).to(device),
-            }
-        return {"image": _to_device(image, device), "mask": mask.to(device, non_blocking=True),
-                "metadata": metadata,
-                "label": torch.as_tensor(batch["label"], dtype=torch.long).to(device)}
-
-    def loss(self, model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
-        """Class-weighted, label-smoothed cross-entropy (the weights offset HAM10000's 67%
-        ``nv``; smoothing keeps a fine-tuned model from growing over-confident)."""
-        logits = model(inputs["image"], inputs["mask"], inputs["metadata"])
-        weight = self.weight.to(logits.device) if self.weight is not None else None
-        return F.cross_entropy(logits.float(), inputs["label"], weight=weight,
-                               label_smoothing=self.config.get("label_smoothing", 0.0))
-
-    def synthetic_batch(self, batch_size: int) -> dict[str, np.ndarray]:
-        """A batch of the real shapes and dtypes with arbitrary values, for timing steps."""
-        return {**_synthetic_images(batch_size, self.input_size),
-                "age": np.zeros((batch_size, 2), np.float32),
-                "sex": np.zeros(batch_size, np.int64), "site": np.zeros(batch_size, np.int64),
-                "label": np.arange(batch_size, dtype=np.int64) % len(self.classes)}
-
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module, batches: Iterable[dict], device: torch.device,
-                 precision: str) -> dict[str, Any]:
-        """Unweighted loss, accuracy, balanced accuracy, macro and per-class AUC."""
-        model.eval()
-        labels, probs, loss_sum = [], [], 0.0
-        for batch in _readable(batches):
-            inputs = self.inputs(batch, device)
-            with autocast(device, precision):
-                logits = model(inputs["image"], inputs["mask"], inputs["metadata"]).float()
-            loss_sum += float(F.cross_entropy(logits, inputs["label"], reduction="sum"))
-            probs.append(torch.softmax(logits, dim=1).cpu().numpy())
-            labels.append(inputs["label"].cpu().numpy())
-        if not labels:
-            raise ValueError("the validation set yielded no decodable images")
-        label_arr, prob_arr = np.concatenate(labels), np.concatenate(probs)
-        summary = classification_summary(label_arr, prob_arr, self.classes)
-        return {"val_loss": loss_sum / len(label_arr), **summary, "val_images": len(label_arr)}
-
-
-TASKS = {"segmenter": SegmenterTask, "classifier": ClassifierTask}
-
-
-def _readable(batches: Iterable[dict]) -> Iterable[dict]:
-    # Validation skips unreadable images (logged where they were read) and empty batches.
-    for batch in batches:
-        batch, _ = readable_rows(batch)
-        if len(batch["image"]):
-            yield batch
-
-
-def _synthetic_images(batch_size: int, size: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(0)
-    mask = np.zeros((batch_size, size, size), np.uint8)
-    mask[:, size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 1
-    return {"image": rng.integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8),
-            "mask": mask}
-
-
-def measure_precision(task, model: nn.Module, device: torch.device, requested: str,
-                      batch_size: int) -> tuple[str, dict]:
-    """Resolve ``auto`` precision by timing this model's own training step both ways.
-
-    bf16 pays off or not per model, input size and CPU (measured: 0.82x the fp32 step time
-    for EfficientNet-Lite0 at 128 px, 1.76x for DenseNet201, 20x without AVX-512-BF16), so
-    nothing short of a measurement decides it. The steps run on a copy, leaving the model's
-    weights and batch-norm statistics as they were.
-    """
-    import copy
-
-    probe = copy.deepcopy(model).train()
-    inputs = task.inputs(task.synthetic_batch(batch_size), device)
-
-    def step(precision: str) -> None:
-        with autocast(device, precision):
-            loss = task.loss(probe, inputs)
-        loss.backward()
-        probe.zero_grad(set_to_none=True)
-
-    return choose_precision(requested, device, step)
-
-
-def make_task(config: dict) -> SegmenterTask | ClassifierTask:
-    """The task object for ``config["kind"]``."""
-    return TASKS[config["kind"]](config)
-
-
-def _to_device(image: torch.Tensor, device: torch.device) -> torch.Tensor:
-    image = image.to(device, non_blocking=True)
-    # channels_last pays off with cuDNN convolutions; on CPU it is left as is.
-    return image.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else image
 
 
 def parameter_groups(model: nn.Module, lr: float, encoder_lr_scale: float) -> list[dict]:
@@ -251,12 +61,12 @@ SCHEDULE = ("AdamW; linear warm-up over min(one epoch, 10% of the steps), then c
 """What :func:`make_optimizer` does, in words, for the model card."""
 
 
-def make_optimizer(model: nn.Module, config: dict, steps_per_epoch: int):
+def make_optimizer(model: nn.Module, config: LoopConfig, steps_per_epoch: int):
     """AdamW with a linear warm-up over at most one epoch, then cosine decay to 1% of each
     group's peak rate (see :func:`parameter_groups`)."""
-    groups = parameter_groups(unwrap_ddp(model), config["lr"], config.get("encoder_lr_scale", 1.0))
-    optimizer = torch.optim.AdamW(groups, lr=config["lr"], weight_decay=config["weight_decay"])
-    total = max(1, steps_per_epoch * config["epochs"])
+    groups = parameter_groups(unwrap_ddp(model), config.lr, config.encoder_lr_scale)
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    total = max(1, steps_per_epoch * config.epochs)
     warmup = max(1, min(steps_per_epoch, total // 10))
 
     def factor(step: int) -> float:
@@ -292,24 +102,24 @@ def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
-def _score(metrics: dict, config: dict) -> dict:
+def _score(metrics: dict, config: LoopConfig) -> dict:
     # Ray orders checkpoints by this value; a NaN would silently break that ordering.
-    key, mode = config["metric"], config["metric_mode"]
+    key, mode = config.metric, config.metric_mode
     value = metrics.get(key)
     if value is None or (isinstance(value, float) and math.isnan(value)):
         metrics[key] = -math.inf if mode == "max" else math.inf
     return metrics
 
 
-def write_checkpoint(directory: str, model: nn.Module, config: dict, state: dict,
+def write_checkpoint(directory: str, model: nn.Module, config: LoopConfig, state: dict,
                      metrics: dict, history: list[dict]) -> None:
     """Fill ``directory`` with a raysky checkpoint plus resume state, metrics and history."""
-    extra = {"epoch": metrics["epoch"], "run": config.get("run_name"), "metrics": to_jsonable(metrics),
-             "settings": config.get("settings", {}), "initial_weights": state["initial_weights"],
+    extra = {"epoch": metrics["epoch"], "run": config.run_name, "metrics": to_jsonable(metrics),
+             "settings": config.settings, "initial_weights": state["initial_weights"],
              "hyperparameters": state["hyperparameters"],
-             "provenance": config.get("provenance", {}), "machine": machine_description(),
+             "provenance": config.provenance, "machine": machine_description(),
              "training_seconds": sum(float(h.get("train_seconds", 0.0)) for h in history)}
-    save_checkpoint(unwrap_ddp(model), directory, config["preset"], extra=extra)
+    save_checkpoint(unwrap_ddp(model), directory, config.preset, extra=extra)
     torch.save(state, os.path.join(directory, STATE_FILE))
     with open(os.path.join(directory, METRICS_FILE), "w") as handle:
         json.dump(to_jsonable(metrics), handle, indent=2)
@@ -354,26 +164,28 @@ def _restore_rng(state: dict | None) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def train_loop_per_worker(config: dict) -> None:
-    """Ray Train's per-worker function; ``config`` is built by :mod:`raysky.train.driver`."""
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Ray Train's per-worker function; ``loop_config`` is :meth:`LoopConfig.to_dict` of the
+    config :mod:`raysky.train.driver` built."""
     import ray.train
     import ray.train.torch
     from ray.data import DataContext
 
+    config = LoopConfig(**loop_config)
     started = time.time()
-    set_torch_threads(config["threads"])
+    set_torch_threads(config.threads)
     DataContext.get_current().enable_progress_bars = False
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     task = make_task(config)
-    device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
-    precision = config["precision"]
+    device = ray.train.torch.get_device() if config.use_gpu else torch.device("cpu")
+    precision = config.precision
 
-    torch.manual_seed(config["seed"])
+    torch.manual_seed(config.seed)
     model = task.build_model()
     checkpoint = ray.train.get_checkpoint()
     state = _restore(model, checkpoint, task) if checkpoint else None
-    spec = config.get("pretrained_encoder") or "none"
+    spec = config.pretrained_encoder or "none"
     if state is None:
         initial_weights = {k: v.to_dict() for k, v in initialise_model(model, spec).items()}
         if rank == 0:
@@ -386,14 +198,14 @@ def train_loop_per_worker(config: dict) -> None:
     pretrained = {"pretrained_tensors_loaded": sum(r["tensors_loaded"] for r in initial_weights.values()),
                   "pretrained_tensors_total": sum(r["tensors_total"] for r in initial_weights.values())}
     model = prepare_for_device(model, device)
-    batch_size = config["batch_size"]
-    precision, timing = measure_precision(task, model, device, config["precision"], batch_size)
+    batch_size = config.batch_size
+    precision, timing = measure_precision(task, model, device, config.precision, batch_size)
     if rank == 0 and timing:
         print(f"{task.kind}: precision {precision} (measured step: "
               + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in timing.items()) + ")", flush=True)
     model = ray.train.torch.prepare_model(model, move_to_device=False)
 
-    steps_per_epoch = max(1, config["train_rows"] // world // batch_size)
+    steps_per_epoch = max(1, config.train_rows // world // batch_size)
     optimizer, scheduler = make_optimizer(model, config, steps_per_epoch)
     start_epoch, global_step, history = 0, 0, []
     if state is not None:
@@ -401,7 +213,7 @@ def train_loop_per_worker(config: dict) -> None:
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, global_step, history = state["epoch"], state["global_step"], state["history"]
         _restore_rng(state.get("rng"))
-    epochs = config["epochs"]
+    epochs = config.epochs
     if rank == 0 and start_epoch:
         print(f"{task.kind}: resuming from the checkpoint of epoch {start_epoch}", flush=True)
     if start_epoch >= epochs:
@@ -412,9 +224,9 @@ def train_loop_per_worker(config: dict) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     per_epoch = steps_per_epoch * batch_size * world
-    progress = Progress(f"{task.kind} [{config.get('run_name', '')}]",
+    progress = Progress(f"{task.kind} [{config.run_name}]",
                         total=per_epoch * (epochs - start_epoch), unit="img",
-                        interval=config.get("progress_interval", 10.0))
+                        interval=config.progress_interval)
     first_step_at = None
     for epoch in range(start_epoch, epochs):
         model.train()
@@ -477,7 +289,7 @@ def train_loop_per_worker(config: dict) -> None:
                 state = {"epoch": epoch + 1, "global_step": global_step, "history": history,
                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                          "initial_weights": initial_weights, "rng": _rng_state(),
-                         "hyperparameters": config.get("hyperparameters", {})}
+                         "hyperparameters": config.hyperparameters}
                 write_checkpoint(directory, model, config, state, metrics, history)
                 report_checkpoint = ray.train.Checkpoint.from_directory(directory)
                 print(_epoch_line(task.kind, metrics, epochs), flush=True)

@@ -113,3 +113,47 @@ class TrainResult:
     def to_dict(self) -> dict:
         """JSON-ready form (NaN metrics become null)."""
         return to_jsonable(asdict(self))
+
+
+@dataclass
+class LoopConfig:
+    """What :func:`raysky.train.loops.train_loop_per_worker` needs on every worker.
+
+    The driver builds it from :class:`TrainSettings`, the preset's recipe and the data (the
+    classes, the metadata vocabulary, the class weights, the split's size); Ray Train ships
+    it to the workers as a plain dict (:meth:`to_dict`), and each worker rebuilds it. The
+    defaults serve the throughput benchmark's plain loop, which builds one by hand.
+    """
+
+    kind: str
+    preset: str
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float = 1e-4
+    encoder_lr_scale: float = 1.0
+    label_smoothing: float = 0.0
+    classes: list[str] = field(default_factory=list)
+    vocab: dict | None = None
+    class_weights: list[float] | None = None
+    use_metadata: bool = True
+    use_lesion_stream: bool = True
+    precision: str = "fp32"
+    use_gpu: bool = False
+    threads: int = 1
+    seed: int = 0
+    train_rows: int = 0
+    pretrained_encoder: str | None = None
+    metric: str = "val_loss"
+    metric_mode: str = "min"
+    run_name: str = ""
+    progress_interval: float = 10.0
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plain dict Ray Train passes to each worker as its ``train_loop_config``."""
+        from dataclasses import asdict
+
+        return asdict(self)
