@@ -167,9 +167,12 @@ def read_bytes(uri: str, limit: int | None = None, attempts: int = READ_ATTEMPTS
                 raise FileNotFoundError(f"{uri}: no such file or object") from exc
             raise
         except OSError as exc:
+            # S3 reports a missing key as a plain OSError: ask once whether the object exists.
+            missing = False
             with contextlib.suppress(OSError):
-                if fs.get_file_info(path).type == pafs.FileType.NotFound:
-                    raise FileNotFoundError(f"{uri}: no such file or object") from exc
+                missing = fs.get_file_info(path).type == pafs.FileType.NotFound
+            if missing:
+                raise FileNotFoundError(f"{uri}: no such file or object") from exc
             if attempt + 1 >= attempts:
                 raise
             # Jitter keeps the readers that were throttled together from retrying together.
