@@ -105,3 +105,33 @@ def test_info_prints_the_card(checkpoint, capsys):
     assert out == (checkpoint / "model_card.md").read_text()
     assert main(["info", "--card"]) == 2
     assert "--card needs a checkpoint" in capsys.readouterr().err
+
+
+def test_training_records_the_split_by_file_hash_and_by_assignment(sample_copy):
+    from raysky.data.readers import class_counts
+    from raysky.train.datasets import load_splits
+    from raysky.train.driver import training_data
+    from raysky.train.settings import TrainSettings
+
+    settings = TrainSettings(data=str(sample_copy), name="cls")
+    train, val, how = load_splits(str(sample_copy), "ham10000")
+    derived = training_data(settings, "classifier", train, val, how)
+    # No split file to hash, but the assignment itself is still pinned down.
+    assert derived["split_sha256"] is None and len(derived["split_ids_sha256"]) == 64
+    assert derived["train_classes"] == class_counts(train)
+    assert sum(derived["train_classes"].values()) == derived["train_images"] == len(train)
+    assert sum(derived["val_classes"].values()) == derived["val_images"] == len(val)
+
+    # The same split written as splits.csv, rows reversed: the file's own hash, same assignment.
+    rows = [f"{r.image_id},train" for r in train] + [f"{r.image_id},val" for r in val]
+    (sample_copy / "splits.csv").write_text("image_id,split\n" + "\n".join(rows[::-1]) + "\n")
+    train2, val2, how2 = load_splits(str(sample_copy), "ham10000")
+    from_file = training_data(settings, "classifier", train2, val2, how2)
+    assert from_file["split_sha256"] == _sha256(sample_copy / "splits.csv")
+    assert from_file["split_ids_sha256"] == derived["split_ids_sha256"]
+    # Moving one image to the other side changes it.
+    moved = training_data(settings, "classifier", train2[1:], val2 + train2[:1], how2)
+    assert moved["split_ids_sha256"] != derived["split_ids_sha256"]
+    card_text = render_markdown(build_card({"kind": "classifier", "extra": {
+        "provenance": {"training_data": from_file}}}))
+    assert from_file["split_ids_sha256"] in card_text and from_file["split_sha256"] in card_text

@@ -7,6 +7,7 @@ resume/fault test continues it to epoch 2, and the classifier test trains on its
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -337,6 +338,19 @@ def test_classifier_trains_from_a_pretrained_encoder_on_ground_truth_masks(ray_l
     # Ground-truth masks were used: no segmenter mask job ran.
     assert not (tmp_path / "runs" / "pretrained" / "masks").exists()
     assert summary["metrics"]["train_images"] > 0
+    # The classifier's card names the encoder file and its sha256, and the run's recipe.
+    best = Path(summary["best_checkpoint_uri"])
+    card = json.loads((best / "model_card.json").read_text())
+    digest = hashlib.sha256((tmp_path / "encoder.pth").read_bytes()).hexdigest()
+    for stream in ("full_encoder", "lesion_encoder"):
+        record = card["initial_weights"][stream]
+        assert (record["source"], record["sha256"]) == (f"file:{tmp_path / 'encoder.pth'}", digest)
+    assert card["recipe"]["lr"] == 1e-12 and card["model"]["classes"] == json.loads(
+        (best / "config.json").read_text())["classes"]
+    data = card["training_data"]
+    assert sum(data["train_classes"].values()) == data["train_images"]
+    assert data["split"].startswith("split_by_lesion") and len(data["split_ids_sha256"]) == 64
+    assert digest in (best / "model_card.md").read_text()
 
 
 @pytest.mark.slow

@@ -194,6 +194,9 @@ def render_markdown(card: dict) -> str:
     if data:
         lines += [f"- {data.get('data')} ({data.get('format')}); split {data.get('split')}"
                   + (f" (sha256 `{data['split_sha256']}`)" if data.get("split_sha256") else ""),
+                  "- Image ids per side: sha256 " + (
+                      f"`{data['split_ids_sha256']}`" if data.get("split_ids_sha256")
+                      else "not recorded"),
                   f"- {data.get('train_images')} training and {data.get('val_images')} "
                   "validation images"]
         for part in ("train_classes", "val_classes"):

@@ -154,7 +154,8 @@ def _check_cpus(settings: TrainSettings) -> None:
 def training_data(settings: TrainSettings, kind: str, train: list[LesionRecord],
                   val: list[LesionRecord], split_how: str) -> dict[str, Any]:
     """What a run trained on, for its model card: the data, the split (with the sha256 of a
-    split file) and the images per class on each side (per mask presence for a segmenter)."""
+    split file, and of the assignment itself so a derived split is identified too) and the
+    images per class on each side (per mask presence for a segmenter)."""
     import hashlib
 
     def counts(records: list[LesionRecord]) -> dict[str, int]:
@@ -165,8 +166,13 @@ def training_data(settings: TrainSettings, kind: str, train: list[LesionRecord],
     split_sha256 = None
     if storage.is_s3(split_how) or os.path.isfile(split_how):
         split_sha256 = hashlib.sha256(storage.read_bytes(split_how)).hexdigest()
+    # Sorted "image_id,side" lines: the same split gives the same hash whatever the file's
+    # row order, and a split_by_lesion split (no file to hash) is still pinned down.
+    assignment = sorted([f"{r.image_id},train" for r in train] + [f"{r.image_id},val" for r in val])
     return {"data": str(settings.data), "format": settings.format, "split": split_how,
-            "split_sha256": split_sha256, "train_images": len(train), "val_images": len(val),
+            "split_sha256": split_sha256,
+            "split_ids_sha256": hashlib.sha256("\n".join(assignment).encode()).hexdigest(),
+            "train_images": len(train), "val_images": len(val),
             "train_classes": counts(train), "val_classes": counts(val)}
 
 
