@@ -7,16 +7,10 @@ from __future__ import annotations
 import html
 import math
 
+from raysky.audit.subgroups import group_rows
 from raysky.data.taxonomy import MALIGNANT_CLASSES
 
 _POINT, _FLAGGED, _FEW = "#0072B2", "#D55E00", "#999999"  # Okabe-Ito, as elsewhere in the report
-
-
-def _rows(audit: dict) -> list[tuple[str, dict]]:
-    rows = [("overall", audit["overall"])]
-    for grouping, body in audit["groupings"].items():
-        rows += [(f"{grouping} = {g['group']}", g) for g in body["groups"]]
-    return rows
 
 
 def forest_svg(audit: dict, width: int = 620) -> str:
@@ -26,7 +20,7 @@ def forest_svg(audit: dict, width: int = 620) -> str:
     Groups marked ``too_few`` are drawn grey and groups without an AUC are listed without a
     point; flagged groups are orange. The overall figure is a dashed vertical line.
     """
-    rows = _rows(audit)
+    rows = group_rows(audit)
     label_w, pad, row_h, top = 210, 16, 16, 20
     plot_w = width - label_w - 2 * pad
     height = top + row_h * len(rows) + 30
@@ -91,7 +85,7 @@ def subgroup_section(audit: dict | None) -> str:
     keys = ("balanced_accuracy", "malignant_auc", "sensitivity", "specificity")
     head = "".join(f"<th>{k.replace('_', ' ')}</th>" for k in keys)
     body = []
-    for name, group in _rows(audit):
+    for name, group in group_rows(audit):
         notes = ", ".join(n for n, on in (("too few", group["too_few"]),
                                           ("flagged", group.get("flagged"))) if on)
         rank = group.get("rank")

@@ -189,12 +189,21 @@ def subgroup_audit(table: pd.DataFrame, by: Sequence[str] = (), threshold: float
     return out
 
 
-def _cell(entry: dict | None) -> str:
+def format_interval(entry: dict | None, digits: int = 2) -> str:
+    """One audit figure as ``value [low, high]`` (``-`` when it has no value)."""
     if not entry or entry.get("value") is None:
         return "-"
     if entry.get("low") is None:
-        return f"{entry['value']:.2f}"
-    return f"{entry['value']:.2f} [{entry['low']:.2f}, {entry['high']:.2f}]"
+        return f"{entry['value']:.{digits}f}"
+    return f"{entry['value']:.{digits}f} [{entry['low']:.{digits}f}, {entry['high']:.{digits}f}]"
+
+
+def group_rows(audit: dict, separator: str = " = ") -> list[tuple[str, dict]]:
+    """``(label, group)`` for the overall figures and then every group of every grouping."""
+    rows = [("overall", audit["overall"])]
+    for grouping, body in audit["groupings"].items():
+        rows += [(f"{grouping}{separator}{g['group']}", g) for g in body["groups"]]
+    return rows
 
 
 def format_subgroups(audit: dict) -> str:
@@ -207,12 +216,9 @@ def format_subgroups(audit: dict) -> str:
     def line(name: str, g: dict) -> str:
         notes = [n for n, on in (("too few", g["too_few"]), ("FLAGGED", g.get("flagged"))) if on]
         return (f"{name[:27]:<28}{g['n']:>6}{g['malignant_n']:>5}  "
-                + "".join(f"{_cell(g.get(k)):<22}" for k in keys) + ", ".join(notes))
+                + "".join(f"{format_interval(g.get(k)):<22}" for k in keys) + ", ".join(notes))
 
-    lines.append(line("overall", audit["overall"]))
-    for grouping, body in audit["groupings"].items():
-        for g in body["groups"]:
-            lines.append(line(f"{grouping}={g['group']}", g))
+    lines += [line(name, g) for name, g in group_rows(audit, separator="=")]
     for grouping, reason in audit["unavailable"].items():
         lines.append(f"{grouping}: not available ({reason})")
     return "\n".join(lines)

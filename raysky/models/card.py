@@ -160,14 +160,6 @@ def _value(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
-def _interval(entry: dict | None) -> str:
-    if not entry or entry.get("value") is None:
-        return "-"
-    if entry.get("low") is None:
-        return f"{entry['value']:.3f}"
-    return f"{entry['value']:.3f} [{entry['low']:.3f}, {entry['high']:.3f}]"
-
-
 def render_markdown(card: dict) -> str:
     """The card as Markdown, for people: the same facts as the JSON, nothing more."""
     model = card["model"]
@@ -252,14 +244,14 @@ def render_markdown(card: dict) -> str:
                   f"{_value(subgroups.get('threshold'), 4)}.", "",
                   "| group | n | malignant | balanced accuracy | malignant AUC | sensitivity | "
                   "specificity | notes |", "|---|---|---|---|---|---|---|---|"]
-        rows = [("overall", subgroups["overall"])] + [
-            (f"{name} = {g['group']}", g) for name, body in subgroups.get("groupings", {}).items()
-            for g in body["groups"]]
-        for name, g in rows:
+        # Deferred: checkpoint.py imports this module, and the audit pulls in scikit-learn.
+        from raysky.audit.subgroups import format_interval, group_rows
+
+        for name, g in group_rows({"groupings": {}, **subgroups}):
             notes = ", ".join(n for n, on in (("too few", g.get("too_few")),
                                               ("flagged", g.get("flagged"))) if on)
             lines.append(f"| {name} | {g['n']} | {g['malignant_n']} | "
-                         + " | ".join(_interval(g.get(k)) for k in (
+                         + " | ".join(format_interval(g.get(k), 3) for k in (
                              "balanced_accuracy", "malignant_auc", "sensitivity", "specificity"))
                          + f" | {notes} |")
     else:
