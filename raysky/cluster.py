@@ -20,6 +20,14 @@ would wait forever. Each raysky worker sets its torch threads itself, so the ove
 costs little.
 """
 
+TASK_RETRIES = 2
+"""Times a task is run again after its worker died (a segfault, an out-of-memory kill) before it
+fails. Ray's defaults retry Ray Data tasks and tasks killed by its memory monitor forever, so
+one image that kills its worker would stall a whole job; raysky's stages pass this number, a
+local instance gets it as ``task_oom_retries``, and ``cluster.yaml`` and the KubeRay manifests
+set ``RAY_task_oom_retries`` to the same value.
+"""
+
 
 def ensure_ray(address: str | None = None, log_to_driver: bool = False) -> None:
     """Connect to Ray unless already connected.
@@ -43,4 +51,5 @@ def ensure_ray(address: str | None = None, log_to_driver: bool = False) -> None:
     kwargs: dict = {"log_to_driver": log_to_driver}
     if address == "local":
         kwargs["num_cpus"] = max(MIN_LOCAL_CPUS, os.cpu_count() or 1)
+        kwargs["_system_config"] = {"task_oom_retries": TASK_RETRIES}
     ray.init(address=address, runtime_env={"env_vars": env} if env else None, **kwargs)

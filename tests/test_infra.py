@@ -141,6 +141,19 @@ def test_token_auth_is_enabled_on_every_node(cluster):
     assert mounts.get("~/.ray/auth_token") == "~/.ray/auth_token"
 
 
+def test_every_node_bounds_the_retries_of_tasks_killed_for_memory(cluster):
+    # Ray retries OOM-killed tasks forever by default, so one image too big for a worker would
+    # stall a scoring job instead of getting its error row.
+    from raysky.cluster import TASK_RETRIES
+
+    setting = f"RAY_task_oom_retries={TASK_RETRIES}"
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = next(cmd for cmd in cluster[key] if "ray start" in cmd)
+        assert setting in start[:start.index("ray start")], f"{key}: {setting} missing"
+    env = re.findall(r"^ENV\s+(\S+)\s*$", (KUBE_DIR / "Dockerfile").read_text(), re.MULTILINE)
+    assert setting in env, f"the KubeRay image does not set {setting}"
+
+
 def test_buckets_come_from_environment_and_versions_match_everywhere(cluster):
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         start = next(cmd for cmd in cluster[key] if "ray start" in cmd)

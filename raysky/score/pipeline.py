@@ -11,13 +11,14 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+import warnings
+from dataclasses import asdict, dataclass, field, replace
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from raysky import storage
-from raysky.cluster import ensure_ray
+from raysky.cluster import TASK_RETRIES, ensure_ray
 from raysky.data.images import DEFAULT_MAX_PIXELS, decode_batch_memory
 from raysky.models.runtime import PRECISIONS
 from raysky.progress import Progress, format_duration
@@ -30,6 +31,18 @@ PACK_MARKER = "_raysky_pack.json"
 RESULTS_FORMAT = "raysky-results/2"
 """Version 2: archive ids from each file's own name, and the ``error_kind`` column."""
 WRITE_CPUS = 0.25
+
+ISOLATE_AT_MOST = 256
+"""Inputs left without a row are scored again one per task, to find the one at fault, when
+there are at most this many (or 2% of the run); more means something systematic, and the run
+stops instead."""
+
+CRASHED_AT_MOST = 3
+"""Inputs that still kill their worker when scored alone get an error row; more than this (or
+1% of the run) looks like a broken worker rather than bad files, and the run stops instead."""
+
+CRASH_REASON = (f"the worker scoring this image died {TASK_RETRIES + 1} times, also with the "
+                "image alone (out of memory, or a crash in the image decoder or the model)")
 
 
 @dataclass
@@ -231,22 +244,31 @@ class Written:
     errors: int = 0
 
 
+def publish_manifest(manifest: pa.Table, output: str, written: Written,
+                     progress: Progress | None = None) -> None:
+    """Publish the files that manifest rows from :func:`~raysky.score.stages.write_batch`
+    report, and add them to ``written``."""
+    for row in manifest.to_pylist():
+        written.files.add(out.publish(output, row["file"]))
+        written.rows += row["rows"]
+        written.errors += row["error"]
+        if progress:
+            progress.update(row["rows"], extra=f"{written.errors} errors")
+
+
 def collect_written(ds, output: str, run_id: str, progress: Progress | None = None,
-                    lock: output_lock.OutputLock | None = None) -> Written:
+                    lock: output_lock.OutputLock | None = None,
+                    written: Written | None = None) -> Written:
     """Run a dataset that ends in :func:`~raysky.score.stages.write_batch`, publish each file
-    its manifest rows report and tally them, then delete the files of this run that no
-    manifest reported (duplicates left by retried tasks), so each input keeps exactly one row.
-    A ``lock`` lost on the way (see :mod:`raysky.score.lock`) stops the run."""
-    written = Written()
+    its manifest rows report and tally them (into ``written`` when given), then delete the
+    files of this run that no manifest reported (duplicates left by retried tasks), so each
+    input keeps exactly one row. A ``lock`` lost on the way (see :mod:`raysky.score.lock`)
+    stops the run."""
+    written = written if written is not None else Written()
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         if lock is not None:
             lock.check()
-        for row in batch.to_pylist():
-            written.files.add(out.publish(output, row["file"]))
-            written.rows += row["rows"]
-            written.errors += row["error"]
-            if progress:
-                progress.update(row["rows"], extra=f"{written.errors} errors")
+        publish_manifest(batch, output, written, progress)
     orphans = out.remove_orphans(output, run_id)
     if orphans:
         print(f"removed {len(orphans)} duplicate files left by retried tasks", file=sys.stderr)
@@ -260,12 +282,32 @@ def input_blocks(table: pa.Table, batch_size: int) -> list[pa.Table]:
     return [table.slice(i, step) for i in range(0, table.num_rows, step)] or [table]
 
 
-def build_dataset(inputs: Inputs, settings: ScoreSettings, classes: tuple[str, ...], run_id: str):
-    """The lazy Ray Dataset for one run; iterating it yields one manifest row per file written."""
+def _map_stage(ds, fn, **kwargs):
+    """``ds.map_batches(fn, ...)`` on Arrow batches, with a task (or, for an actor pool, each
+    batch) retried only :data:`~raysky.cluster.TASK_RETRIES` times after its worker died."""
+    retries = "max_task_retries" if "compute" in kwargs else "max_retries"
+    with warnings.catch_warnings():
+        # Ray 2.60 deprecates these options in favour of named parameters but names none for
+        # retries yet, so they remain the only way to bound them.
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        return ds.map_batches(fn, batch_format="pyarrow", **kwargs, **{retries: TASK_RETRIES})
+
+
+def build_dataset(inputs: Inputs, settings: ScoreSettings, classes: tuple[str, ...], run_id: str,
+                  one_per_task: bool = False):
+    """The lazy Ray Dataset for one run; iterating it yields one manifest row per file written.
+
+    Every task is retried :data:`TASK_RETRIES` times when its worker dies, then its rows are
+    dropped and the run goes on (:func:`score_archive` finds them and scores them alone).
+    ``one_per_task`` puts each input in its own block, so that one image that kills its
+    worker takes no other row with it.
+    """
     import ray
 
     if inputs.table is not None:
-        ds = ray.data.from_arrow(input_blocks(inputs.table, settings.batch_size))
+        blocks = ([inputs.table.slice(i, 1) for i in range(inputs.table.num_rows)] if one_per_task
+                  else input_blocks(inputs.table, settings.batch_size))
+        ds = ray.data.from_arrow(blocks)
     else:
         fs, _ = storage.resolve(inputs.shards[0])
         paths = [storage.resolve(uri)[1] for uri in inputs.shards]
@@ -275,14 +317,14 @@ def build_dataset(inputs: Inputs, settings: ScoreSettings, classes: tuple[str, .
     # decodes beat an out-of-memory node. The reservation also keeps Ray Data from fusing
     # decoding into the model actors (it fuses only operators with equal resources), where it
     # would run serially with the model instead of in parallel CPU tasks.
-    ds = ds.map_batches(
-        stages.decode_batch, batch_size=settings.batch_size, batch_format="pyarrow",
+    ds = _map_stage(
+        ds, stages.decode_batch, batch_size=settings.batch_size,
         fn_kwargs={"max_pixels": settings.max_pixels, "skip_ids": inputs.skip_ids,
                    "metadata": inputs.metadata},
         memory=decode_batch_memory(settings.batch_size, settings.max_pixels),
     )
-    ds = ds.map_batches(
-        stages.ScoreModel, batch_size=settings.batch_size, batch_format="pyarrow",
+    ds = _map_stage(
+        ds, stages.ScoreModel, batch_size=settings.batch_size,
         compute=_pool(settings), num_cpus=settings.cpus_per_worker,
         num_gpus=settings.gpus_per_worker or None,
         fn_constructor_kwargs={
@@ -292,18 +334,23 @@ def build_dataset(inputs: Inputs, settings: ScoreSettings, classes: tuple[str, .
             "tta": settings.tta,
         },
     )
-    ds = ds.map_batches(
-        stages.encode_batch, batch_size=settings.batch_size, batch_format="pyarrow",
+    ds = _map_stage(
+        ds, stages.encode_batch, batch_size=settings.batch_size,
         fn_kwargs={"schema": stages.output_schema(classes, settings.heatmaps)},
     )
     # Writing waits on storage more than it computes. Its smaller CPU share also keeps Ray Data
     # from fusing it with the encode stage, which would gather a whole file's worth of raw,
     # uncompressed maps in one task instead of PNGs.
-    return ds.map_batches(
-        stages.write_batch, batch_size=settings.rows_per_file, batch_format="pyarrow",
+    ds = _map_stage(
+        ds, stages.write_batch, batch_size=settings.rows_per_file,
         num_cpus=WRITE_CPUS, fn_kwargs={"output": settings.output, "run_id": run_id,
                    "rows_per_file": settings.rows_per_file},
     )
+    # No stage raises on a bad input, so a failed block is a worker that died TASK_RETRIES + 1
+    # times (the pool restarts dead actors: Ray Data's default). Its rows are missing
+    # afterwards and are dealt with one by one instead of aborting the run.
+    ds.context.max_errored_blocks = -1
+    return ds
 
 
 def _model_facts(settings: ScoreSettings) -> dict:
@@ -320,14 +367,58 @@ def _model_facts(settings: ScoreSettings) -> dict:
             "heatmaps": settings.heatmaps}
 
 
-def _count_done(inputs: Inputs, done: pa.Array) -> int:
-    """How many of this run's inputs now have a row in the output."""
+def lost_ids(inputs: Inputs, done: pa.Array) -> pa.Array:
+    """The ids of this run's inputs that have no row in the output (``done``)."""
     if inputs.table is not None:
-        return int(pc.sum(pc.is_in(inputs.table["image_id"], value_set=done)).as_py() or 0)
-    ids = results.read_table(inputs.shards, ["image_id"]).column("image_id")
-    before = inputs.skip_ids if inputs.skip_ids is not None else pa.array([], pa.string())
-    now = pc.sum(pc.is_in(ids, value_set=done)).as_py() or 0
-    return int(now) - int(pc.sum(pc.is_in(ids, value_set=before)).as_py() or 0)
+        ids = inputs.table["image_id"]
+    else:
+        ids = results.read_table(inputs.shards, ["image_id"]).column("image_id")
+    ids = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
+    return ids.filter(pc.invert(pc.is_in(ids, value_set=done)))
+
+
+def _input_rows(inputs: Inputs, ids: pa.Array) -> pa.Table:
+    """The input rows (with the image bytes, for packed shards) of ``ids``."""
+    if inputs.table is not None:
+        return inputs.table.filter(pc.is_in(inputs.table["image_id"], value_set=ids))
+    return results.read_table(inputs.shards, inputs.shard_columns,
+                              row_filter=pc.field("image_id").isin(ids.to_pylist()))
+
+
+def _score_alone(lost: pa.Array, inputs: Inputs, settings: ScoreSettings, facts: dict,
+                 run_id: str, lock: output_lock.OutputLock, written: Written) -> None:
+    """Score the inputs that lost their rows to dead workers one per task; give the ones that
+    still kill their worker an error row. Stops the run when too many are lost for that to be
+    a few bad files (a broken worker, a node that keeps dying): the rows written are kept and
+    a re-run scores the rest."""
+    classes = tuple(facts["classes"])
+    if len(lost) > max(ISOLATE_AT_MOST, inputs.todo // 50):
+        raise RuntimeError(
+            f"{len(lost)} of {inputs.todo} inputs have no row in {settings.output}: their workers "
+            "kept dying (see the errors above), too many for a few bad files. The rows written "
+            "are kept; run the same command again to score the rest")
+    print(f"{len(lost)} inputs lost their rows to workers that died; scoring them one per task "
+          "to find the images at fault", file=sys.stderr)
+    alone = Inputs(total=len(lost), todo=len(lost), table=_input_rows(inputs, lost),
+                   metadata=inputs.metadata)
+    ds = build_dataset(alone, replace(settings, batch_size=1), classes, run_id, one_per_task=True)
+    collect_written(ds, settings.output, run_id, lock=lock, written=written)
+    crashed = lost_ids(alone, out.done_ids(settings.output))
+    if len(crashed) > max(CRASHED_AT_MOST, inputs.todo // 100):
+        raise RuntimeError(
+            f"{len(crashed)} inputs kill their worker even when scored alone "
+            f"({', '.join(map(repr, crashed.to_pylist()[:5]))}): more than a few bad files, so "
+            "no error rows were written; see the worker errors above, then run again")
+    if len(crashed):
+        rows = _input_rows(alone, crashed)
+        print(f"{len(crashed)} inputs get an error row: {CRASH_REASON} "
+              f"({', '.join(map(repr, crashed.to_pylist()[:5]))})", file=sys.stderr)
+        table = stages.failure_rows(rows["image_id"].to_pylist(), rows["source_uri"].to_pylist(),
+                                    CRASH_REASON, stages.BAD_INPUT,
+                                    stages.output_schema(classes, settings.heatmaps), facts)
+        lock.check()
+        publish_manifest(stages.write_batch(table, settings.output, run_id,
+                                            settings.rows_per_file), settings.output, written)
 
 
 def score_archive(settings: ScoreSettings) -> ScoreSummary:
@@ -357,8 +448,11 @@ def score_archive(settings: ScoreSettings) -> ScoreSummary:
             progress = Progress("score", total=inputs.todo) if settings.progress else None
             ds = build_dataset(inputs, settings, tuple(facts["classes"]), run_id)
             written = collect_written(ds, settings.output, run_id, progress, held)
+            lost = lost_ids(inputs, out.done_ids(settings.output))
+            if len(lost):
+                _score_alone(lost, inputs, settings, facts, run_id, held, written)
             done = out.done_ids(settings.output)
-            missing = inputs.todo - _count_done(inputs, done)
+            missing = len(lost_ids(inputs, done))
             if missing:
                 raise RuntimeError(f"{missing} inputs have no row in {settings.output} after the "
                                    "run; run the same command again to score them")

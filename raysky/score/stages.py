@@ -78,6 +78,23 @@ def output_schema(classes: Sequence[str], heatmaps: bool) -> pa.Schema:
     return pa.schema(fields)
 
 
+def failure_rows(image_ids: Sequence[str], source_uris: Sequence[str], reason: str, kind: str,
+                 schema: pa.Schema, versions: dict) -> pa.Table:
+    """Error rows in ``schema`` for inputs that no stage could turn into a row of their own
+    (their worker died on them): ``reason`` in ``error``, ``kind`` in ``error_kind``, and the
+    model versions of the run from ``versions``."""
+    count = len(image_ids)
+    now = dt.datetime.now(dt.timezone.utc)
+    columns: dict[str, list] = {name: [None] * count for name in schema.names}
+    columns.update({
+        "image_id": list(image_ids), "source_uri": list(source_uris), "status": [ERROR] * count,
+        "error": [reason] * count, "error_kind": [kind] * count, "scored_at": [now] * count,
+        "segmenter_version": [versions["segmenter_version"]] * count,
+        "classifier_version": [versions["classifier_version"]] * count,
+    })
+    return pa.table(columns, schema=schema)
+
+
 def model_output_schema(classes: Sequence[str], heatmaps: bool) -> pa.Schema:
     """The model stage's rows: the output columns with raw ``uint8`` maps instead of PNGs."""
     schema = output_schema(classes, heatmaps)
