@@ -230,3 +230,50 @@ def test_report_cli_rejects_half_ground_truth(tmp_path, sample_dir, capsys):
     assert main(["report", "--results", str(tmp_path / "x.parquet"), "--data",
                  str(sample_dir)]) == 2
     assert "--data and --format go together" in capsys.readouterr().err
+
+
+def test_the_template_ships_with_the_package():
+    from importlib.resources import files
+
+    templates = files("raysky.review") / "templates"
+    page = (templates / "report.html.j2").read_text()
+    assert "{% include \"report.css\"" in page and (templates / "report.css").is_file()
+    tomllib = pytest.importorskip("tomllib", reason="Python 3.10 has no tomllib")
+    # A wheel carries only the non-Python files pyproject names: every template must match.
+    config = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    patterns = config["tool"]["setuptools"]["package-data"]["raysky.review"]
+    shipped = {p.name for pattern in patterns
+               for p in Path(str(files("raysky.review"))).glob(pattern)}
+    assert shipped == {t.name for t in templates.iterdir() if t.is_file()}
+    assert any(d.startswith("jinja2") for d in config["project"]["dependencies"])
+
+
+def test_user_strings_are_escaped_and_the_plots_are_not(sample_dir, tmp_path):
+    records, rows = synthetic_rows(sample_dir, seed=3)
+    classes = [k[len("prob_"):] for k in rows[1] if k.startswith("prob_")]
+    ok = [row for row in rows if row["status"] == "ok"]
+    top = max(ok, key=lambda r: r["malignant_prob"])
+    top["image_id"] = "ISIC_<script>alert(1)</script>"
+    top["source_uri"] = '/gone/"><script>alert(2)</script>.jpg'
+    top["ood"], top["ood_score"] = True, 0.9  # so that its source is listed too
+    failed = next(row for row in rows if row["status"] != "ok")
+    failed["error"] = "decoder said <script>alert(3)</script> & stopped"
+    path = tmp_path / "results.parquet"
+    write_results(str(path), rows, classes)
+    out = tmp_path / "report.html"
+    assert main(["report", "--results", str(path), "--out", str(out), "--data", str(sample_dir),
+                 "--format", "ham10000", "--title", "<b>review</b>", "--top", "3"]) == 0
+    page = out.read_text()
+    assert "<script" not in page and "<b>review</b>" not in page
+    assert "<title>&lt;b&gt;review&lt;/b&gt;</title>" in page
+    # The highest-risk card leads the gallery under its escaped id; the error row keeps its text.
+    gallery = page[page.index('id="gallery"'):page.index('id="flagged"')]
+    assert re.findall(r"<h3>(\S+) ", gallery)[0] == "ISIC_&lt;script&gt;alert(1)&lt;/script&gt;"
+    assert "decoder said &lt;script&gt;alert(3)&lt;/script&gt; &amp; stopped" in page
+    assert "/gone/&#34;&gt;&lt;script&gt;alert(2)&lt;/script&gt;.jpg" in page
+    # Code-built markup arrives as markup: the ROC and reliability plots are real SVG elements.
+    assert page.count('<svg xmlns="http://www.w3.org/2000/svg"') >= 3
+    assert "&lt;svg" not in page and "&lt;section" not in page
+    for section in ("summary", "metrics", "calibration", "subgroups", "roc", "gallery", "flagged",
+                    "ood"):
+        assert f'<section id="{section}">' in page, section

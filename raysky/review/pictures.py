@@ -4,7 +4,6 @@ the Grad-CAM overlay), JPEG ``data:`` URIs, and the ROC curves as inline SVG."""
 from __future__ import annotations
 
 import base64
-import html
 import io
 import math
 from collections.abc import Sequence
@@ -13,6 +12,7 @@ import numpy as np
 from PIL import Image
 
 from raysky.data.images import ImageDecodeError, load_rgb
+from raysky.review.svg import UnitSquare
 
 THUMBNAIL_SIZE = 240
 """Longest side of gallery pictures, in pixels."""
@@ -114,40 +114,15 @@ def load_picture(uri: str | None) -> np.ndarray | None:
 
 def roc_svg(curves: Sequence[tuple[str, np.ndarray, np.ndarray, float]], size: int = 340) -> str:
     """ROC curves as inline SVG; ``curves`` holds ``(name, fpr, tpr, auc)`` tuples."""
-    pad, plot = 44, size - 60
-    x0, y0 = pad, 12
-
-    def xy(fpr: float, tpr: float) -> str:
-        return f"{x0 + fpr * plot:.1f},{y0 + (1 - tpr) * plot:.1f}"
-
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{size + 170}" height="{size}" '
-             f'role="img" aria-label="ROC curves">',
-             f'<rect x="{x0}" y="{y0}" width="{plot}" height="{plot}" fill="#fff" stroke="#999"/>']
-    for t in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0):
-        parts.append(f'<line x1="{x0 + t * plot:.1f}" y1="{y0}" x2="{x0 + t * plot:.1f}" '
-                     f'y2="{y0 + plot}" stroke="#eee"/>')
-        parts.append(f'<line x1="{x0}" y1="{y0 + t * plot:.1f}" x2="{x0 + plot}" '
-                     f'y2="{y0 + t * plot:.1f}" stroke="#eee"/>')
-        parts.append(f'<text x="{x0 + t * plot:.1f}" y="{y0 + plot + 14}" font-size="10" '
-                     f'text-anchor="middle">{t:.1f}</text>')
-        parts.append(f'<text x="{x0 - 4}" y="{y0 + (1 - t) * plot + 3:.1f}" font-size="10" '
-                     f'text-anchor="end">{t:.1f}</text>')
-    parts.append(f'<line x1="{x0}" y1="{y0 + plot}" x2="{x0 + plot}" y2="{y0}" stroke="#bbb" '
-                 f'stroke-dasharray="4 3"/>')
-    parts.append(f'<text x="{x0 + plot / 2}" y="{size - 6}" font-size="11" '
-                 f'text-anchor="middle">false-positive rate</text>')
-    parts.append(f'<text x="12" y="{y0 + plot / 2}" font-size="11" text-anchor="middle" '
-                 f'transform="rotate(-90 12 {y0 + plot / 2})">sensitivity</text>')
+    square = UnitSquare(size, legend_width=170)
+    parts = square.axes("ROC curves", "false-positive rate", "sensitivity", grid=True)
     for i, (name, fpr, tpr, auc) in enumerate(curves):
         color = PALETTE[i % len(PALETTE)]
-        points = " ".join(xy(f, t) for f, t in zip(fpr, tpr, strict=True))
+        points = " ".join(square.point(f, t) for f, t in zip(fpr, tpr, strict=True))
         width = 2.5 if name == "malignant" else 1.5
         parts.append(f'<polyline points="{points}" fill="none" stroke="{color}" '
                      f'stroke-width="{width}"/>')
-        ly = y0 + 10 + 16 * i
-        parts.append(f'<line x1="{x0 + plot + 12}" y1="{ly}" x2="{x0 + plot + 30}" y2="{ly}" '
-                     f'stroke="{color}" stroke-width="{width}"/>')
-        label = html.escape(f"{name}  AUC {auc:.3f}" if not math.isnan(auc) else name)
-        parts.append(f'<text x="{x0 + plot + 34}" y="{ly + 4}" font-size="11">{label}</text>')
+        parts += square.legend(i, color, width,
+                               f"{name}  AUC {auc:.3f}" if not math.isnan(auc) else name)
     parts.append("</svg>")
     return "".join(parts)
