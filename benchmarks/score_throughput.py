@@ -42,7 +42,7 @@ from raysky import storage
 from raysky.data.images import encode_png
 from raysky.data.readers import read_archive
 from raysky.models import create_classifier, create_segmenter, load_checkpoint, save_checkpoint
-from raysky.models.preprocess import images_to_tensor, resize_map
+from raysky.models.preprocess import images_to_tensor, metadata_to_tensors, resize_map
 from raysky.models.runtime import set_torch_threads
 from raysky.score import ScoreSettings, score_archive
 
@@ -129,7 +129,8 @@ def model_floor(arrays: list[np.ndarray], ckpt: dict, batch_size: int) -> float:
             mask = (torch.nn.functional.interpolate(prob, size=cls_in.shape[-2:], mode="bilinear")
                     > 0.5).float()
             n = len(cls_in)
-            cls.model(cls_in, mask, vocab.encode_batch([None] * n, [None] * n, [None] * n))
+            cls.model(cls_in, mask,
+                      metadata_to_tensors(vocab.encode_batch([None] * n, [None] * n, [None] * n)))
         elapsed = time.perf_counter() - start
     return len(arrays) / elapsed
 
@@ -172,7 +173,8 @@ def plain_loop(files: list[str], ckpt: dict, batch_size: int, out: Path) -> floa
             wrapper.mask = (torch.nn.functional.interpolate(
                 seg_prob[:, None], size=cls_in.shape[-2:], mode="bilinear") > 0.5).float()
             n = len(arrays)
-            wrapper.metadata = cls.model.vocab.encode_batch([None] * n, [None] * n, [None] * n)
+            wrapper.metadata = metadata_to_tensors(
+                cls.model.vocab.encode_batch([None] * n, [None] * n, [None] * n))
             heatmaps = cam(input_tensor=cls_in, targets=None)
             probs = torch.softmax(cam.outputs.detach(), dim=1).numpy()
             for j, (path, array) in enumerate(zip(chunk, arrays, strict=True)):

@@ -19,7 +19,7 @@ from raysky.calibration.referral import refer
 from raysky.data.taxonomy import malignant_indices
 from raysky.explain.gradcam import GradCAMExplainer, lesion_focus
 from raysky.models.checkpoint import LoadedModel, load_checkpoint
-from raysky.models.preprocess import images_to_tensor, resize_map
+from raysky.models.preprocess import images_to_tensor, metadata_to_tensors, resize_map
 from raysky.models.runtime import autocast, prepare_for_device, select_device
 from raysky.models.segmenter import MASK_THRESHOLD
 
@@ -183,10 +183,10 @@ class LesionPipeline:
         seg_prob = self.segment(images)
         cls_input = self._input(images, self.classifier_meta)
         cls_mask = lesion_mask_input(seg_prob, cls_input.shape[-2:])
-        meta_tensors = self.vocab.encode_batch(
+        meta_tensors = metadata_to_tensors(self.vocab.encode_batch(
             [m.get("age") for m in metadata], [m.get("sex") for m in metadata],
             [m.get("site") for m in metadata],
-        )
+        ), self.device)
         if explain:
             (probs, heatmaps), logits, features = self.explainer.explain(
                 cls_input, cls_mask, meta_tensors, autocast=self._autocast,

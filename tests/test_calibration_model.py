@@ -33,7 +33,7 @@ from raysky.data.readers import read_dataset
 from raysky.data.splits import split_by_lesion
 from raysky.inference import LesionPipeline, classifier_outputs
 from raysky.models import create_classifier, create_segmenter, load_checkpoint, save_checkpoint
-from raysky.models.preprocess import images_to_tensor, masks_to_tensor
+from raysky.models.preprocess import images_to_tensor, masks_to_tensor, metadata_to_tensors
 from raysky.review.metrics import expected_calibration_error
 
 CLASSES = ("mel", "nv", "bcc", "akiec", "bkl", "df", "vasc")
@@ -45,8 +45,8 @@ def _tensors(model, records):
     images = [np.asarray(Image.open(r.image_uri).convert("RGB")) for r in records]
     x = images_to_tensor(images, cfg.input_size, cfg.mean, cfg.std)
     m = masks_to_tensor([load_mask(r.mask_uri) for r in records], cfg.input_size)
-    meta = model.vocab.encode_batch([r.age for r in records], [r.sex for r in records],
-                                    [r.site for r in records])
+    meta = metadata_to_tensors(model.vocab.encode_batch(
+        [r.age for r in records], [r.sex for r in records], [r.site for r in records]))
     y = torch.tensor([CLASSES.index(r.label) for r in records])
     return x, m, meta, y
 
@@ -135,7 +135,8 @@ def test_photos_score_higher_ood_than_dermoscopy(trained):
     cfg = model.config
     px = images_to_tensor(photos, cfg.input_size, cfg.mean, cfg.std)
     # Photos have no lesion mask and no metadata, as they would arrive in an archive.
-    pmeta = model.vocab.encode_batch([None] * len(photos), [None] * len(photos), [None] * len(photos))
+    pmeta = metadata_to_tensors(model.vocab.encode_batch([None] * len(photos), [None] * len(photos),
+                                                         [None] * len(photos)))
     out_logits, out_features = classifier_outputs(model, px, torch.zeros(len(photos), 1, 64, 64),
                                                   pmeta, torch.device("cpu"))
     aurocs = {}

@@ -14,12 +14,14 @@ from raysky.models.checkpoint import (
     CheckpointIntegrityError,
     read_checkpoint_meta,
 )
+from raysky.models.preprocess import metadata_to_tensors
 
 
 def _classifier_inputs():
     torch.manual_seed(1)
     model = create_classifier("tiny", classes=ISIC2019_CLASSES).eval()
-    meta = model.vocab.encode_batch([30, None], ["female", None], ["palms/soles", "acral"])
+    meta = metadata_to_tensors(model.vocab.encode_batch([30, None], ["female", None],
+                                                        ["palms/soles", "acral"]))
     return model, (torch.randn(2, 3, 64, 64), torch.ones(2, 1, 64, 64), meta)
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -16,16 +19,19 @@ from raysky.models import (
     segmentation_loss,
 )
 from raysky.models.blocks import ASPP, DualAttentionGate
-from raysky.models.preprocess import images_to_tensor, masks_to_tensor
+from raysky.models.preprocess import images_to_tensor, masks_to_tensor, metadata_to_tensors
 from raysky.models.runtime import autocast
+from raysky.train.settings import LoopConfig
+from raysky.train.tasks import ClassifierTask
 
 torch.set_num_threads(2)
 
 
 def _meta(batch: int) -> dict[str, torch.Tensor]:
-    return MetadataVocab().encode_batch([45, None] * (batch // 2) + [60] * (batch % 2),
-                                        ["male", "female"] * (batch // 2) + [""] * (batch % 2),
-                                        ["back", "face"] * (batch // 2) + ["nowhere"] * (batch % 2))
+    return metadata_to_tensors(MetadataVocab().encode_batch(
+        [45, None] * (batch // 2) + [60] * (batch % 2),
+        ["male", "female"] * (batch // 2) + [""] * (batch % 2),
+        ["back", "face"] * (batch // 2) + ["nowhere"] * (batch % 2)))
 
 
 @pytest.mark.parametrize("preset", ["tiny", "lite"])
@@ -57,6 +63,43 @@ def test_classifier_shapes_and_dtypes(preset, use_metadata):
         assert out.full_features.shape[:2] == out.lesion_features.shape[:2]
         with autocast("cpu", "bf16"):
             assert model(image, mask, _meta(3)).dtype == torch.bfloat16
+
+
+def test_metadata_is_numpy_until_the_one_tensor_conversion():
+    encoded = MetadataVocab().encode_batch([45, None, "abc"], ["male", "F", None],
+                                           ["back", "palms/soles", "elbow"])
+    assert isinstance(encoded.age, np.ndarray) and encoded.age.dtype == np.float32
+    assert encoded.age.shape == (3, 2) and encoded.age[:, 1].tolist() == [0.0, 1.0, 1.0]
+    assert encoded.sex.dtype == encoded.site.dtype == np.int64
+    assert encoded.sex.tolist() == [1, 2, 0] and encoded.site.tolist() == [5, 8, 0]
+    assert MetadataVocab().encode_batch([], [], []).age.shape == (0, 2)
+    tensors = metadata_to_tensors(encoded)
+    assert {k: v.dtype for k, v in tensors.items()} == {
+        "age": torch.float32, "sex": torch.long, "site": torch.long}
+    assert torch.equal(tensors["age"], torch.from_numpy(encoded.age))
+
+    # Training's batch columns (read-only, as Ray may hand them over) take the same path.
+    config = LoopConfig(kind="classifier", preset="tiny", epochs=1, batch_size=3, lr=1e-3,
+                        classes=list(get_preset("tiny").classifier.classes))
+    task = ClassifierTask(config)
+    batch = {**task.synthetic_batch(3), "age": encoded.age, "sex": encoded.sex,
+             "site": encoded.site}
+    for name in ("age", "sex", "site"):
+        batch[name].setflags(write=False)
+    inputs = task.inputs(batch, torch.device("cpu"))
+    assert all(torch.equal(inputs["metadata"][k], tensors[k]) for k in tensors)
+
+    # The classifier's own fallback for absent metadata is the all-unknown encoding.
+    model = create_classifier("tiny").eval()
+    image, mask = torch.randn(2, 3, 64, 64), torch.ones(2, 1, 64, 64)
+    unknown = metadata_to_tensors(model.vocab.encode_batch([None] * 2, [None] * 2, [None] * 2))
+    with torch.no_grad():
+        assert torch.equal(model(image, mask), model(image, mask, unknown))
+
+
+def test_data_package_imports_without_torch():
+    code = "import sys, raysky.data; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
 def test_isic2019_classifier_has_eight_outputs():
@@ -169,7 +212,8 @@ def test_tiny_classifier_overfits_real_images(sample_dir):
     x = images_to_tensor(images, cfg.input_size, cfg.mean, cfg.std)
     m = masks_to_tensor(masks, cfg.input_size)
     y = torch.tensor([cfg.classes.index(dx) for dx in rows.dx])
-    meta = model.vocab.encode_batch(list(rows.age), list(rows.sex), list(rows.localization))
+    meta = metadata_to_tensors(model.vocab.encode_batch(list(rows.age), list(rows.sex),
+                                                        list(rows.localization)))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(60):

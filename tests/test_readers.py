@@ -140,7 +140,7 @@ def test_missing_and_unknown_metadata_encode_as_unknown(sample_copy):
     assert vocab.encode(third.age, third.sex, third.site) == (0.0, 1.0, 1, 0)
     batch = vocab.encode_batch([r.age for r in records], [r.sex for r in records],
                                [r.site for r in records])
-    assert batch["age"].shape == (35, 2) and batch["age"][:3, 1].tolist() == [1.0, 1.0, 1.0]
+    assert batch.age.shape == (35, 2) and batch.age[:3, 1].tolist() == [1.0, 1.0, 1.0]
 
 
 # ------------------------------------------------------------------ malformed HAM10000

@@ -61,7 +61,7 @@ def collect_outputs(classifier: LoadedModel, records: Sequence[LesionRecord],
     cannot be read are skipped and listed in ``skipped`` with the reason.
     """
     from raysky.inference import classifier_outputs, lesion_mask_input, segment_probabilities
-    from raysky.models.preprocess import images_to_tensor, masks_to_tensor
+    from raysky.models.preprocess import images_to_tensor, masks_to_tensor, metadata_to_tensors
     from raysky.models.runtime import select_device
 
     device = select_device(use_gpu)
@@ -91,8 +91,8 @@ def collect_outputs(classifier: LoadedModel, records: Sequence[LesionRecord],
             lesion = masks_to_tensor(masks, size)[:, 0].to(device)
         image_t = images_to_tensor(images, size, norm["mean"], norm["std"]).to(device)
         mask_t = lesion_mask_input(lesion, image_t.shape[-2:])
-        metadata = model.vocab.encode_batch([r.age for r in batch], [r.sex for r in batch],
-                                            [r.site for r in batch])
+        metadata = metadata_to_tensors(model.vocab.encode_batch(
+            [r.age for r in batch], [r.sex for r in batch], [r.site for r in batch]), device)
         with torch.no_grad():
             out_logits, out_features = classifier_outputs(model, image_t, mask_t, metadata, device)
         logits.append(out_logits.cpu().numpy())

@@ -1,7 +1,8 @@
 """Datasets, labels, metadata and image decoding for raysky.
 
-Importing this package loads the readers, splits and image helpers, plus the metadata
-encoding, which needs torch. It loads no model code.
+Importing this package loads the readers, splits and image helpers and the metadata
+encoding. It needs no torch and loads no model code: metadata is encoded to numpy arrays, which
+:func:`raysky.models.preprocess.metadata_to_tensors` turns into the classifier's input.
 """
 
 from raysky.data.images import (
@@ -16,6 +17,7 @@ from raysky.data.images import (
 from raysky.data.metadata import (
     SEX_VOCAB,
     SITE_VOCAB,
+    EncodedMetadata,
     MetadataVocab,
     normalize_age,
     normalize_sex,
@@ -52,6 +54,7 @@ __all__ = [
     "SEX_VOCAB",
     "SITE_VOCAB",
     "DatasetError",
+    "EncodedMetadata",
     "ImageDecodeError",
     "LesionRecord",
     "MetadataVocab",

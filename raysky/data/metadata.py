@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    import torch
+import numpy as np
 
 UNKNOWN = "unknown"
 
@@ -141,17 +139,38 @@ class MetadataVocab:
             return 0.0, 1.0, sex_index, site_index
         return (age_years - self.age_mean) / self.age_std, 0.0, sex_index, site_index
 
-    def encode_batch(self, ages: list, sexes: list, sites: list) -> dict[str, torch.Tensor]:
-        """Encode a batch into the tensors the classifier's metadata transformer takes.
+    def encode_batch(self, ages: list, sexes: list, sites: list) -> EncodedMetadata:
+        """Encode a batch of patients as the numpy arrays of :class:`EncodedMetadata`.
 
-        Returns ``age`` (float, shape ``[B, 2]``: normalised age and missing flag), ``sex`` and
-        ``site`` (long, shape ``[B]``).
+        The arrays stay torch-free so that readers and the CLI need no torch;
+        :func:`raysky.models.preprocess.metadata_to_tensors` makes the classifier's input.
         """
-        import torch  # deferred: readers and the CLI import this module without needing torch
-
         rows = [self.encode(a, s, t) for a, s, t in zip(ages, sexes, sites, strict=True)]
-        return {
-            "age": torch.tensor([[r[0], r[1]] for r in rows], dtype=torch.float32).reshape(-1, 2),
-            "sex": torch.tensor([r[2] for r in rows], dtype=torch.long),
-            "site": torch.tensor([r[3] for r in rows], dtype=torch.long),
-        }
+        return EncodedMetadata(age=[[r[0], r[1]] for r in rows], sex=[r[2] for r in rows],
+                               site=[r[3] for r in rows])
+
+
+@dataclass(frozen=True)
+class EncodedMetadata:
+    """A batch of encoded patients: ``age`` float32 ``[B, 2]`` (normalised age, missing
+    flag), ``sex`` and ``site`` int64 ``[B]`` vocabulary indices.
+
+    Any array-like is accepted and coerced, so a training batch's columns and
+    :meth:`MetadataVocab.encode_batch` rows end up with the same dtypes and shapes.
+    """
+
+    age: np.ndarray
+    sex: np.ndarray
+    site: np.ndarray
+
+    def __post_init__(self) -> None:
+        # The dataclass is frozen, so coercion has to go around its __setattr__.
+        object.__setattr__(self, "age", np.asarray(self.age, dtype=np.float32).reshape(-1, 2))
+        object.__setattr__(self, "sex", np.asarray(self.sex, dtype=np.int64).reshape(-1))
+        object.__setattr__(self, "site", np.asarray(self.site, dtype=np.int64).reshape(-1))
+        if not len(self.age) == len(self.sex) == len(self.site):
+            raise ValueError(f"metadata arrays differ in length: age {len(self.age)}, "
+                             f"sex {len(self.sex)}, site {len(self.site)}")
+
+    def __len__(self) -> int:
+        return len(self.sex)

@@ -15,8 +15,8 @@ import random
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 
-from raysky.data.readers import _load_csv
 from raysky.data.records import DatasetError, LesionRecord
+from raysky.data.tables import load_csv
 from raysky.data.taxonomy import CANONICAL_CLASSES
 
 SPLIT_FILE = "splits.csv"
@@ -98,7 +98,7 @@ def read_split_file(uri: str) -> dict[str, str]:
     as spellings of ``train`` and ``val``. An empty or duplicate id, or any other split name,
     raises :class:`DatasetError` naming the file and row.
     """
-    table = _load_csv(uri)
+    table = load_csv(uri)
     id_col = table.column("image_id", "image")
     split_col = table.column("split")
     splits: dict[str, str] = {}

@@ -10,6 +10,7 @@ from torch import nn
 
 from raysky.data.metadata import MetadataVocab
 from raysky.models.config import ClassifierConfig
+from raysky.models.preprocess import metadata_to_tensors
 
 
 class ClassifierOutput(NamedTuple):
@@ -175,7 +176,8 @@ class DualStreamClassifier(nn.Module):
         if self.metadata is not None:
             batch = full_map.shape[0]
             if metadata is None:
-                metadata = self.vocab.encode_batch([None] * batch, [None] * batch, [None] * batch)
+                unknown = self.vocab.encode_batch([None] * batch, [None] * batch, [None] * batch)
+                metadata = metadata_to_tensors(unknown, full_map.device)
             metadata = {k: v.to(full_map.device) for k, v in metadata.items()}
             meta = self.metadata(metadata["age"], metadata["sex"], metadata["site"])
             pooled.append(meta.to(full.dtype))
@@ -183,7 +185,7 @@ class DualStreamClassifier(nn.Module):
 
     def forward_features(self, image: torch.Tensor, mask: torch.Tensor,
                          metadata: dict[str, torch.Tensor] | None = None) -> ClassifierOutput:
-        """Logits plus both feature maps; ``metadata`` is ``MetadataVocab.encode_batch`` output."""
+        """Logits plus both feature maps; ``metadata`` is :func:`metadata_to_tensors` output."""
         full_map, lesion_map = self.encode(image, mask)
         return ClassifierOutput(self.classify(full_map, lesion_map, metadata), full_map, lesion_map)
 

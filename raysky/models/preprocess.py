@@ -1,7 +1,8 @@
-"""Turning decoded images into model inputs and model outputs back into full-size maps.
+"""Turning decoded images and encoded metadata into model inputs, and model outputs back into
+full-size maps.
 
 Training, scoring and serving all go through these functions, so a model always sees pixels
-prepared the same way it was trained on.
+and metadata prepared the same way it was trained on.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from raysky.data.metadata import EncodedMetadata
 
 
 def images_to_tensor(images: Sequence[np.ndarray], size: int, mean: Sequence[float],
@@ -33,6 +36,20 @@ def images_to_tensor(images: Sequence[np.ndarray], size: int, mean: Sequence[flo
     mean_t = torch.tensor(mean, dtype=out.dtype).view(1, 3, 1, 1)
     std_t = torch.tensor(std, dtype=out.dtype).view(1, 3, 1, 1)
     return (out - mean_t) / std_t
+
+
+def metadata_to_tensors(encoded: EncodedMetadata,
+                        device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """The classifier's ``metadata`` input on ``device``, from :class:`EncodedMetadata`.
+
+    Returns ``age`` (float32 ``[B, 2]``), ``sex`` and ``site`` (long ``[B]``). This is the one
+    place metadata becomes tensors, so training, scoring, serving and calibration feed the
+    metadata transformer identically.
+    """
+    # torch.tensor copies: a batch's arrays may be read-only, and torch cannot share those.
+    return {"age": torch.tensor(encoded.age, dtype=torch.float32, device=device),
+            "sex": torch.tensor(encoded.sex, dtype=torch.long, device=device),
+            "site": torch.tensor(encoded.site, dtype=torch.long, device=device)}
 
 
 def masks_to_tensor(masks: Sequence[np.ndarray], size: int) -> torch.Tensor:

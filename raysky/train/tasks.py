@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raysky.data.metadata import MetadataVocab
+from raysky.data.metadata import EncodedMetadata, MetadataVocab
 from raysky.models import create_classifier, create_segmenter, get_preset, segmentation_loss
-from raysky.models.preprocess import images_to_tensor, masks_to_tensor
+from raysky.models.preprocess import images_to_tensor, masks_to_tensor, metadata_to_tensors
 from raysky.models.runtime import autocast, choose_precision
 from raysky.models.segmenter import MASK_THRESHOLD
 from raysky.review.metrics import classification_summary, segmentation_summary
@@ -111,11 +111,8 @@ class ClassifierTask:
         mask = masks_to_tensor(list(batch["mask"]), cfg.input_size)
         metadata = None
         if self.config.use_metadata:
-            metadata = {
-                "age": torch.as_tensor(batch["age"], dtype=torch.float32).to(device),
-                "sex": torch.as_tensor(batch["sex"], dtype=torch.long).to(device),
-                "site": torch.as_tensor(batch["site"], dtype=torch.long).to(device),
-            }
+            encoded = EncodedMetadata(batch["age"], batch["sex"], batch["site"])
+            metadata = metadata_to_tensors(encoded, device)
         return {"image": _to_device(image, device), "mask": mask.to(device, non_blocking=True),
                 "metadata": metadata,
                 "label": torch.as_tensor(batch["label"], dtype=torch.long).to(device)}
