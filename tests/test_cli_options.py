@@ -172,3 +172,23 @@ def test_a_field_without_help_is_an_error():
         add_setting(parser, Bare, "plain", "--plain")
     add_setting(parser, Bare, "described", "--described", type=int)
     assert "100% described (default: 2)" in parser.format_help()
+
+
+def test_serve_builds_its_settings_from_the_flags(tmp_path, monkeypatch, capsys):
+    """``raysky serve`` up to the deployment: the keys file is read once and not passed on."""
+    import raysky.serve.server
+
+    key = "k" * 40
+    keys_file = tmp_path / "keys"
+    keys_file.write_text(f"{key}\n")
+    seen = []
+    monkeypatch.setattr(raysky.serve.server, "run_server",
+                        lambda settings, blocking: seen.append(settings))
+    monkeypatch.chdir(tmp_path)
+    assert main(["serve", *REQUIRED["serve"], "--api-keys-file", str(keys_file),
+                 "--access-log", "access.jsonl", "--max-replicas", "3"]) == 0
+    (settings,) = seen
+    assert settings.api_keys == (key,) and settings.api_keys_file is None
+    assert settings.access_log == str(tmp_path / "access.jsonl")
+    assert (settings.min_replicas, settings.max_replicas) == (1, 3)
+    assert "API-key auth on (1 keys)" in capsys.readouterr().out
