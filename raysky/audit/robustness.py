@@ -33,6 +33,8 @@ from raysky.audit.skin_tone import fit_mask
 from raysky.data.records import LesionRecord
 from raysky.progress import Progress
 from raysky.review.evaluate import read_ground_truth, write_json
+from raysky.score.settings import ScoreSettings
+from raysky.settings import same_as, setting
 
 MARKER = "_raysky_robustness.json"
 OUTPUT_FILE = "robustness.json"
@@ -51,23 +53,26 @@ class RobustnessSettings:
     fields are passed to :class:`raysky.score.ScoreSettings`.
     """
 
-    segmenter: str
-    classifier: str
-    data: str
-    format: str
-    out: str = "robustness"
-    split: str | None = None
-    metadata: str | None = None
-    artefacts: tuple[str, ...] = ARTEFACT_KINDS
-    limit: int | None = None
-    seed: int = 0
-    replicates: int = 200
-    batch_size: int = 8
-    workers: int | None = None
-    cpus_per_worker: int = 2
-    gpus_per_worker: float = 0.0
-    ray_address: str | None = None
-    progress: bool = True
+    segmenter: str = setting(help="segmenter checkpoint")
+    classifier: str = setting(help="classifier checkpoint")
+    data: str = setting(help="dataset: local folder or s3:// prefix")
+    format: str = setting(help="layout of the dataset")
+    out: str = setting("robustness", help="local working and output folder")
+    split: str | None = setting(
+        None, help="one split: for isic2018 Training, Validation or Test; otherwise train, val "
+        "or test of the splits.csv at the dataset root")
+    metadata: str | None = setting(None, help="metadata CSV, for the archive format")
+    artefacts: tuple[str, ...] = setting(ARTEFACT_KINDS, help="artefact types")
+    limit: int | None = setting(None, help="a seeded sample of this many images instead of all")
+    seed: int = setting(0, help="artefacts, sample and bootstrap seed")
+    replicates: int = setting(200, help="bootstrap replicates for the intervals")
+    # Handed on to ScoreSettings, so they mean what its fields mean (batch_size: smaller here).
+    batch_size: int = same_as(ScoreSettings, "batch_size", default=8)
+    workers: int | None = same_as(ScoreSettings, "workers")
+    cpus_per_worker: int = same_as(ScoreSettings, "cpus_per_worker")
+    gpus_per_worker: float = same_as(ScoreSettings, "gpus_per_worker")
+    ray_address: str | None = same_as(ScoreSettings, "ray_address")
+    progress: bool = same_as(ScoreSettings, "progress")
 
     def identity(self) -> dict:
         """What decides the images and results: a run with the same identity may resume."""

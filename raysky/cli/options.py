@@ -1,22 +1,108 @@
-"""Flag defaults taken from the settings dataclasses, so the CLI and the Python API agree.
+"""Flags whose default and help come from the settings dataclasses, so the CLI and the Python
+API agree.
 
 Every ``raysky`` command builds a settings object (``TrainSettings``, ``ScoreSettings``,
-``ServeSettings``, ...) from its flags; a default written again in the parser would drift from
-the dataclass's. :func:`settings_defaults` reads them from the class instead.
+``ServeSettings``, ...) from its flags; a default or a help text written again in the parser
+would drift from the dataclass's. :func:`add_setting` declares a flag from a field (declared
+with :func:`raysky.settings.setting`), and :func:`settings_from_args` turns the parsed flags
+back into the settings object. Flags that only steer the command line (``--json``,
+``--quiet``) keep their help in the parser.
 """
 
 from __future__ import annotations
 
-from dataclasses import MISSING, fields
-from typing import Any
+import argparse
+from collections.abc import Callable
+from dataclasses import MISSING, Field, fields
+from typing import Any, TypeVar
+
+from raysky.settings import setting_help
+
+SETTING_DESTS = "_setting_dests"
+"""Namespace attribute where each parser keeps dest -> (settings class, field, from_flag)."""
+
+# Flags with these actions say on or off; "(default: False)" would tell nothing.
+_SWITCHES = ("store_true", "store_false", "store_const")
+
+S = TypeVar("S")
 
 
 def settings_defaults(settings_class: type) -> dict[str, Any]:
     """Field name -> default of a settings dataclass (fields without one are left out)."""
     defaults = {}
-    for field in fields(settings_class):
-        if field.default is not MISSING:
-            defaults[field.name] = field.default
-        elif field.default_factory is not MISSING:
-            defaults[field.name] = field.default_factory()
+    for f in fields(settings_class):
+        default = _default(f)
+        if default is not MISSING:
+            defaults[f.name] = default
     return defaults
+
+
+def _default(f: Field) -> Any:
+    if f.default is not MISSING:
+        return f.default
+    if f.default_factory is not MISSING:
+        return f.default_factory()
+    return MISSING
+
+
+def _field(settings_class: type, name: str) -> Field:
+    for f in fields(settings_class):
+        if f.name == name:
+            return f
+    raise KeyError(f"{settings_class.__name__} has no field {name!r}")
+
+
+def add_setting(parser: argparse._ActionsContainer, settings_class: type, name: str,
+                *flags: str, note: str | None = None, to_flag: Callable[[Any], Any] | None = None,
+                from_flag: Callable[[Any], Any] | None = None, **kwargs: Any) -> argparse.Action:
+    """Add the flag ``flags`` for field ``name`` of ``settings_class`` to ``parser`` (or group).
+
+    The flag's default is the field's (through ``to_flag`` where the flag counts in other units
+    than the field, e.g. milliseconds for seconds; ``from_flag`` converts back in
+    :func:`settings_from_args`); a field without a default makes a required flag. The help is
+    the field's, then ``note`` (what only this flag needs to say), then ``(default: ...)`` when
+    the default is a value rather than None or a switch's off state; a ``store_false`` flag
+    reads "don't <help>". ``kwargs`` go to ``add_argument`` as they are (type, choices, metavar,
+    dest, action); ``default`` and ``help`` are not accepted, they are the field's.
+    """
+    if "default" in kwargs or "help" in kwargs:
+        raise TypeError(f"--{name}: the default and the help come from "
+                        f"{settings_class.__name__}.{name}")
+    # argparse %-formats help strings; a literal % in a field's help must survive that.
+    text = setting_help(settings_class, name).replace("%", "%%")
+    action_name = kwargs.get("action")
+    if action_name == "store_false":
+        text = f"don't {text}"
+    if note:
+        text = f"{text}; {note}"
+    default = _default(_field(settings_class, name))
+    if default is MISSING:
+        kwargs.setdefault("required", True)
+    else:
+        if to_flag is not None and default is not None:
+            default = to_flag(default)
+        kwargs["default"] = default
+        if default is not None and action_name not in _SWITCHES and not isinstance(default, bool):
+            text = f"{text} (default: %(default)s)"
+    action = parser.add_argument(*flags, help=text, **kwargs)
+    dests = dict(parser.get_default(SETTING_DESTS) or {})
+    dests[action.dest] = (settings_class, name, from_flag)
+    parser.set_defaults(**{SETTING_DESTS: dests})
+    return action
+
+
+def settings_from_args(settings_class: type[S], args: argparse.Namespace, **overrides: Any) -> S:
+    """The ``settings_class`` object that the flags declared with :func:`add_setting` describe.
+
+    Each such flag's value goes to its field (through its ``from_flag``); ``overrides`` set the
+    fields that other flags decide (``--quiet`` for ``progress``) or that the command computes
+    (API keys it has read) and win over a flag of the same field.
+    """
+    dests = getattr(args, SETTING_DESTS, None) or {}
+    values = {}
+    for dest, (cls, name, from_flag) in dests.items():
+        if cls is settings_class:
+            value = getattr(args, dest)
+            values[name] = from_flag(value) if from_flag is not None and value is not None else value
+    values.update(overrides)
+    return settings_class(**values)

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import argparse
 
+from raysky.audit.artefacts import parse_kinds
 from raysky.audit.robustness import RobustnessSettings
-from raysky.cli.options import settings_defaults
+from raysky.cli.options import add_setting, settings_from_args
 from raysky.data.readers import FORMATS
 
 
 def register(subparsers) -> None:
     """Add the ``robustness`` sub-command."""
-    d = settings_defaults(RobustnessSettings)
     parser = subparsers.add_parser(
         "robustness", help="measure how pasted dermoscopic artefacts change predictions",
         description="Write the dataset's images (or one --split, or a seeded --limit sample) "
@@ -23,33 +23,23 @@ def register(subparsers) -> None:
         "the mean |change| of malignant_prob, the change of macro AUPRC and of malignant AUC "
         "(with paired bootstrap intervals), and the Grad-CAM share on the artefact's pixels. "
         "Writes robustness.json and the folders under --out.")
-    parser.add_argument("--segmenter", required=True, help="segmenter checkpoint")
-    parser.add_argument("--classifier", required=True, help="classifier checkpoint")
-    parser.add_argument("--data", required=True, metavar="URI",
-                        help="dataset: local folder or s3:// prefix")
-    parser.add_argument("--format", required=True, choices=FORMATS, help="layout of --data")
-    parser.add_argument("--metadata", metavar="URI", help="metadata CSV, for --format archive")
-    parser.add_argument("--split", help="one split: for isic2018 Training, Validation or Test; "
-                        "otherwise train, val or test of the splits.csv at the --data root")
-    parser.add_argument("--artefacts", default=",".join(d["artefacts"]), metavar="LIST",
-                        help="comma-separated artefact types (default: %(default)s)")
-    parser.add_argument("--out", default=d["out"], metavar="DIR",
-                        help="local working and output folder (default: %(default)s)")
-    parser.add_argument("--limit", type=int, metavar="N",
-                        help="a seeded sample of N images instead of all")
-    parser.add_argument("--seed", type=int, default=d["seed"],
-                        help="artefacts, sample and bootstrap seed (default: %(default)s)")
-    parser.add_argument("--replicates", type=int, default=d["replicates"],
-                        help="bootstrap replicates for the intervals (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=d["batch_size"],
-                        help="images per model call (default: %(default)s)")
-    parser.add_argument("--workers", type=int, default=d["workers"], help="model workers (see score)")
-    parser.add_argument("--cpus-per-worker", type=int, default=d["cpus_per_worker"],
-                        help="CPUs per model worker (default: %(default)s)")
-    parser.add_argument("--gpus-per-worker", type=float, default=d["gpus_per_worker"],
-                        help="GPUs per model worker (default: %(default)s)")
-    parser.add_argument("--address", default=d["ray_address"],
-                        help="Ray cluster address (see `raysky score`)")
+    add_setting(parser, RobustnessSettings, "segmenter", "--segmenter")
+    add_setting(parser, RobustnessSettings, "classifier", "--classifier")
+    add_setting(parser, RobustnessSettings, "data", "--data", metavar="URI")
+    add_setting(parser, RobustnessSettings, "format", "--format", choices=FORMATS)
+    add_setting(parser, RobustnessSettings, "metadata", "--metadata", metavar="URI")
+    add_setting(parser, RobustnessSettings, "split", "--split")
+    add_setting(parser, RobustnessSettings, "artefacts", "--artefacts", metavar="LIST",
+                note="comma-separated", to_flag=",".join, from_flag=parse_kinds)
+    add_setting(parser, RobustnessSettings, "out", "--out", metavar="DIR")
+    add_setting(parser, RobustnessSettings, "limit", "--limit", type=int, metavar="N")
+    add_setting(parser, RobustnessSettings, "seed", "--seed", type=int)
+    add_setting(parser, RobustnessSettings, "replicates", "--replicates", type=int)
+    add_setting(parser, RobustnessSettings, "batch_size", "--batch-size", type=int)
+    add_setting(parser, RobustnessSettings, "workers", "--workers", type=int)
+    add_setting(parser, RobustnessSettings, "cpus_per_worker", "--cpus-per-worker", type=int)
+    add_setting(parser, RobustnessSettings, "gpus_per_worker", "--gpus-per-worker", type=float)
+    add_setting(parser, RobustnessSettings, "ray_address", "--address")
     parser.add_argument("--update-card", metavar="CKPT_URI",
                         help="write a new version of --classifier here whose model card gains "
                         "the robustness table (the weights are copied as they are)")
@@ -61,24 +51,11 @@ def run(args: argparse.Namespace) -> int:
     """Run the measurement, print the table and where the JSON went."""
     import os
 
-    from raysky.audit.artefacts import parse_kinds
-    from raysky.audit.robustness import (
-        OUTPUT_FILE,
-        RobustnessSettings,
-        card_section,
-        format_report,
-        run_robustness,
-    )
+    from raysky.audit.robustness import OUTPUT_FILE, card_section, format_report, run_robustness
 
     if args.replicates < 1:
         raise ValueError(f"--replicates must be at least 1, got {args.replicates}")
-    settings = RobustnessSettings(
-        segmenter=args.segmenter, classifier=args.classifier, data=args.data,
-        format=args.format, metadata=args.metadata, split=args.split,
-        artefacts=parse_kinds(args.artefacts), out=args.out, limit=args.limit, seed=args.seed,
-        replicates=args.replicates, batch_size=args.batch_size, workers=args.workers,
-        cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
-        ray_address=args.address, progress=not args.quiet)
+    settings = settings_from_args(RobustnessSettings, args, progress=not args.quiet)
     report = run_robustness(settings)
     print(format_report(report))
     print(f"\nwritten to {os.path.join(args.out, OUTPUT_FILE)}")

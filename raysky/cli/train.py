@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from raysky.cli.options import settings_defaults
+from raysky.cli import options
+from raysky.cli.options import add_setting
 from raysky.data.readers import FORMATS
 from raysky.models.config import PRESETS
 from raysky.models.runtime import TRAIN_PRECISIONS
@@ -13,70 +14,42 @@ from raysky.train.settings import TrainSettings
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    d = settings_defaults(TrainSettings)
     data = parser.add_argument_group("data")
-    data.add_argument("--data", required=True, metavar="URI",
-                      help="dataset root, a local folder or s3:// prefix")
-    data.add_argument("--format", default=d["format"], choices=[f for f in FORMATS if f != "archive"],
-                      help="dataset layout (default: %(default)s); a splits.csv at the root "
-                      "(image_id,split of train/val/test) fixes the validation split, and its "
-                      "test images are never trained on")
-    data.add_argument("--val-fraction", type=float, default=d["val_fraction"],
-                      help="validation share when there is no splits.csv; split by lesion_id "
-                      "(default: %(default)s)")
-    data.add_argument("--seed", type=int, default=d["seed"], help="split and init seed (default: %(default)s)")
+    add_setting(data, TrainSettings, "data", "--data", metavar="URI")
+    add_setting(data, TrainSettings, "format", "--format",
+                choices=[f for f in FORMATS if f != "archive"])
+    add_setting(data, TrainSettings, "val_fraction", "--val-fraction", type=float)
+    add_setting(data, TrainSettings, "seed", "--seed", type=int)
 
     model = parser.add_argument_group("model and optimisation")
-    model.add_argument("--preset", default=d["preset"], choices=list(PRESETS),
-                       help="model sizes (default: %(default)s); see `raysky info`")
-    model.add_argument("--epochs", type=int, default=d["epochs"], help="total epochs (default: %(default)s)")
-    model.add_argument("--precision", choices=TRAIN_PRECISIONS, default=d["precision"],
-                       help="fp32, bf16 autocast, or auto: bf16 on GPUs, and on CPUs with bf16 "
-                       "instructions only when a measured step of this model is faster "
-                       "(default: %(default)s)")
+    add_setting(model, TrainSettings, "preset", "--preset", choices=list(PRESETS))
+    add_setting(model, TrainSettings, "epochs", "--epochs", type=int)
+    add_setting(model, TrainSettings, "precision", "--precision", choices=TRAIN_PRECISIONS)
     recipe = parser.add_argument_group(
         "recipe", "Each defaults to the preset's recipe for this model; `raysky info` lists them.")
-    recipe.add_argument("--pretrained-encoder", metavar="imagenet|none|URI",
-                        help="initial encoder weights: imagenet (a weight package, else timm's "
-                        "hub or cache; never a silent random start), none (random), or a "
-                        "timm state dict file or s3:// URI (.safetensors or .pth)")
-    recipe.add_argument("--batch-size", type=int, help="images per worker per step")
-    recipe.add_argument("--lr", type=float, help="peak AdamW learning rate of the new layers")
-    recipe.add_argument("--encoder-lr-scale", type=float,
-                        help="the encoders' learning rate as a fraction of --lr")
-    recipe.add_argument("--weight-decay", type=float, help="AdamW weight decay")
-    recipe.add_argument("--label-smoothing", type=float, help="label smoothing (classifier)")
-    recipe.add_argument("--class-weight-power", type=float,
-                        help="loss weight of each class is frequency**-power (classifier)")
+    add_setting(recipe, TrainSettings, "pretrained_encoder", "--pretrained-encoder",
+                metavar="imagenet|none|URI")
+    add_setting(recipe, TrainSettings, "batch_size", "--batch-size", type=int)
+    add_setting(recipe, TrainSettings, "lr", "--lr", type=float)
+    add_setting(recipe, TrainSettings, "encoder_lr_scale", "--encoder-lr-scale", type=float)
+    add_setting(recipe, TrainSettings, "weight_decay", "--weight-decay", type=float)
+    add_setting(recipe, TrainSettings, "label_smoothing", "--label-smoothing", type=float)
+    add_setting(recipe, TrainSettings, "class_weight_power", "--class-weight-power", type=float)
 
     cluster = parser.add_argument_group("cluster")
-    cluster.add_argument("--workers", type=int, default=d["workers"],
-                         help="Ray Train workers, each with its own data shard (default: %(default)s)")
-    cluster.add_argument("--gpu", action="store_true", help="one GPU per worker: CUDA, bf16, channels_last")
-    cluster.add_argument("--cpus-per-worker", type=float, default=d["cpus_per_worker"],
-                         help="CPUs reserved per worker (default: %(default)s)")
-    cluster.add_argument("--threads-per-worker", type=int,
-                         help="torch threads per worker (default: --cpus-per-worker); more than "
-                         "the CPUs held lets a worker use cores that Ray Data's decoding leaves idle")
+    add_setting(cluster, TrainSettings, "workers", "--workers", type=int)
+    add_setting(cluster, TrainSettings, "gpu", "--gpu", action="store_true")
+    add_setting(cluster, TrainSettings, "cpus_per_worker", "--cpus-per-worker", type=float)
+    add_setting(cluster, TrainSettings, "threads_per_worker", "--threads-per-worker", type=int)
 
     run = parser.add_argument_group("run, checkpoints and resume")
-    run.add_argument("--storage", default=d["storage"], metavar="URI",
-                     help="where runs live, a local folder or s3:// prefix (default: %(default)s)")
-    run.add_argument("--name", required=True,
-                     help="run name; the run is <storage>/<name>, and running again with the same "
-                     "name resumes from its latest checkpoint")
-    run.add_argument("--metric", help="validation metric that picks the best checkpoint "
-                     "(default: dice for the segmenter, balanced_accuracy for the classifier)")
-    run.add_argument("--metric-mode", choices=("max", "min"), help="whether --metric is maximised "
-                     "(default: max)")
-    run.add_argument("--num-to-keep", type=int, default=d["num_to_keep"],
-                     help="checkpoints kept, best by --metric plus the latest (default: %(default)s)")
-    run.add_argument("--force-resume", action="store_true",
-                     help="resume a run even though lr, batch size, workers or epochs differ "
-                     "from the ones it was started with")
-    run.add_argument("--max-failures", type=int, default=d["max_failures"],
-                     help="worker failures to recover from the last checkpoint; -1 = unlimited "
-                     "(default: %(default)s)")
+    add_setting(run, TrainSettings, "storage", "--storage", metavar="URI")
+    add_setting(run, TrainSettings, "name", "--name")
+    add_setting(run, TrainSettings, "metric", "--metric")
+    add_setting(run, TrainSettings, "metric_mode", "--metric-mode", choices=("max", "min"))
+    add_setting(run, TrainSettings, "num_to_keep", "--num-to-keep", type=int)
+    add_setting(run, TrainSettings, "force_resume", "--force-resume", action="store_true")
+    add_setting(run, TrainSettings, "max_failures", "--max-failures", type=int)
 
 
 def register(subparsers) -> None:
@@ -105,8 +78,7 @@ def register(subparsers) -> None:
         "class frequency.")
     _common(cls)
     masks = cls.add_mutually_exclusive_group(required=True)
-    masks.add_argument("--segmenter", metavar="CKPT_URI", help="segmenter checkpoint whose masks feed "
-                       "the lesion stream")
+    add_setting(masks, TrainSettings, "segmenter", "--segmenter", metavar="CKPT_URI")
     masks.add_argument("--gt-masks", action="store_true",
                        help="use the dataset's ground-truth masks instead of a segmenter's")
     cls.add_argument("--no-metadata", action="store_true",
@@ -121,20 +93,10 @@ def settings_from_args(args: argparse.Namespace) -> TrainSettings:
     """The :class:`raysky.train.TrainSettings` that a parsed command line describes."""
     extra = {}
     if args.kind == "classifier":
-        extra = {"segmenter": args.segmenter, "use_metadata": not args.no_metadata,
+        extra = {"use_metadata": not args.no_metadata,
                  "use_lesion_stream": not args.single_stream,
                  "mask_source": "ground-truth" if args.gt_masks else "segmenter"}
-    return TrainSettings(
-        data=args.data, name=args.name, format=args.format, preset=args.preset, epochs=args.epochs,
-        batch_size=args.batch_size, workers=args.workers, gpu=args.gpu, storage=args.storage,
-        pretrained_encoder=args.pretrained_encoder, precision=args.precision, lr=args.lr,
-        encoder_lr_scale=args.encoder_lr_scale, weight_decay=args.weight_decay,
-        label_smoothing=args.label_smoothing, class_weight_power=args.class_weight_power,
-        force_resume=args.force_resume, val_fraction=args.val_fraction, seed=args.seed,
-        num_to_keep=args.num_to_keep, metric=args.metric, metric_mode=args.metric_mode,
-        max_failures=args.max_failures, cpus_per_worker=args.cpus_per_worker,
-        threads_per_worker=args.threads_per_worker, **extra,
-    )
+    return options.settings_from_args(TrainSettings, args, **extra)
 
 
 def run(args: argparse.Namespace) -> int:

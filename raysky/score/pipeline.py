@@ -19,12 +19,12 @@ import pyarrow.compute as pc
 
 from raysky import storage
 from raysky.cluster import TASK_RETRIES, ensure_ray
-from raysky.data.images import DEFAULT_MAX_PIXELS, decode_batch_memory
-from raysky.models.runtime import PRECISIONS
+from raysky.data.images import decode_batch_memory
 from raysky.progress import Progress, format_duration
 from raysky.score import lock as output_lock
 from raysky.score import output as out
 from raysky.score import results, stages
+from raysky.score.settings import ScoreSettings
 
 RUN_CONFIG = "_raysky_score.json"
 PACK_MARKER = "_raysky_pack.json"
@@ -43,58 +43,6 @@ CRASHED_AT_MOST = 3
 
 CRASH_REASON = (f"the worker scoring this image died {TASK_RETRIES + 1} times, also with the "
                 "image alone (out of memory, or a crash in the image decoder or the model)")
-
-
-@dataclass
-class ScoreSettings:
-    """Everything one scoring run needs; the CLI and ``jobs/score_archive.py`` fill it in.
-
-    ``input`` is a prefix of image files (local or ``s3://``) or Parquet shards written by
-    ``raysky pack``. ``workers=None`` lets Ray Data grow the model pool from 1 up to what the
-    cluster holds. ``cpus_per_worker`` is also each model worker's torch thread count.
-    ``retry_transient`` scores rows that failed for a transient reason again (see
-    :mod:`raysky.score.stages`). ``lock_timeout_s`` is how long without a heartbeat before
-    another run's lock on ``output`` counts as dead and is taken over.
-    """
-
-    input: str
-    output: str
-    segmenter: str
-    classifier: str
-    metadata: str | None = None
-    heatmaps: bool = True
-    batch_size: int = 16
-    workers: int | None = None
-    gpus_per_worker: float = 0.0
-    cpus_per_worker: int = 2
-    rows_per_file: int = 1000
-    precision: str = "fp32"
-    tta: bool = False
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    top: int = 10
-    ray_address: str | None = None
-    progress: bool = True
-    retry_transient: bool = True
-    lock_timeout_s: float = output_lock.STALE_AFTER_S
-
-    def validate(self) -> None:
-        """Raise ``ValueError`` naming the first setting that cannot work."""
-        checks = [
-            (self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}"),
-            (self.rows_per_file >= 1, f"rows_per_file must be at least 1, got {self.rows_per_file}"),
-            (self.workers is None or self.workers >= 1,
-             f"workers must be at least 1, got {self.workers}"),
-            (self.gpus_per_worker >= 0, f"gpus_per_worker must be >= 0, got {self.gpus_per_worker}"),
-            (self.cpus_per_worker >= 1, f"cpus_per_worker must be at least 1, got {self.cpus_per_worker}"),
-            (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}"),
-            (self.max_pixels >= 1, f"max_pixels must be positive, got {self.max_pixels}"),
-            (self.lock_timeout_s > 0, f"lock_timeout_s must be positive, got {self.lock_timeout_s}"),
-            (storage.resolve(self.input) != storage.resolve(self.output),
-             f"output {self.output} must differ from input {self.input}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
 
 
 @dataclass

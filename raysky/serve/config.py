@@ -12,6 +12,7 @@ from typing import Any
 
 from raysky.data.images import DEFAULT_MAX_PIXELS
 from raysky.models.runtime import PRECISIONS
+from raysky.settings import TTA_HELP, setting
 
 DEFAULT_MAX_BODY_BYTES = 20 * 1024 * 1024
 """Largest accepted request body (20 MiB): a full-resolution dermoscopy JPEG is a few MB."""
@@ -55,32 +56,49 @@ class AppConfig:
     of 8-bit RGB; uploads beyond it wait their turn (503 after 30 s).
     """
 
-    segmenter: str
-    classifier: str
-    min_replicas: int = 1
-    max_replicas: int = 1
-    target_ongoing_requests: float | None = None
-    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
-    batch_wait_timeout_s: float = DEFAULT_BATCH_WAIT_S
-    max_ongoing_requests: int = 16
-    max_queued_requests: int = 64
+    segmenter: str = setting(help="segmenter checkpoint directory or s3:// prefix")
+    classifier: str = setting(help="classifier checkpoint directory or s3:// prefix")
+    min_replicas: int = setting(1, help="model replicas kept running when idle")
+    max_replicas: int = setting(1, help="model replicas the autoscaler may grow to")
+    target_ongoing_requests: float | None = setting(
+        None, help="autoscaling target of in-flight requests per model replica (default: the "
+        "max batch size)")
+    max_batch_size: int = setting(DEFAULT_MAX_BATCH_SIZE,
+                                  help="largest batch a model replica scores at once")
+    batch_wait_timeout_s: float = setting(
+        DEFAULT_BATCH_WAIT_S, help="how long an idle model waits for a batch to fill; requests "
+        "queued behind a busy model join its next batch anyway")
+    max_ongoing_requests: int = setting(
+        16, help="in-flight requests per model replica (at least the max batch size)")
+    max_queued_requests: int = setting(
+        64, help="requests queued for the model beyond that; more get 503")
     ingress_replicas: int = 1
     ingress_max_ongoing_requests: int = 128
     ingress_max_queued_requests: int = 512
-    num_cpus: float = 1.0
-    torch_threads: int | None = None
-    use_gpu: bool = False
-    precision: str = "fp32"
-    tta: bool = False
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    max_inflight_pixels: int = DEFAULT_MAX_INFLIGHT_PIXELS
+    num_cpus: float = setting(1.0, help="CPUs reserved per model replica")
+    torch_threads: int | None = setting(
+        None, help="torch threads per model replica (default: the CPUs reserved)")
+    use_gpu: bool = setting(False, help="give each model replica one GPU")
+    precision: str = setting("fp32", help="inference precision")
+    tta: bool = setting(False, help=TTA_HELP)
+    max_body_bytes: int = setting(DEFAULT_MAX_BODY_BYTES,
+                                  help="largest request body; larger bodies get 413")
+    max_pixels: int = setting(
+        DEFAULT_MAX_PIXELS, help="largest image (width x height) decoded; larger images get 413")
+    max_inflight_pixels: int = setting(
+        DEFAULT_MAX_INFLIGHT_PIXELS, help="decoded pixels an ingress replica holds at once; "
+        "uploads beyond it wait their turn, and get 503 after 30 s")
     api_keys: tuple[str, ...] | None = None
-    api_keys_file: str | None = None
-    allow_unauthenticated: bool = False
-    enable_docs: bool = False
+    api_keys_file: str | None = setting(
+        None, help="file holding the accepted API keys, one per line (keep it mode 0600); "
+        "default: RAYSKY_API_KEYS_FILE, else RAYSKY_API_KEYS")
+    allow_unauthenticated: bool = setting(
+        False, help="serve without API keys: anyone who can reach the port can use it")
+    enable_docs: bool = setting(
+        False, help="serve the OpenAPI schema and docs at /openapi.json and /docs")
     model_memory_mb: float | None = None
-    access_log: str | None = None
+    access_log: str | None = setting(
+        None, help="also append the JSON access log to this local file")
 
     def __post_init__(self):
         if not self.segmenter or not self.classifier:
@@ -161,11 +179,14 @@ class ServeSettings(AppConfig):
     effect when this call starts Serve; an already running Serve keeps its own.
     """
 
-    host: str = "127.0.0.1"
-    port: int = 8000
+    host: str = setting(
+        "127.0.0.1", help="address to bind; 0.0.0.0 exposes the endpoint to the network")
+    port: int = setting(8000, help="HTTP port")
     app_name: str = "raysky"
     route_prefix: str = "/"
-    ray_address: str = "local"
+    ray_address: str = setting(
+        "local", help="Ray address: 'local' starts a private Ray, 'auto' joins the running "
+        "cluster")
 
     def __post_init__(self):
         super().__post_init__()

@@ -7,6 +7,7 @@ from typing import Any
 
 from raysky import storage
 from raysky.jsonable import to_jsonable
+from raysky.settings import setting
 
 MASK_SOURCES = ("segmenter", "ground-truth")
 """Where the classifier's lesion masks come from."""
@@ -37,35 +38,58 @@ class TrainSettings:
     (:func:`with_recipe`), so ``epochs`` is the only knob a run needs.
     """
 
-    data: str
-    name: str
-    format: str = "ham10000"
-    preset: str = "lite"
-    epochs: int = 10
-    workers: int = 2
-    gpu: bool = False
-    storage: str = "runs"
-    precision: str = "auto"
+    data: str = setting(help="dataset root, a local folder or s3:// prefix")
+    name: str = setting(
+        help="run name; the run is <storage>/<name>, and running again with the same name "
+        "resumes from its latest checkpoint")
+    format: str = setting(
+        "ham10000", help="dataset layout; a splits.csv at the root (image_id,split of "
+        "train/val/test) fixes the validation split, and its test images are never trained on")
+    preset: str = setting("lite", help="model sizes; see `raysky info`")
+    epochs: int = setting(10, help="total epochs")
+    workers: int = setting(2, help="Ray Train workers, each with its own data shard")
+    gpu: bool = setting(False, help="one GPU per worker: CUDA, bf16, channels_last")
+    storage: str = setting(
+        "runs", help="where runs live, a local folder or s3:// prefix")
+    precision: str = setting(
+        "auto", help="fp32, bf16 autocast, or auto: bf16 on GPUs, and on CPUs with bf16 "
+        "instructions only when a measured step of this model is faster")
     # None: the preset's recipe for this model (raysky.models.config.Recipe)
-    pretrained_encoder: str | None = None
-    batch_size: int | None = None
-    lr: float | None = None
-    encoder_lr_scale: float | None = None
-    weight_decay: float | None = None
-    label_smoothing: float | None = None
-    class_weight_power: float | None = None
-    force_resume: bool = False
-    val_fraction: float = 0.15
-    seed: int = 0
-    num_to_keep: int = 2
-    metric: str | None = None
-    metric_mode: str | None = None
-    max_failures: int = 2
-    cpus_per_worker: float = 1
-    threads_per_worker: int | None = None  # default: cpus_per_worker
+    pretrained_encoder: str | None = setting(
+        None, help="initial encoder weights: imagenet (a weight package, else timm's hub or "
+        "cache; never a silent random start), none (random), or a timm state dict file or "
+        "s3:// URI (.safetensors or .pth)")
+    batch_size: int | None = setting(None, help="images per worker per step")
+    lr: float | None = setting(None, help="peak AdamW learning rate of the new layers")
+    encoder_lr_scale: float | None = setting(
+        None, help="the encoders' learning rate as a fraction of the peak learning rate")
+    weight_decay: float | None = setting(None, help="AdamW weight decay")
+    label_smoothing: float | None = setting(None, help="label smoothing (classifier)")
+    class_weight_power: float | None = setting(
+        None, help="loss weight of each class is frequency**-power (classifier)")
+    force_resume: bool = setting(
+        False, help="resume a run even though lr, batch size, workers or epochs differ from "
+        "the ones it was started with")
+    val_fraction: float = setting(
+        0.15, help="validation share when there is no splits.csv; split by lesion_id")
+    seed: int = setting(0, help="split and init seed")
+    num_to_keep: int = setting(
+        2, help="checkpoints kept, best by the metric plus the latest")
+    metric: str | None = setting(
+        None, help="validation metric that picks the best checkpoint (default: dice for the "
+        "segmenter, balanced_accuracy for the classifier)")
+    metric_mode: str | None = setting(
+        None, help="whether the metric is maximised (max) or minimised (default: max)")
+    max_failures: int = setting(
+        2, help="worker failures to recover from the last checkpoint; -1 = unlimited")
+    cpus_per_worker: float = setting(1, help="CPUs reserved per worker")
+    threads_per_worker: int | None = setting(
+        None, help="torch threads per worker (default: the CPUs per worker); more than the "
+        "CPUs held lets a worker use cores that Ray Data's decoding leaves idle")
     progress_interval: float = 10.0
     # classifier only
-    segmenter: str | None = None
+    segmenter: str | None = setting(
+        None, help="segmenter checkpoint whose masks feed the lesion stream")
     use_metadata: bool = True
     use_lesion_stream: bool = True
     mask_source: str = "segmenter"

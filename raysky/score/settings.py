@@ -1,0 +1,78 @@
+"""The settings of one scoring run (``raysky score``, ``jobs/score_archive.py``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from raysky import storage
+from raysky.data.images import DEFAULT_MAX_PIXELS
+from raysky.models.runtime import PRECISIONS
+from raysky.score import lock as output_lock
+from raysky.settings import TTA_HELP, setting
+
+
+@dataclass
+class ScoreSettings:
+    """Everything one scoring run needs; the CLI and ``jobs/score_archive.py`` fill it in.
+
+    ``input`` is a prefix of image files (local or ``s3://``) or Parquet shards written by
+    ``raysky pack``. ``workers=None`` lets Ray Data grow the model pool from 1 up to what the
+    cluster holds. ``cpus_per_worker`` is also each model worker's torch thread count.
+    ``retry_transient`` scores rows that failed for a transient reason again (see
+    :mod:`raysky.score.stages`). ``lock_timeout_s`` is how long without a heartbeat before
+    another run's lock on ``output`` counts as dead and is taken over.
+    """
+
+    input: str = setting(
+        help="prefix of .jpg/.jpeg/.png objects, or shards written by `raysky pack`")
+    output: str = setting(help="results prefix (part-*.parquet files)")
+    segmenter: str = setting(help="segmenter checkpoint directory or prefix")
+    classifier: str = setting(help="classifier checkpoint directory or prefix")
+    metadata: str | None = setting(
+        None, help="CSV joined by image id (image_id or image column; age, sex, "
+        "localization/anatom_site_general); images without a row get unknown metadata")
+    heatmaps: bool = setting(
+        True, help="explain each image with Grad-CAM (without: no heatmap_png column, "
+        "lesion_focus left empty)")
+    batch_size: int = setting(16, help="images per model call")
+    workers: int | None = setting(
+        None, help="model workers; default: grow from 1 to what the cluster fits")
+    gpus_per_worker: float = setting(
+        0.0, help="GPUs per model worker; 0 runs the models on CPU")
+    cpus_per_worker: int = setting(2, help="CPUs, and torch threads, per model worker")
+    rows_per_file: int = setting(
+        1000, help="rows per Parquet file at most (score results, or `raysky pack` shards)")
+    precision: str = setting("fp32", help="model precision")
+    tta: bool = setting(False, help=TTA_HELP)
+    max_pixels: int = setting(
+        DEFAULT_MAX_PIXELS, help="reject larger images as decompression bombs")
+    top: int = setting(10, help="rows listed by malignant_prob in the summary")
+    ray_address: str | None = setting(
+        None, help="Ray cluster address (default: RAY_ADDRESS, else a private local Ray; use "
+        "'auto' for a cluster started with `ray start`)")
+    progress: bool = setting(True, help="print progress lines while scoring")
+    retry_transient: bool = setting(
+        True, help="score again the rows that failed transiently (error_kind 'transient', "
+        "e.g. S3 throttling)")
+    lock_timeout_s: float = setting(
+        output_lock.STALE_AFTER_S, help="take over another run's lock on the output after "
+        "this long without its heartbeat")
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first setting that cannot work."""
+        checks = [
+            (self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}"),
+            (self.rows_per_file >= 1, f"rows_per_file must be at least 1, got {self.rows_per_file}"),
+            (self.workers is None or self.workers >= 1,
+             f"workers must be at least 1, got {self.workers}"),
+            (self.gpus_per_worker >= 0, f"gpus_per_worker must be >= 0, got {self.gpus_per_worker}"),
+            (self.cpus_per_worker >= 1, f"cpus_per_worker must be at least 1, got {self.cpus_per_worker}"),
+            (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}"),
+            (self.max_pixels >= 1, f"max_pixels must be positive, got {self.max_pixels}"),
+            (self.lock_timeout_s > 0, f"lock_timeout_s must be positive, got {self.lock_timeout_s}"),
+            (storage.resolve(self.input) != storage.resolve(self.output),
+             f"output {self.output} must differ from input {self.input}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)

@@ -1,0 +1,62 @@
+"""Fields of the settings dataclasses that carry their own help text.
+
+Each ``raysky`` command builds a settings object (``ScoreSettings``, ``ServeSettings``,
+``TrainSettings``, ...) from its flags. A field declared with :func:`setting` keeps the
+sentence that explains it next to its default, so the command line
+(:func:`raysky.cli.options.add_setting`) and the Python API describe it in one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+HELP = "help"
+"""The field-metadata key holding a field's help text."""
+
+
+def setting(default: Any = dataclasses.MISSING, *, help: str,
+            default_factory: Callable[[], Any] | Any = dataclasses.MISSING) -> Any:
+    """A dataclass field with ``default`` (or ``default_factory``) and ``help`` as metadata.
+
+    Leave both defaults out for a field the caller must always give. The help is a short
+    phrase in the style of argparse's, without the default: the command line appends that
+    itself where it means something.
+    """
+    return dataclasses.field(default=default, default_factory=default_factory,
+                             metadata={HELP: help})
+
+
+def setting_help(settings_class: type, name: str) -> str:
+    """The help text of field ``name`` of ``settings_class``; ``KeyError`` if it has none.
+
+    A missing field or a field declared without :func:`setting` is an error rather than an
+    empty help line, so a flag cannot lose its explanation without a test noticing.
+    """
+    for f in dataclasses.fields(settings_class):
+        if f.name == name:
+            if HELP not in f.metadata:
+                raise KeyError(f"{settings_class.__name__}.{name} has no help text "
+                               "(declare it with raysky.settings.setting)")
+            return f.metadata[HELP]
+    raise KeyError(f"{settings_class.__name__} has no field {name!r}")
+
+
+def same_as(settings_class: type, name: str, default: Any = dataclasses.MISSING) -> Any:
+    """A field meaning what field ``name`` of ``settings_class`` means: its help and default.
+
+    For settings that are handed on to another command's settings (robustness scores with
+    :class:`raysky.score.ScoreSettings`), so the two cannot come to describe one knob in
+    two ways. ``default`` replaces the other field's default where this command wants its own.
+    """
+    other = next(f for f in dataclasses.fields(settings_class) if f.name == name)
+    if default is dataclasses.MISSING:
+        return dataclasses.field(default=other.default, default_factory=other.default_factory,
+                                 metadata={HELP: setting_help(settings_class, name)})
+    return setting(default, help=setting_help(settings_class, name))
+
+
+TTA_HELP = ("test-time augmentation: average the models over the four flips of each image "
+            "(4x the model work; Grad-CAM explains the unflipped view)")
+"""Scoring and serving run the same test-time augmentation (:class:`raysky.inference.LesionPipeline`)."""
