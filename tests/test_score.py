@@ -659,7 +659,7 @@ def test_score_refuses_a_damaged_checkpoint_before_writing(tiny_checkpoints, sam
 
 
 def test_shards_with_unsafe_or_repeated_ids_are_refused(tmp_path):
-    from raysky.score.pipeline import PACK_MARKER, list_inputs
+    from raysky.score.inputs import PACK_MARKER, list_inputs
 
     shards = tmp_path / "shards"
     shards.mkdir()

@@ -24,6 +24,7 @@ import pytest
 from PIL import Image
 
 from raysky import results
+from raysky.score import inputs as inputs_module
 from raysky.score import pipeline, stages
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,7 +110,7 @@ def _lost(count: int) -> pa.Array:
 
 def test_too_many_lost_inputs_stop_the_run_instead_of_being_marked_bad(tmp_path):
     # A broken worker loses every block: that must not turn a whole archive into error rows.
-    inputs = pipeline.Inputs(total=1000, todo=1000, table=None)
+    inputs = inputs_module.Inputs(total=1000, todo=1000, table=None)
     settings = pipeline.ScoreSettings(input="in", output=str(tmp_path), segmenter="s",
                                       classifier="c")
     lost = _lost(pipeline.ISOLATE_AT_MOST + 1)
@@ -120,16 +121,16 @@ def test_too_many_lost_inputs_stop_the_run_instead_of_being_marked_bad(tmp_path)
 def test_lost_inputs_are_found_in_raw_tables_and_in_packed_shards(tmp_path):
     table = pa.table({"image_id": ["a", "b", "c"], "source_uri": ["s3://x/a.jpg", "s3://x/b.jpg",
                                                                    "s3://x/c.jpg"]})
-    raw = pipeline.Inputs(total=3, todo=3, table=table)
-    assert pipeline.lost_ids(raw, pa.array(["b"])).to_pylist() == ["a", "c"]
-    assert pipeline._input_rows(raw, pa.array(["c"]))["source_uri"].to_pylist() == ["s3://x/c.jpg"]
+    raw = inputs_module.Inputs(total=3, todo=3, table=table)
+    assert inputs_module.lost_ids(raw, pa.array(["b"])).to_pylist() == ["a", "c"]
+    assert inputs_module.input_rows(raw, pa.array(["c"]))["source_uri"].to_pylist() == ["s3://x/c.jpg"]
 
     shard = tmp_path / "part-0.parquet"
     pq.write_table(table.append_column("image", pa.array([b"A", b"B", b"C"])), shard)
-    packed = pipeline.Inputs(total=3, todo=3, shards=[str(shard)],
+    packed = inputs_module.Inputs(total=3, todo=3, shards=[str(shard)],
                              shard_columns=["image_id", "source_uri", "image"])
-    assert pipeline.lost_ids(packed, pa.array(["a", "c"])).to_pylist() == ["b"]
-    rows = pipeline._input_rows(packed, pa.array(["b"]))
+    assert inputs_module.lost_ids(packed, pa.array(["a", "c"])).to_pylist() == ["b"]
+    rows = inputs_module.input_rows(packed, pa.array(["b"]))
     assert (rows["image_id"].to_pylist(), rows["image"].to_pylist()) == (["b"], [b"B"])
 
 

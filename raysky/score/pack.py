@@ -24,7 +24,8 @@ from raysky.cluster import ensure_ray
 from raysky.progress import Progress
 from raysky.score import lock as output_lock
 from raysky.score import output as out
-from raysky.score.pipeline import PACK_MARKER, WRITE_CPUS, Written, collect_written, input_blocks
+from raysky.score.inputs import PACK_MARKER
+from raysky.score.pipeline import WRITE_CPUS, Written, collect_written, input_blocks
 from raysky.score.stages import MAX_INPUT_BYTES, read_failure, read_limited, write_batch
 
 PACK_FORMAT = "raysky-pack/2"
