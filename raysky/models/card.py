@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from raysky import storage
@@ -160,6 +161,15 @@ def _value(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+def _table(intro: str, header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    """A Markdown table under a one-line ``intro``: the ``header`` row, its separator (one
+    ``---`` a column) and a line for each of ``rows``, whose cells are already formatted."""
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(cells) + " |"
+
+    return [intro, "", line(header), "|" + "---|" * len(header), *(line(row) for row in rows)]
+
+
 def render_markdown(card: dict) -> str:
     """The card as Markdown, for people: the same facts as the JSON, nothing more."""
     model = card["model"]
@@ -240,37 +250,35 @@ def render_markdown(card: dict) -> str:
     lines += ["", "## Subgroups", ""]
     subgroups = card["subgroups"]
     if subgroups:
-        lines += [f"Resampled by {subgroups.get('resampled_by')}; referral threshold "
-                  f"{_value(subgroups.get('threshold'), 4)}.", "",
-                  "| group | n | malignant | balanced accuracy | malignant AUC | sensitivity | "
-                  "specificity | notes |", "|---|---|---|---|---|---|---|---|"]
         # Deferred: checkpoint.py imports this module, and the audit pulls in scikit-learn.
         from raysky.audit.subgroups import format_interval, group_rows
 
+        rows = []
         for name, g in group_rows({"groupings": {}, **subgroups}):
             notes = ", ".join(n for n, on in (("too few", g.get("too_few")),
                                               ("flagged", g.get("flagged"))) if on)
-            lines.append(f"| {name} | {g['n']} | {g['malignant_n']} | "
-                         + " | ".join(format_interval(g.get(k), 3) for k in (
-                             "balanced_accuracy", "malignant_auc", "sensitivity", "specificity"))
-                         + f" | {notes} |")
+            rows.append([name, f"{g['n']}", f"{g['malignant_n']}",
+                         *(format_interval(g.get(k), 3) for k in (
+                             "balanced_accuracy", "malignant_auc", "sensitivity", "specificity")),
+                         notes])
+        lines += _table(f"Resampled by {subgroups.get('resampled_by')}; referral threshold "
+                        f"{_value(subgroups.get('threshold'), 4)}.",
+                        ("group", "n", "malignant", "balanced accuracy", "malignant AUC",
+                         "sensitivity", "specificity", "notes"), rows)
     else:
         lines.append("- not measured (`raysky evaluate --classifier CKPT --update-card OUT`)")
     lines += ["", "## Robustness to dermoscopic artefacts", ""]
     robustness = card["robustness"]
     if robustness:
-        lines += [f"{robustness.get('images')} images, artefacts placed with "
-                  f"{robustness.get('masks')} masks.", "",
-                  "| artefact | flip rate | mean abs. change malignant_prob | change macro AUPRC "
-                  "| change malignant AUC | artefact attention | its area |",
-                  "|---|---|---|---|---|---|---|"]
-        for kind, r in robustness.get("by_artefact", {}).items():
-            lines.append(f"| {kind} | {_value(r['flip_rate']['value'])} | "
-                         f"{_value(r['mean_abs_delta_malignant_prob'])} | "
-                         f"{_value(r['macro_auprc']['delta'])} | "
-                         f"{_value(r['malignant_auc']['delta'])} | "
-                         f"{_value(r['artefact_attention'])} | "
-                         f"{_value(r['artefact_area_frac'])} |")
+        lines += _table(
+            f"{robustness.get('images')} images, artefacts placed with "
+            f"{robustness.get('masks')} masks.",
+            ("artefact", "flip rate", "mean abs. change malignant_prob", "change macro AUPRC",
+             "change malignant AUC", "artefact attention", "its area"),
+            ([kind, _value(r["flip_rate"]["value"]), _value(r["mean_abs_delta_malignant_prob"]),
+              _value(r["macro_auprc"]["delta"]), _value(r["malignant_auc"]["delta"]),
+              _value(r["artefact_attention"]), _value(r["artefact_area_frac"])]
+             for kind, r in robustness.get("by_artefact", {}).items()))
     else:
         lines.append("- not measured (`raysky robustness --update-card OUT`)")
     lines += ["", "## Intended use", "", card["intended_use"], "", "## Known limits", ""]

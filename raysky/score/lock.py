@@ -104,19 +104,23 @@ class OutputLock:
 
     # -- storage primitives -------------------------------------------------------------------
 
+    def _put_s3(self, data: bytes, **condition: str | None) -> bool:
+        """Write the S3 lock only if ``condition`` (``IfNoneMatch`` or ``IfMatch``) holds,
+        keeping its new ETag; False when S3 refuses the write because it does not hold."""
+        bucket, key = _bucket_key(self.uri)
+        try:
+            self._etag = _s3().put_object(Bucket=bucket, Key=key, Body=data, **condition)["ETag"]
+        except Exception as exc:
+            if _precondition_failed(exc):
+                return False
+            raise
+        return True
+
     def _create(self) -> bool:
         """Create the lock if there is none; False when one exists."""
         data = _body(self.run_id, self.command, self.created)
         if storage.is_s3(self.uri):
-            bucket, key = _bucket_key(self.uri)
-            try:
-                self._etag = _s3().put_object(Bucket=bucket, Key=key, Body=data,
-                                              IfNoneMatch="*")["ETag"]
-            except Exception as exc:
-                if _precondition_failed(exc):
-                    return False
-                raise
-            return True
+            return self._put_s3(data, IfNoneMatch="*")
         _fs, path = storage.resolve(self.uri)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         try:
@@ -149,16 +153,7 @@ class OutputLock:
     def _take_over(self, etag: str | None) -> bool:
         """Replace a stale lock with ours; False when another run replaced it first."""
         if storage.is_s3(self.uri):
-            bucket, key = _bucket_key(self.uri)
-            try:
-                self._etag = _s3().put_object(
-                    Bucket=bucket, Key=key, IfMatch=etag,
-                    Body=_body(self.run_id, self.command, self.created))["ETag"]
-            except Exception as exc:
-                if _precondition_failed(exc):
-                    return False
-                raise
-            return True
+            return self._put_s3(_body(self.run_id, self.command, self.created), IfMatch=etag)
         _fs, path = storage.resolve(self.uri)
         # Only one process can rename the stale lock away; that one then creates its own.
         try:
@@ -199,15 +194,9 @@ class OutputLock:
         """Renew the heartbeat; raise :class:`OutputLocked` if another run has taken the lock."""
         data = _body(self.run_id, self.command, self.created)
         if storage.is_s3(self.uri):
-            bucket, key = _bucket_key(self.uri)
-            try:
-                self._etag = _s3().put_object(Bucket=bucket, Key=key, Body=data,
-                                              IfMatch=self._etag)["ETag"]
-            except Exception as exc:
-                if _precondition_failed(exc):
-                    raise OutputLocked(f"{self.output}: lost the lock {self.uri} to another "
-                                       "run (no heartbeat for too long)") from None
-                raise
+            if not self._put_s3(data, IfMatch=self._etag):
+                raise OutputLocked(f"{self.output}: lost the lock {self.uri} to another "
+                                   "run (no heartbeat for too long)")
             return
         current = self._read()
         if current is None or current[0].get("run_id") != self.run_id:

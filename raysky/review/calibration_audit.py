@@ -1,0 +1,105 @@
+"""The calibration and subgroup parts of ``raysky evaluate``.
+
+Both depend on the classifier checkpoint the results were scored with: its temperature gives
+the calibration figures before and after, and its referral threshold is what the subgroup
+audit measures sensitivity and specificity at.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from raysky.data.records import LesionRecord
+from raysky.data.taxonomy import MALIGNANT_CLASSES
+from raysky.results import PROB_PREFIX
+from raysky.review.inputs import BINARY_COLUMNS, normalize_id
+
+
+def calibration_figures(labelled: pd.DataFrame, classes: Sequence[str], probs: np.ndarray,
+                        checkpoint_calibration: dict | None) -> dict:
+    """ECE, Brier and referral figures of the labelled ``ok`` rows, whose ``probs[:, i]`` are
+    for ``classes[i]``: :func:`raysky.calibration.evaluation.calibration_metrics`, told which
+    calibration the results were scored with and the checkpoint's ``checkpoint_calibration``.
+    A ``refer`` column is used only where no row lacks it.
+    """
+    from raysky.calibration.evaluation import calibration_metrics, results_calibration_version
+
+    index = {code: i for i, code in enumerate(classes)}
+    stored = results_calibration_version(labelled)
+    refer = labelled["refer"].to_numpy() if "refer" in labelled.columns else None
+    if refer is not None and pd.isna(refer).any():
+        refer = None
+    return calibration_metrics(
+        labelled["label"].map(index).to_numpy(dtype=np.int64), probs,
+        labelled["label"].isin(list(MALIGNANT_CLASSES)).to_numpy(),
+        [i for i, code in enumerate(classes) if code in MALIGNANT_CLASSES], stored, refer,
+        checkpoint_calibration)
+
+
+_NOT_GROUPS = frozenset({"image_id", "source_uri", "error", "width", "height", "scored_at",
+                         *BINARY_COLUMNS})
+"""Results columns that hold one value per image, never a group."""
+
+
+def calibrated_subgroups(frame: pd.DataFrame, records: Sequence[LesionRecord],
+                         checkpoint_calibration: dict | None, by: Sequence[str],
+                         metadata: pd.DataFrame | None) -> dict:
+    """The subgroup audit, on calibrated probabilities wherever a calibration is known.
+
+    The referral threshold belongs to calibrated ``malignant_prob``: uncalibrated results
+    scored with a checkpoint that has a calibration are recalibrated first, as for the
+    calibration figures.
+    """
+    from raysky.audit.subgroups import STANDARD, audit_table, subgroup_audit
+    from raysky.calibration.evaluation import results_calibration_version
+    from raysky.calibration.temperature import recalibrate
+
+    table = audit_table(frame, records)
+    wanted = [name for name in by if name not in table.columns and name not in STANDARD]
+    if wanted and metadata is not None:
+        extra = metadata[["image_id", *[c for c in wanted if c in metadata.columns]]].copy()
+        extra["image_id"] = extra["image_id"].map(normalize_id)
+        table = table.merge(extra.drop_duplicates("image_id"), on="image_id", how="left")
+    missing = [name for name in wanted if name not in table.columns]
+    if missing:
+        # Results columns can be grouped by too (a classifier version, the OOD flag); only the
+        # categorical ones are worth naming: probabilities, images and per-row text are not.
+        categorical = [c for c in frame.columns if c not in _NOT_GROUPS
+                       and not c.startswith(PROB_PREFIX) and not pd.api.types.is_float_dtype(
+                           frame[c]) and not pd.api.types.is_datetime64_any_dtype(frame[c])]
+        there = sorted({*STANDARD, "lesion_id", "age", "sex", "site", *categorical,
+                        *(metadata.columns if metadata is not None else ())} - {"image_id"})
+        source = (f" or {metadata.attrs.get('source', 'the metadata')}" if metadata is not None
+                  else " (this layout has no metadata file)")
+        raise ValueError(f"--by {', '.join(missing)}: no such column in the results, the records"
+                         f"{source}; columns to group by: {', '.join(there)}")
+    record = checkpoint_calibration or {}
+    threshold = float(record["referral"]["threshold"]) if record.get("referral") else None
+    ok = (table["status"] == "ok").to_numpy()
+    if record.get("temperature") and not results_calibration_version(table[ok]):
+        columns = [c for c in table.columns if c.startswith(PROB_PREFIX)]
+        table[[*columns, "malignant_prob"]] = table[[*columns, "malignant_prob"]].astype(np.float64)
+        probs = recalibrate(table.loc[ok, columns].to_numpy(np.float64), float(record["temperature"]))
+        table.loc[ok, columns] = probs
+        malignant = [i for i, c in enumerate(columns) if c[len(PROB_PREFIX):] in MALIGNANT_CLASSES]
+        table.loc[ok, "malignant_prob"] = probs[:, malignant].sum(axis=1)
+    return subgroup_audit(table, by=list(by), threshold=threshold)
+
+
+def checkpoint_calibration_for(frame: pd.DataFrame, classifier_uri: str) -> dict:
+    """The calibration record (``{}`` if none) of the classifier the results were scored with.
+
+    The checkpoint's weights version must be the results' ``classifier_version``.
+    """
+    from raysky.models.checkpoint import read_checkpoint_meta
+
+    meta = read_checkpoint_meta(classifier_uri)
+    if "classifier_version" in frame.columns:
+        scored = sorted({str(v) for v in frame["classifier_version"].dropna()})
+        if scored and scored != [meta["version"]]:
+            raise ValueError(f"{classifier_uri} is classifier {meta['version']}, but the results "
+                             f"were scored with {', '.join(scored)}")
+    return meta.get("calibration") or {}
