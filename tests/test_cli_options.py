@@ -64,7 +64,7 @@ COMMANDS = {" ".join(words): sub for words, sub in _commands()}
 # Commands whose flags come from a settings dataclass, with how many of them at least, so a
 # command whose flags go back to hand-written defaults fails here.
 SETTINGS_BACKED = {"score": 18, "pack": 3, "results": 1, "serve": 24, "robustness": 16,
-                   "train segmenter": 25, "train classifier": 26}
+                   "train segmenter": 25, "train classifier": 26, "demo": 9}
 
 
 @pytest.mark.parametrize("command", sorted(SETTINGS_BACKED))
@@ -103,6 +103,32 @@ def test_settings_flags_are_the_settings_fields():
             if name == "artefacts":
                 continue
             assert getattr(built, name) == value, (command, name)
+
+
+def test_the_demo_runs_what_its_flags_say(monkeypatch):
+    from raysky.local import demo
+
+    seen = []
+    monkeypatch.setattr(demo, "run_demo", seen.append)
+    assert main(["demo", "--preset", "tiny", "--workers", "1", "--out", "x"]) == 0
+    assert seen == [demo.DemoSettings(preset="tiny", workers=1, out="x")]
+
+
+def test_commands_without_settings_take_their_defaults_from_the_code_they_call():
+    from raysky.calibration.collect import calibrate_checkpoint
+    from raysky.cli.options import parameter_defaults
+    from raysky.review.report import build_report
+
+    report = vars(build_parser().parse_args(["report", "--results", "r"]))
+    expected = parameter_defaults(build_report)
+    assert (report["top"], report["max_flagged"], report["title"], report["low_focus"]) == (
+        expected["top_n"], expected["max_flagged"], expected["title"], expected["low_focus"])
+    calibrate = vars(build_parser().parse_args(
+        ["calibrate", "--classifier", "c", "--data", "d", "--format", "archive", "--out", "o",
+         "--gt-masks"]))
+    expected = parameter_defaults(calibrate_checkpoint)
+    assert (calibrate["referral_sensitivity"], calibrate["ood_method"]) == (
+        expected["target_sensitivity"], expected["ood_method"])
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-_FORMATS = ("ham10000", "isic2018", "isic2019", "archive")
+from raysky.calibration.ood import DEFAULT_METHOD, METHODS
+from raysky.calibration.referral import DEFAULT_SENSITIVITY
+from raysky.data.readers import FORMATS
 
 
 def register(subparsers) -> None:
@@ -21,7 +23,7 @@ def register(subparsers) -> None:
                         help="classifier checkpoint to calibrate (local path or s3://)")
     parser.add_argument("--data", required=True, metavar="URI",
                         help="labelled dataset: local folder or s3:// prefix")
-    parser.add_argument("--format", required=True, choices=_FORMATS, help="layout of --data")
+    parser.add_argument("--format", required=True, choices=FORMATS, help="layout of --data")
     parser.add_argument("--metadata", metavar="URI",
                         help="metadata CSV with labels, for --format archive")
     parser.add_argument("--split", help="calibrate on one split only (val, train or test; for "
@@ -30,10 +32,10 @@ def register(subparsers) -> None:
     parser.add_argument("--out", required=True, metavar="CKPT_URI",
                         help="where to write the calibrated checkpoint (must differ from "
                         "--classifier)")
-    parser.add_argument("--referral-sensitivity", type=float, default=0.95, metavar="S",
+    parser.add_argument("--referral-sensitivity", type=float, default=DEFAULT_SENSITIVITY, metavar="S",
                         help="sensitivity for malignant lesions the referral threshold reaches "
                         "on this data (default: %(default)s)")
-    parser.add_argument("--ood-method", choices=("mahalanobis", "energy"), default="mahalanobis",
+    parser.add_argument("--ood-method", choices=METHODS, default=DEFAULT_METHOD,
                         help="out-of-distribution score (default: %(default)s)")
     masks = parser.add_mutually_exclusive_group(required=True)
     masks.add_argument("--segmenter", metavar="CKPT_URI",

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import argparse
 
+from raysky.cli.options import parameter_defaults
+from raysky.data.readers import FORMATS
 from raysky.review.evaluate import LOW_FOCUS_THRESHOLD
-
-_FORMATS = ("ham10000", "isic2018", "isic2019", "archive")
 
 
 def _add_ground_truth(parser: argparse.ArgumentParser, required: bool) -> None:
     parser.add_argument("--data", required=required, metavar="URI",
                         help="ground-truth dataset: local folder or s3:// prefix")
-    parser.add_argument("--format", choices=_FORMATS, required=required,
+    parser.add_argument("--format", choices=FORMATS, required=required,
                         help="layout of --data (archive: labels come from --metadata)")
     parser.add_argument("--metadata", metavar="URI",
                         help="metadata CSV with labels, for --format archive")
@@ -53,6 +53,9 @@ def register(subparsers) -> None:
                         help="write the metrics as JSON here (local path or s3://)")
     parser.set_defaults(func=run_evaluate)
 
+    from raysky.review.report import build_report
+
+    d = parameter_defaults(build_report)
     parser = subparsers.add_parser(
         "report", help="write a self-contained HTML review page from results",
         description="Build one HTML file with every image inlined: a summary, a gallery of the "
@@ -64,11 +67,11 @@ def register(subparsers) -> None:
     parser.add_argument("--out", default="report.html", metavar="URI",
                         help="where to write the HTML (local path or s3://; default: %(default)s)")
     _add_ground_truth(parser, required=False)
-    parser.add_argument("--top", type=int, default=24, metavar="N",
+    parser.add_argument("--top", type=int, default=d["top_n"], metavar="N",
                         help="lesions in the highest-risk gallery (default: %(default)s)")
-    parser.add_argument("--max-flagged", type=int, default=48, metavar="N",
+    parser.add_argument("--max-flagged", type=int, default=d["max_flagged"], metavar="N",
                         help="most low-focus images shown (default: %(default)s)")
-    parser.add_argument("--title", default="raysky review", help="page title")
+    parser.add_argument("--title", default=d["title"], help="page title (default: %(default)s)")
     parser.add_argument("--robustness", metavar="DIR",
                         help="add the artefact-robustness section of a `raysky robustness` run "
                         "(its --out folder): the table and an example strip per artefact type")

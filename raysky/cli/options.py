@@ -12,6 +12,7 @@ back into the settings object. Flags that only steer the command line (``--json`
 from __future__ import annotations
 
 import argparse
+import inspect
 from collections.abc import Callable
 from dataclasses import MISSING, Field, fields
 from typing import Any, TypeVar
@@ -35,6 +36,14 @@ def settings_defaults(settings_class: type) -> dict[str, Any]:
         if default is not MISSING:
             defaults[f.name] = default
     return defaults
+
+
+def parameter_defaults(function: Callable[..., Any]) -> dict[str, Any]:
+    """Parameter name -> default of ``function``, for commands that call one function rather
+    than build a settings object (``raysky report`` and :func:`raysky.review.report.build_report`),
+    so the flag and the Python API cannot disagree."""
+    return {name: p.default for name, p in inspect.signature(function).parameters.items()
+            if p.default is not inspect.Parameter.empty}
 
 
 def _default(f: Field) -> Any:

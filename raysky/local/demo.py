@@ -20,24 +20,27 @@ from pathlib import Path
 from raysky import storage
 from raysky.local.net import free_port
 from raysky.progress import format_duration
+from raysky.settings import setting
 
 BUNDLED_SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
 
 
 @dataclass
 class DemoSettings:
-    """What the demo runs on; every field is a ``raysky demo`` flag."""
+    """What the demo runs on; the fields with help text are ``raysky demo`` flags."""
 
-    data: str = str(BUNDLED_SAMPLE)
-    format: str = "ham10000"
-    preset: str = "lite"
-    segmenter_epochs: int = 12
-    classifier_epochs: int = 12
-    batch_size: int = 4
-    workers: int = 2
-    out: str = "demo-output"
+    data: str = setting(str(BUNDLED_SAMPLE), help="dataset folder or s3:// prefix; the "
+                        "bundled sample by default")
+    format: str = setting("ham10000", help="dataset layout")
+    preset: str = setting("lite", help="model sizes and training recipe (see `raysky info`)")
+    segmenter_epochs: int = setting(12, help="segmenter training epochs")
+    classifier_epochs: int = setting(12, help="classifier training epochs")
+    batch_size: int = setting(4, help="images per training step and per model call")
+    workers: int = setting(2, help="Ray Train workers")
+    out: str = setting("demo-output", help="local folder for the review page, metrics and summary")
     bucket: str = "raysky-demo"
-    storage: str | None = None  # an existing s3:// prefix instead of the embedded endpoint
+    storage: str | None = setting(None, help="use this existing s3:// prefix (AWS_* variables) "
+                                  "instead of the embedded S3 endpoint")
     serve_port: int = 0
 
 
