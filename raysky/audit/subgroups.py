@@ -51,11 +51,11 @@ def audit_table(results: pd.DataFrame, records: Sequence[LesionRecord]) -> pd.Da
     record's ``lesion_id``, ``age``, ``sex`` and ``site`` (where the results lack them)."""
     # The id rule join_ground_truth applies to records (an image suffix dropped), so the
     # metadata lands on the rows it joined.
-    from raysky.review.evaluate import _normalize_id, join_ground_truth
+    from raysky.review.inputs import join_ground_truth, normalize_id
 
     joined, _coverage = join_ground_truth(results, records)
     fields = [f for f in ("lesion_id", "age", "sex", "site") if f not in joined.columns]
-    meta = pd.DataFrame({"image_id": [_normalize_id(r.image_id) for r in records],
+    meta = pd.DataFrame({"image_id": [normalize_id(r.image_id) for r in records],
                          **{f: [getattr(r, f) for r in records] for f in fields}})
     return joined.merge(meta.drop_duplicates("image_id"), on="image_id", how="left")
 

@@ -57,9 +57,6 @@ from raysky.review.task_metrics import (
     segmentation_metrics,
 )
 
-# raysky.audit.subgroups imports the id matching from here, under its name from before the split.
-_normalize_id = normalize_id
-
 __all__ = [
     "BINARY_COLUMNS", "LOW_FOCUS_THRESHOLD", "PROB_PREFIX", "REQUIRED_COLUMNS", "card_sections",
     "checkpoint_calibration_for", "class_probabilities", "classification_metrics", "evaluate",
