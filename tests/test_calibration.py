@@ -18,7 +18,7 @@ from raysky.calibration.referral import fit_referral, refer
 from raysky.calibration.temperature import fit_temperature, recalibrate, softmax, uncalibrate
 from raysky.cli.main import main
 from raysky.review.metrics import bootstrap_interval, brier_score, expected_calibration_error
-from raysky.score.stages import output_schema
+from raysky.score.schema import output_schema
 
 
 def _synthetic(temperature: float, n: int = 20000, classes: int = 7, seed: int = 0):

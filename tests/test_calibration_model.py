@@ -241,12 +241,12 @@ def test_the_pipeline_applies_the_calibration(trained, calibrated, sample_dir, c
 def test_scoring_and_evaluate_carry_the_calibration(trained, calibrated, enlarged, tmp_path):
     from raysky.results import read
     from raysky.review.evaluate import evaluate_frame, format_table
+    from raysky.score.schema import output_schema
     from raysky.score.stages import (
         INPUT_SCHEMA,
         ScoreModel,
         decode_batch,
         encode_batch,
-        output_schema,
     )
 
     records = read_dataset(str(enlarged), "ham10000")[::3]  # both kinds, fewer to score

@@ -16,7 +16,7 @@ from raysky import storage
 from raysky.cli.main import main
 from raysky.data.records import LesionRecord
 from raysky.score.export import export_results
-from raysky.score.stages import output_schema
+from raysky.score.schema import output_schema
 from raysky.train.masks import mask_uri, segmenter_masks
 
 CLASSES = ("mel", "nv")

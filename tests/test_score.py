@@ -33,7 +33,7 @@ from raysky.data.taxonomy import ISIC_COLUMN_NAMES, MALIGNANT_CLASSES
 from raysky.local.s3 import upload_directory
 from raysky.score import ScoreSettings, score_archive, stages
 from raysky.score.output import check_run_config, split_table
-from raysky.score.stages import output_schema
+from raysky.score.schema import output_schema
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_SIZE = (200, 150)
@@ -632,6 +632,21 @@ def test_results_written_before_error_kind_still_read(tmp_path):
     assert frame["error_kind"].isna().all()
     assert results.read(str(tmp_path / "old"), ["image_id", "error_kind"]).shape == (2, 2)
     assert results.summarize(str(tmp_path / "old"))["error"] == 1
+
+
+def test_results_from_before_every_added_column_read_in_the_writers_layout(tmp_path):
+    from raysky.score.schema import ADDED_COLUMNS
+
+    schema = output_schema(("mel", "nv"), heatmaps=True)
+    oldest = pa.schema([f for f in schema if f.name not in ADDED_COLUMNS])
+    rows = [{"image_id": "a", "source_uri": "a.jpg", "status": "ok", "prob_mel": 0.1,
+             "prob_nv": 0.9, "malignant_prob": 0.1}]
+    (tmp_path / "old").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows, schema=oldest), tmp_path / "old" / "part-0.parquet")
+    frame = results.read(str(tmp_path / "old"))
+    assert list(frame.columns) == schema.names
+    assert frame[list(ADDED_COLUMNS)].isna().all().all()
+    assert (frame["ood_score"].dtype, frame["ita_deg"].dtype) == (np.float32, np.float32)
 
 
 def test_results_refuse_two_inputs_under_one_id(tmp_path):

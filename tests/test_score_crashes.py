@@ -26,6 +26,7 @@ from PIL import Image
 from raysky import results
 from raysky.score import inputs as inputs_module
 from raysky.score import pipeline, stages
+from raysky.score.schema import output_schema
 
 REPO = Path(__file__).resolve().parents[1]
 DECODE_MARKER = "raysky-test-decode-crash"
@@ -135,7 +136,7 @@ def test_lost_inputs_are_found_in_raw_tables_and_in_packed_shards(tmp_path):
 
 
 def test_failure_rows_are_error_rows_of_the_results_schema():
-    schema = stages.output_schema(("nv", "mel"), heatmaps=True)
+    schema = output_schema(("nv", "mel"), heatmaps=True)
     table = stages.failure_rows(["x"], ["s3://a/x.jpg"], "worker died", stages.BAD_INPUT, schema,
                                 {"segmenter_version": "s1", "classifier_version": "c1"})
     assert table.schema == schema

@@ -24,6 +24,7 @@ from raysky.score import lock as output_lock
 from raysky.score import output as out
 from raysky.score import results, stages
 from raysky.score.inputs import Inputs, input_rows, list_inputs, lost_ids
+from raysky.score.schema import output_schema
 from raysky.score.settings import ScoreSettings
 
 RUN_CONFIG = "_raysky_score.json"
@@ -205,7 +206,7 @@ def build_dataset(inputs: Inputs, settings: ScoreSettings, classes: tuple[str, .
     )
     ds = _map_stage(
         ds, stages.encode_batch, batch_size=settings.batch_size,
-        fn_kwargs={"schema": stages.output_schema(classes, settings.heatmaps)},
+        fn_kwargs={"schema": output_schema(classes, settings.heatmaps)},
     )
     # Writing waits on storage more than it computes. Its smaller CPU share also keeps Ray Data
     # from fusing it with the encode stage, which would gather a whole file's worth of raw,
@@ -266,7 +267,7 @@ def _score_alone(lost: pa.Array, inputs: Inputs, settings: ScoreSettings, facts:
               f"({', '.join(map(repr, crashed.to_pylist()[:5]))})", file=sys.stderr)
         table = stages.failure_rows(rows["image_id"].to_pylist(), rows["source_uri"].to_pylist(),
                                     CRASH_REASON, stages.BAD_INPUT,
-                                    stages.output_schema(classes, settings.heatmaps), facts)
+                                    output_schema(classes, settings.heatmaps), facts)
         lock.check()
         publish_manifest(stages.write_batch(table, settings.output, run_id,
                                             settings.rows_per_file), settings.output, written)

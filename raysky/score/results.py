@@ -27,23 +27,14 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from raysky import storage
-
-PROB_PREFIX = "prob_"
-"""Per-class probability columns are named ``prob_<class code>``."""
+from raysky.score.schema import PROB_PREFIX, added_column_places
 
 _DEDUP_COLUMNS = ("image_id", "source_uri", "status", "scored_at")
-OPTIONAL_COLUMNS: dict[str, tuple[str, str]] = {
-    "error_kind": ("error", "object"),
-    "refer": ("malignant_prob", "object"),
-    "ood_score": ("refer", "float32"),
-    "ood": ("ood_score", "object"),
-    "ita_deg": ("ood", "float32"),
-    "skin_tone": ("ita_deg", "object"),
-    "calibration_version": ("classifier_version", "object"),
-}
-"""Columns newer than some results on disk: ``name: (column it follows, pandas dtype)``.
 
+OPTIONAL_COLUMNS: dict[str, tuple[str, str]] = added_column_places()
+"""Columns newer than some results on disk: ``name: (column it follows, pandas dtype)``.
 Where a file lacks one it is read as null, in the place newer files have it."""
+
 SUMMARY_COLUMNS = ("image_id", "source_uri", "status", "error", "predicted_class",
                    "malignant_prob", "refer", "ood", "skin_tone", "scored_at")
 

@@ -27,7 +27,7 @@ from raysky import storage
 from raysky.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, encode_png
 from raysky.models.runtime import on_torch_thread, set_torch_threads
 from raysky.score.output import write_pieces
-from raysky.score.results import PROB_PREFIX
+from raysky.score.schema import PROB_PREFIX, model_output_schema
 
 MAX_INPUT_BYTES = 256 * 1024 * 1024
 """Objects larger than this are not read at all; no dermoscopy image comes near it."""
@@ -53,31 +53,6 @@ MANIFEST_SCHEMA = pa.schema([("file", pa.string()), ("rows", pa.int64()), ("ok",
                              ("error", pa.int64())])
 
 
-def output_schema(classes: Sequence[str], heatmaps: bool) -> pa.Schema:
-    """The columns of a result file, in order: plain Arrow types only.
-
-    ``refer``, ``ood_score``, ``ood`` and ``calibration_version`` are null when the classifier
-    checkpoint has no calibration (see :mod:`raysky.calibration`); ``ita_deg`` and
-    ``skin_tone`` are null where the skin round the lesion cannot be measured.
-    """
-    fields = [
-        ("image_id", pa.string()), ("source_uri", pa.string()), ("status", pa.string()),
-        ("error", pa.string()), ("error_kind", pa.string()), ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("predicted_class", pa.string()),
-        *[(f"{PROB_PREFIX}{code}", pa.float32()) for code in classes],
-        ("malignant_prob", pa.float32()), ("refer", pa.bool_()), ("ood_score", pa.float32()),
-        ("ood", pa.bool_()), ("ita_deg", pa.float32()), ("skin_tone", pa.string()),
-        ("mask_png", pa.binary()),
-        ("lesion_area_frac", pa.float32()),
-        *([("heatmap_png", pa.binary())] if heatmaps else []),
-        ("lesion_focus", pa.float32()), ("segmenter_version", pa.string()),
-        ("classifier_version", pa.string()), ("calibration_version", pa.string()),
-        ("scored_at", pa.timestamp("us", tz="UTC")),
-    ]
-    return pa.schema(fields)
-
-
 def failure_rows(image_ids: Sequence[str], source_uris: Sequence[str], reason: str, kind: str,
                  schema: pa.Schema, versions: dict) -> pa.Table:
     """Error rows in ``schema`` for inputs that no stage could turn into a row of their own
@@ -93,16 +68,6 @@ def failure_rows(image_ids: Sequence[str], source_uris: Sequence[str], reason: s
         "classifier_version": [versions["classifier_version"]] * count,
     })
     return pa.table(columns, schema=schema)
-
-
-def model_output_schema(classes: Sequence[str], heatmaps: bool) -> pa.Schema:
-    """The model stage's rows: the output columns with raw ``uint8`` maps instead of PNGs."""
-    schema = output_schema(classes, heatmaps)
-    for name, raw in (("mask_png", "mask_raw"), ("heatmap_png", "heatmap_raw")):
-        index = schema.get_field_index(name)
-        if index >= 0:
-            schema = schema.set(index, pa.field(raw, pa.large_binary()))
-    return schema
 
 
 # ---------------------------------------------------------------------------------------------
