@@ -1,4 +1,4 @@
-"""``raysky score``, ``pack``, ``export`` and ``results``: screening an archive with Ray Data."""
+"""``raysky score``, ``pack`` and ``results``: screening an archive with Ray Data."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from raysky.score.settings import ScoreSettings
 
 
 def register(subparsers) -> None:
-    """Add the ``score``, ``pack``, ``export`` and ``results`` sub-commands."""
+    """Add the ``score``, ``pack`` and ``results`` sub-commands."""
     score = subparsers.add_parser(
         "score", help="score an archive of images (prefix or packed shards) into Parquet",
         description="Segment, classify and explain (Grad-CAM) every image under --input with Ray "
@@ -58,16 +58,6 @@ def register(subparsers) -> None:
     add_setting(pack, ScoreSettings, "ray_address", "--address")
     pack.set_defaults(func=run_pack)
 
-    export = subparsers.add_parser(
-        "export", help="write results in the ISIC 2018 / 2019 submission formats",
-        description="Write <FORMAT>_classification.csv (image,<ISIC classes>, values in [0,1]) "
-        "and <FORMAT>_segmentation/<id>_segmentation.png masks (single channel, 0/255, original "
-        "size) from `raysky score` results. Images with status 'error' are left out.")
-    export.add_argument("format", choices=("isic2018", "isic2019"), help="submission format")
-    export.add_argument("--results", required=True, help="results prefix written by `raysky score`")
-    export.add_argument("--out", required=True, help="folder or s3:// prefix to write into")
-    export.set_defaults(func=run_export)
-
     show = subparsers.add_parser(
         "results", help="summarise scoring results",
         description="Read results written by `raysky score` (one row per input, duplicates "
@@ -95,14 +85,6 @@ def run_pack(args: argparse.Namespace) -> int:
     summary = pack_archive(args.input, args.output, rows_per_file=args.rows_per_file,
                            metadata_uri=args.metadata, ray_address=args.address)
     print(summary.format())
-    return 0
-
-
-def run_export(args: argparse.Namespace) -> int:
-    """Run ``raysky export``."""
-    from raysky.score.export import export_results
-
-    print(export_results(args.format, args.results, args.out).format())
     return 0
 
 

@@ -37,6 +37,7 @@ from raysky.progress import Progress
 from raysky.train.datasets import readable_rows
 from raysky.train.settings import LoopConfig
 from raysky.train.tasks import make_task, measure_precision
+from raysky.train.tracking import Tracker, training_params
 
 STATE_FILE = "train_state.pt"
 METRICS_FILE = "metrics.json"
@@ -221,6 +222,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
             print(f"{task.kind}: already trained for {start_epoch} epochs, nothing to do", flush=True)
         return
 
+    tracker = Tracker(config.tracking, enabled=rank == 0)
+    if start_epoch == 0:
+        tracker.log_params(training_params(task.kind, config.settings, config.provenance))
+    tracker.set_tags({"system": machine_description(), "raysky.precision": precision})
+
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     per_epoch = steps_per_epoch * batch_size * world
@@ -293,6 +299,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 write_checkpoint(directory, model, config, state, metrics, history)
                 report_checkpoint = ray.train.Checkpoint.from_directory(directory)
                 print(_epoch_line(task.kind, metrics, epochs), flush=True)
+                tracker.log_metrics({k: v for k, v in metrics.items()
+                                     if not k.endswith("_unix")}, step=epoch + 1)
             ray.train.report(metrics, checkpoint=report_checkpoint,
                              checkpoint_dir_name=f"checkpoint_epoch_{epoch + 1:04d}")
 
