@@ -22,7 +22,7 @@ from raysky.data.images import decode_image
 from raysky.inference import LesionPipeline
 from raysky.models import create_classifier, create_segmenter, save_checkpoint
 from raysky.models.checkpoint import save_calibrated
-from raysky.models.preprocess import images_to_tensor
+from raysky.models.preprocess import images_to_tensor, resize_map
 from raysky.onnx.export import (
     OnnxExportError,
     export_checkpoint,
@@ -179,3 +179,53 @@ def test_a_single_stream_classifier_without_metadata_takes_only_the_image(tmp_pa
     assert export.inputs == ("image",) and export.opset == 20
     assert export.max_probability_diff <= 1e-4
     assert read_metadata((tmp_path / "cls.onnx").read_bytes())["temperature"] == 1.0
+
+
+def test_score_with_the_onnx_engine_needs_heatmaps_off(checkpoints, sample_dir, tmp_path,
+                                                        capsys):
+    assert main(["score", "--input", str(sample_dir / "images"), "--output", str(tmp_path / "r"),
+                 "--engine", "onnx", *_flags(checkpoints)]) == 2
+    assert "heatmaps=False" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def _flags(checkpoints: dict[str, str]) -> list[str]:
+    return ["--segmenter", checkpoints["segmenter"], "--classifier", checkpoints["classifier"]]
+
+
+@pytest.mark.slow
+def test_raysky_score_on_onnx_runtime_matches_the_torch_engine(ray_local, checkpoints,
+                                                                sample_dir, tmp_path):
+    from raysky import results
+    from raysky.data.images import decode_mask
+
+    common = ["score", "--input", str(sample_dir / "images"), "--metadata",
+              str(sample_dir / "HAM10000_metadata.csv"), "--no-heatmaps", "--batch-size", "8",
+              "--workers", "1", "--cpus-per-worker", "1", *_flags(checkpoints)]
+    assert main([*common, "--output", str(tmp_path / "torch")]) == 0
+    assert main([*common, "--output", str(tmp_path / "onnx"), "--engine", "onnx"]) == 0
+    want = results.read(str(tmp_path / "torch")).set_index("image_id").sort_index()
+    got = results.read(str(tmp_path / "onnx")).set_index("image_id").sort_index()
+    assert len(got) == 35 and (got["status"] == "ok").all()
+    assert list(got.index) == list(want.index)
+    probs = [c for c in want.columns if c.startswith("prob_")] + ["malignant_prob", "ood_score"]
+    np.testing.assert_allclose(got[probs].to_numpy(float), want[probs].to_numpy(float),
+                               atol=1e-4, rtol=0)
+    for column in ("predicted_class", "refer", "ood", "skin_tone", "classifier_version",
+                   "calibration_version"):
+        assert got[column].tolist() == want[column].tolist(), column
+    # Masks: identical, except where a pixel's probability lies within float rounding of the
+    # threshold. The two runs' actors run one thread each, the in-process test above several;
+    # at 1e-7 apart, a pixel at 0.5000001 can fall either side (so can PyTorch's own on
+    # another thread count). Every differing pixel must be such a pixel.
+    reference = LesionPipeline.from_uris(checkpoints["segmenter"], checkpoints["classifier"])
+    differing = 0
+    for image_id in want.index:
+        a, b = (decode_mask(frame.at[image_id, "mask_png"]) for frame in (want, got))
+        if np.array_equal(a, b):
+            continue
+        image = np.asarray(decode_image((sample_dir / "images" / f"{image_id}.jpg").read_bytes()))
+        probability = resize_map(reference.segment([image])[0], *a.shape)
+        assert np.abs(probability[a != b] - 0.5).max() < 1e-5, image_id
+        differing += int((a != b).sum())
+    assert differing <= 10, f"{differing} mask pixels differ"

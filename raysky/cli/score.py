@@ -7,7 +7,7 @@ import json
 
 from raysky.cli.options import add_setting, settings_from_args
 from raysky.models.runtime import PRECISIONS
-from raysky.score.settings import ScoreSettings
+from raysky.score.settings import ENGINES, ScoreSettings
 
 
 def register(subparsers) -> None:
@@ -33,6 +33,7 @@ def register(subparsers) -> None:
     add_setting(score, ScoreSettings, "rows_per_file", "--rows-per-file", type=int,
                 note="files are also cut at 512 MiB of PNG data")
     add_setting(score, ScoreSettings, "precision", "--precision", choices=PRECISIONS)
+    add_setting(score, ScoreSettings, "engine", "--engine", choices=ENGINES)
     add_setting(score, ScoreSettings, "tta", "--tta", action="store_true")
     add_setting(score, ScoreSettings, "max_pixels", "--max-pixels", type=int)
     add_setting(score, ScoreSettings, "top", "--top", type=int)
