@@ -8,19 +8,16 @@ each node's metrics port (``ray start --metrics-export-port``, default: a free p
 and adds the ``application``, ``deployment`` and ``replica`` labels (the ingress replica that
 answered). Names as scraped, with their own labels:
 
-========================================  ============================================  ======
-``ray_raysky_predictions_total``          ``predicted_class``; ``refer`` and ``ood``:   counter
-                                          ``true``, ``false`` or ``none`` (uncalibrated)
-``ray_raysky_predictions_by_skin_tone``   ``skin_tone``: the ITA category, or           counter
-``_total``                                ``unknown`` where there was too little skin
-``ray_raysky_malignant_prob``             (none); buckets every 0.05                    histogram
-``ray_raysky_stage_seconds``              ``stage``: ``decode`` (the upload to pixels),  histogram
-                                          ``model`` (queue + batch + models, as the
-                                          ingress waits for it), ``encode`` (the
-                                          answer's PNGs)
-``ray_raysky_rejections_total``           ``status`` (401, 413, 415, 422, 503, ...) and  counter
-                                          ``reason``, the JSON error code
-========================================  ============================================  ======
+* ``ray_raysky_predictions_total`` (counter): ``predicted_class``; ``refer`` and ``ood``, each
+  ``true``, ``false`` or ``none`` (an uncalibrated model decides neither);
+* ``ray_raysky_predictions_by_skin_tone_total`` (counter): ``skin_tone``, the ITA category,
+  or ``unknown`` where too little skin was usable;
+* ``ray_raysky_malignant_prob`` (histogram, buckets every 0.05);
+* ``ray_raysky_stage_seconds`` (histogram): ``stage`` is ``decode`` (the upload to pixels),
+  ``model`` (queue, batch and models, as the ingress waits for them) or ``encode`` (the
+  answer's PNGs);
+* ``ray_raysky_rejections_total`` (counter): ``status`` (401, 413, 415, 422, 503, ...) and
+  ``reason``, the JSON error code.
 
 Ray aggregates histogram observations into their buckets before export, so a histogram's
 ``_sum`` is built from bucket midpoints; ``_count`` and the buckets are exact.

@@ -113,8 +113,11 @@ def start_run(uri: str, experiment: str, run_uri: str, run_name: str,
         found = client.get_experiment_by_name(experiment)
         experiment_id = (found.experiment_id if found is not None else client.create_experiment(
             experiment, artifact_location=artifacts and f"file://{artifacts}"))
-        existing = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_TAG}` = '{run_uri}'",
-                                      order_by=["attributes.start_time DESC"], max_results=1)
+        # A quote cannot occur in a run URI raysky accepts; were one there, a new run is safer
+        # than a filter that breaks.
+        existing = [] if "'" in run_uri else client.search_runs(
+            [experiment_id], filter_string=f"tags.`{RUN_TAG}` = '{run_uri}'",
+            order_by=["attributes.start_time DESC"], max_results=1)
         if existing:
             run_id = existing[0].info.run_id
             client.update_run(run_id, status="RUNNING")
@@ -161,7 +164,12 @@ class Tracker:
 
     def __init__(self, target: Mapping[str, str] | None, enabled: bool = True):
         self.target = TrackingTarget(**target) if target and enabled else None
-        self._client = _mlflow_client(self.target.uri) if self.target else None
+        self._client = None
+        if self.target is not None:
+            try:
+                self._client = _mlflow_client(self.target.uri)
+            except ValueError as exc:  # a worker node without MLflow: train on, untracked
+                warn(f"MLflow tracking is off for this run: {exc}")
 
     @property
     def enabled(self) -> bool:
