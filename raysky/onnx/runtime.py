@@ -128,7 +128,7 @@ class OnnxScoreModel(ScoreModel):
 
 
 @functools.lru_cache(maxsize=4)
-def _exported(segmenter: str, classifier: str, versions: tuple, opset: int) -> dict:
+def _exported(segmenter: str, classifier: str, versions: tuple, opset: int, job: str) -> dict:
     import ray
 
     from raysky.onnx.export import export_checkpoint
@@ -145,9 +145,13 @@ def _exported(segmenter: str, classifier: str, versions: tuple, opset: int) -> d
 def exported_models(segmenter: str, classifier: str, opset: int = DEFAULT_OPSET) -> dict:
     """``{"segmenter": ref, "classifier": ref}``: both checkpoints exported (each verified
     against its sha256 and then against PyTorch) and put in the object store, once per
-    process for the same checkpoint versions."""
+    Ray session for the same checkpoint versions."""
+    import ray
+
     from raysky.models.checkpoint import read_checkpoint_meta
 
     versions = tuple((m["version"], (m.get("calibration") or {}).get("version"))
                      for m in (read_checkpoint_meta(segmenter), read_checkpoint_meta(classifier)))
-    return _exported(segmenter, classifier, versions, opset)
+    # Object refs live as long as the driver's connection: a new Ray session exports anew.
+    job = ray.get_runtime_context().get_job_id()
+    return _exported(segmenter, classifier, versions, opset, job)
