@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
                                      "jaccard": 0.4, "val_loss": 0.7}, step=epoch + 1)
                 calls.append(time.perf_counter() - call)
             (tracked if with_tracking else plain).append(time.perf_counter() - started)
+            print(f"epoch {epoch + 1} ({'tracked' if with_tracking else 'untracked'}): "
+                  f"{(time.perf_counter() - started) / args.steps * 1000:.0f} ms/step", flush=True)
         tracker.finish()
         if not tracker.enabled:
             return 1
