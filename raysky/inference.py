@@ -19,7 +19,7 @@ from raysky.calibration.referral import refer
 from raysky.data.taxonomy import malignant_indices
 from raysky.explain.gradcam import GradCAMExplainer, lesion_focus
 from raysky.models.checkpoint import LoadedModel, load_checkpoint
-from raysky.models.preprocess import images_to_tensor, metadata_to_tensors, resize_map
+from raysky.models.preprocess import metadata_to_tensors, model_input, resize_map
 from raysky.models.runtime import autocast, prepare_for_device, select_device
 from raysky.models.segmenter import MASK_THRESHOLD
 
@@ -42,8 +42,7 @@ def segment_probabilities(segmenter: torch.nn.Module, meta: dict, images: Sequen
     ``meta`` is the segmenter checkpoint's metadata (input size and normalisation). With
     ``tta`` the flipped views run in the same batch and their maps, flipped back, are averaged.
     """
-    norm = meta["normalization"]
-    tensor = images_to_tensor(images, meta["input_size"], norm["mean"], norm["std"]).to(device)
+    tensor = model_input(images, meta).to(device)
     flips = TTA_FLIPS if tta else ()
     with torch.inference_mode(), autocast(device, precision):
         logits = segmenter(torch.cat([tensor, *(tensor.flip(dims) for dims in flips)]))
@@ -68,8 +67,8 @@ def classifier_outputs(classifier: torch.nn.Module, image: torch.Tensor, mask: t
     :func:`lesion_mask_input`); scoring and ``raysky calibrate`` both come through here.
     """
     with torch.inference_mode(), autocast(device, precision):
-        full_map, lesion_map = classifier.encode(image, mask)
-        logits, features = classifier.classify_with_features(full_map, lesion_map, metadata)
+        full_map, lesion = classifier.encode(image, mask)
+        logits, features = classifier.classify_with_features(full_map, lesion, metadata)
     return logits.float(), features.float()
 
 
@@ -157,9 +156,7 @@ class LesionPipeline:
         return autocast(self.device, self.precision)
 
     def _input(self, images: Sequence[np.ndarray], meta: dict) -> torch.Tensor:
-        norm = meta["normalization"]
-        tensor = images_to_tensor(images, meta["input_size"], norm["mean"], norm["std"])
-        return tensor.to(self.device)
+        return model_input(images, meta).to(self.device)
 
     def segment(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """Lesion probabilities at the segmenter's input size, ``[B, h, w]`` float32."""

@@ -228,6 +228,19 @@ def _layer(kind: str, shape: tuple[int, int], protected: np.ndarray, lesion: np.
     return canvas.layer()
 
 
+def artefact_layer(kind: str, shape: tuple[int, int], rng: np.random.Generator
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """One artefact of ``kind`` drawn on a lesion-free canvas of ``shape``: its colour
+    ``[H, W, 3]`` (0-255 floats) and alpha ``[H, W]`` (0-1).
+
+    Training pastes these over images outside each lesion (:mod:`raysky.train.augment`), so a
+    bank drawn once serves every image; :func:`add_artefact` draws one for a given lesion.
+    """
+    (kind,) = parse_kinds([kind])
+    clear = np.zeros(shape, dtype=bool)
+    return _layer(kind, shape, clear, clear, rng)
+
+
 def add_artefact(rgb: np.ndarray, lesion_mask: np.ndarray, kind: str,
                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Paste one artefact of ``kind`` onto ``rgb`` (uint8 ``[H, W, 3]``) outside the lesion.

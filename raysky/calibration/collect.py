@@ -61,7 +61,7 @@ def collect_outputs(classifier: LoadedModel, records: Sequence[LesionRecord],
     cannot be read are skipped and listed in ``skipped`` with the reason.
     """
     from raysky.inference import classifier_outputs, lesion_mask_input, segment_probabilities
-    from raysky.models.preprocess import images_to_tensor, masks_to_tensor, metadata_to_tensors
+    from raysky.models.preprocess import masks_to_tensor, metadata_to_tensors, model_input
     from raysky.models.runtime import select_device
 
     device = select_device(use_gpu)
@@ -69,7 +69,7 @@ def collect_outputs(classifier: LoadedModel, records: Sequence[LesionRecord],
     seg_model = segmenter.model.eval().to(device) if segmenter is not None else None
     meta, classes = classifier.meta, classifier.classes
     index = {code: i for i, code in enumerate(classes)}
-    norm, size = meta["normalization"], meta["input_size"]
+    size = meta["input_size"]
     logits, features, labels, ids, skipped = [], [], [], [], {}
     todo = labelled_records(records, classes)
     for start in range(0, len(todo), batch_size):
@@ -89,7 +89,7 @@ def collect_outputs(classifier: LoadedModel, records: Sequence[LesionRecord],
             lesion = segment_probabilities(seg_model, segmenter.meta, images, device)
         else:
             lesion = masks_to_tensor(masks, size)[:, 0].to(device)
-        image_t = images_to_tensor(images, size, norm["mean"], norm["std"]).to(device)
+        image_t = model_input(images, meta).to(device)
         mask_t = lesion_mask_input(lesion, image_t.shape[-2:])
         metadata = metadata_to_tensors(model.vocab.encode_batch(
             [r.age for r in batch], [r.sex for r in batch], [r.site for r in batch]), device)

@@ -112,14 +112,18 @@ class GradCAMExplainer:
             raise RuntimeError("Grad-CAM needs autograd: call the explainer outside torch.inference_mode()")
         ctx = autocast or contextlib.nullcontext
         with torch.no_grad(), ctx():
-            full_map, lesion_map = self.model.encode(image, mask)
+            full_map, lesion = self.model.encode(image, mask)
         # Leaves cut here: the backward pass stops at the feature maps and never re-enters the
-        # DenseNet encoders, which is where almost all of the compute is.
-        maps = [m.detach().requires_grad_(True) for m in (full_map, lesion_map) if m is not None]
+        # encoders, which is where almost all of the compute is. The shared lesion branch's
+        # pooling weights are no feature map: its evidence flows back into the full map.
+        full_leaf = full_map.detach().requires_grad_(True)
+        maps = [full_leaf]
+        if lesion is not None and not self.model.shares_encoder:
+            lesion = lesion.detach().requires_grad_(True)
+            maps.append(lesion)
         with torch.enable_grad():
             with ctx():
-                logits, features = self.model.classify_with_features(
-                    maps[0], maps[1] if len(maps) > 1 else None, metadata)
+                logits, features = self.model.classify_with_features(full_leaf, lesion, metadata)
             logits = logits.float()
             if targets is None:
                 targets = logits.argmax(dim=1)
