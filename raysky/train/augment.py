@@ -139,7 +139,9 @@ def _jitter(images: torch.Tensor, config: AugmentConfig, generator: torch.Genera
 @dataclass
 class ArtefactBank:
     """Artefact layers (colour ``[K, 3, S, S]`` in [0, 1], alpha ``[K, 1, S, S]``) drawn once
-    by :func:`raysky.audit.artefacts.artefact_layer` on a lesion-free canvas, and their kinds."""
+    by :func:`raysky.audit.artefacts.artefact_layer` on a lesion-free canvas, and their kinds:
+    the training kinds only, so robustness can also be measured on kinds never trained on
+    (:data:`raysky.audit.artefacts.HELD_OUT_KINDS`)."""
 
     colour: torch.Tensor
     alpha: torch.Tensor
@@ -148,11 +150,11 @@ class ArtefactBank:
     @classmethod
     def draw(cls, size: int, seed: int, per_kind: int = ARTEFACT_BANK_SIZE) -> ArtefactBank:
         """``per_kind`` layers of every artefact kind at ``size`` x ``size``."""
-        from raysky.audit.artefacts import ARTEFACT_KINDS, artefact_layer
+        from raysky.audit.artefacts import TRAINING_KINDS, artefact_layer
 
         rng = np.random.default_rng([seed, 0xA47E])
         colours, alphas, kinds = [], [], []
-        for kind in ARTEFACT_KINDS:
+        for kind in TRAINING_KINDS:
             for _ in range(per_kind):
                 colour, alpha = artefact_layer(kind, (size, size), rng)
                 colours.append(torch.from_numpy(np.ascontiguousarray(colour, np.float32) / 255.0))
