@@ -6,11 +6,11 @@ See :func:`read_archive` for the rules and :mod:`raysky.data.ids` for the ids;
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from raysky import storage
-from raysky.data.ids import _strip_image_suffix, archive_image_id, assign_ids
+from raysky.data.ids import KeptIds, _strip_image_suffix, archive_image_id, assign_ids
 from raysky.data.metadata import normalize_age
 from raysky.data.records import DatasetError, LesionRecord
 from raysky.data.tables import (
@@ -69,10 +69,10 @@ def archive_files(root: str) -> tuple[list[str], list[str]]:
     return paths, uris
 
 
-def list_archive(root: str, kept: Mapping[str, str] | None = None) -> ArchiveListing:
+def list_archive(root: str, kept: KeptIds | None = None) -> ArchiveListing:
     """Every input file under ``root`` (see :func:`archive_files`) with its id.
 
-    ``kept`` maps source URIs to the ids an output already holds (see
+    ``kept`` gives the ids an output already holds by source URI (see
     :func:`raysky.data.ids.assign_ids`). Contents are not checked: zero-byte or corrupt files
     are listed too, and the scorer reports them row by row.
     """

@@ -29,7 +29,7 @@ import hashlib
 import posixpath
 import re
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from raysky import storage
@@ -93,6 +93,11 @@ def stand_in_id(rel: str) -> str:
     return f"{name or 'unnamed'}{PATH_SEPARATOR}{path_hash(rel)}"
 
 
+KeptIds = Mapping[str, str] | Callable[[Sequence[str]], Mapping[str, str]]
+"""Ids an output already holds, by source URI: a mapping, or a function that returns one for
+the listed URIs (so an output is only searched for what is listed)."""
+
+
 @dataclass(frozen=True)
 class AssignedId:
     """One input's id, and why it cannot be scored under its own name (None when it can)."""
@@ -102,15 +107,17 @@ class AssignedId:
 
 
 def assign_ids(rels: Sequence[str], uris: Sequence[str] | None = None,
-               kept: Mapping[str, str] | None = None) -> list[AssignedId]:
+               kept: KeptIds | None = None,
+               reserved: Iterable[str] = ()) -> list[AssignedId]:
     """The id of each input ``rels[i]`` (its path below the listing's root), by the rules of
     this module; ``uris[i]`` is its source URI, matched against ``kept`` (source URI -> id
-    already in the output). Unique across the listing and ``kept``'s ids of its inputs, and
-    the same for the same listing and ``kept``."""
-    kept = kept or {}
+    already in the output). Unique across the listing, ``kept``'s ids of its inputs and
+    ``reserved`` (ids given otherwise, such as a manifest's own), and the same for the same
+    listing, ``kept`` and ``reserved``."""
     uris = uris if uris is not None else rels
+    kept = (kept(uris) if callable(kept) else kept) or {}
     out: list[AssignedId | None] = [None] * len(rels)
-    taken: set[str] = set()
+    taken: set[str] = set(reserved)
     for i, uri in enumerate(uris):
         if uri in kept:
             out[i] = AssignedId(kept[uri])

@@ -57,9 +57,12 @@ def result_files(uri: str) -> list[str]:
 
 
 def read_table(files: list[str], columns: list[str] | None = None,
-               row_filter: pc.Expression | None = None) -> pa.Table:
+               row_filter: pc.Expression | None = None,
+               file_schema: pa.Schema | None = None) -> pa.Table:
     """Read ``files`` (all on one filesystem) into one Arrow table, projecting ``columns`` and
-    keeping the rows ``row_filter`` selects (pushed down to the Parquet reader).
+    keeping the rows ``row_filter`` selects (pushed down to the Parquet reader). With
+    ``file_schema`` (see :func:`unified_schema`) files that lack one of its columns read it
+    as null; without it, the first file's columns are read.
 
     Raises ``ValueError`` naming the file when a file is not readable Parquet.
     """
@@ -68,7 +71,7 @@ def read_table(files: list[str], columns: list[str] | None = None,
     fs, _ = storage.resolve(files[0])
     paths = [storage.resolve(f)[1] for f in files]
     try:
-        return pads.dataset(paths, filesystem=fs, format="parquet").to_table(
+        return pads.dataset(paths, filesystem=fs, format="parquet", schema=file_schema).to_table(
             columns=columns, filter=row_filter)
     except (pa.ArrowInvalid, OSError) as exc:
         # Name the broken file: re-read one by one only on this rare path.
@@ -94,6 +97,17 @@ def schema(uri: str) -> pa.Schema:
         return pq.read_schema(path, filesystem=fs)
     except (pa.ArrowInvalid, OSError) as exc:
         raise ValueError(f"{files[0]}: not a readable Parquet file ({exc})") from None
+
+
+def unified_schema(files: list[str]) -> pa.Schema:
+    """The columns of all ``files`` together, from every file's footer (read in parallel): an
+    output resumed by a newer raysky holds files with more columns than its first ones."""
+    fs, _ = storage.resolve(files[0])
+    paths = [storage.resolve(f)[1] for f in files]
+    try:
+        return pads.FileSystemDatasetFactory(fs, paths, pads.ParquetFileFormat()).inspect()
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ValueError(f"cannot read the schemas of the results ({exc})") from None
 
 
 def duplicate_ids(ids: pa.Array | pa.ChunkedArray) -> list[str]:
@@ -142,7 +156,8 @@ def read(uri: str, columns: list[str] | None = None,
     if not files:
         raise FileNotFoundError(f"{uri}: no result files (part-*.parquet)")
     wanted = None
-    available = set(schema(uri).names)
+    file_schema = unified_schema(files) if len(files) > 1 else None
+    available = set((file_schema or schema(uri)).names)
     if columns is not None:
         wanted = list(dict.fromkeys([*columns, *_DEDUP_COLUMNS]))
         missing = [c for c in columns if c not in available and c not in OPTIONAL_COLUMNS]
@@ -150,7 +165,7 @@ def read(uri: str, columns: list[str] | None = None,
             raise ValueError(f"{uri}: no column {', '.join(missing)} in the results")
         wanted = [c for c in wanted if c in available]
     row_filter = None if image_ids is None else pc.field("image_id").isin(list(image_ids))
-    frame = read_table(files, wanted, row_filter).to_pandas()
+    frame = read_table(files, wanted, row_filter, file_schema).to_pandas()
     for name, (after, dtype) in OPTIONAL_COLUMNS.items():
         if name not in available and (columns is None or name in columns):
             at = frame.columns.get_loc(after) + 1 if after in frame.columns else len(frame.columns)
