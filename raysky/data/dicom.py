@@ -162,6 +162,10 @@ def _dataset(data: bytes, source: str):
 def _check_image(dataset, source: str, max_pixels: int) -> tuple[int, int]:
     """``(width, height)`` of a single-frame 8-bit colour image, or the reason it is not one."""
     if "PixelData" not in dataset:
+        if "Rows" in dataset or not len(dataset):
+            # pydicom stops quietly at the end of a cut-off file, keeping what it read.
+            raise ImageDecodeError(source, "truncated or damaged DICOM: no pixel data could "
+                                   "be read")
         raise ImageDecodeError(source, "DICOM without pixel data (not an image object)")
     frames = dataset.get("NumberOfFrames") or 1
     try:

@@ -125,15 +125,22 @@ def _find(table: pa.Table, names: tuple[str, ...]) -> str | None:
     return next((by_lower[name] for name in names if name in by_lower), None)
 
 
-def _text_column(table: pa.Table, name: str, uri: str, what: str,
-                 numbers: bool = False) -> list[str | None]:
-    """A column as stripped text per row, or an error naming it and what was expected."""
+_EXPECTED = {"uri": "text (image URIs)", "age": "numbers of years",
+             "image_id": "text or whole numbers", "lesion_id": "text or whole numbers",
+             "patient_id": "text or whole numbers"}
+
+
+def _text_column(table: pa.Table, name: str, uri: str, key: str) -> list[str | None]:
+    """A column as stripped text per row, or an error naming it and what was expected for
+    the field ``key``: ids may be whole numbers, an age any number, the rest only text."""
     column = table[name]
     kind = column.type
     if pa.types.is_dictionary(kind):
         column, kind = column.cast(kind.value_type), kind.value_type
-    if pa.types.is_integer(kind) or (numbers and (pa.types.is_floating(kind)
-                                                  or pa.types.is_decimal(kind))):
+    numbers = (pa.types.is_integer(kind) and key in ("image_id", "lesion_id", "patient_id", "age")
+               or key == "age" and (pa.types.is_floating(kind) or pa.types.is_decimal(kind)))
+    what = _EXPECTED.get(key, "text")
+    if numbers:
         column = pc.cast(column, pa.string())
     elif not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)):
         raise DatasetError(uri, f"column {name!r} holds {kind}: expected {what}")
@@ -253,10 +260,7 @@ def read_manifest(uri: str, kept: KeptIds | None = None) -> Manifest:
         raise DatasetError(uri, "no rows: a manifest names one image per row")
     columns = {"uri": uri_column, **{key: found for key, names in KNOWN_COLUMNS.items()
                                      if (found := _find(table, names)) is not None}}
-    values = {key: _text_column(table, name, uri, "text (image URIs)" if key == "uri" else
-                                "numbers of years" if key == "age" else "text",
-                                numbers=key == "age")
-              for key, name in columns.items()}
+    values = {key: _text_column(table, name, uri, key) for key, name in columns.items()}
     extra = pa.schema([f for f in table.schema if f.name not in columns.values()])
     for column in extra:
         if not _passes_through(column.type) and not pa.types.is_dictionary(column.type):

@@ -39,8 +39,9 @@ def _case(rows: pd.DataFrame, by: str) -> dict:
     ok = rows[rows["status"] == "ok"]
     top = (ok.sort_values(["malignant_prob", "image_id"], ascending=[False, True],
                           na_position="last").iloc[0] if len(ok) else None)
+    key = rows[by].iloc[0]
     case = {
-        by: rows[by].iloc[0], "images": len(rows), "errors": int((rows["status"] != "ok").sum()),
+        by: None if pd.isna(key) else key, "images": len(rows), "errors": int((rows["status"] != "ok").sum()),
         "malignant_prob": None if top is None or pd.isna(top["malignant_prob"])
         else float(top["malignant_prob"]),
         "top_image_id": None if top is None else top["image_id"],
@@ -64,12 +65,16 @@ def cases(source: str | pd.DataFrame, by: str = "lesion_id") -> pd.DataFrame:
     Raises ``ValueError`` when ``by`` is not a case column, or when no image has a value in
     it (results scored without a manifest or metadata that names lesions or patients).
     """
-    from raysky.score.results import read
+    from raysky.score.results import OPTIONAL_COLUMNS, read, schema
 
     if by not in CASE_COLUMNS:
         raise ValueError(f"cannot group results by {by!r}: expected one of "
                          f"{', '.join(CASE_COLUMNS)}")
-    frame = read(source, list(_READ)) if isinstance(source, str) else source.copy()
+    if isinstance(source, str):
+        there = {*schema(source).names, *OPTIONAL_COLUMNS}
+        frame = read(source, [name for name in _READ if name in there])
+    else:
+        frame = source.copy()
     for name in _READ:
         if name not in frame.columns:
             frame[name] = None

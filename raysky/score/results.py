@@ -36,7 +36,7 @@ OPTIONAL_COLUMNS: dict[str, tuple[str, str]] = added_column_places()
 Where a file lacks one it is read as null, in the place newer files have it."""
 
 SUMMARY_COLUMNS = ("image_id", "source_uri", "status", "error", "predicted_class",
-                   "malignant_prob", "refer", "ood", "skin_tone", "scored_at")
+                   "malignant_prob", "refer", "ood", "skin_tone", "warning", "scored_at")
 
 
 def is_hidden(uri: str, root: str) -> bool:
@@ -183,7 +183,8 @@ def class_columns(frame_or_schema) -> list[str]:
 
 
 def summarize(source: str | pd.DataFrame, top: int = 10) -> dict:
-    """Counts of ok and error rows, error reasons, the class distribution and the top ``top``.
+    """Counts of ok and error rows, error reasons, warnings, the class distribution and the top
+    ``top``.
 
     ``refer`` and ``ood`` count the ok rows flagged, not flagged and null (no calibration);
     ``skin_tone`` counts the ok rows per ITA category, ``unknown`` where it is null.
@@ -203,6 +204,8 @@ def summarize(source: str | pd.DataFrame, top: int = 10) -> dict:
         "ok": int(len(ok)),
         "error": int(len(errors)),
         "error_reasons": dict(Counter(_reason_kind(e) for e in errors["error"]).most_common()),
+        **({"warnings": dict(Counter(frame["warning"].dropna().astype(str)).most_common())}
+           if "warning" in frame.columns else {}),
         "class_counts": dict(sorted(classes.items(), key=lambda kv: (-kv[1], kv[0]))),
         **flags,
         **({"skin_tone": dict(Counter(ok["skin_tone"].fillna("unknown").astype(str))
@@ -234,6 +237,9 @@ def format_summary(summary: dict) -> str:
     if summary["error_reasons"]:
         reasons = ", ".join(f"{reason} x{n}" for reason, n in summary["error_reasons"].items())
         lines.append(f"errors: {reasons}")
+    if summary.get("warnings"):
+        lines.append("warnings: " + ", ".join(f"{warning} x{n}"
+                                              for warning, n in summary["warnings"].items()))
     if summary["class_counts"]:
         total = max(1, summary["ok"])
         lines.append("predicted classes: " + ", ".join(
