@@ -131,7 +131,10 @@ def score_command(args, checkpoints: dict, archive: str, output: str) -> list[st
             "--output", output, "--segmenter", checkpoints["segmenter"],
             "--classifier", checkpoints["classifier"], "--no-heatmaps", "--json",
             "--batch-size", str(args.batch_size), "--rows-per-file", str(args.rows_per_file),
-            "--workers", "1", "--cpus-per-worker", str(args.cpus_per_worker)]
+            "--workers", "1", "--cpus-per-worker", str(args.cpus_per_worker),
+            # A decode task reserves memory for the largest image allowed; these are 64 x 48,
+            # and the default 64 MP limit would reserve gigabytes a busy machine lacks.
+            "--max-pixels", str(args.max_pixels)]
 
 
 def _environment() -> dict:
@@ -270,6 +273,7 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--rows-per-file", type=int, default=1000)
     parser.add_argument("--cpus-per-worker", type=int, default=1)
+    parser.add_argument("--max-pixels", type=int, default=1_000_000)
     parser.add_argument("--same-name", type=int, default=50_000,
                         help="files called IMG_0001.jpg in as many folders (0: skip)")
     parser.add_argument("--no-score-same-name", action="store_true",

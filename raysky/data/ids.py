@@ -151,6 +151,6 @@ def _unused(candidate: str, taken: set[str]) -> str:
     n = 2
     unique = candidate
     while unique in taken:
-        unique = f"{candidate}{PATH_SEPARATOR}{n}"
+        unique = f"{candidate[:storage.MAX_NAME_CHARS - 8]}{PATH_SEPARATOR}{n}"
         n += 1
     return unique
