@@ -50,7 +50,7 @@ def register(subparsers) -> None:
         description="Copy every image under --input into Parquet shards (image_id, source_uri, "
         "image bytes, metadata) of at most --rows-per-file rows. `raysky score` reads shards "
         "in large requests instead of one request per object. Resumable.")
-    pack.add_argument("--input", required=True, help="prefix of .jpg/.jpeg/.png objects")
+    pack.add_argument("--input", required=True, help="prefix of .jpg/.jpeg/.png/.dcm objects")
     pack.add_argument("--output", required=True, help="prefix for the shards")
     # The same fields as `raysky score`'s: shards are cut like results files, and --address
     # means the same Ray either way.
