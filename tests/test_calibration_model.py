@@ -312,6 +312,11 @@ def test_scoring_and_evaluate_carry_the_calibration(trained, calibrated, enlarge
     # Stored calibrated probabilities, with the checkpoint: both sides of the temperature.
     metrics = evaluate_frame(cal, records, checkpoint_calibration=meta["calibration"])["calibration"]
     assert metrics["probabilities"] == "calibrated"
+    # evaluate reports predicted_class (the decision offsets) beside ISIC's argmax figures.
+    decision = evaluate_frame(cal, records)["classification"]["decision"]
+    labels = {r.image_id: r.label for r in records}
+    right = [labels[i] == p for i, p in zip(cal.image_id, cal.predicted_class, strict=True)]
+    assert decision["accuracy"] == pytest.approx(np.mean(right))
     assert metrics["after"]["ece"] < metrics["before"]["ece"]
     ref = metrics["referral"]
     low, high = ref["sensitivity_ci95"]

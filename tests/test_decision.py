@@ -118,3 +118,13 @@ def test_halves_never_split_a_lesion_and_cross_fit_is_seeded():
     logits, labels, _ = _posterior_logits(n=60)
     logp = np.log(np.full(7, 1 / 7))
     assert cross_fit(logits, labels, logp, groups) == cross_fit(logits, labels, logp, groups)
+
+
+def test_decision_metrics_score_predicted_class_strings():
+    from raysky.calibration.decision import decision_metrics
+
+    figures = decision_metrics(["mel", "mel", "nv", "nv", "nv", "df"],
+                               ["mel", "nv", "nv", "nv", "nv", "nv"])
+    assert figures["recall"] == {"df": 0.0, "mel": 0.5, "nv": 1.0}
+    assert figures["balanced_accuracy"] == pytest.approx(0.5)
+    assert figures["accuracy"] == pytest.approx(4 / 6)

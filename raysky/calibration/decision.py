@@ -85,6 +85,21 @@ def balanced_accuracy(labels: np.ndarray, predicted: np.ndarray) -> float:
     return float(np.mean([(predicted[labels == c] == c).mean() for c in present]))
 
 
+def decision_metrics(labels: Sequence[str], predicted: Sequence[str]) -> dict:
+    """Balanced accuracy and accuracy of ``predicted_class`` strings against ``labels``.
+
+    What ``raysky evaluate`` reports beside ISIC's probability-argmax figures, since a
+    calibration's decision offsets make the two differ. Classes absent from ``labels`` do not
+    enter the mean recall.
+    """
+    truth = np.asarray(list(labels), dtype=object)
+    guess = np.asarray(list(predicted), dtype=object)
+    recalls = {str(c): float((guess[truth == c] == c).mean()) for c in sorted(set(truth))}
+    return {"balanced_accuracy": float(np.mean(list(recalls.values()))) if recalls else None,
+            "accuracy": float((truth == guess).mean()) if len(truth) else None,
+            "recall": recalls}
+
+
 def _centred(offsets: np.ndarray) -> np.ndarray:
     return offsets - offsets.mean()
 
