@@ -83,9 +83,35 @@ def test_ood_threshold_flags_at_most_five_percent_of_its_own_data():
         flagged = scorer.flag(scorer(features, logits))
         assert flagged.mean() <= 0.05 + 1e-9, method
     far = features[:20] + 25.0
-    record = fit_ood(features, logits, labels)
+    record = fit_ood(features, logits, labels, "mahalanobis")
     scorer = OODScorer(record)
     assert scorer.flag(scorer(far, logits[:20])).all()
+    with pytest.raises(ValueError, match="needs the gate encoder's features"):
+        fit_ood(features, logits, labels)  # the default, the gate, scores images
+
+
+def test_gate_thresholds_are_per_class_so_a_rare_class_is_not_flagged_for_being_rare():
+    from raysky.calibration.gate import fit_gate, gate_scores
+
+    rng = np.random.default_rng(4)
+    # A common class and a rarer one that lies apart from it and spreads wider, so one
+    # threshold for both (shared covariance) would flag the rare class far more often.
+    common = rng.normal(size=(600, 40))
+    rare = rng.normal(size=(120, 40)) * 1.6 + 6.0
+    features = np.r_[common, rare]
+    labels = np.r_[np.zeros(600, int), np.ones(120, int)]
+    record = json.loads(json.dumps(fit_gate(features, labels, {"architecture": "test"}, k=8)))
+    assert record["method"] == "imagenet-gate" and record["threshold"] == 1.0
+    assert len(record["class_thresholds"]) == 2
+    assert record["class_thresholds"][1] > record["class_thresholds"][0]
+    new_common = rng.normal(size=(2000, 40))
+    new_rare = rng.normal(size=(2000, 40)) * 1.6 + 6.0
+    flagged = [(gate_scores(x, record) > 1.0).mean() for x in (new_common, new_rare)]
+    assert max(flagged) < 0.12 and abs(flagged[0] - flagged[1]) < 0.08, flagged
+    one = json.loads(json.dumps(fit_gate(features, np.zeros(720, int), {}, k=8)))
+    assert (gate_scores(new_rare, one) > 1.0).mean() > flagged[1] + 0.1
+    far = rng.normal(size=(50, 40)) * 4 - 12
+    assert (gate_scores(far, record) > 1.0).all()
 
 
 def test_bootstrap_interval_is_seeded_and_brackets_the_estimate():

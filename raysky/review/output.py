@@ -41,6 +41,9 @@ def format_table(metrics: dict) -> str:
                   f"  balanced_accuracy {_fmt(cls['balanced_accuracy'])}  accuracy "
                   f"{_fmt(cls['accuracy'])}  auc {_fmt(cls['auc'])}  auc_sens_80 "
                   f"{_fmt(cls['auc_sens_80'])}  ap {_fmt(cls['ap'])}",
+                  *([f"  predicted_class (decision rule): balanced_accuracy "
+                     f"{_fmt(cls['decision']['balanced_accuracy'])}  accuracy "
+                     f"{_fmt(cls['decision']['accuracy'])}"] if cls.get("decision") else []),
                   "  " + f"{'class':<10}" + "".join(f"{k:>12}" for k in keys)]
         rows = list(cls["per_class"].items())
         if "malignant" in cls:

@@ -254,9 +254,12 @@ def create_api(backend: PredictBackend, options: ApiOptions | None = None,
         lesion's area fraction and, as base64 PNGs at the uploaded image's size, the lesion
         mask (0/255) and the Grad-CAM heatmap (8-bit grey, 255 = strongest evidence).
         ``lesion_focus`` is the heatmap's share inside the mask (null without ``explain``).
-        With a calibrated classifier the probabilities are calibrated, ``refer`` says whether
-        ``malignant_prob`` reaches the referral threshold, and ``ood`` whether ``ood_score``
-        marks the image as unlike dermoscopy (advice only); all three and
+        With a calibrated classifier the probabilities are calibrated, the predicted class
+        applies the calibration's decision offsets (for balanced accuracy; it can differ from
+        the most probable class), ``refer`` says whether ``malignant_prob`` reaches the
+        referral threshold, and ``ood`` whether ``ood_score`` (higher: less like the
+        calibration's dermoscopy; over 1 for the default gate) marks the image as unlike
+        dermoscopy (advice only); ``refer``, ``ood_score``, ``ood`` and
         ``calibration_version`` are null without a calibration. ``ita_deg`` and ``skin_tone``
         are the Individual Typology Angle of the skin round the predicted lesion and its
         category, null where too little skin is usable.
