@@ -25,9 +25,15 @@ def is_s3(uri: str) -> bool:
     return str(uri).startswith("s3://")
 
 
+S3_REQUEST_TIMEOUT_S = 60.0
+"""How long one S3 request may go without a byte before it fails. The AWS SDK's own default
+(3 s) fails a listing page of a large prefix on a busy server, which would end a run that
+lists millions of objects; reads and listings are retried after a failure anyway."""
+
+
 @lru_cache(maxsize=8)
 def _s3_filesystem(endpoint: str | None, region: str | None) -> pafs.S3FileSystem:
-    kwargs: dict = {}
+    kwargs: dict = {"request_timeout": S3_REQUEST_TIMEOUT_S, "connect_timeout": 10.0}
     if endpoint:
         parsed = urlparse(endpoint)
         # pyarrow wants the host:port without the scheme, plus the scheme on its own.
@@ -196,20 +202,34 @@ def makedirs(uri: str) -> None:
         os.makedirs(path, exist_ok=True)
 
 
-def list_files(uri: str, suffixes: tuple[str, ...] | None = None, limit: int | None = None) -> list[str]:
+def list_files(uri: str, suffixes: tuple[str, ...] | None = None, limit: int | None = None,
+               attempts: int = READ_ATTEMPTS) -> list[str]:
     """List files under ``uri`` recursively, as URIs of the same kind, sorted by name.
 
-    ``suffixes`` filters by case-insensitive extension (for example ``(".jpg", ".png")``).
+    ``suffixes`` filters by case-insensitive extension (for example ``(".jpg", ".png")``). A
+    listing that fails with an ``OSError`` (a timeout, throttling) is tried again, up to
+    ``attempts`` tries with backoff, as reads are.
     """
     fs, path = resolve(uri)
     selector = pafs.FileSelector(path, recursive=True, allow_not_found=True)
+    for attempt in range(attempts):
+        try:
+            infos = fs.get_file_info(selector)
+            break
+        except _PERMANENT:
+            raise
+        except OSError:
+            if attempt + 1 >= attempts:
+                raise
+            time.sleep(READ_BACKOFF_S * 2 ** attempt * random.uniform(0.5, 1.5))
     out: list[str] = []
-    for info in fs.get_file_info(selector):
+    for info in infos:
         if info.type != pafs.FileType.File:
             continue
         if suffixes and not info.path.lower().endswith(suffixes):
             continue
         out.append(("s3://" + info.path) if is_s3(uri) else info.path)
+    del infos  # a FileInfo per object: let it go before the caller builds on the list
     out.sort()
     return out[:limit] if limit is not None else out
 

@@ -48,16 +48,25 @@ def age_band(age: object) -> str:
 
 def audit_table(results: pd.DataFrame, records: Sequence[LesionRecord]) -> pd.DataFrame:
     """Results joined to ground truth by :func:`raysky.review.evaluate.join_ground_truth`, plus each
-    record's ``lesion_id``, ``age``, ``sex`` and ``site`` (where the results lack them)."""
+    record's ``lesion_id``, ``age``, ``sex`` and ``site`` (the results' own where the record
+    has none)."""
     # The id rule join_ground_truth applies to records (an image suffix dropped), so the
     # metadata lands on the rows it joined.
     from raysky.review.inputs import join_ground_truth, normalize_id
 
     joined, _coverage = join_ground_truth(results, records)
-    fields = [f for f in ("lesion_id", "age", "sex", "site") if f not in joined.columns]
+    fields = ("lesion_id", "age", "sex", "site")
     meta = pd.DataFrame({"image_id": [normalize_id(r.image_id) for r in records],
                          **{f: [getattr(r, f) for r in records] for f in fields}})
-    return joined.merge(meta.drop_duplicates("image_id"), on="image_id", how="left")
+    table = joined.merge(meta.drop_duplicates("image_id"), on="image_id", how="left",
+                         suffixes=("", "_record"))
+    for name in fields:
+        # Results since issue 24 carry the metadata they were scored with; the dataset's own
+        # record wins where it has a value, and the results fill the rest.
+        if f"{name}_record" in table.columns:
+            record = table.pop(f"{name}_record")
+            table[name] = record.where(record.notna(), table[name])
+    return table
 
 
 def _group_column(table: pd.DataFrame, name: str) -> tuple[pd.Series | None, str | None]:
