@@ -27,7 +27,8 @@ def images_to_tensor(images: Sequence[np.ndarray], size: int, mean: Sequence[flo
     for image in images:
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"expected an RGB HxWx3 array, got shape {image.shape}")
-        tensor = torch.tensor(image).permute(2, 0, 1)[None].float()  # copies: PIL arrays are read-only
+        # A copy: PIL arrays are read-only, and flipped views have negative strides.
+        tensor = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)[None].float()
         if tensor.shape[-2:] != (size, size):
             tensor = F.interpolate(tensor, size=(size, size), mode="bilinear", antialias=True,
                                    align_corners=False)
