@@ -184,7 +184,7 @@ def test_segmentation_matches_official_isic_scorer(evaluated, synthetic, tmp_pat
 
 
 def test_evaluate_reads_s3_and_partitioned_results(synthetic, sample_dir, s3, evaluated, tmp_path):
-    from raysky.local.s3 import upload_directory
+    from raysky.storage import upload_directory
 
     records, rows, _ = synthetic
     bucket = s3.create_bucket("evaluate-test")

@@ -35,7 +35,7 @@ OPTIONAL_COLUMNS: dict[str, tuple[str, str]] = added_column_places()
 """Columns newer than some results on disk: ``name: (column it follows, pandas dtype)``.
 Where a file lacks one it is read as null, in the place newer files have it."""
 
-SUMMARY_COLUMNS = ("image_id", "source_uri", "status", "error", "predicted_class",
+SUMMARY_COLUMNS = ("image_id", "source_uri", "status", "error", "error_kind", "predicted_class",
                    "malignant_prob", "refer", "ood", "skin_tone", "scored_at")
 
 
@@ -172,6 +172,7 @@ def summarize(source: str | pd.DataFrame, top: int = 10) -> dict:
 
     ``refer`` and ``ood`` count the ok rows flagged, not flagged and null (no calibration);
     ``skin_tone`` counts the ok rows per ITA category, ``unknown`` where it is null.
+    ``transient_errors`` counts the error rows a rerun would retry (``error_kind='transient'``).
 
     ``source`` is a results URI or a frame from :func:`read`. The top list holds the rows with
     the highest ``malignant_prob``: ``image_id``, ``source_uri``, ``predicted_class`` and
@@ -188,6 +189,8 @@ def summarize(source: str | pd.DataFrame, top: int = 10) -> dict:
         "ok": int(len(ok)),
         "error": int(len(errors)),
         "error_reasons": dict(Counter(_reason_kind(e) for e in errors["error"]).most_common()),
+        "transient_errors": int((errors["error_kind"] == "transient").sum())
+        if "error_kind" in errors.columns else 0,
         "class_counts": dict(sorted(classes.items(), key=lambda kv: (-kv[1], kv[0]))),
         **flags,
         **({"skin_tone": dict(Counter(ok["skin_tone"].fillna("unknown").astype(str))
@@ -219,6 +222,9 @@ def format_summary(summary: dict) -> str:
     if summary["error_reasons"]:
         reasons = ", ".join(f"{reason} x{n}" for reason, n in summary["error_reasons"].items())
         lines.append(f"errors: {reasons}")
+    if summary.get("transient_errors"):
+        lines.append(f"transient errors: {summary['transient_errors']} (run the same command "
+                     "again to retry them)")
     if summary["class_counts"]:
         total = max(1, summary["ok"])
         lines.append("predicted classes: " + ", ".join(
