@@ -156,7 +156,7 @@ def _referred(rows: pd.DataFrame, threshold: float | None) -> np.ndarray | None:
 def subgroup_audit(table: pd.DataFrame, by: Sequence[str] = (), threshold: float | None = None,
                    seed: int = 0, replicates: int = DEFAULT_REPLICATES,
                    min_per_class: int = MIN_PER_CLASS, standard: bool = True) -> dict:
-    """Per-group performance with bootstrap 95% intervals (see the module docstring).
+    """Per-group performance with 95% intervals (see the module docstring).
 
     ``table`` needs ``label``, ``malignant_prob`` and the ``prob_<class>`` columns; rows whose
     ``status`` is not ``ok`` or that have no label are left out. Sensitivity and specificity
