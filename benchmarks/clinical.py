@@ -142,8 +142,8 @@ def decision_figures(val_results: str, held: set[str], labels: dict[str, str],
     """Balanced accuracy of held-out images before the decision offsets (argmax of the
     calibrated ``prob_*``) and after (``predicted_class``), with lesion-resampled bootstrap
     95% intervals of each and of the paired difference."""
-    from raysky.audit.bootstrap import bootstrap_intervals
     from raysky.calibration.decision import balanced_accuracy
+    from raysky.metrics.intervals import bootstrap_intervals
 
     frame = _held_rows(results.read(val_results), held)
     frame = frame[frame.image_id.isin(labels)]

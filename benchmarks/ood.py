@@ -34,7 +34,6 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from raysky.audit.bootstrap import bootstrap_intervals, rank_auc  # noqa: E402
 from raysky.calibration.decision import lesion_halves  # noqa: E402
 from raysky.calibration.gate import (  # noqa: E402
     FLAG_QUANTILE,
@@ -43,6 +42,8 @@ from raysky.calibration.gate import (  # noqa: E402
     gate_scores,
 )
 from raysky.calibration.nondermoscopy import bundled_photos, synthetic_images  # noqa: E402
+from raysky.metrics.intervals import bootstrap_intervals  # noqa: E402
+from raysky.metrics.isic import rank_auc  # noqa: E402
 
 CLASSES = ("mel", "nv", "bcc", "akiec", "bkl", "df", "vasc")
 

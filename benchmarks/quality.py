@@ -31,8 +31,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from raysky.data.images import load_mask  # noqa: E402
+from raysky.metrics.isic import balanced_accuracy, macro_auc, segmentation_summary  # noqa: E402
 from raysky.review.evaluate import evaluate  # noqa: E402
-from raysky.review.metrics import balanced_accuracy, macro_auc, segmentation_summary  # noqa: E402
 from raysky.score import ScoreSettings, score_archive  # noqa: E402
 from raysky.train import TrainSettings, train_classifier, train_segmenter  # noqa: E402
 from raysky.train.datasets import load_splits  # noqa: E402

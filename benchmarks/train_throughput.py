@@ -11,7 +11,7 @@ one run:
      controller, the worker and the Ray Data pipeline);
   3. the plain loop under bf16 autocast against fp32 on CPU.
 
-    python benchmarks/train_throughput.py --data data/sample --preset tiny
+    python benchmarks/train_throughput.py --data raysky/sample_data/ham10000_sample --preset tiny
     python benchmarks/train_throughput.py --data /path/to/ham10000 --preset lite --limit 512
 """
 
@@ -109,7 +109,7 @@ def steady_rate(per_epoch: list[tuple[int, float]]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default="data/sample", help="HAM10000-layout folder (default: %(default)s)")
+    parser.add_argument("--data", default="raysky/sample_data/ham10000_sample", help="HAM10000-layout folder (default: %(default)s)")
     parser.add_argument("--preset", default="tiny", choices=["tiny", "lite", "paper"])
     parser.add_argument("--kind", default="segmenter", choices=["segmenter", "classifier"])
     parser.add_argument("--epochs", type=int, default=4, help="epochs per run; the first is warm-up")

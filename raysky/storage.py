@@ -195,6 +195,31 @@ def write_bytes(uri: str, data: bytes) -> None:
         stream.write(data)
 
 
+def upload_directory(local_dir: str, uri: str) -> int:
+    """Copy every file under the local folder ``local_dir`` to the prefix ``uri``; returns the
+    file count.
+
+    A folder that does not exist, is not a folder or holds no file is an error naming it:
+    copying nothing would only move the failure to whatever reads ``uri`` next, where the
+    message could no longer say which folder was wrong.
+    """
+    if not os.path.exists(local_dir):
+        raise FileNotFoundError(f"{local_dir}: no such folder")
+    if not os.path.isdir(local_dir):
+        raise NotADirectoryError(f"{local_dir}: not a folder")
+    count = 0
+    for root, _dirs, files in os.walk(local_dir):
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, local_dir).replace(os.sep, "/")
+            with open(path, "rb") as handle:
+                write_bytes(join(uri, rel), handle.read())
+            count += 1
+    if not count:
+        raise FileNotFoundError(f"{local_dir}: the folder holds no file to upload")
+    return count
+
+
 def makedirs(uri: str) -> None:
     """Create a directory (a no-op for S3, where prefixes need no creation)."""
     fs, path = resolve(uri)

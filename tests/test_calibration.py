@@ -13,11 +13,14 @@ import pytest
 
 from raysky import results
 from raysky.calibration import NotEnoughCalibrationData, calibration_version, check_counts
+from raysky.calibration.evaluation import referral_metrics
 from raysky.calibration.ood import OODScorer, fit_ood
 from raysky.calibration.referral import fit_referral, refer
 from raysky.calibration.temperature import fit_temperature, recalibrate, softmax, uncalibrate
 from raysky.cli.main import main
-from raysky.review.metrics import bootstrap_interval, brier_score, expected_calibration_error
+from raysky.metrics.intervals import proportion_interval
+from raysky.metrics.isic import sensitivity_specificity
+from raysky.metrics.reliability import brier_score, expected_calibration_error
 from raysky.score.schema import output_schema
 
 
@@ -114,11 +117,18 @@ def test_gate_thresholds_are_per_class_so_a_rare_class_is_not_flagged_for_being_
     assert (gate_scores(far, record) > 1.0).all()
 
 
-def test_bootstrap_interval_is_seeded_and_brackets_the_estimate():
-    values = np.random.default_rng(3).random(200) < 0.7
-    low, high = bootstrap_interval(lambda v: v.mean(), [values], seed=7)
-    assert (low, high) == bootstrap_interval(lambda v: v.mean(), [values], seed=7)
-    assert low < values.mean() < high and high - low < 0.2
+def test_referral_rates_are_one_definition_with_lesion_clustered_wilson_intervals():
+    referred = np.array([True] * 45 + [False] * 5 + [True] * 30 + [False] * 70)
+    truth = np.array([True] * 50 + [False] * 100)
+    lesions = np.repeat(np.arange(75), 2)
+    figures = referral_metrics(referred, truth, 0.3, lesions)
+    assert (figures["sensitivity"], figures["specificity"]) == sensitivity_specificity(truth,
+                                                                                       referred)
+    assert figures["sensitivity"] == pytest.approx(0.9) and figures["specificity"] == 0.7
+    expected = proportion_interval(referred[truth], lesions[truth])
+    assert figures["sensitivity_ci95"] == [expected["low"], expected["high"]]
+    low, high = figures["sensitivity_ci95"]
+    assert low < 0.9 < high and figures["interval"] == "wilson, by lesion"
 
 
 def test_calibration_version_hashes_the_record():

@@ -33,9 +33,9 @@ from raysky.data.images import load_mask
 from raysky.data.readers import read_dataset
 from raysky.data.splits import split_by_lesion
 from raysky.inference import LesionPipeline, classifier_outputs
+from raysky.metrics.reliability import expected_calibration_error
 from raysky.models import create_classifier, create_segmenter, load_checkpoint, save_checkpoint
 from raysky.models.preprocess import images_to_tensor, masks_to_tensor, metadata_to_tensors
-from raysky.review.metrics import expected_calibration_error
 
 CLASSES = ("mel", "nv", "bcc", "akiec", "bkl", "df", "vasc")
 FLIPS = ((), (-1,), (-2,), (-2, -1))

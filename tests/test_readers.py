@@ -25,7 +25,7 @@ from raysky.data import (
 from raysky.data.readers import archive_image_id
 from raysky.data.records import RECORD_FIELDS
 from raysky.data.taxonomy import HAM10000_CLASSES, ISIC_COLUMN_NAMES
-from raysky.local.s3 import upload_directory
+from raysky.storage import upload_directory
 
 HAM_CSV = "HAM10000_metadata.csv"
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
+from raysky.cli.exit_codes import EXIT_OK, EXIT_TEMPFAIL
 from raysky.cli.options import add_setting, settings_from_args
 from raysky.models.runtime import PRECISIONS
 from raysky.score.cases import CASE_COLUMNS
@@ -92,7 +94,14 @@ def run_score(args: argparse.Namespace) -> int:
 
     summary = score_archive(settings_from_args(ScoreSettings, args))
     print(json.dumps(summary.to_dict(), indent=2) if args.json else summary.format())
-    return 0
+    transient = summary.totals.get("transient_errors", 0)
+    if transient:
+        # Every input has a row, but these rows are worth another try: say so in the exit code,
+        # so a scheduler retries the run instead of taking it as done.
+        print(f"raysky score: {transient} inputs still failed transiently (error_kind "
+              "'transient'); run the same command again to retry them", file=sys.stderr)
+        return EXIT_TEMPFAIL
+    return EXIT_OK
 
 
 def run_pack(args: argparse.Namespace) -> int:

@@ -123,6 +123,10 @@ class Tree:
             listing = storage.list_files(self.root)  # sorted, so every lookup is deterministic
         except NotADirectoryError:
             raise DatasetError(self.root, "not a directory: expected a dataset folder") from None
+        if not listing and not storage.exists(self.root):
+            # A mistyped path lists nothing; saying so here names the path the user gave,
+            # where "HAM10000_metadata.csv: file not found" would send them looking for a file.
+            raise DatasetError(self.root, "no such folder or prefix")
         self.files: dict[str, str] = {}
         for uri in listing:
             if uri.startswith(prefix):

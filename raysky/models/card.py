@@ -220,6 +220,22 @@ def _table(intro: str, header: Sequence[str], rows: Iterable[Sequence[str]]) -> 
     return [intro, "", line(header), "|" + "---|" * len(header), *(line(row) for row in rows)]
 
 
+def _referral_line(referral: dict) -> str:
+    """The evaluated referral, each rate as ``value [low, high]``: printed as evaluate, the
+    report and the subgroup table's overall row print the same figure."""
+    from raysky.metrics.intervals import format_interval
+
+    def rate(name: str) -> str:
+        low, high = referral.get(f"{name}_ci95") or (None, None)
+        return format_interval({"value": referral.get(name), "low": low, "high": high})
+
+    return (f"- Referral at malignant_prob >= {_value(referral.get('threshold'), 4)}: "
+            f"sensitivity {rate('sensitivity')} on {_value(referral.get('n_malignant'))} "
+            f"malignant, specificity {rate('specificity')} on "
+            f"{_value(referral.get('n_benign'))} benign (95%, "
+            f"{referral.get('interval', 'bootstrap')})")
+
+
 def render_markdown(card: dict) -> str:
     """The card as Markdown, for people: the same facts as the JSON, nothing more."""
     model = card["model"]
@@ -295,14 +311,17 @@ def render_markdown(card: dict) -> str:
     evaluation = card["evaluation"]
     lines += ["", "## Evaluation", ""]
     if evaluation:
-        lines.append(f"- {_value(evaluation)}")
+        lines.append(f"- {_value({k: v for k, v in evaluation.items() if k != 'referral'})}")
+        if evaluation.get("referral"):
+            lines.append(_referral_line(evaluation["referral"]))
     else:
         lines.append("- not measured (`raysky evaluate --update-card`)")
     lines += ["", "## Subgroups", ""]
     subgroups = card["subgroups"]
     if subgroups:
         # Deferred: checkpoint.py imports this module, and the audit pulls in scikit-learn.
-        from raysky.audit.subgroups import format_interval, group_rows
+        from raysky.audit.subgroups import group_rows
+        from raysky.metrics.intervals import format_interval
 
         rows = []
         for name, g in group_rows({"groupings": {}, **subgroups}):

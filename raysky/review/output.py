@@ -91,7 +91,8 @@ def card_sections(metrics: dict) -> dict[str, dict]:
         "ece_after": (calibration.get("after") or {}).get("ece"),
         "referral": {k: v for k, v in (calibration.get("referral") or {}).items()
                      if k in ("threshold", "sensitivity", "sensitivity_ci95", "specificity",
-                              "specificity_ci95", "n_malignant", "n_benign")} or None,
+                              "specificity_ci95", "n_malignant", "n_benign", "interval")}
+                    or None,
     }
     sections = {"evaluation": to_jsonable(evaluation)}
     if metrics.get("subgroups"):

@@ -35,7 +35,7 @@ OPTIONAL_COLUMNS: dict[str, tuple[str, str]] = added_column_places()
 """Columns newer than some results on disk: ``name: (column it follows, pandas dtype)``.
 Where a file lacks one it is read as null, in the place newer files have it."""
 
-SUMMARY_COLUMNS = ("image_id", "source_uri", "status", "error", "predicted_class",
+SUMMARY_COLUMNS = ("image_id", "source_uri", "status", "error", "error_kind", "predicted_class",
                    "malignant_prob", "refer", "ood", "skin_tone", "warning", "scored_at")
 
 
@@ -188,6 +188,7 @@ def summarize(source: str | pd.DataFrame, top: int = 10) -> dict:
 
     ``refer`` and ``ood`` count the ok rows flagged, not flagged and null (no calibration);
     ``skin_tone`` counts the ok rows per ITA category, ``unknown`` where it is null.
+    ``transient_errors`` counts the error rows a rerun would retry (``error_kind='transient'``).
 
     ``source`` is a results URI or a frame from :func:`read`. The top list holds the rows with
     the highest ``malignant_prob``: ``image_id``, ``source_uri``, ``predicted_class`` and
@@ -206,6 +207,8 @@ def summarize(source: str | pd.DataFrame, top: int = 10) -> dict:
         "error_reasons": dict(Counter(_reason_kind(e) for e in errors["error"]).most_common()),
         **({"warnings": dict(Counter(frame["warning"].dropna().astype(str)).most_common())}
            if "warning" in frame.columns else {}),
+        "transient_errors": int((errors["error_kind"] == "transient").sum())
+        if "error_kind" in errors.columns else 0,
         "class_counts": dict(sorted(classes.items(), key=lambda kv: (-kv[1], kv[0]))),
         **flags,
         **({"skin_tone": dict(Counter(ok["skin_tone"].fillna("unknown").astype(str))
@@ -240,6 +243,9 @@ def format_summary(summary: dict) -> str:
     if summary.get("warnings"):
         lines.append("warnings: " + ", ".join(f"{warning} x{n}"
                                               for warning, n in summary["warnings"].items()))
+    if summary.get("transient_errors"):
+        lines.append(f"transient errors: {summary['transient_errors']} (run the same command "
+                     "again to retry them)")
     if summary["class_counts"]:
         total = max(1, summary["ok"])
         lines.append("predicted classes: " + ", ".join(

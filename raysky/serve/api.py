@@ -41,7 +41,7 @@ from raysky.data.metadata import (
 )
 from raysky.serve.admission import BudgetTimeout, MemoryBudget
 from raysky.serve.config import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_INFLIGHT_PIXELS
-from raysky.serve.errors import ApiError, BodyTooLarge, ServiceUnavailable
+from raysky.serve.errors import ApiError, BodyTooLarge, ServiceUnavailable, error_responses
 from raysky.serve.middleware import (
     ACCESS_SCOPE_KEY,
     AccessLogMiddleware,
@@ -223,11 +223,13 @@ def create_api(backend: PredictBackend, options: ApiOptions | None = None,
                            "(send 'Authorization: Bearer <key>')",
                            headers={"WWW-Authenticate": "Bearer"})
 
-    @app.get("/healthz", summary="Liveness: the HTTP layer answers")
+    @app.get("/healthz", summary="Liveness: the HTTP layer answers",
+             responses=error_responses())
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", summary="Readiness: a model replica answers with its models loaded")
+    @app.get("/readyz", summary="Readiness: a model replica answers with its models loaded",
+             responses=error_responses(503))
     async def readyz() -> dict[str, str]:
         # Unauthenticated, like /healthz, for orchestrator probes: so it says nothing about
         # the models; /v1/model (authenticated) does.
@@ -236,13 +238,14 @@ def create_api(backend: PredictBackend, options: ApiOptions | None = None,
 
     @app.get("/v1/model", dependencies=[Depends(require_api_key)],
              summary="Classes, input sizes, versions, batching and the model cards of the "
-             "served models")
+             "served models", responses=error_responses(401, 503))
     async def model_info() -> dict[str, Any]:
         return await backend.info()
 
     @app.post("/v1/predict", dependencies=[Depends(require_api_key)],
               summary="Classify, segment and explain one image",
-              openapi_extra={"requestBody": PREDICT_REQUEST_BODY})
+              openapi_extra={"requestBody": PREDICT_REQUEST_BODY},
+              responses=error_responses(401, 415, 422, 503))
     async def predict(
         request: Request,
         explain: bool = Query(True, description="compute the Grad-CAM heatmap"),

@@ -16,11 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from raysky.data.metadata import EncodedMetadata, MetadataVocab
+from raysky.metrics.isic import classification_summary, segmentation_summary
 from raysky.models import create_classifier, create_segmenter, get_preset, segmentation_loss
 from raysky.models.preprocess import images_to_tensor, masks_to_tensor, metadata_to_tensors
 from raysky.models.runtime import autocast, choose_precision
 from raysky.models.segmenter import MASK_THRESHOLD
-from raysky.review.metrics import classification_summary, segmentation_summary
 from raysky.train.datasets import readable_rows
 from raysky.train.settings import LoopConfig
 
