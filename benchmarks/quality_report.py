@@ -3,7 +3,8 @@ what ``quality.py run`` wrote (``runs.json`` and the results folders).
 
 Every interval is a seeded bootstrap over val lesions (all images of a drawn lesion come along).
 Balanced accuracy is reported for the argmax decision and for the balanced decision rule
-(per-class logit offsets, :func:`raysky.calibration.offsets.fit_decision_offsets`) cross-fitted:
+(per-class logit offsets, :func:`raysky.calibration.decision.fit_decision_rule`, what
+``raysky calibrate`` fits) cross-fitted:
 the val lesions are cut into two halves, each half's offsets are fitted on the other, so no
 image is decided by offsets fitted on it.
 """
@@ -21,10 +22,13 @@ import pandas as pd
 from PIL import Image
 
 from raysky.data.images import load_mask
-from raysky.metrics.bootstrap import bootstrap_intervals
+from raysky.metrics.intervals import bootstrap_intervals
 from raysky.metrics.isic import balanced_accuracy, jaccard_score, macro_auc, thresholded_jaccard
 from raysky.results import read as read_results
 from raysky.review.inputs import read_ground_truth
+
+TRAIN_COUNTS = {"mel": 843, "nv": 5186, "bcc": 377, "akiec": 217, "bkl": 832, "df": 59, "vasc": 84}
+"""Images per class of the shared split's train side, the prior the checkpoints record."""
 
 KEYS = ("balanced_accuracy", "balanced_accuracy_offsets", "auc", "threshold_jaccard")
 
@@ -57,17 +61,19 @@ def _halves(lesions: pd.Series) -> np.ndarray:
     return np.array([zlib.crc32(str(x).encode()) % 2 for x in lesions], dtype=np.int64)
 
 
-def cross_fitted_predictions(probs: np.ndarray, labels: np.ndarray, halves: np.ndarray
-                             ) -> np.ndarray:
-    """Class indices from ``log p + offsets``, each half decided by the other half's offsets."""
-    from raysky.calibration.offsets import fit_decision_offsets
+def cross_fitted_predictions(probs: np.ndarray, labels: np.ndarray, halves: np.ndarray,
+                             lesions: np.ndarray, classes: list[str]) -> np.ndarray:
+    """Class indices from ``log p + offsets``, each half decided by the offsets that
+    ``raysky calibrate``'s rule fits on the other half (with the training split's prior)."""
+    from raysky.calibration.decision import decide, fit_decision_rule, offsets_vector
 
-    log_p = np.log(np.clip(probs, 1e-12, None))
+    scaled = np.log(np.clip(probs, 1e-12, None))
     predicted = np.empty(len(labels), dtype=np.int64)
     for half in (0, 1):
         fit, apply = halves != half, halves == half
-        offsets = fit_decision_offsets(log_p[fit], labels[fit], probs.shape[1]).offsets
-        predicted[apply] = np.argmax(log_p[apply] + offsets, axis=1)
+        offsets, _rule = fit_decision_rule(scaled[fit], labels[fit], classes,
+                                           groups=lesions[fit], training_counts=TRAIN_COUNTS)
+        predicted[apply] = decide(scaled[apply], offsets_vector(offsets, classes))
     return predicted
 
 
@@ -92,7 +98,8 @@ def run_figures(record: dict, truth: pd.DataFrame, classes: list[str]) -> dict:
     labels = main["label"].map(index).to_numpy()
     probs = _probs(main, classes)
     halves = _halves(main["lesion_id"])
-    offset_pred = _one_hot(cross_fitted_predictions(probs, labels, halves), len(classes))
+    offset_pred = _one_hot(cross_fitted_predictions(
+        probs, labels, halves, main["lesion_id"].to_numpy(), classes), len(classes))
     jaccard = _image_jaccard(record["results"]["frame200"], truth).reindex(main["image_id"])
     thresholded = np.array([thresholded_jaccard(j) for j in jaccard.to_numpy()])
     figures = bootstrap_intervals(

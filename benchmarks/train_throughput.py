@@ -13,7 +13,7 @@ images, batch size, torch threads and epochs. Printed, from one run:
   2. the time to the first optimizer step of each (raysky's includes starting Ray Train and
      decoding the cache).
 
-    python benchmarks/train_throughput.py --data data/sample --preset tiny
+    python benchmarks/train_throughput.py --data raysky/sample_data/ham10000_sample --preset tiny
     python benchmarks/train_throughput.py --data /path/to/ham10000 --preset lite --limit 1024 \\
         --kind classifier --threads 2
 """
@@ -130,7 +130,8 @@ def steady_rate(per_epoch: list[tuple[int, float]]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default="data/sample", help="HAM10000-layout folder")
+    parser.add_argument("--data", default="raysky/sample_data/ham10000_sample",
+                        help="HAM10000-layout folder (default: %(default)s)")
     parser.add_argument("--preset", default="tiny", choices=["tiny", "lite", "paper"])
     parser.add_argument("--kind", default="classifier", choices=["segmenter", "classifier"])
     parser.add_argument("--epochs", type=int, default=3, help="epochs per run; the first is warm-up")

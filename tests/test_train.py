@@ -24,8 +24,8 @@ from raysky import storage
 from raysky.cli.main import main
 from raysky.data import read_dataset
 from raysky.data.taxonomy import order_classes
-from raysky.local.s3 import upload_directory
 from raysky.models import load_checkpoint
+from raysky.storage import upload_directory
 from raysky.train import TrainSettings, train_segmenter
 from raysky.train.datasets import (
     class_weights,

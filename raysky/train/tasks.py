@@ -16,12 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from raysky.data.metadata import EncodedMetadata, MetadataVocab
+from raysky.metrics.isic import classification_summary, segmentation_summary
 from raysky.models import create_classifier, create_segmenter, get_preset, segmentation_loss
 from raysky.models.config import recipe_from_dict
 from raysky.models.preprocess import metadata_to_tensors, normalize
 from raysky.models.runtime import autocast, choose_precision
 from raysky.models.segmenter import MASK_THRESHOLD
-from raysky.review.metrics import classification_summary, segmentation_summary
 from raysky.train.augment import Augmenter
 from raysky.train.datasets import cache_side, readable_rows
 from raysky.train.settings import LoopConfig
