@@ -331,7 +331,7 @@ def test_scoring_and_evaluate_carry_the_calibration(trained, calibrated, enlarge
                                       "scoring_errors": 0, "results_without_ground_truth": 0,
                                       "ground_truth_without_results": 0},
                          "calibration": metrics})
-    assert "ECE (15 bins)  before" in text and "bootstrap 95%" in text
+    assert "ECE (15 bins)  before" in text and "(95%, wilson, by image)" in text
     print(f"\nenlarged sample, segmenter masks: ECE {metrics['before']['ece']:.4f} -> "
           f"{metrics['after']['ece']:.4f}, Brier {metrics['before']['brier']:.4f} -> "
           f"{metrics['after']['brier']:.4f}, referral sensitivity {ref['sensitivity']:.3f} "
