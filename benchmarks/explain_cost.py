@@ -81,9 +81,9 @@ def main() -> None:
     def reference():
         preds = pipe(images, explain=False)  # the prediction pass
         meta = cls.meta
-        from raysky.models.preprocess import images_to_tensor
+        from raysky.models.preprocess import model_input
 
-        x = images_to_tensor(images, meta["input_size"], meta["normalization"]["mean"], meta["normalization"]["std"])
+        x = model_input(images, meta)
         wrapped.mask = torch.ones(x.shape[0], 1, *x.shape[-2:])
         targets = [ClassifierOutputTarget(pipe.classes.index(p.predicted_class)) for p in preds]
         with GradCAM(model=wrapped, target_layers=layers) as cam:

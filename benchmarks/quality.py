@@ -1,26 +1,38 @@
-"""Quality benchmark: fine-tune through ``raysky train``, score the val split, evaluate, ablate.
+"""Quality benchmark: fine-tune through ``raysky train``, score the val split in three framings,
+evaluate, and compare the classifier's lesion views with paired, lesion-resampled intervals.
 
-    python benchmarks/quality.py --data ../shared/data/ham10000 --seg-epochs 2 --cls-epochs 3
+    python benchmarks/quality.py run --data ../shared/data/ham10000 --seeds 0 1
+    python benchmarks/quality.py report --data ../shared/data/ham10000
 
-Every stage is the product's own path, not a loop of the benchmark's: the segmenter and the
-classifier train with Ray Train (``train_segmenter`` / ``train_classifier``, what ``raysky
-train`` calls; one worker), the classifier's lesion masks come from the trained segmenter's
-Ray Data mask job, the val split is scored by ``score_archive`` (``raysky score``, Ray Data),
-and the figures are ``raysky evaluate``'s: Dice and ISIC's thresholded Jaccard of the scored
-masks at the original image size, balanced accuracy, macro and per-class AUC.
+``run`` trains, per seed, one segmenter and one classifier per arm, each with the product's own
+path (``train_segmenter`` / ``train_classifier``, what ``raysky train`` calls; one Ray Train
+worker, the preset's recipe, only ``--epochs`` set), then scores the val split with
+``score_archive`` (``raysky score``) using the run's last checkpoint (not the best epoch, which
+would be chosen on the very images it is measured on). Arms:
 
-Rows: a trivial baseline measured in the same run (a centred-ellipse mask, class-prior
-probabilities), the full model, the full model with test-time flips (``--tta``), and two
-ablations trained for exactly as many epochs as the full classifier: without metadata, and
-single stream (the full image only). Each figure is also printed as a ratio to the full
-model, with the wall time of every stage.
+* ``shared``: one encoder, the lesion view pooled from its feature map with the mask (``lite``'s
+  default);
+* ``encoder``: the paper's second encoder on the background-suppressed image, given half the
+  epochs, since it costs twice the compute per epoch (the same wall-time budget);
+* ``single``: the full image only.
+
+Each classifier's val split is scored four ways: the 200x150 images with the metadata CSV (with
+Grad-CAM, for the lesion focus), the same without metadata, 600x450 renderings (3x bicubic
+upscales, standing in for the originals the shared subset lacks), and tight 224x224 crops round
+the ground-truth lesion box (10% margin) cut from those. Every run is written to
+``<out>/runs.json`` as it finishes, so a long benchmark that stops keeps what it measured.
+
+``report`` reads what ``run`` wrote and prints, per arm, the mean over seeds and each seed's
+figures with 95% bootstrap intervals resampled by lesion: balanced accuracy (argmax, and with
+decision offsets cross-fitted on lesion-disjoint halves of val), macro AUC, thresholded Jaccard,
+the three framings, without metadata, and the median lesion focus; then paired bootstrap
+intervals of each arm's balanced-accuracy difference to the default arm.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -30,140 +42,196 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from raysky.data.images import load_mask  # noqa: E402
-from raysky.review.evaluate import evaluate  # noqa: E402
-from raysky.review.metrics import balanced_accuracy, macro_auc, segmentation_summary  # noqa: E402
+from raysky.data.images import load_mask, load_rgb  # noqa: E402
 from raysky.score import ScoreSettings, score_archive  # noqa: E402
 from raysky.train import TrainSettings, train_classifier, train_segmenter  # noqa: E402
 from raysky.train.datasets import load_splits  # noqa: E402
 
-KEYS = ("dice", "threshold_jaccard", "balanced_accuracy", "auc")
-TARGETS = {"dice": 0.88, "threshold_jaccard": 0.75, "balanced_accuracy": 0.70, "auc": 0.93}
+ARMS = {
+    "shared": {"lesion_branch": "shared"},
+    "encoder": {"lesion_branch": "encoder"},
+    "single": {"use_lesion_stream": False},
+}
+RENDERINGS = ("frame200", "frame600", "crop224")
+CROP_MARGIN = 0.10
+TARGETS = {"balanced_accuracy": 0.72, "auc": 0.94, "threshold_jaccard": 0.80}
+TRAINING_BUDGET_S = 60 * 60
 
 
-def centred_ellipse(height: int, width: int, fill: float = 0.5) -> np.ndarray:
-    """A centred ellipse covering ``fill`` of the image: where dermoscopy lesions usually are."""
-    yy, xx = np.mgrid[:height, :width]
-    scale = math.sqrt(fill / (math.pi / 4))
-    ry, rx = height / 2 * scale, width / 2 * scale
-    return ((((yy - (height - 1) / 2) / ry) ** 2 + ((xx - (width - 1) / 2) / rx) ** 2) <= 1
-            ).astype(np.uint8)
+def _write_jpeg(image, path: Path) -> None:
+    image.save(path, format="JPEG", quality=95)
 
 
-def val_archive(val, out: Path) -> tuple[str, str]:
-    """The val images as an archive folder of links, plus its metadata CSV, for ``score``."""
-    images = out / "val-images"
-    images.mkdir(parents=True, exist_ok=True)
+def lesion_crop_box(mask: np.ndarray, width: int, height: int, margin: float = CROP_MARGIN
+                    ) -> tuple[int, int, int, int]:
+    """A square box round the mask's lesion with ``margin`` of its side each way, inside the
+    image (scaled from the mask's size to ``width`` x ``height``); the centre square without a
+    lesion."""
+    ys, xs = np.nonzero(mask)
+    sy, sx = height / mask.shape[0], width / mask.shape[1]
+    if not len(xs):
+        side = min(width, height)
+        return ((width - side) // 2, (height - side) // 2, (width + side) // 2, (height + side) // 2)
+    x0, x1, y0, y1 = xs.min() * sx, (xs.max() + 1) * sx, ys.min() * sy, (ys.max() + 1) * sy
+    side = min(max(x1 - x0, y1 - y0) * (1 + 2 * margin), width, height)
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    left = int(round(min(max(cx - side / 2, 0), width - side)))
+    top = int(round(min(max(cy - side / 2, 0), height - side)))
+    return left, top, left + int(round(side)), top + int(round(side))
+
+
+def render_val(val, out: Path) -> dict[str, str]:
+    """The val images in the three framings (folders of JPEGs) and the metadata CSV."""
+    from PIL import Image
+
+    folders = {name: out / "val" / name for name in RENDERINGS}
+    for folder in folders.values():
+        folder.mkdir(parents=True, exist_ok=True)
     for record in val:
-        link = images / os.path.basename(record.image_uri)
+        name = f"{record.image_id}.jpg"
+        link = folders["frame200"] / name
         if not link.exists():
             link.symlink_to(os.path.abspath(record.image_uri))
-    metadata = out / "val-metadata.csv"
+        if (folders["crop224"] / name).exists():
+            continue
+        image = load_rgb(record.image_uri)
+        large = image.resize((image.width * 3, image.height * 3), Image.BICUBIC)
+        _write_jpeg(large, folders["frame600"] / name)
+        mask = load_mask(record.mask_uri) if record.mask_uri else np.zeros((2, 2), np.uint8)
+        box = lesion_crop_box(mask, large.width, large.height)
+        _write_jpeg(large.crop(box).resize((224, 224), Image.BICUBIC), folders["crop224"] / name)
+    metadata = out / "val" / "metadata.csv"
     lines = ["image_id,age,sex,localization"]
     lines += [f"{r.image_id},{'' if r.age is None else r.age},{r.sex or ''},{r.site or ''}"
               for r in val]
     metadata.write_text("\n".join(lines) + "\n")
-    return str(images), str(metadata)
+    return {**{k: str(v) for k, v in folders.items()}, "metadata": str(metadata)}
 
 
-def baseline(train, val) -> dict:
-    """Ellipse masks and class-prior probabilities, through the same metric functions."""
-    classes = sorted({r.label for r in train})
-    index = {c: i for i, c in enumerate(classes)}
-    labels = np.array([index[r.label] for r in val])
-    prior = np.bincount([index[r.label] for r in train], minlength=len(classes)) / len(train)
-    probs = np.tile(prior, (len(val), 1))
-    truths = [load_mask(r.mask_uri) for r in val if r.mask_uri]
-    seg = segmentation_summary([centred_ellipse(*t.shape) for t in truths], truths)
-    return {"dice": seg["dice"], "threshold_jaccard": seg["threshold_jaccard"],
-            "balanced_accuracy": balanced_accuracy(labels, probs), "auc": macro_auc(labels, probs)}
+class Runs:
+    """``<out>/runs.json``: one record per trained model, written as each finishes."""
+
+    def __init__(self, out: Path):
+        self.path = out / "runs.json"
+        self.records = json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def get(self, key: str) -> dict | None:
+        return self.records.get(key)
+
+    def put(self, key: str, record: dict) -> None:
+        self.records[key] = record
+        self.path.write_text(json.dumps(self.records, indent=2, default=float))
+
+
+def _timed(fn, *args):
+    started = time.monotonic()
+    value = fn(*args)
+    return value, time.monotonic() - started
+
+
+def _score(settings_kw: dict, output: Path, **overrides) -> str:
+    if not (output / "_SUCCESS").exists():
+        score_archive(ScoreSettings(output=str(output), workers=1, cpus_per_worker=2,
+                                    **{**settings_kw, **overrides}))
+    return str(output)
+
+
+def run_seed(args, seed: int, views: dict[str, str], runs: Runs, out: Path) -> None:
+    """Train this seed's segmenter and one classifier per arm, and score each."""
+    common = {"data": args.data, "format": args.format, "preset": args.preset, "workers": 1,
+              "cpus_per_worker": 1, "threads_per_worker": args.threads, "storage": str(out),
+              "progress_interval": 60.0, "seed": seed}
+    seg_key = f"seg-s{seed if args.segmenter_seed is None else args.segmenter_seed}"
+    seg = runs.get(seg_key)
+    if seg is None:
+        result, wall = _timed(train_segmenter, TrainSettings(
+            **{**common, "seed": int(seg_key.removeprefix("seg-s"))}, name=seg_key,
+            epochs=args.seg_epochs))
+        seg = {"checkpoint": result.latest_checkpoint_uri, "wall_s": wall,
+               "metrics": result.history[-1] if result.history else {}}
+        runs.put(seg_key, seg)
+    for arm in args.arms:
+        key = f"cls-{arm}-s{seed}"
+        if runs.get(key) is not None:
+            continue
+        epochs = args.cls_epochs
+        if arm == "encoder" and epochs:
+            epochs = max(1, epochs // 2)
+        result, wall = _timed(train_classifier, TrainSettings(
+            **common, name=key, epochs=epochs, segmenter=seg["checkpoint"], **ARMS[arm]))
+        classifier = result.latest_checkpoint_uri
+        score = {"input": views["frame200"], "segmenter": seg["checkpoint"],
+                 "classifier": classifier, "metadata": views["metadata"]}
+        started = time.monotonic()
+        results = {
+            "frame200": _score(score, out / "results" / key / "frame200"),
+            "no_metadata": _score(score, out / "results" / key / "no-metadata", metadata=None,
+                                  heatmaps=False),
+            "frame600": _score(score, out / "results" / key / "frame600",
+                               input=views["frame600"], heatmaps=False),
+            "crop224": _score(score, out / "results" / key / "crop224", input=views["crop224"],
+                              heatmaps=False),
+        }
+        runs.put(key, {"arm": arm, "seed": seed, "epochs": len(result.history),
+                       "checkpoint": classifier, "segmenter": seg_key, "wall_s": wall,
+                       "score_s": time.monotonic() - started, "results": results,
+                       "history": result.history})
+        print(f"[{key}] trained in {wall / 60:.1f} min; last epoch: "
+              f"{_short(result.history[-1] if result.history else {})}", flush=True)
+
+
+def _short(metrics: dict) -> str:
+    keys = ("balanced_accuracy", "auc", "dice", "threshold_jaccard", "images_per_s")
+    return ", ".join(f"{k} {metrics[k]:.3f}" for k in keys if isinstance(metrics.get(k), float))
+
+
+def run(args) -> int:
+    """Train and score everything ``report`` reads."""
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    _train, val, how = load_splits(args.data, args.format)
+    print(f"split: {how}; val {len(val)}; preset {args.preset}; seeds {args.seeds}; "
+          f"arms {args.arms}", flush=True)
+    views = render_val(val, out)
+    runs = Runs(out)
+    for seed in args.seeds:
+        run_seed(args, seed, views, runs, out)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Train, score, evaluate and print the table."""
+    """``run`` or ``report``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True, help="HAM10000-layout folder (with splits.csv)")
-    parser.add_argument("--format", default="ham10000")
-    parser.add_argument("--preset", default="lite")
-    parser.add_argument("--seg-epochs", type=int, default=2)
-    parser.add_argument("--cls-epochs", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2,
-                        help="torch threads of the one training worker (default: 2)")
-    parser.add_argument("--no-ablations", action="store_true", help="skip the two ablations")
-    parser.add_argument("--out", default="runs/quality", help="runs, results and figures.json")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name in ("run", "report"):
+        sub = commands.add_parser(name)
+        sub.add_argument("--data", required=True, help="HAM10000-layout folder (with splits.csv)")
+        sub.add_argument("--format", default="ham10000")
+        sub.add_argument("--preset", default="lite")
+        sub.add_argument("--out", default="runs/quality", help="runs, results and runs.json")
+        sub.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    run_parser = commands.choices["run"]
+    run_parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    run_parser.add_argument("--seg-epochs", type=int, default=None,
+                            help="default: the preset's recipe")
+    run_parser.add_argument("--cls-epochs", type=int, default=None,
+                            help="default: the preset's recipe (the encoder arm gets half)")
+    run_parser.add_argument("--segmenter-seed", type=int, default=None,
+                            help="every seed's classifiers use this seed's segmenter (default: "
+                                 "each seed trains its own); narrows the seeds' spread to the "
+                                 "classifier's")
+    run_parser.add_argument("--threads", type=int, default=2,
+                            help="torch threads of the one training worker (default: 2)")
     args = parser.parse_args(argv)
+    if args.command == "run":
+        if args.cls_epochs is None:
+            from raysky.models.config import get_preset
 
-    out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    train, val, how = load_splits(args.data, args.format)
-    print(f"split: {how}; train {len(train)}, val {len(val)}; preset {args.preset}", flush=True)
-    common = {"data": args.data, "format": args.format, "preset": args.preset, "workers": 1,
-              "cpus_per_worker": 1, "threads_per_worker": args.threads, "storage": str(out),
-              "progress_interval": 60.0}
-    images, metadata = val_archive(val, out)
-    walls: dict[str, float] = {}
+            args.cls_epochs = get_preset(args.preset).classifier_recipe.epochs
+        return run(args)
+    from quality_report import report  # noqa: PLC0415 - the analysis half, beside this file
 
-    def timed(stage: str, fn, *a, **k):
-        started = time.monotonic()
-        value = fn(*a, **k)
-        walls[stage] = time.monotonic() - started
-        print(f"[{stage}] {walls[stage]:.0f} s", flush=True)
-        return value
-
-    def score_and_evaluate(name: str, classifier: str, tta: bool = False) -> dict:
-        results = str(out / f"results-{name}")
-        timed(f"score {name}", score_archive, ScoreSettings(
-            input=images, output=results, segmenter=segmenter, classifier=classifier,
-            metadata=metadata, heatmaps=False, workers=1, cpus_per_worker=1, tta=tta))
-        metrics = evaluate(results, args.data, args.format, split="val")
-        seg, cls = metrics["segmentation"], metrics["classification"]
-        return {"dice": seg["dice"], "threshold_jaccard": seg["threshold_jaccard"],
-                "balanced_accuracy": cls["balanced_accuracy"], "auc": cls["auc"],
-                "auc_per_class": {c: v["auc"] for c, v in cls["per_class"].items()}}
-
-    seg_run = timed("train segmenter", train_segmenter, TrainSettings(
-        **common, name="seg", epochs=args.seg_epochs))
-    segmenter = seg_run.best_checkpoint_uri
-    variants = [("full", {}), ("no metadata", {"use_metadata": False}),
-                ("single stream", {"use_lesion_stream": False})]
-    if args.no_ablations:
-        variants = variants[:1]
-    rows = {"baseline (ellipse mask, class prior)": baseline(train, val)}
-    for name, switches in variants:
-        run = timed(f"train classifier ({name})", train_classifier, TrainSettings(
-            **common, name=f"cls-{name.replace(' ', '-')}", epochs=args.cls_epochs,
-            segmenter=segmenter, **switches))
-        rows[name] = score_and_evaluate(name.replace(" ", "-"), run.best_checkpoint_uri)
-        if name == "full":
-            rows["full + tta (flips)"] = score_and_evaluate("full-tta", run.best_checkpoint_uri,
-                                                            tta=True)
-
-    reference = rows["full"]
-    training = walls["train segmenter"] + walls["train classifier (full)"]
-    print(f"\nval images {len(val)}; segmenter {args.seg_epochs} epochs, classifiers "
-          f"{args.cls_epochs} epochs each; segmenter + full classifier trained in "
-          f"{training / 60:.1f} min")
-    print(f"{'model':<38}" + "".join(f"{k:>24}" for k in KEYS))
-    for name, values in rows.items():
-        cells = "".join(f"{values[k]:>15.3f} ({values[k] / reference[k]:>5.2f}x)" if reference[k]
-                        else f"{values[k]:>24.3f}" for k in KEYS)
-        print(f"{name:<38}{cells}")
-    print("(ratios are to the full model; segmentation columns come from the one segmenter)")
-    print("targets: " + ", ".join(f"{k} >= {v}" for k, v in TARGETS.items())
-          + " within 45 min of training; met: "
-          + ", ".join(f"{k} {'yes' if reference[k] >= v else 'no'}" for k, v in TARGETS.items())
-          + f", time {'yes' if training <= 45 * 60 else 'no'}")
-    print("per-class AUC (full): " + ", ".join(f"{c} {v:.3f}" for c, v in
-                                               reference["auc_per_class"].items()))
-    for name in ("no metadata", "single stream"):
-        if name in rows:
-            print(f"ablation delta ({name} - full): " + ", ".join(
-                f"{k} {rows[name][k] - reference[k]:+.3f}" for k in KEYS))
-    print("stage wall times: " + ", ".join(f"{k} {v:.0f} s" for k, v in walls.items()))
-    (out / "figures.json").write_text(json.dumps(
-        {"split": how, "rows": rows, "wall_s": walls, "seg_epochs": args.seg_epochs,
-         "cls_epochs": args.cls_epochs, "preset": args.preset}, indent=2, default=float))
-    return 0
+    return report(args)
 
 
 if __name__ == "__main__":

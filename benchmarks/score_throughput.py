@@ -1,6 +1,6 @@
 """Throughput and memory of ``raysky score``, each against a baseline measured in the same run.
 
-    .venv/bin/python benchmarks/score_throughput.py --data data/sample --preset lite \
+    .venv/bin/python benchmarks/score_throughput.py --data raysky/sample_data/ham10000_sample --preset lite \
         --batch-size 16 --images 128 --threads 2
 
 Figures (same preset, batch size and torch thread count everywhere):
@@ -195,7 +195,7 @@ def plain_loop(files: list[str], ckpt: dict, batch_size: int, out: Path) -> floa
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", default="data/sample", help="folder of images (archive layout)")
+    parser.add_argument("--data", default="raysky/sample_data/ham10000_sample", help="folder of images (archive layout)")
     parser.add_argument("--preset", default="lite", help="model preset (default lite)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--images", type=int, default=128, help="N; the memory run also uses 10N")

@@ -165,7 +165,7 @@ def main() -> None:
                         help="untrained models of this preset (ignored with checkpoints)")
     parser.add_argument("--segmenter", help="segmenter checkpoint instead of --preset")
     parser.add_argument("--classifier", help="classifier checkpoint instead of --preset")
-    parser.add_argument("--data", type=Path, default=REPO / "data" / "sample" / "images",
+    parser.add_argument("--data", type=Path, default=REPO / "raysky" / "sample_data" / "ham10000_sample" / "images",
                         help="folder of .jpg/.png images to send")
     parser.add_argument("--images", type=int, default=32, help="distinct images used")
     parser.add_argument("--latency-requests", type=int, default=60,

@@ -14,12 +14,13 @@ import numpy as np
 import torch
 
 from raysky.audit.skin_tone import ita_degrees, skin_tone_category
+from raysky.calibration.decision import decide, describe_decision, offsets_vector
 from raysky.calibration.ood import OODScorer
 from raysky.calibration.referral import refer
 from raysky.data.taxonomy import malignant_indices
 from raysky.explain.gradcam import GradCAMExplainer, lesion_focus
 from raysky.models.checkpoint import LoadedModel, load_checkpoint
-from raysky.models.preprocess import images_to_tensor, metadata_to_tensors, resize_map
+from raysky.models.preprocess import metadata_to_tensors, model_input, resize_map
 from raysky.models.runtime import autocast, prepare_for_device, select_device
 from raysky.models.segmenter import MASK_THRESHOLD
 
@@ -42,8 +43,7 @@ def segment_probabilities(segmenter: torch.nn.Module, meta: dict, images: Sequen
     ``meta`` is the segmenter checkpoint's metadata (input size and normalisation). With
     ``tta`` the flipped views run in the same batch and their maps, flipped back, are averaged.
     """
-    norm = meta["normalization"]
-    tensor = images_to_tensor(images, meta["input_size"], norm["mean"], norm["std"]).to(device)
+    tensor = model_input(images, meta).to(device)
     flips = TTA_FLIPS if tta else ()
     with torch.inference_mode(), autocast(device, precision):
         logits = segmenter(torch.cat([tensor, *(tensor.flip(dims) for dims in flips)]))
@@ -68,8 +68,8 @@ def classifier_outputs(classifier: torch.nn.Module, image: torch.Tensor, mask: t
     :func:`lesion_mask_input`); scoring and ``raysky calibrate`` both come through here.
     """
     with torch.inference_mode(), autocast(device, precision):
-        full_map, lesion_map = classifier.encode(image, mask)
-        logits, features = classifier.classify_with_features(full_map, lesion_map, metadata)
+        full_map, lesion = classifier.encode(image, mask)
+        logits, features = classifier.classify_with_features(full_map, lesion, metadata)
     return logits.float(), features.float()
 
 
@@ -83,6 +83,8 @@ class LesionPrediction:
     """Everything raysky says about one image; masks and heatmaps are at the original size."""
 
     probabilities: np.ndarray  # float32 [C], sums to 1
+    # argmax(logits / T + decision offsets) with a calibration that has offsets (balanced
+    # accuracy), else the argmax of the probabilities
     predicted_class: str
     malignant_prob: float
     mask: np.ndarray  # uint8 HxW, 0/1
@@ -122,10 +124,17 @@ class LesionPipeline:
         self.vocab = self.classifier.vocab
         self.calibration: dict | None = classifier.meta.get("calibration")
         self.temperature, self.referral_threshold, self.ood_scorer = 1.0, None, None
+        self.decision_offsets: np.ndarray | None = None
         if self.calibration:
             self.temperature = float(self.calibration["temperature"])
             self.referral_threshold = float(self.calibration["referral"]["threshold"])
-            self.ood_scorer = OODScorer(self.calibration["ood"])
+            self.ood_scorer = OODScorer(self.calibration["ood"], self.device)
+            self.decision_offsets = offsets_vector(self.calibration.get("decision_offsets"),
+                                                   self.classes)
+            # Calibrations from before decision offsets score exactly as they did; say so.
+            log = logger.info if self.decision_offsets is not None else logger.warning
+            log("classifier %s, calibration %s: %s", self.classifier_version,
+                self.calibration_version, describe_decision(self.calibration))
         else:
             logger.warning("classifier %s has no calibration: probabilities are uncalibrated and "
                            "refer, ood_score and ood stay null (run raysky calibrate to add one)",
@@ -157,9 +166,7 @@ class LesionPipeline:
         return autocast(self.device, self.precision)
 
     def _input(self, images: Sequence[np.ndarray], meta: dict) -> torch.Tensor:
-        norm = meta["normalization"]
-        tensor = images_to_tensor(images, meta["input_size"], norm["mean"], norm["std"])
-        return tensor.to(self.device)
+        return model_input(images, meta).to(self.device)
 
     def segment(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """Lesion probabilities at the segmenter's input size, ``[B, h, w]`` float32."""
@@ -188,9 +195,11 @@ class LesionPipeline:
             [m.get("site") for m in metadata],
         ), self.device)
         if explain:
+            offsets = (None if self.decision_offsets is None
+                       else torch.as_tensor(self.decision_offsets, dtype=torch.float32))
             (probs, heatmaps), logits, features = self.explainer.explain(
                 cls_input, cls_mask, meta_tensors, autocast=self._autocast,
-                temperature=self.temperature)
+                temperature=self.temperature, offsets=offsets)
         else:
             logits, features = classifier_outputs(self.classifier, cls_input, cls_mask,
                                                   meta_tensors, self.device, self.precision)
@@ -198,7 +207,8 @@ class LesionPipeline:
         ood_scores = ood_flags = None
         if self.ood_scorer is not None:
             # Scored on the unflipped view, the one Grad-CAM explains.
-            ood_scores = self.ood_scorer(features.cpu().numpy(), logits.cpu().numpy())
+            ood_scores = self.ood_scorer(features.cpu().numpy(), logits.cpu().numpy(),
+                                         images=images)
             ood_flags = self.ood_scorer.flag(ood_scores)
         if self.tta:
             flipped = self._flipped_probabilities(cls_input, cls_mask, meta_tensors)
@@ -219,7 +229,7 @@ class LesionPipeline:
             malignant = float(p[self.malignant].sum()) if self.malignant else 0.0
             results.append(LesionPrediction(
                 probabilities=p,
-                predicted_class=self.classes[int(p.argmax())],
+                predicted_class=self.classes[self._decide(p)],
                 malignant_prob=malignant,
                 mask=mask,
                 lesion_area_frac=float(mask.mean()),
@@ -233,3 +243,15 @@ class LesionPipeline:
                 skin_tone=skin_tone_category(ita),
             ))
         return results
+
+    def _decide(self, probabilities: np.ndarray) -> int:
+        """The predicted class index of one calibrated probability row (see :mod:`decision`).
+
+        ``log p`` is ``logits / T`` up to a per-row constant, so this is
+        ``argmax(logits / T + offsets)``, and for TTA the same rule on the averaged
+        probabilities. Without offsets it is the plain argmax, as before offsets existed.
+        """
+        if self.decision_offsets is None:
+            return int(probabilities.argmax())
+        logp = np.log(np.clip(probabilities.astype(np.float64), 1e-30, None))
+        return int(decide(logp[None], self.decision_offsets)[0])

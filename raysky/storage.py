@@ -25,9 +25,15 @@ def is_s3(uri: str) -> bool:
     return str(uri).startswith("s3://")
 
 
+S3_REQUEST_TIMEOUT_S = 60.0
+"""How long one S3 request may go without a byte before it fails. The AWS SDK's own default
+(3 s) fails a listing page of a large prefix on a busy server, which would end a run that
+lists millions of objects; reads and listings are retried after a failure anyway."""
+
+
 @lru_cache(maxsize=8)
 def _s3_filesystem(endpoint: str | None, region: str | None) -> pafs.S3FileSystem:
-    kwargs: dict = {}
+    kwargs: dict = {"request_timeout": S3_REQUEST_TIMEOUT_S, "connect_timeout": 10.0}
     if endpoint:
         parsed = urlparse(endpoint)
         # pyarrow wants the host:port without the scheme, plus the scheme on its own.
@@ -189,6 +195,31 @@ def write_bytes(uri: str, data: bytes) -> None:
         stream.write(data)
 
 
+def upload_directory(local_dir: str, uri: str) -> int:
+    """Copy every file under the local folder ``local_dir`` to the prefix ``uri``; returns the
+    file count.
+
+    A folder that does not exist, is not a folder or holds no file is an error naming it:
+    copying nothing would only move the failure to whatever reads ``uri`` next, where the
+    message could no longer say which folder was wrong.
+    """
+    if not os.path.exists(local_dir):
+        raise FileNotFoundError(f"{local_dir}: no such folder")
+    if not os.path.isdir(local_dir):
+        raise NotADirectoryError(f"{local_dir}: not a folder")
+    count = 0
+    for root, _dirs, files in os.walk(local_dir):
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, local_dir).replace(os.sep, "/")
+            with open(path, "rb") as handle:
+                write_bytes(join(uri, rel), handle.read())
+            count += 1
+    if not count:
+        raise FileNotFoundError(f"{local_dir}: the folder holds no file to upload")
+    return count
+
+
 def makedirs(uri: str) -> None:
     """Create a directory (a no-op for S3, where prefixes need no creation)."""
     fs, path = resolve(uri)
@@ -196,20 +227,34 @@ def makedirs(uri: str) -> None:
         os.makedirs(path, exist_ok=True)
 
 
-def list_files(uri: str, suffixes: tuple[str, ...] | None = None, limit: int | None = None) -> list[str]:
+def list_files(uri: str, suffixes: tuple[str, ...] | None = None, limit: int | None = None,
+               attempts: int = READ_ATTEMPTS) -> list[str]:
     """List files under ``uri`` recursively, as URIs of the same kind, sorted by name.
 
-    ``suffixes`` filters by case-insensitive extension (for example ``(".jpg", ".png")``).
+    ``suffixes`` filters by case-insensitive extension (for example ``(".jpg", ".png")``). A
+    listing that fails with an ``OSError`` (a timeout, throttling) is tried again, up to
+    ``attempts`` tries with backoff, as reads are.
     """
     fs, path = resolve(uri)
     selector = pafs.FileSelector(path, recursive=True, allow_not_found=True)
+    for attempt in range(attempts):
+        try:
+            infos = fs.get_file_info(selector)
+            break
+        except _PERMANENT:
+            raise
+        except OSError:
+            if attempt + 1 >= attempts:
+                raise
+            time.sleep(READ_BACKOFF_S * 2 ** attempt * random.uniform(0.5, 1.5))
     out: list[str] = []
-    for info in fs.get_file_info(selector):
+    for info in infos:
         if info.type != pafs.FileType.File:
             continue
         if suffixes and not info.path.lower().endswith(suffixes):
             continue
         out.append(("s3://" + info.path) if is_s3(uri) else info.path)
+    del infos  # a FileInfo per object: let it go before the caller builds on the list
     out.sort()
     return out[:limit] if limit is not None else out
 

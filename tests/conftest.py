@@ -18,9 +18,9 @@ from raysky import storage
 from raysky.data.images import encode_png, load_mask
 from raysky.data.readers import read_dataset
 from raysky.data.taxonomy import HAM10000_CLASSES, MALIGNANT_CLASSES
+from raysky.sample_data import SAMPLE_DIR
 
 REPO = Path(__file__).resolve().parents[1]
-SAMPLE_DIR = REPO / "data" / "sample"
 
 # Tests must be reproducible and must never reach the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

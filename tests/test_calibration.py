@@ -13,11 +13,14 @@ import pytest
 
 from raysky import results
 from raysky.calibration import NotEnoughCalibrationData, calibration_version, check_counts
+from raysky.calibration.evaluation import referral_metrics
 from raysky.calibration.ood import OODScorer, fit_ood
 from raysky.calibration.referral import fit_referral, refer
 from raysky.calibration.temperature import fit_temperature, recalibrate, softmax, uncalibrate
 from raysky.cli.main import main
-from raysky.review.metrics import bootstrap_interval, brier_score, expected_calibration_error
+from raysky.metrics.intervals import proportion_interval
+from raysky.metrics.isic import sensitivity_specificity
+from raysky.metrics.reliability import brier_score, expected_calibration_error
 from raysky.score.schema import output_schema
 
 
@@ -83,16 +86,49 @@ def test_ood_threshold_flags_at_most_five_percent_of_its_own_data():
         flagged = scorer.flag(scorer(features, logits))
         assert flagged.mean() <= 0.05 + 1e-9, method
     far = features[:20] + 25.0
-    record = fit_ood(features, logits, labels)
+    record = fit_ood(features, logits, labels, "mahalanobis")
     scorer = OODScorer(record)
     assert scorer.flag(scorer(far, logits[:20])).all()
+    with pytest.raises(ValueError, match="needs the gate encoder's features"):
+        fit_ood(features, logits, labels)  # the default, the gate, scores images
 
 
-def test_bootstrap_interval_is_seeded_and_brackets_the_estimate():
-    values = np.random.default_rng(3).random(200) < 0.7
-    low, high = bootstrap_interval(lambda v: v.mean(), [values], seed=7)
-    assert (low, high) == bootstrap_interval(lambda v: v.mean(), [values], seed=7)
-    assert low < values.mean() < high and high - low < 0.2
+def test_gate_thresholds_are_per_class_so_a_rare_class_is_not_flagged_for_being_rare():
+    from raysky.calibration.gate import fit_gate, gate_scores
+
+    rng = np.random.default_rng(4)
+    # A common class and a rarer one that lies apart from it and spreads wider, so one
+    # threshold for both (shared covariance) would flag the rare class far more often.
+    common = rng.normal(size=(600, 40))
+    rare = rng.normal(size=(120, 40)) * 1.6 + 6.0
+    features = np.r_[common, rare]
+    labels = np.r_[np.zeros(600, int), np.ones(120, int)]
+    record = json.loads(json.dumps(fit_gate(features, labels, {"architecture": "test"}, k=8)))
+    assert record["method"] == "imagenet-gate" and record["threshold"] == 1.0
+    assert len(record["class_thresholds"]) == 2
+    assert record["class_thresholds"][1] > record["class_thresholds"][0]
+    new_common = rng.normal(size=(2000, 40))
+    new_rare = rng.normal(size=(2000, 40)) * 1.6 + 6.0
+    flagged = [(gate_scores(x, record) > 1.0).mean() for x in (new_common, new_rare)]
+    assert max(flagged) < 0.12 and abs(flagged[0] - flagged[1]) < 0.08, flagged
+    one = json.loads(json.dumps(fit_gate(features, np.zeros(720, int), {}, k=8)))
+    assert (gate_scores(new_rare, one) > 1.0).mean() > flagged[1] + 0.1
+    far = rng.normal(size=(50, 40)) * 4 - 12
+    assert (gate_scores(far, record) > 1.0).all()
+
+
+def test_referral_rates_are_one_definition_with_lesion_clustered_wilson_intervals():
+    referred = np.array([True] * 45 + [False] * 5 + [True] * 30 + [False] * 70)
+    truth = np.array([True] * 50 + [False] * 100)
+    lesions = np.repeat(np.arange(75), 2)
+    figures = referral_metrics(referred, truth, 0.3, lesions)
+    assert (figures["sensitivity"], figures["specificity"]) == sensitivity_specificity(truth,
+                                                                                       referred)
+    assert figures["sensitivity"] == pytest.approx(0.9) and figures["specificity"] == 0.7
+    expected = proportion_interval(referred[truth], lesions[truth])
+    assert figures["sensitivity_ci95"] == [expected["low"], expected["high"]]
+    low, high = figures["sensitivity_ci95"]
+    assert low < 0.9 < high and figures["interval"] == "wilson, by lesion"
 
 
 def test_calibration_version_hashes_the_record():

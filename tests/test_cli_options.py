@@ -105,13 +105,12 @@ def test_settings_flags_are_the_settings_fields():
             assert getattr(built, name) == value, (command, name)
 
 
-def test_the_demo_runs_what_its_flags_say(monkeypatch):
-    from raysky.local import demo
+def test_demo_flags_build_the_settings_they_name():
+    """Flag parsing only: tests/test_demo.py runs the real ``raysky demo`` end to end."""
+    from raysky.local.demo import DemoSettings
 
-    seen = []
-    monkeypatch.setattr(demo, "run_demo", seen.append)
-    assert main(["demo", "--preset", "tiny", "--workers", "1", "--out", "x"]) == 0
-    assert seen == [demo.DemoSettings(preset="tiny", workers=1, out="x")]
+    args = build_parser().parse_args(["demo", "--preset", "tiny", "--workers", "1", "--out", "x"])
+    assert settings_from_args(DemoSettings, args) == DemoSettings(preset="tiny", workers=1, out="x")
 
 
 def test_commands_without_settings_take_their_defaults_from_the_code_they_call():

@@ -29,8 +29,8 @@ from conftest import (
 from raysky import storage
 from raysky.cli.main import main
 from raysky.data.taxonomy import HAM10000_CLASSES, ISIC_COLUMN_NAMES, MALIGNANT_CLASSES
+from raysky.metrics.isic import auc_above_sensitivity, average_precision, sensitivity_specificity
 from raysky.review.evaluate import evaluate, focus_statistics, format_table, read_results
-from raysky.review.metrics import auc_above_sensitivity, average_precision, sensitivity_specificity
 
 REPO = Path(__file__).resolve().parents[1]
 ISIC_PYTHON = REPO / ".venv-isic" / "bin" / "python"
@@ -184,7 +184,7 @@ def test_segmentation_matches_official_isic_scorer(evaluated, synthetic, tmp_pat
 
 
 def test_evaluate_reads_s3_and_partitioned_results(synthetic, sample_dir, s3, evaluated, tmp_path):
-    from raysky.local.s3 import upload_directory
+    from raysky.storage import upload_directory
 
     records, rows, _ = synthetic
     bucket = s3.create_bucket("evaluate-test")
@@ -298,7 +298,8 @@ def test_focus_statistics_and_binary_metric_edge_cases():
     assert math.isnan(auc_above_sensitivity(np.zeros(3, bool), [0.1, 0.2, 0.3]))
     assert average_precision(truth, [0.9, 0.8, 0.3, 0.2, 0.1]) == pytest.approx(1.0)
     assert math.isnan(average_precision(np.zeros(3, bool), [0.1, 0.2, 0.3]))
-    sens, spec = sensitivity_specificity(truth, [0.9, 0.4, 0.6, 0.2, 0.1])
+    # ISIC's per-category rates: probabilities above 0.5 are positive.
+    sens, spec = sensitivity_specificity(truth, np.array([0.9, 0.4, 0.6, 0.2, 0.1]) > 0.5)
     assert sens == pytest.approx(0.5) and spec == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match="min_sensitivity"):
         auc_above_sensitivity(truth, [0.1] * 5, 0.0)

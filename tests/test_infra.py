@@ -775,7 +775,7 @@ def test_security_doc_is_linked_and_states_the_deployed_defaults():
         assert re.search(r"\]\((docs/)?security\.md\)", doc.read_text()), f"{doc.name} does not link security.md"
     for default in ("weights_only=True", "weights_sha256", "--allow-unauthenticated", "32 characters",
                     "RAYSKY_API_KEYS_FILE", "runtime_env", "enable_docs", "415", "--force-resume",
-                    "error_kind", "success manifest", "NetworkPolicy", "seccomp", "ray>=2.55",
+                    "error_kind", "success manifest", "NetworkPolicy", "seccomp", "ray>=2.60.0,<2.61",
                     "torch>=2.6", "pillow>=10.3", "python-multipart>=0.0.18", "max_part_size"):
         assert default in text, f"docs/security.md does not state {default!r}"
     # The upload bounds it states are the deployed serve config's.

@@ -23,14 +23,15 @@ from pathlib import Path
 import pytest
 
 from raysky import storage
-from raysky.local.s3 import upload_directory
 from raysky.models import create_classifier, create_segmenter, load_checkpoint, save_checkpoint
+from raysky.storage import upload_directory
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(os.environ.get("VIRTUAL_ENV", REPO / ".venv")) / "bin"
-# What a job needs from the repository is the code, the job entrypoints and data/sample; the rest
+# What a job needs from the repository is the code (with its bundled sample) and the job
+# entrypoints; the rest
 # (virtualenvs, VCS data, build and run outputs) stays behind. Ray also honours .gitignore.
 WORKING_DIR_EXCLUDES = [".venv*", ".git", "**/__pycache__", "*.egg-info", ".pytest_cache",
                         ".ruff_cache", "build", "dist", "runs", "demo-output", "benchmarks",
@@ -230,9 +231,10 @@ def test_training_job_submitted_to_the_cluster_checkpoints_to_s3(ray_head, s3):
     bucket = s3.create_bucket("raysky-job-submission")
     runs = storage.join(bucket, "runs")
 
-    # data/sample travels inside the working_dir, exactly as `ray job submit --working-dir .`.
+    # The sample travels inside the working_dir (in the package), exactly as `ray job submit
+    # --working-dir .`.
     job_id = client.submit_job(
-        entrypoint=f"python jobs/train_segmenter.py --data data/sample --format ham10000 "
+        entrypoint=f"python jobs/train_segmenter.py --data raysky/sample_data/ham10000_sample --format ham10000 "
                    f"--preset tiny --epochs 1 --batch-size 8 --workers 1 "
                    f"--storage {runs} --name cluster-job",
         runtime_env=_runtime_env(s3),

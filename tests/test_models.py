@@ -60,7 +60,10 @@ def test_classifier_shapes_and_dtypes(preset, use_metadata):
         logits = model(image, mask, _meta(3))
         assert logits.shape == (3, 7) and logits.dtype == torch.float32
         out = model.forward_features(image, mask, None)  # metadata absent -> unknown tokens
-        assert out.full_features.shape[:2] == out.lesion_features.shape[:2]
+        if model.shares_encoder:  # one feature map serves both views
+            assert out.lesion_features is None
+        else:
+            assert out.full_features.shape[:2] == out.lesion_features.shape[:2]
         with autocast("cpu", "bf16"):
             assert model(image, mask, _meta(3)).dtype == torch.bfloat16
 

@@ -25,7 +25,7 @@ from raysky.data import (
 from raysky.data.readers import archive_image_id
 from raysky.data.records import RECORD_FIELDS
 from raysky.data.taxonomy import HAM10000_CLASSES, ISIC_COLUMN_NAMES
-from raysky.local.s3 import upload_directory
+from raysky.storage import upload_directory
 
 HAM_CSV = "HAM10000_metadata.csv"
 
@@ -466,10 +466,14 @@ def test_archive_ids_are_unique_and_stable_when_same_stem_files_arrive(tmp_path,
     assert {r.image_id for r in read_archive(str(root))} == set(after)
 
 
-def test_archive_refuses_duplicate_and_unsafe_ids_naming_them(archive, sample_dir):
+def test_archive_gives_repeated_names_their_paths_and_refuses_unsafe_names(archive, sample_dir):
+    scan = next(p for p in archive.iterdir() if p.name.startswith("scan"))
     _copy_image(sample_dir, "ISIC_0025250", archive / "other" / "a.JPG")
-    with pytest.raises(DatasetError, match=r"1 duplicate image ids.*'a\.JPG': other/a\.JPG, scan"):
-        read_archive(str(archive))
+    ids = {Path(r.image_uri).relative_to(archive).as_posix(): r.image_id
+           for r in read_archive(str(archive))}
+    # The same name in two folders: both take their relative path; unique names keep theirs.
+    assert ids["other/a.JPG"] == "other~a.JPG" and ids[f"{scan.name}/a.JPG"] == f"{scan.name}~a.JPG"
+    assert ids["lesion.PNG"] == "lesion.PNG" and ids["empty.jpg"] == "empty"
     (archive / "other" / "a.JPG").rename(archive / "other" / "a:b.png")
     with pytest.raises(DatasetError, match=r"a:b\.png: unsafe file name .*\(':'\)"):
         read_archive(str(archive))

@@ -27,13 +27,14 @@ import pytest
 from PIL import Image
 
 from raysky import results, storage
+from raysky.cli.exit_codes import EXIT_TEMPFAIL
 from raysky.cli.main import main
 from raysky.data.images import decode_image
 from raysky.data.taxonomy import ISIC_COLUMN_NAMES, MALIGNANT_CLASSES
-from raysky.local.s3 import upload_directory
 from raysky.score import ScoreSettings, score_archive, stages
 from raysky.score.output import check_run_config, split_table
 from raysky.score.schema import output_schema
+from raysky.storage import upload_directory
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_SIZE = (200, 150)
@@ -579,7 +580,7 @@ def test_a_second_run_into_a_locked_output_gets_a_clear_error(tiny_checkpoints, 
                "--segmenter", tiny_checkpoints["segmenter"],
                "--classifier", tiny_checkpoints["classifier"]]
     with locked(str(output), "20250101T000000-first1"):
-        assert main(command) == 2
+        assert main(command) == EXIT_TEMPFAIL  # busy, not a usage error: retry later
         error = capsys.readouterr().err
         assert f"{output} is in use by another raysky score (run 20250101T000000-first1" in error
         assert len(error.strip().splitlines()) == 1

@@ -155,6 +155,31 @@ def samples(sample_dir: Path) -> list[dict]:
     return out
 
 
+@pytest.fixture(scope="module")
+def openapi(client) -> dict:
+    """The OpenAPI document the endpoint serves: the contract generated clients are built on."""
+    return client.get("/openapi.json").json()
+
+
+def assert_documented(openapi: dict, method: str, path: str, response: httpx.Response) -> None:
+    """``response`` has a status the document lists for the operation, a body that validates
+    against the schema listed for it, and the headers listed for it."""
+    import jsonschema
+
+    operation = openapi["paths"][path][method.lower()]
+    status = str(response.status_code)
+    assert status in operation["responses"], (
+        f"{method} {path} answered {status}, which its OpenAPI entry does not list "
+        f"({sorted(operation['responses'])})")
+    documented = operation["responses"][status]
+    schema = documented["content"]["application/json"]["schema"]
+    # The document itself is the root the schema's $ref points into.
+    jsonschema.validate(response.json(), {**schema, "components": openapi["components"]},
+                        cls=jsonschema.Draft202012Validator)
+    for header in documented.get("headers", {}):
+        assert header.lower() in response.headers, (status, header)
+
+
 def _post(client: httpx.Client, data: bytes, form: dict | None = None, params=None,
           headers=AUTH, filename="lesion.jpg") -> httpx.Response:
     return client.post("/v1/predict", files={"image": (filename, data, "image/jpeg")},
@@ -302,12 +327,15 @@ def test_unusual_but_valid_images_are_scored_at_their_size(client, name):
     {}, {"Authorization": "Bearer wrong-key"}, {"Authorization": f"Basic {API_KEYS[0]}"},
     {"Authorization": "Bearer"}, {"Authorization": f"Bearer {API_KEYS[0]}x"},
 ], ids=["none", "wrong", "basic-scheme", "empty-token", "prefix-match"])
-def test_missing_or_wrong_api_key_gets_401(client, samples, headers):
+def test_missing_or_wrong_api_key_gets_401(client, openapi, samples, headers):
     for response in (_post(client, samples[0]["bytes"], headers=headers),
                      client.get("/v1/model", headers=headers)):
         assert response.status_code == 401
         assert response.json()["error"] == "unauthorized"
         assert response.headers["www-authenticate"] == "Bearer"
+    assert_documented(openapi, "POST", "/v1/predict", _post(client, samples[0]["bytes"],
+                                                            headers=headers))
+    assert_documented(openapi, "GET", "/v1/model", client.get("/v1/model", headers=headers))
 
 
 def test_every_configured_key_is_accepted(client, samples):
@@ -444,7 +472,7 @@ BAD_REQUESTS = {
 
 
 @pytest.mark.parametrize("name", list(BAD_REQUESTS))
-def test_bad_requests_get_a_json_4xx(client, jpeg, name):
+def test_bad_requests_get_a_json_4xx(client, openapi, jpeg, name):
     build, status, code, field = BAD_REQUESTS[name]
     kwargs = build(jpeg)
     kwargs["headers"] = {**AUTH, **kwargs.get("headers", {})}
@@ -455,6 +483,49 @@ def test_bad_requests_get_a_json_4xx(client, jpeg, name):
     assert body["detail"]
     assert body.get("field") == field
     assert body["request_id"] == response.headers["x-request-id"]
+    assert_documented(openapi, "POST", "/v1/predict", response)
+
+
+def test_every_error_the_document_lists_has_the_one_error_schema(openapi):
+    """One schema for all errors, FastAPI's HTTPValidationError (not what raysky sends) nowhere,
+    and the statuses each route answers listed, as generated clients need."""
+    assert "HTTPValidationError" not in json.dumps(openapi)
+    listed = {}
+    for path, methods in openapi["paths"].items():
+        for method, operation in methods.items():
+            errors = {s: r for s, r in operation["responses"].items() if s[0] in "45"}
+            listed[f"{method.upper()} {path}"] = set(errors)
+            for status, response in errors.items():
+                schema = response["content"]["application/json"]["schema"]
+                assert schema == {"$ref": "#/components/schemas/Error"}, (path, status)
+    assert listed["POST /v1/predict"] >= {"400", "401", "413", "415", "422", "500", "503"}
+    assert listed["GET /v1/model"] >= {"400", "401", "413", "500", "503"}
+    assert listed["GET /readyz"] >= {"400", "413", "500", "503"}
+    assert listed["GET /healthz"] >= {"400", "413", "500"}
+    error = openapi["components"]["schemas"]["Error"]
+    assert set(error["required"]) == {"error", "detail", "request_id"}
+    assert error["additionalProperties"] is False
+
+
+def test_limits_checked_before_routing_answer_as_documented(server, client, openapi):
+    import http.client
+    from urllib.parse import urlparse
+
+    # The body-limit middleware answers any route from the declared length alone, before a
+    # byte of the body is sent (httpx will not send a length it does not then send).
+    where = urlparse(server.url)
+    connection = http.client.HTTPConnection(where.hostname, where.port, timeout=60)
+    connection.putrequest("GET", "/healthz")
+    connection.putheader("Content-Length", str(BODY_LIMIT + 1))
+    connection.endheaders()
+    answer = connection.getresponse()
+    too_long = httpx.Response(answer.status, headers=answer.getheaders(), content=answer.read())
+    connection.close()
+    assert too_long.status_code == 413 and too_long.json()["error"] == "body_too_large"
+    assert_documented(openapi, "GET", "/healthz", too_long)
+    no_type = client.post("/v1/predict", content=b"raw bytes", headers=AUTH)
+    assert no_type.status_code == 415
+    assert_documented(openapi, "POST", "/v1/predict", no_type)
 
 
 def test_wrong_method_and_unknown_path_get_json_errors(client):
@@ -513,7 +584,7 @@ def test_32_concurrent_requests_match_sequential_results(server, client, samples
     assert stats["largest_batch"] > 1, stats  # concurrent requests were actually batched
 
 
-def test_overload_gets_503_not_500(server, samples):
+def test_overload_gets_503_not_500(server, openapi, samples):
     payloads = [(samples[i % len(samples)]["bytes"], {}, {}) for i in range(48)]
     responses = asyncio.run(_post_many(server.overload_url, payloads, headers={}))
     statuses = sorted({r.status_code for r in responses})
@@ -523,6 +594,7 @@ def test_overload_gets_503_not_500(server, samples):
     rejected = next(r for r in responses if r.status_code == 503)
     assert rejected.json()["error"] == "unavailable"
     assert int(rejected.headers["retry-after"]) >= 1
+    assert_documented(openapi, "POST", "/v1/predict", rejected)
 
 
 # --- access log ----------------------------------------------------------------------------

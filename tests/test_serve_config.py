@@ -249,10 +249,10 @@ def test_the_serve_config_refuses_to_build_without_keys_on_the_node(serve_config
 
 
 def test_keys_never_travel_in_runtime_env_or_arguments(tiny_checkpoints, monkeypatch):
-    from raysky.serve.app import INGRESS_DEPLOYMENT, build_app
+    from raysky.serve.app import INGRESS_DEPLOYMENT, build_application
 
     monkeypatch.delenv(API_KEYS_ENV, raising=False)
-    deployments = _deployments(build_app(AppConfig(**tiny_checkpoints, api_keys=(KEY_A, KEY_B))))
+    deployments = _deployments(build_application(AppConfig(**tiny_checkpoints, api_keys=(KEY_A, KEY_B))))
     for deployment in deployments.values():
         assert "runtime_env" not in (deployment.ray_actor_options or {})
         values = [a for a in deployment.init_args if not hasattr(a, "_bound_deployment")]
@@ -263,18 +263,125 @@ def test_keys_never_travel_in_runtime_env_or_arguments(tiny_checkpoints, monkeyp
 
 
 def test_model_replicas_reserve_memory_for_their_batch(tiny_checkpoints, monkeypatch):
-    from raysky.serve.app import MODEL_DEPLOYMENT, build_app
+    from raysky.serve.app import MODEL_DEPLOYMENT, build_application
 
     monkeypatch.setenv(API_KEYS_ENV, KEY_A)
     reserved = {}
     for batch in (1, 8, 16):
         config = AppConfig(**tiny_checkpoints, max_batch_size=batch,
                            max_ongoing_requests=max(16, batch))
-        model = _deployments(build_app(config))[MODEL_DEPLOYMENT]
+        model = _deployments(build_application(config))[MODEL_DEPLOYMENT]
         reserved[batch] = model.ray_actor_options["memory"]
         assert reserved[batch] == config.model_memory_bytes
     assert reserved[1] < reserved[8] < reserved[16]
     assert reserved[16] - reserved[8] == 8 * (reserved[8] - reserved[1]) / 7
     pinned = AppConfig(**tiny_checkpoints, model_memory_mb=3000)
-    assert _deployments(build_app(pinned))[MODEL_DEPLOYMENT].ray_actor_options["memory"] == (
+    assert _deployments(build_application(pinned))[MODEL_DEPLOYMENT].ray_actor_options["memory"] == (
         3000 * 2**20)
+
+
+# --- the typed builder: what `serve run raysky.serve.app:build_app key=value ...` hands it ---
+
+
+def _serve_run_builds(*arguments: str):
+    """What ``serve run raysky.serve.app:build_app ARGS`` does before it starts Ray: Serve's own
+    parsing of the ``key=value`` strings and its own call of the (typed) builder."""
+    from ray._common.utils import import_attr
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve.scripts import convert_args_to_dict
+
+    return call_user_app_builder_with_args_if_necessary(
+        import_attr("raysky.serve.app:build_app"), convert_args_to_dict(arguments))
+
+
+def _checkpoint_args(tiny_checkpoints) -> list[str]:
+    return [f"{kind}={uri}" for kind, uri in tiny_checkpoints.items()]
+
+
+def test_serve_run_strings_mean_what_they_say(tiny_checkpoints, monkeypatch):
+    from raysky.serve.app import INGRESS_DEPLOYMENT, MODEL_DEPLOYMENT
+
+    monkeypatch.setenv(API_KEYS_ENV, KEY_A)
+    deployments = _deployments(_serve_run_builds(
+        *_checkpoint_args(tiny_checkpoints), "max_replicas=4", "use_gpu=false",
+        "enable_docs=false", "allow_unauthenticated=false", "batch_wait_timeout_s=0.01"))
+    model = deployments[MODEL_DEPLOYMENT]
+    assert model._deployment_config.autoscaling_config.max_replicas == 4
+    assert model.ray_actor_options["num_gpus"] == 0
+    assert model.init_args[2] is False  # use_gpu, as the replica's constructor receives it
+    assert model._deployment_config.user_config["batch_wait_timeout_s"] == 0.01
+    *_, allow_unauthenticated, enable_docs = deployments[INGRESS_DEPLOYMENT].init_args
+    assert (allow_unauthenticated, enable_docs) == (False, False)
+    on = _deployments(_serve_run_builds(*_checkpoint_args(tiny_checkpoints), "use_gpu=true",
+                                        "enable_docs=true"))
+    assert on[MODEL_DEPLOYMENT].ray_actor_options["num_gpus"] == 1
+    assert on[INGRESS_DEPLOYMENT].init_args[-1] is True
+
+
+def test_serve_run_without_keys_refuses_allow_unauthenticated_false(tiny_checkpoints,
+                                                                     monkeypatch):
+    monkeypatch.delenv(API_KEYS_ENV, raising=False)
+    monkeypatch.delenv(API_KEYS_FILE_ENV, raising=False)
+    with pytest.raises(ApiKeyError, match="no API keys"):
+        _serve_run_builds(*_checkpoint_args(tiny_checkpoints), "allow_unauthenticated=false")
+    _serve_run_builds(*_checkpoint_args(tiny_checkpoints), "allow_unauthenticated=true")
+
+
+@pytest.mark.parametrize("argument, names", [
+    ("max_replicas=four", ("max_replicas", "valid integer")),
+    ("use_gpu=maybe", ("use_gpu", "valid boolean")),
+    ("num_cpus=lots", ("num_cpus", "valid number")),
+    ("max_batch=4", ("unknown raysky serve argument(s) ['max_batch']", "max_batch_size")),
+    ("api_keys=secret", ("api_keys cannot be given",)),
+])
+def test_serve_run_names_the_bad_argument_and_its_type(tiny_checkpoints, monkeypatch,
+                                                       argument, names):
+    monkeypatch.setenv(API_KEYS_ENV, KEY_A)
+    with pytest.raises(ValueError) as refused:
+        _serve_run_builds(*_checkpoint_args(tiny_checkpoints), argument)
+    for name in names:
+        assert name in str(refused.value)
+    # The error names the argument, never its value: it could be a key.
+    assert "secret" not in str(refused.value)
+
+
+def test_the_serve_command_refuses_an_ill_typed_argument_before_ray_starts(tiny_checkpoints,
+                                                                           tmp_path):
+    """The real ``serve run`` command line, as the README shows it."""
+    import os
+    import subprocess
+    import sys
+
+    serve_cli = Path(sys.executable).parent / "serve"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    env[API_KEYS_ENV] = KEY_A
+    done = subprocess.run(
+        [str(serve_cli), "run", "raysky.serve.app:build_app", *_checkpoint_args(tiny_checkpoints),
+         "max_replicas=four"], capture_output=True, text=True, timeout=300, env=env,
+        cwd=tmp_path)
+    output = done.stdout + done.stderr
+    assert done.returncode != 0, output
+    assert "max_replicas" in output and "valid integer" in output, output
+    # It failed while building the application: no Ray was started for it.
+    assert "Started a local Ray instance" not in output and "Deploying" not in output, output
+
+
+def test_the_yaml_config_goes_through_the_typed_builder(serve_config, tiny_checkpoints,
+                                                        monkeypatch):
+    from ray._common.utils import import_attr
+    from ray.serve import Application
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
+    from raysky.serve.app import MODEL_DEPLOYMENT
+
+    monkeypatch.setenv(API_KEYS_ENV, KEY_A)
+    app = _app(serve_config)
+    args = dict(app["args"], **tiny_checkpoints)
+    built = call_user_app_builder_with_args_if_necessary(import_attr(app["import_path"]), args)
+    assert isinstance(built, Application)
+    model = _deployments(built)[MODEL_DEPLOYMENT]
+    assert model.ray_actor_options["num_cpus"] == args["num_cpus"]
+    with pytest.raises(ValueError, match="max_batch_size"):
+        call_user_app_builder_with_args_if_necessary(
+            import_attr(app["import_path"]), dict(args, max_batch_size="eight"))

@@ -57,3 +57,31 @@ def test_a_missing_object_fails_at_once(monkeypatch, no_sleep, tmp_path):
     with pytest.raises(FileNotFoundError, match="s3://bucket/key: no such file or object"):
         storage.read_bytes("s3://bucket/key")
     assert fs.opens == 1 and not no_sleep
+
+
+# --- nothing where the user pointed is an error naming the path, never a silent 0 ----------
+
+
+def test_uploading_a_missing_or_empty_folder_names_it(tmp_path, s3):
+    bucket = s3.create_bucket("upload-nothing")
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'nope'}: no such folder"):
+        storage.upload_directory(str(tmp_path / "nope"), f"{bucket}/x")
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="holds no file to upload"):
+        storage.upload_directory(str(tmp_path / "empty"), f"{bucket}/x")
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(NotADirectoryError, match="not a folder"):
+        storage.upload_directory(str(tmp_path / "file.txt"), f"{bucket}/x")
+    assert storage.list_files(f"{bucket}/x") == []
+
+
+@pytest.mark.parametrize("format", ["ham10000", "isic2018", "isic2019", "archive"])
+def test_reading_a_dataset_where_there_is_none_names_the_path(tmp_path, s3, format):
+    from raysky.data.readers import read_dataset
+    from raysky.data.records import DatasetError
+
+    bucket = s3.create_bucket("read-nothing")
+    for missing in (str(tmp_path / "no-such-dataset"), f"{bucket}/no-such-prefix"):
+        with pytest.raises(DatasetError, match="no such folder or prefix") as error:
+            read_dataset(missing, format)
+        assert str(error.value).startswith(missing)

@@ -125,7 +125,8 @@ def test_too_few_flagged_ranked_and_no_positives(audit):
     hand = sites["hand"]
     assert hand["too_few"] and hand["rank"] is None and hand["malignant_n"] == 0
     assert hand["malignant_auc"] == {"value": None, "low": None, "high": None, "level": 0.95,
-                                     "replicates": 0, "reason": "no malignant images"}
+                                     "method": "bootstrap", "replicates": 0,
+                                     "reason": "no malignant images"}
     assert hand["sensitivity"]["reason"] == "no malignant images"
     assert hand["specificity"]["value"] is not None
 
@@ -176,3 +177,40 @@ def test_forest_plot_extends_its_axis_below_chance(audit):
     ticks = re.findall(r'text-anchor="middle">(\d\.\d)</text>', svg)
     assert ticks[0] == "0.1" and ticks[-1] == "1.0"
     assert "AUC 0.310, 95% CI 0.180-0.440" in svg
+
+
+def _text(html: str) -> str:
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", html))
+
+
+def test_one_figure_has_one_interval_in_evaluate_the_report_the_card_and_the_audit(
+        crafted, tiny_checkpoints):
+    """The referral sensitivity and specificity appear in evaluate's calibration section and in
+    the subgroup audit's overall row; every place that prints them prints the same text."""
+    from raysky.calibration.plots import reliability_section
+    from raysky.metrics.intervals import format_interval
+    from raysky.models.card import build_card, render_markdown
+    from raysky.models.checkpoint import read_checkpoint_meta
+    from raysky.review.output import card_sections, format_table
+
+    records, results, _truth = crafted
+    calibration = {"version": "cal-test", "temperature": 1.0, "referral": {"threshold": THRESHOLD}}
+    metrics = evaluate_frame(results, records, checkpoint_calibration=calibration)
+    referral, overall = metrics["calibration"]["referral"], metrics["subgroups"]["overall"]
+    assert referral["interval"] == "wilson, by lesion"
+    for name in ("sensitivity", "specificity"):
+        assert referral[name] == overall[name]["value"]
+        assert referral[f"{name}_ci95"] == [overall[name]["low"], overall[name]["high"]]
+    texts = [format_interval(overall[name]) for name in ("sensitivity", "specificity")]
+    assert all(re.fullmatch(r"0\.\d{3} \[0\.\d{3}, [01]\.\d{3}\]", t) for t in texts), texts
+
+    printed = format_table(metrics)
+    meta = read_checkpoint_meta(tiny_checkpoints["classifier"])
+    card = render_markdown(build_card({**meta, "card": card_sections(metrics)}))
+    report = _text(reliability_section(metrics["calibration"])
+                   + subgroup_section(metrics["subgroups"]))
+    for text in texts:
+        # Twice each: the calibration or evaluation part, and the subgroup table's overall row.
+        assert printed.count(text) == 2, (text, printed)
+        assert card.count(text) == 2, (text, card)
+        assert report.count(text) == 2, (text, report)

@@ -24,13 +24,12 @@ from raysky import storage
 from raysky.cli.main import main
 from raysky.data import read_dataset
 from raysky.data.taxonomy import order_classes
-from raysky.local.s3 import upload_directory
 from raysky.models import load_checkpoint
-from raysky.train import TrainSettings, datasets, train_segmenter
-from raysky.train.augment import AugmentConfig, augment_pair, resize_pair
+from raysky.storage import upload_directory
+from raysky.train import TrainSettings, train_segmenter
 from raysky.train.datasets import (
     class_weights,
-    decode_and_transform,
+    decode_rows,
     encode_rows,
     load_splits,
     readable_rows,
@@ -89,51 +88,12 @@ def test_class_weights_are_inverse_sqrt_frequency_with_unit_mean():
         class_weights(labels, 4)
 
 
-def _disk_image(seed: int) -> tuple[Image.Image, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    height, width = 150, 200
-    yy, xx = np.mgrid[:height, :width]
-    mask = ((yy - 60) ** 2 + (xx - 120) ** 2 < 35**2).astype(np.uint8)
-    pixels = rng.integers(0, 80, size=(height, width, 3), dtype=np.uint8)  # dark, noisy skin
-    pixels[mask == 1] = (230, 20, 20)
-    return Image.fromarray(pixels), mask
-
-
-def test_augmentation_moves_image_and_mask_together():
-    image, mask = _disk_image(0)
-    geometry_only = AugmentConfig(brightness=0, contrast=0, saturation=0, hue=0)
-    outputs = []
-    for seed in range(8):
-        out_image, out_mask = augment_pair(image, mask, 64, geometry_only, np.random.default_rng(seed))
-        assert out_image.shape == (64, 64, 3) and out_image.dtype == np.uint8
-        assert out_mask.shape == (64, 64) and set(np.unique(out_mask)) <= {0, 1}
-        red = (out_image[..., 0] > 150) & (out_image[..., 1] < 90)
-        if out_mask.sum() > 20:
-            # Away from the resampled edge, lesion pixels are red and background is not.
-            assert red[out_mask == 1].mean() > 0.85
-            assert red[out_mask == 0].mean() < 0.1
-        outputs.append(out_mask)
-    assert len({m.tobytes() for m in outputs}) > 1, "augmentation never changed the geometry"
-
-
-def test_colour_jitter_changes_the_image_only_and_eval_resize_is_deterministic():
-    image, mask = _disk_image(1)
-    colour_only = AugmentConfig(scale=(1.0, 1.0), ratio=(1.0, 1.0), rotation=0, hflip=0, vflip=0,
-                                brightness=0.4, contrast=0.4, saturation=0.4, hue=0.05)
-    plain_image, plain_mask = resize_pair(image, mask, 64)
-    jittered, jittered_mask = augment_pair(image, mask, 64, colour_only, np.random.default_rng(3))
-    assert np.array_equal(jittered_mask, plain_mask)
-    assert np.abs(jittered.astype(int) - plain_image.astype(int)).mean() > 2
-    again_image, again_mask = resize_pair(image, mask, 64)
-    assert np.array_equal(again_image, plain_image) and np.array_equal(again_mask, plain_mask)
-
-
 def test_decoding_marks_an_unreadable_image_and_the_loop_can_drop_it(sample_copy: Path):
     records = read_dataset(str(sample_copy), "ham10000")[:4]
     Path(records[1].image_uri).write_bytes(b"\xff\xd8\xff not really a jpeg")
     rows = encode_rows(records, order_classes({r.label for r in records}))
     batch = {key: np.asarray([row[key] for row in rows]) for key in rows[0]}
-    out = decode_and_transform(batch, size=32, train=True)
+    out = decode_rows(batch, size=32)
     # The row stays (shards keep their planned size), flagged with its reason ...
     assert list(out["readable"]) == [1, 0, 1, 1]
     assert out["read_error"][1].startswith(records[1].image_id + ": ")
@@ -143,22 +103,8 @@ def test_decoding_marks_an_unreadable_image_and_the_loop_can_drop_it(sample_copy
     assert errors == [out["read_error"][1]]
     assert readable["image"].shape == (3, 32, 32, 3)
     assert readable["mask"].shape == (3, 32, 32)
-    assert readable["mask"].max() == 1  # the sample's masks survive decoding and augmentation
+    assert readable["mask"].max() == 1  # the sample's masks survive decoding into the cache
     assert readable["age"].shape == (3, 2)
-
-
-def test_the_same_seed_draws_the_same_augmentations_and_epochs_differ(sample_dir: Path):
-    records = read_dataset(str(sample_dir), "ham10000")[:4]
-    rows = encode_rows(records, order_classes({r.label for r in records}))
-    batch = {key: np.asarray([row[key] for row in rows]) for key in rows[0]}
-    datasets._draws.clear()
-    first = [decode_and_transform(batch, size=32, train=True, seed=7)["image"] for _ in range(2)]
-    datasets._draws.clear()  # a new run: the same seed starts the same stream again
-    again = [decode_and_transform(batch, size=32, train=True, seed=7)["image"] for _ in range(2)]
-    other = decode_and_transform(batch, size=32, train=True, seed=8)["image"]
-    assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
-    assert not np.array_equal(first[0], first[1])  # the next epoch draws anew
-    assert not np.array_equal(first[0], other)
 
 
 def test_cli_rejects_bad_settings_before_starting_ray(sample_dir: Path, tmp_path: Path, capsys):

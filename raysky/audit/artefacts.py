@@ -21,7 +21,14 @@ from PIL import Image, ImageDraw
 
 from raysky.audit.skin_tone import fit_mask
 
-ARTEFACT_KINDS: tuple[str, ...] = ("ruler", "ink", "bubbles", "hair", "vignette")
+TRAINING_KINDS: tuple[str, ...] = ("ruler", "ink", "bubbles", "hair", "vignette")
+"""The kinds training pastes as augmentation (:mod:`raysky.train.augment`)."""
+HELD_OUT_KINDS: tuple[str, ...] = ("patch", "arrow", "streak")
+"""Kinds training never sees, in colours, shapes and places its own kinds do not have: a
+colour-calibration chart (the patches Nauta et al. 2022 found models leaning on), green or black
+marker arrows pointing at the lesion, and glare streaks of gel. A model that learnt to ignore
+only the drawn kinds it trained on still flips on these."""
+ARTEFACT_KINDS: tuple[str, ...] = TRAINING_KINDS + HELD_OUT_KINDS
 _MAX_SUPERSAMPLED_SIDE = 2048
 
 
@@ -199,6 +206,59 @@ def _hair(canvas: _Canvas, distance: np.ndarray, rng: np.random.Generator) -> No
                          joint="curve")
 
 
+def _patch(canvas: _Canvas, distance: np.ndarray, rng: np.random.Generator) -> None:
+    side = min(canvas.height, canvas.width)
+    cell = side * rng.uniform(0.05, 0.08)
+    cols, rows = int(rng.integers(2, 4)), int(rng.integers(1, 3))
+    border = cell * 0.15
+    radius = math.hypot(cols, rows) * cell / 2 + border
+    x, y = _free_point(distance, radius + 2, rng)
+    x0, y0 = x - cols * cell / 2, y - rows * cell / 2
+    canvas.draw.rectangle(canvas.box(x, y, cols * cell / 2 + border, rows * cell / 2 + border),
+                          fill=_rgba((245, 245, 240), 1.0))
+    palette = ((200, 30, 40), (30, 150, 60), (30, 60, 190), (235, 200, 30), (120, 120, 120),
+               (20, 20, 20))
+    for i in range(cols):
+        for j in range(rows):
+            colour = palette[int(rng.integers(len(palette)))]
+            canvas.draw.rectangle(canvas.box(x0 + (i + 0.5) * cell, y0 + (j + 0.5) * cell,
+                                             cell * 0.45), fill=_rgba(colour, 1.0))
+
+
+def _arrow(canvas: _Canvas, distance: np.ndarray, rng: np.random.Generator,
+           lesion: np.ndarray) -> None:
+    side = min(canvas.height, canvas.width)
+    colour = _rgba(((20, 140, 60), (15, 15, 15))[int(rng.integers(2))], rng.uniform(0.8, 1.0))
+    stroke = canvas.width_px(max(1.0, side * rng.uniform(0.01, 0.018)))
+    ys, xs = np.nonzero(lesion)
+    target = (np.array([xs.mean(), ys.mean()]) if len(xs)
+              else np.array([canvas.width / 2, canvas.height / 2]))
+    for _ in range(int(rng.integers(1, 3))):
+        length = side * rng.uniform(0.15, 0.3)
+        start = np.array(_free_point(distance, length * 0.6, rng))
+        direction = target - start
+        direction = direction / max(np.linalg.norm(direction), 1e-6)
+        tip = start + direction * length
+        normal = np.array([-direction[1], direction[0]])
+        head = side * 0.05
+        canvas.draw.line(canvas.xy([start, tip]), fill=colour, width=stroke)
+        for sign in (-1, 1):
+            canvas.draw.line(canvas.xy([tip, tip - direction * head + sign * normal * head * 0.6]),
+                             fill=colour, width=stroke)
+
+
+def _streak(canvas: _Canvas, distance: np.ndarray, rng: np.random.Generator) -> None:
+    side = min(canvas.height, canvas.width)
+    for _ in range(int(rng.integers(1, 4))):
+        length, thick = side * rng.uniform(0.2, 0.45), side * rng.uniform(0.015, 0.04)
+        x, y = _free_point(distance, thick + 2, rng)
+        angle = rng.uniform(0, math.pi)
+        d = np.array([math.cos(angle), math.sin(angle)]) * length / 2
+        canvas.draw.line(canvas.xy([(x - d[0], y - d[1]), (x + d[0], y + d[1])]),
+                         fill=_rgba((255, 255, 250), rng.uniform(0.5, 0.8)),
+                         width=canvas.width_px(thick))
+
+
 def _vignette(height: int, width: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """The aperture's dark corners: black beyond a circle, with a soft edge."""
     half_diagonal = math.hypot(height, width) / 2
@@ -223,9 +283,24 @@ def _layer(kind: str, shape: tuple[int, int], protected: np.ndarray, lesion: np.
                 else np.full(shape, float(max(shape))))
     canvas = _Canvas(*shape)
     draw: dict[str, Callable] = {"ruler": _ruler, "bubbles": _bubbles, "hair": _hair,
-                                 "ink": lambda c, d, r: _ink(c, d, r, lesion)}
+                                 "ink": lambda c, d, r: _ink(c, d, r, lesion),
+                                 "patch": _patch, "streak": _streak,
+                                 "arrow": lambda c, d, r: _arrow(c, d, r, lesion)}
     draw[kind](canvas, distance, rng)
     return canvas.layer()
+
+
+def artefact_layer(kind: str, shape: tuple[int, int], rng: np.random.Generator
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """One artefact of ``kind`` drawn on a lesion-free canvas of ``shape``: its colour
+    ``[H, W, 3]`` (0-255 floats) and alpha ``[H, W]`` (0-1).
+
+    Training pastes these over images outside each lesion (:mod:`raysky.train.augment`), so a
+    bank drawn once serves every image; :func:`add_artefact` draws one for a given lesion.
+    """
+    (kind,) = parse_kinds([kind])
+    clear = np.zeros(shape, dtype=bool)
+    return _layer(kind, shape, clear, clear, rng)
 
 
 def add_artefact(rgb: np.ndarray, lesion_mask: np.ndarray, kind: str,

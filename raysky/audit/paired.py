@@ -1,10 +1,11 @@
 """Paired figures of one artefact kind: clean and altered results of the same images.
 
 Rows pair by image id. The flip rate and the mean absolute change of ``malignant_prob`` are
-over every pair; macro AUPRC (the mean over classes of average precision, as
-:func:`raysky.review.metrics.average_precision` computes it) and malignant AUC over the labelled
-pairs, as altered minus clean, each with a paired bootstrap interval (one resample of lesions,
-or of images without lesion ids, scores both sides). Artefact attention is the Grad-CAM share
+over every pair, the flip rate with a Wilson interval by lesion; macro AUPRC (the mean over
+classes of average precision, as :func:`raysky.metrics.isic.average_precision` computes it) and
+malignant AUC over the labelled pairs, as altered minus clean, each with a paired bootstrap
+interval (one resample of lesions, or of images without lesion ids, scores both sides); see
+:mod:`raysky.metrics.intervals`. Artefact attention is the Grad-CAM share
 on the artefact's known pixels (:func:`raysky.audit.attention.artefact_attention`), beside the
 clean image's share on the same pixels and the pixels' share of the image.
 """
@@ -19,9 +20,9 @@ import pandas as pd
 from PIL import Image
 
 from raysky.audit.attention import artefact_attention, decode_heatmap
-from raysky.audit.bootstrap import bootstrap_intervals, rank_auc
 from raysky.data.taxonomy import MALIGNANT_CLASSES
-from raysky.review.metrics import average_precision
+from raysky.metrics.intervals import bootstrap_intervals, proportion_interval
+from raysky.metrics.isic import average_precision, rank_auc
 
 
 def read_scored(uri: str, table: pd.DataFrame) -> pd.DataFrame:
@@ -37,7 +38,7 @@ def read_scored(uri: str, table: pd.DataFrame) -> pd.DataFrame:
 
 def macro_auprc(labels: np.ndarray, probs: np.ndarray, classes: list[str]) -> float:
     """Mean over the classes with a positive among ``labels`` of the average precision of
-    ``probs[:, i]`` (:func:`raysky.review.metrics.average_precision`); NaN when none has one."""
+    ``probs[:, i]`` (:func:`raysky.metrics.isic.average_precision`); NaN when none has one."""
     values = [average_precision(labels == c, probs[:, i]) for i, c in enumerate(classes)
               if (labels == c).any()]
     return float(np.mean(values)) if values else math.nan
@@ -82,11 +83,11 @@ def compare(clean: pd.DataFrame, altered: pd.DataFrame, table: pd.DataFrame, kin
         return rank_auc(truth[i], mal[i])
 
     lesions = meta["lesion_id"].to_numpy(object)
+    clusters = None if pd.isna(lesions).all() else lesions
     stats = bootstrap_intervals(
-        {"flip_rate": lambda i: float(flips[i].mean()),
-         "delta_macro_auprc": paired(auprc), "delta_malignant_auc": paired(auc)},
-        np.arange(len(ids)), clusters=None if pd.isna(lesions).all() else lesions,
-        replicates=replicates, seed=seed)
+        {"delta_macro_auprc": paired(auprc), "delta_malignant_auc": paired(auc)},
+        np.arange(len(ids)), clusters=clusters, replicates=replicates, seed=seed)
+    stats["flip_rate"] = proportion_interval(flips.astype(bool), clusters)
     every = np.arange(len(ids))
     attention, before, areas, not_placed = [], [], [], 0
     for image_id in ids:

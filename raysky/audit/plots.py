@@ -9,6 +9,7 @@ import math
 
 from raysky.audit.subgroups import group_rows
 from raysky.data.taxonomy import MALIGNANT_CLASSES
+from raysky.metrics.intervals import format_interval
 
 _POINT, _FLAGGED, _FEW = "#0072B2", "#D55E00", "#999999"  # Okabe-Ito, as elsewhere in the report
 
@@ -73,9 +74,9 @@ def _cell(entry: dict | None) -> str:
     if not entry or entry.get("value") is None:
         reason = (entry or {}).get("reason")
         return f'<td class="muted" title="{html.escape(reason or "")}">-</td>'
-    interval = (f" <small>[{entry['low']:.2f}, {entry['high']:.2f}]</small>"
-                if entry.get("low") is not None else "")
-    return f"<td>{entry['value']:.2f}{interval}</td>"
+    # The text evaluate and the model card print for the same figure.
+    value, _, interval = format_interval(entry).partition(" ")
+    return f"<td>{value}{f' <small>{interval}</small>' if interval else ''}</td>"
 
 
 def subgroup_section(audit: dict | None) -> str:
@@ -98,8 +99,10 @@ def subgroup_section(audit: dict | None) -> str:
     unavailable = "".join(f"<li>{html.escape(g)}: {html.escape(r)}</li>"
                           for g, r in audit.get("unavailable", {}).items())
     threshold = audit.get("threshold")
-    note = (f"Malignant ({', '.join(sorted(MALIGNANT_CLASSES))}) against benign. Bootstrap 95% intervals, "
-            f"{audit['replicates']} seeded replicates resampled by {audit['resampled_by']}. "
+    note = (f"Malignant ({', '.join(sorted(MALIGNANT_CLASSES))}) against benign. 95% intervals "
+            f"by {audit['resampled_by']}: Wilson on the lesion-clustered effective count for "
+            f"sensitivity and specificity, {audit['replicates']} seeded bootstrap replicates "
+            "for the others. "
             f"Groups with under {audit['min_per_class']} malignant or benign images are marked "
             f"too few and not ranked; a group is flagged when its sensitivity interval lies "
             f"wholly below the overall sensitivity. "

@@ -5,10 +5,12 @@ The input is one table of scored images with their ground truth: what
 metadata beside it (:func:`audit_table` builds it from results and dataset records). The
 standard groupings are sex, age band, anatomical site and skin tone (from a ``skin_tone`` or
 ``ita_deg`` column, where the results carry one); ``by`` adds any other column. Per group: n,
-malignant n, balanced accuracy, malignant AUC and, at a referral threshold, sensitivity and
-specificity of ``malignant_prob >= threshold`` (the referral rule of issue 14), each with a
-seeded bootstrap 95% interval resampled by lesion where lesion ids exist. Groups with fewer than
-10 malignant or 10 benign images are marked ``too_few``, and are neither ranked nor flagged.
+malignant n, balanced accuracy, malignant AUC and the sensitivity and specificity of the
+referral decisions (the table's ``refer`` column where every row has one, else
+``malignant_prob >= threshold``), each with a 95% interval by lesion where lesion ids exist:
+Wilson on the lesion-clustered effective count for the two rates, a seeded lesion bootstrap
+for the others (see :mod:`raysky.metrics.intervals` for why). Groups with fewer than 10
+malignant or 10 benign images are marked ``too_few``, and are neither ranked nor flagged.
 """
 
 from __future__ import annotations
@@ -19,11 +21,21 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from raysky.audit.bootstrap import DEFAULT_REPLICATES, MIN_PER_CLASS, bootstrap_intervals, rank_auc
 from raysky.audit.skin_tone import skin_tone_category
 from raysky.data.records import LesionRecord
 from raysky.data.taxonomy import MALIGNANT_CLASSES
-from raysky.review.metrics import balanced_accuracy
+from raysky.metrics.intervals import (
+    DEFAULT_LEVEL,
+    DEFAULT_REPLICATES,
+    bootstrap_intervals,
+    count_clusters,
+    format_interval,
+    proportion_interval,
+)
+from raysky.metrics.isic import balanced_accuracy, rank_auc
+
+MIN_PER_CLASS = 10
+"""Fewer malignant or fewer benign images than this: too few to judge a group."""
 
 UNKNOWN = "unknown"
 AGE_BANDS: tuple[tuple[float, str], ...] = ((30, "<30"), (50, "30-49"), (70, "50-69"),
@@ -33,6 +45,12 @@ STANDARD = {"sex": ("sex",), "age_band": ("age",),
             "site": ("site", "localization", "anatom_site_general"),
             "skin_tone": ("skin_tone", "ita_deg")}
 """Each standard grouping and the columns it can come from, in order of preference."""
+
+
+def too_few(is_malignant: np.ndarray, minimum: int = MIN_PER_CLASS) -> bool:
+    """True when ``is_malignant`` (booleans) holds fewer than ``minimum`` malignant or benign."""
+    truth = np.asarray(is_malignant, dtype=bool)
+    return bool(truth.sum() < minimum or (~truth).sum() < minimum)
 
 
 def age_band(age: object) -> str:
@@ -48,16 +66,25 @@ def age_band(age: object) -> str:
 
 def audit_table(results: pd.DataFrame, records: Sequence[LesionRecord]) -> pd.DataFrame:
     """Results joined to ground truth by :func:`raysky.review.evaluate.join_ground_truth`, plus each
-    record's ``lesion_id``, ``age``, ``sex`` and ``site`` (where the results lack them)."""
+    record's ``lesion_id``, ``age``, ``sex`` and ``site`` (the results' own where the record
+    has none)."""
     # The id rule join_ground_truth applies to records (an image suffix dropped), so the
     # metadata lands on the rows it joined.
     from raysky.review.inputs import join_ground_truth, normalize_id
 
     joined, _coverage = join_ground_truth(results, records)
-    fields = [f for f in ("lesion_id", "age", "sex", "site") if f not in joined.columns]
+    fields = ("lesion_id", "age", "sex", "site")
     meta = pd.DataFrame({"image_id": [normalize_id(r.image_id) for r in records],
                          **{f: [getattr(r, f) for r in records] for f in fields}})
-    return joined.merge(meta.drop_duplicates("image_id"), on="image_id", how="left")
+    table = joined.merge(meta.drop_duplicates("image_id"), on="image_id", how="left",
+                         suffixes=("", "_record"))
+    for name in fields:
+        # Results since issue 24 carry the metadata they were scored with; the dataset's own
+        # record wins where it has a value, and the results fill the rest.
+        if f"{name}_record" in table.columns:
+            record = table.pop(f"{name}_record")
+            table[name] = record.where(record.notna(), table[name])
+    return table
 
 
 def _group_column(table: pd.DataFrame, name: str) -> tuple[pd.Series | None, str | None]:
@@ -78,24 +105,18 @@ def _group_column(table: pd.DataFrame, name: str) -> tuple[pd.Series | None, str
     return None, None
 
 
-def _metrics(threshold: float | None):
-    """The bootstrapped metrics over (class index, probabilities, malignant, malignant_prob)."""
-    out = {
-        "balanced_accuracy": lambda y, p, t, s: balanced_accuracy(y, p),
-        "malignant_auc": lambda y, p, t, s: rank_auc(t, s),
-    }
-    if threshold is not None:
-        # Same rule as the referral decision: the threshold itself refers.
-        out["sensitivity"] = lambda y, p, t, s: float((s[t] >= threshold).mean()) if t.any() else math.nan
-        out["specificity"] = lambda y, p, t, s: float((s[~t] < threshold).mean()) if (~t).any() else math.nan
-    return out
+# The bootstrapped metrics over (class index, probabilities, malignant, malignant_prob).
+_BOOTSTRAPPED = {
+    "balanced_accuracy": lambda y, p, t, s: balanced_accuracy(y, p),
+    "malignant_auc": lambda y, p, t, s: rank_auc(t, s),
+}
 
 
-def _reasons(malignant: int, benign: int, threshold: float | None) -> dict[str, str]:
+def _reasons(malignant: int, benign: int, decided: bool) -> dict[str, str]:
     reasons = {}
     if malignant == 0 or benign == 0:
         reasons["malignant_auc"] = "no malignant images" if malignant == 0 else "no benign images"
-    if threshold is None:
+    if not decided:
         reasons["sensitivity"] = reasons["specificity"] = "no referral threshold given"
     else:
         if malignant == 0:
@@ -105,26 +126,51 @@ def _reasons(malignant: int, benign: int, threshold: float | None) -> dict[str, 
     return reasons
 
 
-def _evaluate(rows: pd.DataFrame, arrays: tuple, threshold: float | None, clusters,
+def _evaluate(rows: pd.DataFrame, arrays: tuple, referred: np.ndarray | None, clusters,
               replicates: int, seed: int, minimum: int) -> dict:
     truth = arrays[2]
     malignant, benign = int(truth.sum()), int((~truth).sum())
     out = {"n": len(rows), "malignant_n": malignant, "benign_n": benign,
            "too_few": bool(malignant < minimum or benign < minimum)}
-    out.update(bootstrap_intervals(_metrics(threshold), *arrays, clusters=clusters,
-                                   replicates=replicates, seed=seed))
-    for name, reason in _reasons(malignant, benign, threshold).items():
+    # A perfect AUC leaves every replicate at 1.0; its interval then stands on the lesions of
+    # the smaller class, the units a perfect ranking was shown on.
+    units = min(count_clusters(clusters, truth), count_clusters(clusters, ~truth)) \
+        if len(truth) else 0
+    classes = [count_clusters(clusters, arrays[0] == c) for c in np.unique(arrays[0])]
+    out.update(bootstrap_intervals(_BOOTSTRAPPED, *arrays, clusters=clusters,
+                                   replicates=replicates, seed=seed,
+                                   collapse_n={"malignant_auc": units,
+                                               "balanced_accuracy": min(classes, default=0)}))
+    if referred is not None:
+        def part(mask):
+            return None if clusters is None else clusters[mask]
+
+        out["sensitivity"] = proportion_interval(referred[truth], part(truth))
+        out["specificity"] = proportion_interval(~referred[~truth], part(~truth))
+    for name, reason in _reasons(malignant, benign, referred is not None).items():
         out[name] = {**out.get(name, {"value": None, "low": None, "high": None}), "reason": reason}
     return out
+
+
+def _referred(rows: pd.DataFrame, threshold: float | None) -> np.ndarray | None:
+    """The referral decision per row: the ``refer`` column where every row has one, else the
+    referral rule at ``threshold`` (the threshold itself refers), else None."""
+    if len(rows) and "refer" in rows.columns and rows["refer"].notna().all():
+        return rows["refer"].astype(bool).to_numpy()
+    if threshold is None:
+        return None
+    return rows["malignant_prob"].to_numpy(np.float64) >= threshold
 
 
 def subgroup_audit(table: pd.DataFrame, by: Sequence[str] = (), threshold: float | None = None,
                    seed: int = 0, replicates: int = DEFAULT_REPLICATES,
                    min_per_class: int = MIN_PER_CLASS, standard: bool = True) -> dict:
-    """Per-group performance with bootstrap 95% intervals (see the module docstring).
+    """Per-group performance with 95% intervals (see the module docstring).
 
     ``table`` needs ``label``, ``malignant_prob`` and the ``prob_<class>`` columns; rows whose
-    ``status`` is not ``ok`` or that have no label are left out. ``by`` names extra columns
+    ``status`` is not ``ok`` or that have no label are left out. Sensitivity and specificity
+    measure the ``refer`` column where every such row has one, else ``malignant_prob >=
+    threshold``, and are absent (with a reason) without either. ``by`` names extra columns
     (an unknown name is a ``ValueError`` listing the columns there are). Returns ``overall``
     and, per grouping, its ``column`` and ``groups``; each group carries ``flagged`` (its
     sensitivity interval lies wholly below the overall sensitivity) and ``rank`` (by malignant
@@ -154,16 +200,20 @@ def subgroup_audit(table: pd.DataFrame, by: Sequence[str] = (), threshold: float
               rows["malignant_prob"].to_numpy(np.float64))
     lesions = rows["lesion_id"] if "lesion_id" in rows.columns else None
     lesions = None if lesions is None or lesions.isna().all() else lesions.to_numpy(object)
+    referred = _referred(rows, threshold)
 
     def run(mask: np.ndarray | None) -> dict:
         part = tuple(a[mask] for a in arrays) if mask is not None else arrays
         chosen = rows[mask] if mask is not None else rows
         clusters = None if lesions is None else (lesions[mask] if mask is not None else lesions)
-        return _evaluate(chosen, part, threshold, clusters, replicates, seed, min_per_class)
+        decisions = None if referred is None else (referred[mask] if mask is not None
+                                                   else referred)
+        return _evaluate(chosen, part, decisions, clusters, replicates, seed, min_per_class)
 
     overall = run(None)
     out = {"n": len(rows), "threshold": threshold, "seed": seed, "replicates": replicates,
-           "level": 0.95, "min_per_class": min_per_class,
+           "level": DEFAULT_LEVEL, "min_per_class": min_per_class,
+           "intervals": "wilson (sensitivity, specificity), bootstrap (others)",
            "resampled_by": "lesion_id" if lesions is not None else "image",
            "overall": overall, "groupings": {}, "unavailable": {}}
     names = [*(STANDARD if standard else ()), *(b for b in by if b not in STANDARD or not standard)]
@@ -189,15 +239,6 @@ def subgroup_audit(table: pd.DataFrame, by: Sequence[str] = (), threshold: float
     return out
 
 
-def format_interval(entry: dict | None, digits: int = 2) -> str:
-    """One audit figure as ``value [low, high]`` (``-`` when it has no value)."""
-    if not entry or entry.get("value") is None:
-        return "-"
-    if entry.get("low") is None:
-        return f"{entry['value']:.{digits}f}"
-    return f"{entry['value']:.{digits}f} [{entry['low']:.{digits}f}, {entry['high']:.{digits}f}]"
-
-
 def group_rows(audit: dict, separator: str = " = ") -> list[tuple[str, dict]]:
     """``(label, group)`` for the overall figures and then every group of every grouping."""
     rows = [("overall", audit["overall"])]
@@ -210,8 +251,9 @@ def format_subgroups(audit: dict) -> str:
     """:func:`subgroup_audit`'s output as a plain-text table, one line per group."""
     keys = ("balanced_accuracy", "malignant_auc", "sensitivity", "specificity")
     head = f"{'group':<28}{'n':>6}{'mal':>5}  " + "".join(f"{k:<22}" for k in keys) + "notes"
-    lines = [f"resampled by {audit['resampled_by']}, {audit['replicates']} replicates, "
-             f"threshold {audit['threshold']}", head]
+    lines = [f"by {audit['resampled_by']}: Wilson intervals for sensitivity and specificity, "
+             f"{audit['replicates']} bootstrap replicates for the others; threshold "
+             f"{audit['threshold']}", head]
 
     def line(name: str, g: dict) -> str:
         notes = [n for n, on in (("too few", g["too_few"]), ("FLAGGED", g.get("flagged"))) if on]

@@ -17,8 +17,9 @@ import numpy as np
 import torch
 
 from raysky import storage
+from raysky.calibration.decision import describe_decision
 from raysky.calibration.fit import check_counts, fit_calibration
-from raysky.calibration.ood import DEFAULT_METHOD
+from raysky.calibration.ood import DEFAULT_METHOD, IMAGE_METHODS
 from raysky.calibration.referral import DEFAULT_SENSITIVITY
 from raysky.data.images import ImageDecodeError, load_mask, load_rgb
 from raysky.data.records import LesionRecord
@@ -29,13 +30,19 @@ BATCH_SIZE = 16
 
 @dataclass
 class LabelledOutputs:
-    """Raw logits, image features and label indices of the images that could be read."""
+    """Raw logits, image features and label indices of the images that could be read.
+
+    ``groups`` are the lesion ids (image ids where a record has none), for lesion-disjoint
+    cross-fitting; ``gate_features`` the OOD gate encoder's features, when asked for.
+    """
 
     logits: np.ndarray
     features: np.ndarray
     labels: np.ndarray
     image_ids: list[str]
     skipped: dict[str, str] = field(default_factory=dict)
+    groups: list[str] = field(default_factory=list)
+    gate_features: np.ndarray | None = None
 
 
 def labelled_records(records: Sequence[LesionRecord], classes: Sequence[str]) -> list[LesionRecord]:
@@ -54,14 +61,16 @@ def _read(record: LesionRecord, with_mask: bool) -> tuple[np.ndarray, np.ndarray
 
 def collect_outputs(classifier: LoadedModel, records: Sequence[LesionRecord],
                     segmenter: LoadedModel | None = None, batch_size: int = BATCH_SIZE,
-                    use_gpu: bool = False) -> LabelledOutputs:
+                    use_gpu: bool = False, gate=None) -> LabelledOutputs:
     """The classifier's raw logits and image features on ``records`` that carry a label.
 
     Masks come from ``segmenter`` when given, else from each record's ``mask_uri``. Images that
-    cannot be read are skipped and listed in ``skipped`` with the reason.
+    cannot be read are skipped and listed in ``skipped`` with the reason. With ``gate`` (a
+    :class:`raysky.calibration.gate.GateEncoder`) its features of the same images are
+    collected too.
     """
     from raysky.inference import classifier_outputs, lesion_mask_input, segment_probabilities
-    from raysky.models.preprocess import images_to_tensor, masks_to_tensor, metadata_to_tensors
+    from raysky.models.preprocess import masks_to_tensor, metadata_to_tensors, model_input
     from raysky.models.runtime import select_device
 
     device = select_device(use_gpu)
@@ -69,8 +78,8 @@ def collect_outputs(classifier: LoadedModel, records: Sequence[LesionRecord],
     seg_model = segmenter.model.eval().to(device) if segmenter is not None else None
     meta, classes = classifier.meta, classifier.classes
     index = {code: i for i, code in enumerate(classes)}
-    norm, size = meta["normalization"], meta["input_size"]
-    logits, features, labels, ids, skipped = [], [], [], [], {}
+    size = meta["input_size"]
+    logits, features, labels, ids, skipped, groups, gated = [], [], [], [], {}, [], []
     todo = labelled_records(records, classes)
     for start in range(0, len(todo), batch_size):
         batch, images, masks = [], [], []
@@ -89,20 +98,24 @@ def collect_outputs(classifier: LoadedModel, records: Sequence[LesionRecord],
             lesion = segment_probabilities(seg_model, segmenter.meta, images, device)
         else:
             lesion = masks_to_tensor(masks, size)[:, 0].to(device)
-        image_t = images_to_tensor(images, size, norm["mean"], norm["std"]).to(device)
+        image_t = model_input(images, meta).to(device)
         mask_t = lesion_mask_input(lesion, image_t.shape[-2:])
         metadata = metadata_to_tensors(model.vocab.encode_batch(
             [r.age for r in batch], [r.sex for r in batch], [r.site for r in batch]), device)
         with torch.no_grad():
             out_logits, out_features = classifier_outputs(model, image_t, mask_t, metadata, device)
+        if gate is not None:
+            gated.append(gate.features(images))
         logits.append(out_logits.cpu().numpy())
         features.append(out_features.cpu().numpy())
         labels.extend(index[r.label] for r in batch)
         ids.extend(r.image_id for r in batch)
+        groups.extend(r.lesion_id or r.image_id for r in batch)
     if not ids:
         raise ValueError(f"none of the {len(todo)} labelled images could be read")
     return LabelledOutputs(np.concatenate(logits), np.concatenate(features),
-                           np.asarray(labels, dtype=np.int64), ids, skipped)
+                           np.asarray(labels, dtype=np.int64), ids, skipped, groups,
+                           np.concatenate(gated) if gated else None)
 
 
 def calibrate_checkpoint(classifier_uri: str, records: Sequence[LesionRecord], out_uri: str,
@@ -125,23 +138,34 @@ def calibrate_checkpoint(classifier_uri: str, records: Sequence[LesionRecord], o
     check_counts([index[r.label] for r in labelled_records(records, classifier.classes)],
                  classifier.classes, source)
     segmenter = load_checkpoint(segmenter_uri, "segmenter") if segmenter_uri else None
-    outputs = collect_outputs(classifier, records, segmenter, use_gpu=use_gpu)
+    gate = None
+    if ood_method in IMAGE_METHODS:
+        from raysky.calibration.gate import GateEncoder
+        from raysky.models.runtime import select_device
+
+        gate = GateEncoder(device=select_device(use_gpu))
+    outputs = collect_outputs(classifier, records, segmenter, use_gpu=use_gpu, gate=gate)
     if outputs.skipped:
         shown = "; ".join(f"{k}: {v}" for k, v in list(outputs.skipped.items())[:5])
         print(f"calibrate: skipped {len(outputs.skipped)} unreadable image(s): {shown}", flush=True)
     masks = f"segmenter {segmenter.version}" if segmenter else "mask_uri"
-    record = fit_calibration(outputs.logits, outputs.features, outputs.labels,
-                             classifier.classes, {**fitted_on, "masks": masks},
-                             target_sensitivity, ood_method)
+    training = classifier.meta.get("extra", {}).get("provenance", {}).get("training_data") or {}
+    record = fit_calibration(
+        outputs.logits, outputs.features, outputs.labels, classifier.classes,
+        {**fitted_on, "masks": masks}, target_sensitivity, ood_method, groups=outputs.groups,
+        training_counts=training.get("train_classes"),
+        gate=None if gate is None else {"encoder": gate.record, "features": outputs.gate_features})
     return save_calibrated(classifier_uri, out_uri, record)
 
 
 def describe_calibration(record: dict) -> str:
-    """One line on a calibration record, for the terminal."""
+    """A few lines on a calibration record, for the terminal: the temperature, referral and
+    OOD figures, then the decision offsets (or that none are set)."""
     ref, ood = record["referral"], record["ood"]
     return (f"calibration {record['version']}: temperature {record['temperature']:.3f} (NLL "
             f"{record['nll_before']:.3f} -> {record['nll_after']:.3f}); refer at malignant_prob "
             f">= {ref['threshold']:.4f}: sensitivity {ref['sensitivity']:.3f} (target "
             f"{ref['target_sensitivity']:g}), specificity {ref['specificity']:.3f} on "
             f"{ref['n_malignant']} malignant / {ref['n_benign']} benign; OOD {ood['method']} "
-            f"> {ood['threshold']:.4g}; fitted on {record['fitted_on']['n']} images")
+            f"> {ood['threshold']:.4g}; fitted on {record['fitted_on']['n']} images\n"
+            f"{describe_decision(record)}")

@@ -11,16 +11,14 @@ calibrated figures, and the referral decisions at its threshold, without scoring
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
-from raysky.calibration.referral import refer, sensitivity_specificity
 from raysky.calibration.temperature import recalibrate, uncalibrate
-from raysky.review.metrics import (
-    bootstrap_interval,
-    brier_score,
-    expected_calibration_error,
-    reliability_bins,
-)
+from raysky.metrics.intervals import format_interval, proportion_interval
+from raysky.metrics.isic import sensitivity_specificity
+from raysky.metrics.reliability import brier_score, expected_calibration_error, reliability_bins
 
 
 def results_calibration_version(frame) -> str | None:
@@ -45,31 +43,37 @@ def calibration_quality(labels: np.ndarray, probs: np.ndarray) -> dict:
 
 
 def referral_metrics(referred: np.ndarray, is_malignant: np.ndarray, threshold: float | None,
-                     seed: int = 0) -> dict:
-    """Sensitivity and specificity of the referrals, each with a seeded bootstrap 95% interval."""
+                     lesions: Sequence | None = None) -> dict:
+    """Sensitivity and specificity of the referrals, each with a 95% Wilson interval on the
+    lesion-clustered effective count (:func:`raysky.metrics.intervals.proportion_interval`):
+    the same intervals the subgroup audit's overall row gives for the same decisions."""
     referred = np.asarray(referred, dtype=bool)
     truth = np.asarray(is_malignant, dtype=bool)
-    sens, spec = sensitivity_specificity(referred, truth)
-    sens_ci = bootstrap_interval(lambda r, t: sensitivity_specificity(r, t)[0], [referred, truth],
-                                 seed=seed)
-    spec_ci = bootstrap_interval(lambda r, t: sensitivity_specificity(r, t)[1], [referred, truth],
-                                 seed=seed)
+    clusters = None if lesions is None else np.asarray(lesions, dtype=object)
+    sens, spec = sensitivity_specificity(truth, referred)
+    sens_ci = proportion_interval(referred[truth], None if clusters is None else clusters[truth])
+    spec_ci = proportion_interval(~referred[~truth],
+                                  None if clusters is None else clusters[~truth])
+    by = "lesion" if clusters is not None and any(v is not None and v == v for v in clusters) \
+        else "image"
     return {"threshold": threshold, "n_malignant": int(truth.sum()), "n_benign": int((~truth).sum()),
-            "referred": int(referred.sum()), "sensitivity": sens, "sensitivity_ci95": list(sens_ci),
-            "specificity": spec, "specificity_ci95": list(spec_ci), "bootstrap_resamples": 1000}
+            "referred": int(referred.sum()), "sensitivity": sens,
+            "sensitivity_ci95": [sens_ci["low"], sens_ci["high"]], "specificity": spec,
+            "specificity_ci95": [spec_ci["low"], spec_ci["high"]], "interval": f"wilson, by {by}"}
 
 
 def calibration_metrics(labels: np.ndarray, probs: np.ndarray, is_malignant: np.ndarray,
-                        malignant_columns: list[int], stored_version: str | None,
-                        refer_column: np.ndarray | None, checkpoint_calibration: dict | None
+                        stored_version: str | None, referred: np.ndarray | None,
+                        checkpoint_calibration: dict | None, lesions: Sequence | None = None
                         ) -> dict:
     """Calibration figures for labelled result rows (``labels`` index ``probs`` columns).
 
     ``stored_version`` is the results' calibration version (None: uncalibrated results);
     ``checkpoint_calibration`` the ``--classifier`` checkpoint's record, if one was given.
     ``before``/``after`` are the uncalibrated and calibrated figures, each null when it
-    cannot be had. ``referral`` uses the results' ``refer`` column, or the checkpoint's
-    threshold on recalibrated probabilities for uncalibrated results.
+    cannot be had. ``referral`` measures the rows' referral decisions ``referred`` (None: no
+    referral figures; see :func:`raysky.review.calibration_audit.referral_decisions`), with
+    intervals by ``lesions`` where given.
     """
     record = checkpoint_calibration or None
     if stored_version and record and record.get("version") != stored_version:
@@ -82,26 +86,21 @@ def calibration_metrics(labels: np.ndarray, probs: np.ndarray, is_malignant: np.
     out: dict = {"calibration_version": stored_version, "temperature": None,
                  "probabilities": "calibrated" if stored_version else "uncalibrated",
                  "before": None, "after": None, "referral": None}
-    after, referred, threshold = None, None, None
     if stored_version:
         out["after"] = calibration_quality(labels, probs)
         if record:
             out["temperature"] = float(record["temperature"])
             out["before"] = calibration_quality(labels, uncalibrate(probs, out["temperature"]))
-        if refer_column is not None:
-            referred = np.asarray([bool(v) for v in refer_column])
-            threshold = record["referral"]["threshold"] if record else None
     else:
         out["before"] = calibration_quality(labels, probs)
         if record:
             out["temperature"] = float(record["temperature"])
-            after = recalibrate(probs, out["temperature"])
-            out["after"] = calibration_quality(labels, after)
-            threshold = float(record["referral"]["threshold"])
-            referred = refer(after[:, malignant_columns].sum(axis=1), threshold)
+            out["after"] = calibration_quality(labels, recalibrate(probs, out["temperature"]))
             out["calibration_version"] = record.get("version")
     if referred is not None:
-        out["referral"] = referral_metrics(referred, is_malignant, threshold)
+        threshold = (record or {}).get("referral", {}).get("threshold")
+        out["referral"] = referral_metrics(referred, is_malignant,
+                                           None if threshold is None else float(threshold), lesions)
     return out
 
 
@@ -120,9 +119,16 @@ def format_calibration(section: dict) -> list[str]:
              f"{fmt(section['after'], 'brier')}"]
     ref = section.get("referral")
     if ref:
-        lines.append(f"  referral: {ref['referred']} referred; sensitivity {ref['sensitivity']:.3f} "
-                     f"[{ref['sensitivity_ci95'][0]:.3f}, {ref['sensitivity_ci95'][1]:.3f}] on "
-                     f"{ref['n_malignant']} malignant, specificity {ref['specificity']:.3f} "
-                     f"[{ref['specificity_ci95'][0]:.3f}, {ref['specificity_ci95'][1]:.3f}] on "
-                     f"{ref['n_benign']} benign (bootstrap 95%)")
+        sens, spec = referral_intervals(ref)
+        lines.append(f"  referral: {ref['referred']} referred; sensitivity {format_interval(sens)} "
+                     f"on {ref['n_malignant']} malignant, specificity {format_interval(spec)} on "
+                     f"{ref['n_benign']} benign (95%, {ref.get('interval', 'wilson')})")
     return lines
+
+
+def referral_intervals(referral: dict) -> tuple[dict, dict]:
+    """The referral's sensitivity and specificity as interval entries (``value``, ``low``,
+    ``high``) for :func:`raysky.metrics.intervals.format_interval`."""
+    return tuple({"value": referral[name], "low": referral[f"{name}_ci95"][0],
+                  "high": referral[f"{name}_ci95"][1]}
+                 for name in ("sensitivity", "specificity"))  # type: ignore[return-value]

@@ -13,7 +13,7 @@ COLORS = ("#D55E00", "#0072B2")  # Okabe-Ito, as in raysky.review.pictures: befo
 def reliability_svg(curves: Sequence[tuple[str, list[dict], float]], size: int = 340) -> str:
     """Accuracy against confidence per bin, one polyline per ``(name, bins, ece)`` curve.
 
-    ``bins`` are :func:`raysky.review.metrics.reliability_bins` rows; each point's area grows with its
+    ``bins`` are :func:`raysky.metrics.reliability.reliability_bins` rows; each point's area grows with its
     bin's count, and the diagonal is perfect calibration.
     """
     square = UnitSquare(size, legend_width=190)
@@ -48,11 +48,13 @@ def reliability_section(calibration: dict | None) -> str:
     ref = calibration.get("referral")
     referral = ""
     if ref:
+        from raysky.calibration.evaluation import referral_intervals
+        from raysky.metrics.intervals import format_interval
+
+        sens, spec = referral_intervals(ref)
         referral = (f" Referral at malignant probability &ge; {_num(ref['threshold'])}: "
-                    f"sensitivity {_num(ref['sensitivity'])} (95% CI "
-                    f"{_num(ref['sensitivity_ci95'][0])}-{_num(ref['sensitivity_ci95'][1])}), "
-                    f"specificity {_num(ref['specificity'])} (95% CI "
-                    f"{_num(ref['specificity_ci95'][0])}-{_num(ref['specificity_ci95'][1])}).")
+                    f"sensitivity {format_interval(sens)}, specificity "
+                    f"{format_interval(spec)} (95%, {html.escape(ref.get('interval', ''))}).")
     return (f'<section id="calibration"><h2>Reliability (15 confidence bins)</h2>'
             f'<p class="note">{html.escape(note)}; points sized by images per bin; the dashed '
             f"diagonal is perfect calibration.{referral}</p>{reliability_svg(curves)}</section>")

@@ -12,6 +12,8 @@ import math
 
 import numpy as np
 
+from raysky.metrics.isic import sensitivity_specificity
+
 DEFAULT_SENSITIVITY = 0.95
 
 
@@ -20,15 +22,6 @@ def refer(malignant_prob: np.ndarray | float, threshold: float) -> np.ndarray | 
     if np.ndim(malignant_prob) == 0:
         return bool(float(malignant_prob) >= threshold)
     return np.asarray(malignant_prob, dtype=np.float64) >= threshold
-
-
-def sensitivity_specificity(referred: np.ndarray, is_malignant: np.ndarray) -> tuple[float, float]:
-    """Share of malignant cases referred and of benign cases not referred (NaN when empty)."""
-    referred = np.asarray(referred, dtype=bool)
-    truth = np.asarray(is_malignant, dtype=bool)
-    sens = float(referred[truth].mean()) if truth.any() else float("nan")
-    spec = float((~referred[~truth]).mean()) if (~truth).any() else float("nan")
-    return sens, spec
 
 
 def fit_referral(malignant_prob: np.ndarray, is_malignant: np.ndarray,
@@ -49,7 +42,7 @@ def fit_referral(malignant_prob: np.ndarray, is_malignant: np.ndarray,
     ranked = np.sort(scores[truth])[::-1]
     needed = max(1, math.ceil(target_sensitivity * len(ranked) - 1e-9))
     threshold = float(ranked[needed - 1])
-    sens, spec = sensitivity_specificity(refer(scores, threshold), truth)
+    sens, spec = sensitivity_specificity(truth, refer(scores, threshold))
     return {"threshold": threshold, "target_sensitivity": float(target_sensitivity),
             "sensitivity": sens, "specificity": spec, "n_malignant": int(truth.sum()),
             "n_benign": int((~truth).sum())}

@@ -14,10 +14,13 @@ def register(subparsers) -> None:
     """Add the ``calibrate`` sub-command."""
     parser = subparsers.add_parser(
         "calibrate", help="calibrate a classifier checkpoint on labelled data (new version)",
-        description="Run the classifier over labelled images and fit three things: a "
-        "temperature for its probabilities, the malignant_prob threshold that reaches the "
-        "referral sensitivity for malignant lesions (MEL, BCC, AKIEC), and out-of-distribution "
-        "statistics with a threshold flagging at most 5%% of these images. Writes a new "
+        description="Run the classifier over labelled images and fit four things: a "
+        "temperature for its probabilities, per-class decision offsets that make "
+        "predicted_class aim at balanced accuracy (the probabilities stay calibrated; a class "
+        "with no image here is reported as not fitted), the malignant_prob threshold that "
+        "reaches the referral sensitivity for malignant lesions (MEL, BCC, AKIEC), and "
+        "out-of-distribution statistics with a threshold flagging about 5%% of these images "
+        "(by default a dermoscopy gate on a frozen ImageNet encoder). Writes a new "
         "checkpoint version to --out: the same weights, with the calibration in its "
         "config.json. Needs at least 20 malignant and 20 benign labelled images.")
     parser.add_argument("--classifier", required=True, metavar="CKPT_URI",
@@ -37,7 +40,9 @@ def register(subparsers) -> None:
                         help="sensitivity for malignant lesions the referral threshold reaches "
                         "on this data (default: %(default)s)")
     parser.add_argument("--ood-method", choices=METHODS, default=DEFAULT_METHOD,
-                        help="out-of-distribution score (default: %(default)s)")
+                        help="out-of-distribution score: imagenet-gate (a frozen ImageNet encoder's "
+                        "features, per-class thresholds), mahalanobis (the classifier's feature) "
+                        "or energy (its logits) (default: %(default)s)")
     masks = parser.add_mutually_exclusive_group(required=True)
     masks.add_argument("--segmenter", metavar="CKPT_URI",
                        help="segmenter checkpoint whose masks feed the lesion stream")

@@ -35,6 +35,13 @@ def run(args: argparse.Namespace) -> int:
             print(render_markdown(build_card(meta)), end="")
         else:
             print(json.dumps(meta, indent=2))
+            if meta.get("calibration"):
+                import sys
+
+                from raysky.calibration.collect import describe_calibration
+
+                # On stderr, so stdout stays the checkpoint's JSON for scripts.
+                print(describe_calibration(meta["calibration"]), file=sys.stderr)
         return 0
     from raysky.models.config import PRESETS, encoder_label
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import traceback
+
+from raysky.cli.exit_codes import EXIT_FAILURE, EXIT_OK, EXIT_TEMPFAIL, EXIT_USAGE
 
 # Each module defines ``register(subparsers)``, adding a sub-command whose parser sets ``func``.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -37,22 +40,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse ``argv`` and run the chosen sub-command; returns the process exit code."""
+    """Parse ``argv`` and run the chosen sub-command; returns the process exit code:
+    :data:`EXIT_OK`, :data:`EXIT_FAILURE`, :data:`EXIT_USAGE` or :data:`EXIT_TEMPFAIL`
+    (argparse itself exits with 2 on a usage error)."""
+    from raysky.score.lock import OutputLocked
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
-        return 2
+        return EXIT_USAGE
     try:
-        return int(args.func(args) or 0)
+        return int(args.func(args) or EXIT_OK)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError) as exc:
+    except OutputLocked as exc:
+        # Not the caller's mistake: the same command will work once the other run is done.
+        print(f"raysky {args.command}: busy: {exc}", file=sys.stderr)
+        return EXIT_TEMPFAIL
+    except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
         # User mistakes (bad paths, malformed datasets, wrong checkpoints) get one clear line,
         # not a traceback.
         print(f"raysky {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    except Exception:
+        # Anything else is a failure of the run, not of its input: the traceback is what a
+        # bug report needs, and the exit code says it is not worth retrying unchanged.
+        traceback.print_exc()
+        print(f"raysky {args.command}: failed (exit {EXIT_FAILURE})", file=sys.stderr)
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

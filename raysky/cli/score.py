@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
+from raysky.cli.exit_codes import EXIT_OK, EXIT_TEMPFAIL
 from raysky.cli.options import add_setting, settings_from_args
 from raysky.models.runtime import PRECISIONS
+from raysky.score.cases import CASE_COLUMNS
 from raysky.score.settings import ENGINES, ScoreSettings
 
 
@@ -50,7 +53,7 @@ def register(subparsers) -> None:
         description="Copy every image under --input into Parquet shards (image_id, source_uri, "
         "image bytes, metadata) of at most --rows-per-file rows. `raysky score` reads shards "
         "in large requests instead of one request per object. Resumable.")
-    pack.add_argument("--input", required=True, help="prefix of .jpg/.jpeg/.png objects")
+    pack.add_argument("--input", required=True, help="prefix of .jpg/.jpeg/.png/.dcm objects")
     pack.add_argument("--output", required=True, help="prefix for the shards")
     # The same fields as `raysky score`'s: shards are cut like results files, and --address
     # means the same Ray either way.
@@ -60,12 +63,18 @@ def register(subparsers) -> None:
     pack.set_defaults(func=run_pack)
 
     show = subparsers.add_parser(
-        "results", help="summarise scoring results",
+        "results", help="summarise scoring results, per image or per lesion/patient",
         description="Read results written by `raysky score` (one row per input, duplicates "
         "removed) and print counts of ok and error rows, error reasons, the class "
-        "distribution and the images with the highest malignant_prob.")
+        "distribution and the images with the highest malignant_prob. With --by, fold the "
+        "images into one row per lesion or patient: the highest malignant_prob and its "
+        "image, whether any image is referred, the worst OOD flag and the image count.")
     show.add_argument("uri", help="results prefix written by `raysky score`")
     add_setting(show, ScoreSettings, "top", "--top", type=int)
+    show.add_argument("--by", choices=CASE_COLUMNS, default=None,
+                      help="one row per lesion or patient (images without one stand alone)")
+    show.add_argument("--out", default=None, metavar="FILE",
+                      help="with --by, write every case to this .csv or .parquet (local or s3://)")
     show.add_argument("--json", action="store_true", help="print the summary as JSON")
     show.set_defaults(func=run_results)
 
@@ -76,7 +85,14 @@ def run_score(args: argparse.Namespace) -> int:
 
     summary = score_archive(settings_from_args(ScoreSettings, args))
     print(json.dumps(summary.to_dict(), indent=2) if args.json else summary.format())
-    return 0
+    transient = summary.totals.get("transient_errors", 0)
+    if transient:
+        # Every input has a row, but these rows are worth another try: say so in the exit code,
+        # so a scheduler retries the run instead of taking it as done.
+        print(f"raysky score: {transient} inputs still failed transiently (error_kind "
+              "'transient'); run the same command again to retry them", file=sys.stderr)
+        return EXIT_TEMPFAIL
+    return EXIT_OK
 
 
 def run_pack(args: argparse.Namespace) -> int:
@@ -93,6 +109,37 @@ def run_results(args: argparse.Namespace) -> int:
     """Run ``raysky results``."""
     from raysky import results
 
+    if args.out and not args.by:
+        raise ValueError("--out writes the per-case table: give --by lesion_id or patient_id")
+    if args.by:
+        table = results.cases(args.uri, by=args.by)
+        if args.out:
+            _write_cases(table, args.out)
+        if args.json:
+            print(table.head(args.top).to_json(orient="records", indent=2))
+        else:
+            print(results.format_cases(table, args.by, args.top))
+            if args.out:
+                print(f"{len(table)} cases written to {args.out}")
+        return 0
     summary = results.summarize(args.uri, top=args.top)
     print(json.dumps(summary, indent=2) if args.json else results.format_summary(summary))
     return 0
+
+
+def _write_cases(table, uri: str) -> None:
+    """The per-case table as CSV (image ids joined by ';') or Parquet, local or ``s3://``."""
+    import io
+
+    from raysky import storage
+
+    if uri.lower().endswith(".parquet"):
+        buffer = io.BytesIO()
+        table.to_parquet(buffer, index=False)
+        data = buffer.getvalue()
+    elif uri.lower().endswith(".csv"):
+        flat = table.assign(image_ids=table["image_ids"].map(";".join))
+        data = flat.to_csv(index=False, lineterminator="\n").encode()
+    else:
+        raise ValueError(f"--out {uri}: expected a .csv or .parquet file name")
+    storage.write_bytes(uri, data)

@@ -8,7 +8,7 @@ import json
 from raysky.cli import options
 from raysky.cli.options import add_setting
 from raysky.data.readers import FORMATS
-from raysky.models.config import PRESETS
+from raysky.models.config import LESION_BRANCHES, PRESETS
 from raysky.models.runtime import TRAIN_PRECISIONS
 from raysky.train.settings import TrainSettings
 from raysky.train.tracking import LOCAL_STORE
@@ -93,9 +93,12 @@ def register(subparsers) -> None:
                        help="use the dataset's ground-truth masks instead of a segmenter's")
     cls.add_argument("--no-metadata", action="store_true",
                      help="leave out the age/sex/site metadata branch (ablation)")
-    cls.add_argument("--single-stream", action="store_true",
-                     help="leave out the lesion stream and the cross-attention fusion: the full "
-                     "image only (ablation)")
+    lesion = cls.add_mutually_exclusive_group()
+    lesion.add_argument("--single-stream", action="store_true",
+                        help="leave out the lesion view and the cross-attention fusion: the full "
+                        "image only (ablation)")
+    add_setting(lesion, TrainSettings, "lesion_branch", "--lesion-branch",
+                choices=LESION_BRANCHES)
     cls.set_defaults(func=run, kind="classifier")
 
 

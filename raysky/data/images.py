@@ -280,8 +280,14 @@ def encode_png(image: Image.Image | np.ndarray, compress_level: int = 6, *,
 
 
 def load_rgb(uri: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Read ``uri`` (local path or ``s3://``) and decode it with :func:`decode_image`."""
-    return decode_image(storage.read_bytes(uri), source=str(uri), max_pixels=max_pixels)
+    """Read ``uri`` (local path or ``s3://``) and decode it with :func:`decode_image`, or, for
+    a DICOM object, with :func:`raysky.data.dicom.decode_dicom` (archives may hold both)."""
+    from raysky.data.dicom import decode_dicom, is_dicom
+
+    data = storage.read_bytes(uri)
+    if is_dicom(data):
+        return decode_dicom(data, source=str(uri), max_pixels=max_pixels)[0]
+    return decode_image(data, source=str(uri), max_pixels=max_pixels)
 
 
 def load_mask(uri: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:

@@ -22,6 +22,7 @@ class LesionRecord:
     age: float | None = None
     sex: str | None = None
     site: str | None = None
+    patient_id: str | None = None
 
     def to_dict(self) -> dict:
         """Plain-dict form, used as a Ray Data row."""

@@ -22,6 +22,7 @@ from raysky.data.records import DatasetError
 from raysky.data.taxonomy import canonical_label
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png")
+DICOM_SUFFIXES: tuple[str, ...] = (".dcm", ".dicom")
 MASK_SUFFIX = "_segmentation.png"
 
 # Spellings that mean "no value" in the public CSVs. "unknown" is deliberately absent:
@@ -106,17 +107,26 @@ def _parser_problem(exc: Exception) -> str:
     return str(exc).strip().splitlines()[-1].replace("Error tokenizing data. C error: ", "")
 
 
+def root_prefix(root: str) -> str:
+    """What every URI :func:`raysky.storage.list_files` lists under ``root`` starts with."""
+    _fs, base = storage.resolve(str(root))
+    return ("s3://" if storage.is_s3(str(root)) else "") + base.rstrip("/") + "/"
+
+
 class Tree:
     """One recursive listing of a dataset root, keyed by root-relative POSIX path."""
 
     def __init__(self, root: str):
         self.root = str(root)
-        _fs, base = storage.resolve(self.root)
-        prefix = ("s3://" if storage.is_s3(self.root) else "") + base.rstrip("/") + "/"
+        prefix = root_prefix(self.root)
         try:
             listing = storage.list_files(self.root)  # sorted, so every lookup is deterministic
         except NotADirectoryError:
             raise DatasetError(self.root, "not a directory: expected a dataset folder") from None
+        if not listing and not storage.exists(self.root):
+            # A mistyped path lists nothing; saying so here names the path the user gave,
+            # where "HAM10000_metadata.csv: file not found" would send them looking for a file.
+            raise DatasetError(self.root, "no such folder or prefix")
         self.files: dict[str, str] = {}
         for uri in listing:
             if uri.startswith(prefix):

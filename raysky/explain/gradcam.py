@@ -89,20 +89,24 @@ class GradCAMExplainer:
     def __call__(self, image: torch.Tensor, mask: torch.Tensor,
                  metadata: dict[str, torch.Tensor] | None = None,
                  targets: torch.Tensor | None = None,
-                 autocast=None, temperature: float = 1.0) -> Explanation:
+                 autocast=None, temperature: float = 1.0,
+                 offsets: torch.Tensor | None = None) -> Explanation:
         """Return probabilities and heatmaps at the input's resolution (see :meth:`explain`)."""
-        return self.explain(image, mask, metadata, targets, autocast, temperature)[0]
+        return self.explain(image, mask, metadata, targets, autocast, temperature, offsets)[0]
 
     def explain(self, image: torch.Tensor, mask: torch.Tensor,
                 metadata: dict[str, torch.Tensor] | None = None,
                 targets: torch.Tensor | None = None, autocast=None,
-                temperature: float = 1.0) -> tuple[Explanation, torch.Tensor, torch.Tensor]:
+                temperature: float = 1.0, offsets: torch.Tensor | None = None
+                ) -> tuple[Explanation, torch.Tensor, torch.Tensor]:
         """Probabilities and heatmaps, plus the raw logits and image features of the same pass.
 
         ``autocast`` is an optional context manager factory (see ``raysky.models.runtime``)
         applied to the forward pass. The probabilities are ``softmax(logits / temperature)``,
-        so a calibrated checkpoint's temperature applies here too; the default target, the
-        argmax, does not depend on it. The raw logits and the features (``[B, D]``), both
+        so a calibrated checkpoint's temperature applies here too. The default target is the
+        predicted class: ``argmax(logits / temperature + offsets)`` with a calibration's
+        decision ``offsets`` (``[C]``), else the plain argmax, so the heatmap explains the
+        class the answer names. The raw logits and the features (``[B, D]``), both
         detached float32, are what :mod:`raysky.calibration.ood` scores. Gradients are enabled here even if the caller is
         under ``no_grad``, since Grad-CAM cannot work without them.
         """
@@ -112,17 +116,24 @@ class GradCAMExplainer:
             raise RuntimeError("Grad-CAM needs autograd: call the explainer outside torch.inference_mode()")
         ctx = autocast or contextlib.nullcontext
         with torch.no_grad(), ctx():
-            full_map, lesion_map = self.model.encode(image, mask)
+            full_map, lesion = self.model.encode(image, mask)
         # Leaves cut here: the backward pass stops at the feature maps and never re-enters the
-        # DenseNet encoders, which is where almost all of the compute is.
-        maps = [m.detach().requires_grad_(True) for m in (full_map, lesion_map) if m is not None]
+        # encoders, which is where almost all of the compute is. The shared lesion branch's
+        # pooling weights are no feature map: its evidence flows back into the full map.
+        full_leaf = full_map.detach().requires_grad_(True)
+        maps = [full_leaf]
+        if lesion is not None and not self.model.shares_encoder:
+            lesion = lesion.detach().requires_grad_(True)
+            maps.append(lesion)
         with torch.enable_grad():
             with ctx():
-                logits, features = self.model.classify_with_features(
-                    maps[0], maps[1] if len(maps) > 1 else None, metadata)
+                logits, features = self.model.classify_with_features(full_leaf, lesion, metadata)
             logits = logits.float()
             if targets is None:
-                targets = logits.argmax(dim=1)
+                decision = logits.detach() / temperature
+                if offsets is not None:
+                    decision = decision + offsets.to(decision.device, decision.dtype)
+                targets = decision.argmax(dim=1)
             score = logits.gather(1, targets.to(logits.device).long().view(-1, 1)).sum()
             grads = torch.autograd.grad(score, maps)
         cams = [cam_from_gradients(m.detach(), g) for m, g in zip(maps, grads, strict=True)]

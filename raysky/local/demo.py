@@ -20,9 +20,8 @@ from pathlib import Path
 from raysky import storage
 from raysky.local.net import free_port
 from raysky.progress import format_duration
+from raysky.sample_data import SAMPLE_DIR as BUNDLED_SAMPLE
 from raysky.settings import setting
-
-BUNDLED_SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
 
 
 @dataclass
@@ -70,19 +69,37 @@ def held_out_split(records, per_class: tuple[int, int] = (3, 1)) -> dict[str, st
     return {r.image_id: split_of[r.lesion_id or r.image_id] for r in records}
 
 
+def check_data(settings: DemoSettings) -> None:
+    """Fail before anything starts when ``settings.data`` is not a readable dataset.
+
+    A local folder is read with the dataset reader here, so a wrong path or layout is one line
+    naming the folder or file, not an error minutes later after Ray and S3 have started. An
+    ``s3://`` prefix is read where it lives, in step 2.
+    """
+    if storage.is_s3(settings.data):
+        return
+    if not os.path.isdir(settings.data):
+        raise FileNotFoundError(f"data {settings.data}: no such folder (give a dataset folder "
+                                f"in the {settings.format} layout, or an s3:// prefix)")
+    from raysky.data.readers import read_dataset
+
+    read_dataset(settings.data, settings.format)
+
+
 def run_demo(settings: DemoSettings) -> dict:
     """Run the whole demo and return a summary of where everything is."""
     import httpx
     import ray
 
     from raysky.cluster import ensure_ray
-    from raysky.local.s3 import local_s3, upload_directory
+    from raysky.local.s3 import local_s3
     from raysky.review.evaluate import evaluate, format_table
     from raysky.review.report import build_report
     from raysky.score import ScoreSettings, score_archive
     from raysky.serve import ServeSettings, run_server, shutdown
     from raysky.train import TrainSettings, train_classifier, train_segmenter
 
+    check_data(settings)
     started = time.monotonic()
     out = Path(settings.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -111,7 +128,7 @@ def run_demo(settings: DemoSettings) -> dict:
         if storage.is_s3(settings.data):
             dataset_uri = settings.data
         else:
-            count = upload_directory(settings.data, dataset_uri)
+            count = storage.upload_directory(settings.data, dataset_uri)
             print(f"{count} files -> {dataset_uri}")
         from raysky.data.readers import read_dataset
 
@@ -243,4 +260,4 @@ def _jsonable(value):
     return json.loads(json.dumps(to_jsonable(value), default=str))
 
 
-__all__ = ["BUNDLED_SAMPLE", "DemoSettings", "run_demo"]
+__all__ = ["BUNDLED_SAMPLE", "DemoSettings", "check_data", "run_demo"]

@@ -75,17 +75,3 @@ def local_s3(port: int = 0, set_environ: bool = True) -> Iterator[LocalS3]:
                     os.environ[key] = value
         server.stop()
 
-
-def upload_directory(local_dir: str, uri: str) -> int:
-    """Copy every file under ``local_dir`` to the prefix ``uri``; returns the file count."""
-    from raysky import storage
-
-    count = 0
-    for root, _dirs, files in os.walk(local_dir):
-        for name in sorted(files):
-            path = os.path.join(root, name)
-            rel = os.path.relpath(path, local_dir).replace(os.sep, "/")
-            with open(path, "rb") as handle:
-                storage.write_bytes(storage.join(uri, rel), handle.read())
-            count += 1
-    return count

@@ -125,17 +125,67 @@ def build_card(meta: dict) -> dict[str, Any]:
         "validation": ({"epoch": extra.get("epoch"),
                         **{k: metrics[k] for k in VAL_METRICS if k in metrics}}
                        if metrics else None),
-        "calibration": ({"temperature": calibration.get("temperature"),
-                         "referral": calibration.get("referral"),
-                         "ood": {k: v for k, v in calibration.get("ood", {}).items()
-                                 if k in ("method", "threshold", "quantile", "dim")},
-                         "fitted_on": calibration.get("fitted_on")}
-                        if calibration else None),
+        "calibration": _calibration_section(calibration) if calibration else None,
         **{section: meta.get("card", {}).get(section) for section in SECTIONS},
         "intended_use": INTENDED_USE,
         "limitations": _limitations(meta, provenance.get("training_data")),
     }
     return card
+
+
+def _calibration_section(calibration: dict) -> dict[str, Any]:
+    """The card's calibration facts: temperature, decision offsets, referral and OOD.
+
+    The OOD statistics themselves (means, covariance) stay in ``config.json``; the card keeps
+    what a reader checks: the method, its threshold, and for the gate its encoder's weight
+    source and sha256 and the per-class thresholds.
+    """
+    ood = calibration.get("ood", {})
+    summary = {k: v for k, v in ood.items()
+               if k in ("method", "threshold", "quantile", "dim", "components", "encoder")}
+    if "class_thresholds" in ood:
+        summary["class_thresholds"] = ood["class_thresholds"]
+    return {"temperature": calibration.get("temperature"),
+            # None: a calibration from before decision offsets (argmax of the probabilities)
+            "decision_offsets": calibration.get("decision_offsets"),
+            "decision_rule": calibration.get("decision_rule"),
+            "referral": calibration.get("referral"), "ood": summary,
+            "fitted_on": calibration.get("fitted_on")}
+
+
+def _decision_lines(calibration: dict) -> list[str]:
+    offsets = calibration.get("decision_offsets")
+    if not offsets:
+        return ["- Decision: no decision offsets are set; predicted_class is the argmax of the "
+                "calibrated probabilities (`raysky calibrate` fits offsets for balanced "
+                "accuracy)"]
+    rule = calibration.get("decision_rule") or {}
+    ba = rule.get("balanced_accuracy") or {}
+    crossed = ba.get("cross_fitted") or {}
+    lines = [f"- Decision: predicted_class = argmax(logits / T + offset), offsets by "
+             f"{_value(rule.get('method'))} (tau {_value(rule.get('tau'), 2)}, prior from the "
+             f"{_value(rule.get('prior_source'))}); probabilities are not changed by them",
+             "- Decision offsets: " + ", ".join(f"{k} {v:+.3f}" for k, v in offsets.items())]
+    if ba:
+        lines.append(f"- Balanced accuracy on the calibration data: {_value(ba.get('before'))} "
+                     f"without offsets, {_value(ba.get('after'))} with (in-sample); "
+                     f"cross-fitted on lesion-disjoint halves: none "
+                     f"{_value(crossed.get('none'))}, prior {_value(crossed.get('prior'))}, "
+                     f"prior+classwise {_value(crossed.get('prior+classwise'))}")
+    for name, why in (rule.get("classes_not_fitted") or {}).items():
+        lines.append(f"- Offset of {name} not fitted: {why}")
+    return lines
+
+
+def _ood_line(ood: dict) -> str:
+    if ood.get("method") == "imagenet-gate":
+        encoder = ood.get("encoder") or {}
+        return (f"- Out of distribution: dermoscopy gate on a frozen {encoder.get('architecture')} "
+                f"({encoder.get('source')}, sha256 `{encoder.get('sha256')}`) at "
+                f"{encoder.get('input_size')} px; flagged when ood_score > "
+                f"{_value(ood.get('threshold'))}; per-class thresholds "
+                f"{_value(ood.get('class_thresholds'))}")
+    return f"- Out of distribution: {_value(ood)}"
 
 
 def _limitations(meta: dict, data: dict | None) -> list[str]:
@@ -224,6 +274,22 @@ def front_matter(card: dict) -> dict[str, Any]:
         if results else None,
     }
     return {k: v for k, v in meta.items() if v is not None}
+
+
+def _referral_line(referral: dict) -> str:
+    """The evaluated referral, each rate as ``value [low, high]``: printed as evaluate, the
+    report and the subgroup table's overall row print the same figure."""
+    from raysky.metrics.intervals import format_interval
+
+    def rate(name: str) -> str:
+        low, high = referral.get(f"{name}_ci95") or (None, None)
+        return format_interval({"value": referral.get(name), "low": low, "high": high})
+
+    return (f"- Referral at malignant_prob >= {_value(referral.get('threshold'), 4)}: "
+            f"sensitivity {rate('sensitivity')} on {_value(referral.get('n_malignant'))} "
+            f"malignant, specificity {rate('specificity')} on "
+            f"{_value(referral.get('n_benign'))} benign (95%, "
+            f"{referral.get('interval', 'bootstrap')})")
 
 
 def _yaml_scalar(value: Any) -> str:
@@ -327,20 +393,24 @@ def render_markdown(card: dict) -> str:
                   f"- Refer at malignant_prob >= {_value(ref.get('threshold'), 4)}: sensitivity "
                   f"{_value(ref.get('sensitivity'))} (target {_value(ref.get('target_sensitivity'), 2)}), "
                   f"specificity {_value(ref.get('specificity'))}",
-                  f"- Out of distribution: {_value(calibration['ood'])}"]
+                  *_decision_lines(calibration),
+                  _ood_line(calibration["ood"])]
     else:
         lines.append("- not calibrated (`raysky calibrate` adds it)")
     evaluation = card["evaluation"]
     lines += ["", "## Evaluation", ""]
     if evaluation:
-        lines.append(f"- {_value(evaluation)}")
+        lines.append(f"- {_value({k: v for k, v in evaluation.items() if k != 'referral'})}")
+        if evaluation.get("referral"):
+            lines.append(_referral_line(evaluation["referral"]))
     else:
         lines.append("- not measured (`raysky evaluate --update-card`)")
     lines += ["", "## Subgroups", ""]
     subgroups = card["subgroups"]
     if subgroups:
         # Deferred: checkpoint.py imports this module, and the audit pulls in scikit-learn.
-        from raysky.audit.subgroups import format_interval, group_rows
+        from raysky.audit.subgroups import group_rows
+        from raysky.metrics.intervals import format_interval
 
         rows = []
         for name, g in group_rows({"groupings": {}, **subgroups}):

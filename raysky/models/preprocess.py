@@ -7,6 +7,7 @@ and metadata prepared the same way it was trained on.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -15,27 +16,74 @@ import torch.nn.functional as F
 
 from raysky.data.metadata import EncodedMetadata
 
+COLOR_CONSTANCY: tuple[str, ...] = ("shades_of_gray",)
+"""Colour constancy methods a model config may name (``color_constancy``); None is none."""
+
+SHADES_OF_GRAY_P = 6
+"""Minkowski norm of Shades of Gray: the ISIC 2018/2019 winners' (and Barata et al.'s) p."""
+
+
+def shades_of_gray(images: torch.Tensor, p: int = SHADES_OF_GRAY_P) -> torch.Tensor:
+    """Shades of Gray colour constancy (Finlayson & Trezzi 2004) of ``[B, 3, H, W]`` in [0, 1].
+
+    The illuminant of each image is the Minkowski ``p``-norm mean of each channel; dividing
+    by it (scaled so that a grey illuminant leaves the image unchanged) removes the colour
+    cast a dermoscope or its lighting adds, the same way in training, scoring and serving.
+    ``p=6`` leans on the bright skin rather than the dark lesion when estimating it.
+    """
+    x = images.float()
+    illuminant = x.clamp_min(0).pow(p).mean(dim=(2, 3)).pow(1.0 / p).clamp_min(1e-6)
+    white = illuminant / illuminant.norm(dim=1, keepdim=True)
+    gain = 1.0 / (white * math.sqrt(3.0))
+    return (x * gain[:, :, None, None]).clamp_(0.0, 1.0)
+
+
+def check_color_constancy(method: str | None) -> str | None:
+    """``method`` if it is a known colour constancy (or None), else a ``ValueError``."""
+    if method is not None and method not in COLOR_CONSTANCY:
+        raise ValueError(f"color_constancy={method!r} is unknown; use None or one of "
+                         f"{', '.join(COLOR_CONSTANCY)}")
+    return method
+
+
+def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
+              color_constancy: str | None = None) -> torch.Tensor:
+    """``[B, 3, H, W]`` images in [0, 1] as a model's input: colour constancy, then the
+    channel mean and standard deviation. Training and inference both end here."""
+    if check_color_constancy(color_constancy) == "shades_of_gray":
+        images = shades_of_gray(images)
+    mean_t = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    return (images - mean_t) / std_t
+
 
 def images_to_tensor(images: Sequence[np.ndarray], size: int, mean: Sequence[float],
-                     std: Sequence[float]) -> torch.Tensor:
+                     std: Sequence[float], color_constancy: str | None = None) -> torch.Tensor:
     """Stack RGB uint8 ``HxWx3`` arrays into a normalised ``[B, 3, size, size]`` float tensor.
 
     Images are squashed to a square rather than cropped: dermoscopy lesions are often
-    off-centre, and a crop could cut the lesion the classifier must see.
+    off-centre, and a crop could cut the lesion the classifier must see. ``color_constancy``
+    is the model config's (see :func:`normalize`).
     """
     batch = []
     for image in images:
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"expected an RGB HxWx3 array, got shape {image.shape}")
-        tensor = torch.tensor(image).permute(2, 0, 1)[None].float()  # copies: PIL arrays are read-only
+        # A copy: PIL arrays are read-only, and flipped views have negative strides.
+        tensor = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)[None].float()
         if tensor.shape[-2:] != (size, size):
             tensor = F.interpolate(tensor, size=(size, size), mode="bilinear", antialias=True,
                                    align_corners=False)
         batch.append(tensor)
-    out = torch.cat(batch).div_(255.0)
-    mean_t = torch.tensor(mean, dtype=out.dtype).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, dtype=out.dtype).view(1, 3, 1, 1)
-    return (out - mean_t) / std_t
+    return normalize(torch.cat(batch).div_(255.0).clamp_(0.0, 1.0), mean, std, color_constancy)
+
+
+def model_input(images: Sequence[np.ndarray], meta: dict) -> torch.Tensor:
+    """:func:`images_to_tensor` with a checkpoint's input size and normalisation (``meta`` is
+    its ``config.json``); checkpoints from before colour constancy have none."""
+    norm = meta["normalization"]
+    return images_to_tensor(images, meta["input_size"], norm["mean"], norm["std"],
+                            norm.get("color_constancy"))
 
 
 def metadata_to_tensors(encoded: EncodedMetadata,

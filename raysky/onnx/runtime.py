@@ -19,6 +19,7 @@ import time
 from collections.abc import Mapping
 
 import numpy as np
+import pyarrow as pa
 import torch
 from torch import nn
 
@@ -34,7 +35,7 @@ from raysky.onnx.export import (
     session,
 )
 from raysky.score.schema import model_output_schema
-from raysky.score.stages import ScoreModel
+from raysky.score.stages import INPUT_FACTS, ScoreModel
 
 NO_AUTOGRAD = ("an ONNX Runtime model has no gradients, so it cannot compute Grad-CAM; score "
                "with heatmaps off (raysky score --engine onnx --no-heatmaps)")
@@ -115,7 +116,8 @@ class OnnxScoreModel(ScoreModel):
     CPUs the actor holds. ``segmenter``/``classifier`` are serialised exports, or object refs
     to them."""
 
-    def __init__(self, segmenter, classifier, threads: int | None = None, tta: bool = False):
+    def __init__(self, segmenter, classifier, threads: int | None = None, tta: bool = False,
+                 extra: pa.Schema | None = None):
         import ray
 
         segmenter, classifier = (ray.get(m) if isinstance(m, ray.ObjectRef) else m
@@ -124,7 +126,8 @@ class OnnxScoreModel(ScoreModel):
         self.pipeline = on_torch_thread(onnx_pipeline, segmenter, classifier, threads, tta)
         self.heatmaps = False
         self.classes = self.pipeline.classes
-        self.schema = model_output_schema(self.classes, False)
+        self.schema = model_output_schema(self.classes, False, extra)
+        self.carried = [name for name, _type in INPUT_FACTS] + list((extra or pa.schema([])).names)
 
 
 @functools.lru_cache(maxsize=4)

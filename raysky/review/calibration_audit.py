@@ -2,7 +2,9 @@
 
 Both depend on the classifier checkpoint the results were scored with: its temperature gives
 the calibration figures before and after, and its referral threshold is what the subgroup
-audit measures sensitivity and specificity at.
+audit measures sensitivity and specificity at. Both measure the same referral decisions
+(:func:`referral_decisions`) with the same intervals, so the overall referral sensitivity is
+one figure with one interval wherever it is printed.
 """
 
 from __future__ import annotations
@@ -18,25 +20,55 @@ from raysky.results import PROB_PREFIX
 from raysky.review.inputs import BINARY_COLUMNS, normalize_id
 
 
+def referral_decisions(rows: pd.DataFrame, checkpoint_calibration: dict | None
+                       ) -> np.ndarray | None:
+    """The referral decision of each (``ok``) result row, or None where none can be had.
+
+    The results' own ``refer`` column where every row has one (it is what screening
+    decided); else, with a checkpoint calibration, its threshold on the malignant probability
+    of the row's ``prob_<class>`` columns, recalibrated by its temperature when the results are
+    uncalibrated. Row by row, so any selection of the same rows gets the same decisions.
+    """
+    from raysky.calibration.evaluation import results_calibration_version
+    from raysky.calibration.referral import refer
+    from raysky.calibration.temperature import recalibrate
+
+    if len(rows) and "refer" in rows.columns and rows["refer"].notna().all():
+        return rows["refer"].astype(bool).to_numpy()
+    record = checkpoint_calibration or {}
+    if not record.get("referral"):
+        return None
+    columns = [c for c in rows.columns if c.startswith(PROB_PREFIX)]
+    probs = rows[columns].to_numpy(np.float64)
+    if not results_calibration_version(rows):
+        probs = recalibrate(probs, float(record["temperature"]))
+    malignant = [i for i, c in enumerate(columns) if c[len(PROB_PREFIX):] in MALIGNANT_CLASSES]
+    return refer(probs[:, malignant].sum(axis=1), float(record["referral"]["threshold"]))
+
+
+def _lesions(rows: pd.DataFrame) -> np.ndarray | None:
+    """The rows' lesion ids, None where the data has none (each image is then its own unit)."""
+    if "lesion_id" not in rows.columns or rows["lesion_id"].isna().all():
+        return None
+    return rows["lesion_id"].to_numpy(object)
+
+
 def calibration_figures(labelled: pd.DataFrame, classes: Sequence[str], probs: np.ndarray,
                         checkpoint_calibration: dict | None) -> dict:
     """ECE, Brier and referral figures of the labelled ``ok`` rows, whose ``probs[:, i]`` are
     for ``classes[i]``: :func:`raysky.calibration.evaluation.calibration_metrics`, told which
-    calibration the results were scored with and the checkpoint's ``checkpoint_calibration``.
-    A ``refer`` column is used only where no row lacks it.
+    calibration the results were scored with, the checkpoint's ``checkpoint_calibration`` and
+    the rows' :func:`referral_decisions`, with intervals by lesion.
     """
     from raysky.calibration.evaluation import calibration_metrics, results_calibration_version
 
     index = {code: i for i, code in enumerate(classes)}
-    stored = results_calibration_version(labelled)
-    refer = labelled["refer"].to_numpy() if "refer" in labelled.columns else None
-    if refer is not None and pd.isna(refer).any():
-        refer = None
     return calibration_metrics(
         labelled["label"].map(index).to_numpy(dtype=np.int64), probs,
         labelled["label"].isin(list(MALIGNANT_CLASSES)).to_numpy(),
-        [i for i, code in enumerate(classes) if code in MALIGNANT_CLASSES], stored, refer,
-        checkpoint_calibration)
+        results_calibration_version(labelled),
+        referral_decisions(labelled, checkpoint_calibration), checkpoint_calibration,
+        _lesions(labelled))
 
 
 _NOT_GROUPS = frozenset({"image_id", "source_uri", "error", "width", "height", "scored_at",
@@ -79,6 +111,13 @@ def calibrated_subgroups(frame: pd.DataFrame, records: Sequence[LesionRecord],
     record = checkpoint_calibration or {}
     threshold = float(record["referral"]["threshold"]) if record.get("referral") else None
     ok = (table["status"] == "ok").to_numpy()
+    # The decisions the calibration figures measure, taken before the probabilities below are
+    # recalibrated in place: the same rows, so the same decisions.
+    measured = ok & table["label"].notna().to_numpy()
+    decisions = referral_decisions(table[measured], record)
+    if decisions is not None:
+        table["refer"] = pd.Series(pd.NA, index=table.index, dtype="boolean")
+        table.loc[measured, "refer"] = decisions
     if record.get("temperature") and not results_calibration_version(table[ok]):
         columns = [c for c in table.columns if c.startswith(PROB_PREFIX)]
         table[[*columns, "malignant_prob"]] = table[[*columns, "malignant_prob"]].astype(np.float64)

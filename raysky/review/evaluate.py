@@ -104,6 +104,13 @@ def evaluate_frame(frame: pd.DataFrame, records: Sequence[LesionRecord],
             labelled["label"].tolist(), probs, classes, malignant)
         out["classification"]["classes_not_predicted"] = [
             c for c in classes if c not in model_classes]
+        if "predicted_class" in labelled.columns:
+            from raysky.calibration.decision import decision_metrics
+
+            # ISIC's balanced accuracy is of the probabilities' argmax; with a calibration's
+            # decision offsets, predicted_class differs from it, and this is its figure.
+            out["classification"]["decision"] = decision_metrics(
+                labelled["label"].tolist(), labelled["predicted_class"].tolist())
         out["calibration"] = calibration_figures(labelled, classes, probs, checkpoint_calibration)
         out["subgroups"] = calibrated_subgroups(frame, records, checkpoint_calibration, by, metadata)
 

@@ -105,7 +105,9 @@ def read_ground_truth(uri: str, format: str, metadata_uri: str | None = None,
 
 def join_ground_truth(frame: pd.DataFrame, records: Sequence[LesionRecord]
                       ) -> tuple[pd.DataFrame, dict]:
-    """Attach ``label`` and ``mask_uri`` from ``records`` to the result rows with ground truth.
+    """Attach ``label``, ``mask_uri`` and ``lesion_id`` from ``records`` to the result rows with
+    ground truth (the lesion id is the unit of every interval, see
+    :mod:`raysky.metrics.intervals`).
 
     Returns the joined rows (all statuses) and a ``coverage`` dict counting results, ground
     truth, matches, scoring errors among the matches, and unmatched ids on either side (with
@@ -114,9 +116,12 @@ def join_ground_truth(frame: pd.DataFrame, records: Sequence[LesionRecord]
     truth = pd.DataFrame(
         {"image_id": [normalize_id(r.image_id) for r in records],
          "label": [r.label for r in records],
-         "mask_uri": [r.mask_uri for r in records]},
-        columns=["image_id", "label", "mask_uri"],
+         "mask_uri": [r.mask_uri for r in records],
+         "lesion_id": [r.lesion_id for r in records]},
+        columns=["image_id", "label", "mask_uri", "lesion_id"],
     ).drop_duplicates("image_id")
+    # A results column of the same name (none today) would win over the records'.
+    truth = truth.drop(columns=[c for c in ("lesion_id",) if c in frame.columns])
     joined = frame.merge(truth, on="image_id", how="inner", validate="one_to_one")
     result_ids, truth_ids = set(frame["image_id"]), set(truth["image_id"])
     no_truth = sorted(result_ids - truth_ids)

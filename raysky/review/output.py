@@ -41,6 +41,9 @@ def format_table(metrics: dict) -> str:
                   f"  balanced_accuracy {_fmt(cls['balanced_accuracy'])}  accuracy "
                   f"{_fmt(cls['accuracy'])}  auc {_fmt(cls['auc'])}  auc_sens_80 "
                   f"{_fmt(cls['auc_sens_80'])}  ap {_fmt(cls['ap'])}",
+                  *([f"  predicted_class (decision rule): balanced_accuracy "
+                     f"{_fmt(cls['decision']['balanced_accuracy'])}  accuracy "
+                     f"{_fmt(cls['decision']['accuracy'])}"] if cls.get("decision") else []),
                   "  " + f"{'class':<10}" + "".join(f"{k:>12}" for k in keys)]
         rows = list(cls["per_class"].items())
         if "malignant" in cls:
@@ -88,7 +91,8 @@ def card_sections(metrics: dict) -> dict[str, dict]:
         "ece_after": (calibration.get("after") or {}).get("ece"),
         "referral": {k: v for k, v in (calibration.get("referral") or {}).items()
                      if k in ("threshold", "sensitivity", "sensitivity_ci95", "specificity",
-                              "specificity_ci95", "n_malignant", "n_benign")} or None,
+                              "specificity_ci95", "n_malignant", "n_benign", "interval")}
+                    or None,
     }
     sections = {"evaluation": to_jsonable(evaluation)}
     if metrics.get("subgroups"):

@@ -40,6 +40,7 @@ from raysky.calibration.plots import reliability_section
 from raysky.data.images import ImageDecodeError, decode_mask
 from raysky.data.readers import metadata_frame
 from raysky.data.taxonomy import MALIGNANT_CLASSES
+from raysky.metrics.isic import binary_metrics, roc_points
 from raysky.review.evaluate import (
     LOW_FOCUS_THRESHOLD,
     PROB_PREFIX,
@@ -52,7 +53,6 @@ from raysky.review.evaluate import (
     result_classes,
     results_columns,
 )
-from raysky.review.metrics import binary_metrics, roc_points
 from raysky.review.pictures import (
     data_uri,
     decode_heatmap,

@@ -1,7 +1,7 @@
 """The per-task figures of ``raysky evaluate``: classification, segmentation and lesion focus.
 
 Each function takes plain arrays (labels, probabilities, masks, focus values) and returns a
-JSON-ready dict; the ISIC formulas themselves are in :mod:`raysky.review.metrics`. Macro
+JSON-ready dict; the ISIC formulas themselves are in :mod:`raysky.metrics.isic`. Macro
 averages are over the defined values only (a class without positives has no AUC).
 """
 
@@ -14,8 +14,7 @@ import numpy as np
 import pandas as pd
 
 from raysky.data.taxonomy import MALIGNANT_CLASSES
-from raysky.results import PROB_PREFIX
-from raysky.review.metrics import (
+from raysky.metrics.isic import (
     argmax_strict,
     balanced_accuracy,
     binary_metrics,
@@ -24,6 +23,7 @@ from raysky.review.metrics import (
     jaccard_score,
     thresholded_jaccard,
 )
+from raysky.results import PROB_PREFIX
 
 LOW_FOCUS_THRESHOLD = 0.5
 """Default lesion focus below which an image is flagged: most Grad-CAM evidence is off-lesion."""

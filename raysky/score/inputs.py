@@ -1,5 +1,6 @@
-"""What a scoring run scores: the inputs under a prefix or in packed shards, joined with their
-metadata, minus what the output already holds; and, after a run, which of them still lack a row.
+"""What a scoring run scores: the inputs under a prefix, in a manifest or in packed shards,
+joined with their metadata, minus what the output already holds; and, after a run, which of them
+still lack a row.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ PACK_MARKER = "_raysky_pack.json"
 
 @dataclass
 class Inputs:
-    """What to score: a table of rows to decode (raw prefix), or shard files (packed input)."""
+    """What to score: a table of rows to decode (a raw prefix or a manifest), or shard files
+    (packed input). ``extra`` holds a manifest's own columns, which the results carry too."""
 
     total: int
     todo: int
@@ -27,36 +29,131 @@ class Inputs:
     shard_columns: list[str] | None = None
     skip_ids: pa.Array | None = None
     metadata: pa.Table | None = None
+    extra: pa.Schema | None = None
 
 
 def is_packed(uri: str) -> bool:
-    """True when ``uri`` holds shards from ``raysky pack`` (or is one ``.parquet`` file)."""
-    return str(uri).endswith(".parquet") or storage.exists(storage.join(uri, PACK_MARKER))
+    """True when ``uri`` holds shards from ``raysky pack``: a prefix with its marker, or one
+    ``.parquet`` file with the shards' ``image`` bytes column (any other is a manifest)."""
+    uri = str(uri)
+    if uri.lower().endswith(".parquet"):
+        return "image" in results.schema(uri).names
+    return storage.exists(storage.join(uri, PACK_MARKER))
 
 
-def _records_metadata(records) -> dict[str, list]:
-    return {"age": [r.age for r in records], "sex": [r.sex for r in records],
-            "site": [r.site for r in records]}
+def kept_ids(existing: pa.Table | None, uris: pa.Array | list[str]) -> dict[str, str]:
+    """``source URI -> image id`` for the ``uris`` that already have a row in ``existing``
+    (an output's ``image_id`` and ``source_uri``), so their ids never change on a rerun."""
+    if existing is None or not existing.num_rows or not len(uris):
+        return {}
+    uris = uris if isinstance(uris, pa.Array) else pa.array(uris, pa.string())
+    known = existing.filter(pc.is_valid(existing["source_uri"]))
+    where = pc.index_in(uris, value_set=known["source_uri"])
+    matched = pc.is_valid(where)
+    return dict(zip(uris.filter(matched).to_pylist(),
+                    known["image_id"].take(where.filter(matched)).to_pylist(), strict=True))
 
 
-def list_inputs(uri: str, metadata_uri: str | None = None, done: pa.Array | None = None) -> Inputs:
-    """List the inputs under ``uri``, join ``metadata_uri`` by image id, and drop ``done`` ids.
+def _metadata_columns(ids: list[str], metadata_uri: str, paths: list[str] | None = None,
+                      source: str = "metadata") -> dict[str, list]:
+    """Age, sex, site (with their source), lesion and patient of ``ids`` from a metadata
+    CSV, joined by the archive reader's own rules."""
+    from raysky.data.readers import join_metadata
+    from raysky.data.records import LesionRecord
 
-    A raw prefix is listed with :func:`raysky.data.readers.read_archive`. For packed shards,
-    only the ``image_id`` column is read here; the bytes stay in the shards for the workers.
+    records = join_metadata([LesionRecord(image_id=i, image_uri="") for i in ids], metadata_uri,
+                            paths)
+    columns = {name: [getattr(r, name) for r in records]
+               for name in ("age", "sex", "site", "lesion_id", "patient_id")}
+    for name in stages.METADATA_FIELDS:
+        columns[f"{name}_source"] = [source if v is not None else None for v in columns[name]]
+    return columns
+
+
+def _archive_table(uri: str, metadata_uri: str | None, existing: pa.Table | None) -> pa.Table:
+    """The inputs under a raw prefix, their metadata, and a ``read_error`` for unsafe names."""
+    from raysky.data.archive import list_archive
+
+    listing = list_archive(uri, kept=lambda uris: kept_ids(existing, uris))
+    columns: dict[str, list] = {"image_id": listing.image_ids, "source_uri": listing.uris}
+    if metadata_uri is not None:
+        columns.update(_metadata_columns(listing.image_ids, metadata_uri, listing.paths))
+    columns["read_error"] = listing.problems
+    return pa.table({name: pa.array(columns.get(name, [None] * len(listing)), kind)
+                     for name, kind in _RAW_SCHEMA.items()})
+
+
+_RAW_SCHEMA: dict[str, pa.DataType] = {
+    **dict(zip(stages.INPUT_SCHEMA.names, stages.INPUT_SCHEMA.types, strict=True)),
+    **dict.fromkeys(stages.INPUT_EXTRAS, pa.string())}
+
+
+def _manifest_table(uri: str, metadata_uri: str | None,
+                    existing: pa.Table | None) -> tuple[pa.Table, pa.Schema]:
+    """A manifest's rows as decode-stage input, its own columns last; ``metadata_uri`` fills
+    what the manifest leaves empty."""
+    from raysky.data.manifest import SOURCE, read_manifest
+
+    table = read_manifest(uri, kept=lambda uris: kept_ids(existing, uris))
+    manifest, extra = table.table, table.extra
+    clashing = [name for name in extra.names if name in _RESERVED]
+    if clashing:
+        raise ValueError(f"{uri}: column(s) {', '.join(map(repr, clashing))} would pass through "
+                         "to the results, which have columns of that name; rename them in "
+                         "the manifest")
+    columns = {name: manifest[name].to_pylist() for name in
+               ("image_id", "source_uri", "age", "sex", "site", "lesion_id", "patient_id")}
+    for name in stages.METADATA_FIELDS:
+        columns[f"{name}_source"] = [SOURCE if v is not None else None for v in columns[name]]
+    if metadata_uri is not None:
+        joined = _metadata_columns(columns["image_id"], metadata_uri)
+        for name in (*stages.METADATA_FIELDS, "lesion_id", "patient_id"):
+            for i, value in enumerate(columns[name]):
+                if value is None and joined[name][i] is not None:
+                    columns[name][i] = joined[name][i]
+                    if name in stages.METADATA_FIELDS:
+                        columns[f"{name}_source"][i] = "metadata"
+    columns["read_error"] = manifest["problem"].to_pylist()
+    table = pa.table({name: pa.array(columns[name], kind) for name, kind in _RAW_SCHEMA.items()})
+    for field in extra:
+        table = table.append_column(field, manifest[field.name])
+    return table, extra
+
+
+def _reserved_names() -> frozenset[str]:
+    from raysky.score.schema import model_output_schema, output_schema
+
+    return frozenset({*output_schema((), True).names, *model_output_schema((), True).names,
+                      *stages.DECODED_SCHEMA.names, *stages.INPUT_EXTRAS, "image"})
+
+
+_RESERVED = _reserved_names()
+
+
+def list_inputs(uri: str, metadata_uri: str | None = None, done: pa.Array | None = None,
+                existing: pa.Table | None = None) -> Inputs:
+    """List the inputs of ``uri`` (a prefix, a manifest or packed shards), join
+    ``metadata_uri`` by image id, and drop the ids in ``done``.
+
+    A raw prefix is listed with :func:`raysky.data.archive.list_archive` and a manifest read
+    with :func:`raysky.data.manifest.read_manifest`; ``existing`` (an output's ``image_id``
+    and ``source_uri``) keeps the ids of inputs already there. For packed shards, only the
+    ``image_id`` column is read here; the bytes stay in the shards for the workers.
     """
-    from raysky.data.readers import read_archive
+    from raysky.data.manifest import is_manifest_uri
 
     done = done if done is not None else pa.array([], pa.string())
-    if not is_packed(uri):
-        records = read_archive(uri, metadata_uri)
-        table = pa.table({
-            "image_id": [r.image_id for r in records], "source_uri": [r.image_uri for r in records],
-            **_records_metadata(records),
-        }, schema=stages.INPUT_SCHEMA)
-        todo = table.filter(pc.invert(pc.is_in(table["image_id"], value_set=done)))
-        return Inputs(total=table.num_rows, todo=todo.num_rows, table=todo)
+    if is_manifest_uri(uri) and not is_packed(uri):
+        table, extra = _manifest_table(uri, metadata_uri, existing)
+    elif not is_packed(uri):
+        table, extra = _archive_table(uri, metadata_uri, existing), None
+    else:
+        return _shard_inputs(uri, metadata_uri, done)
+    todo = table.filter(pc.invert(pc.is_in(table["image_id"], value_set=done)))
+    return Inputs(total=table.num_rows, todo=todo.num_rows, table=todo, extra=extra)
 
+
+def _shard_inputs(uri: str, metadata_uri: str | None, done: pa.Array) -> Inputs:
     shards = results.result_files(uri)
     if not shards:
         raise FileNotFoundError(f"{uri}: no Parquet shards found")
@@ -74,7 +171,8 @@ def list_inputs(uri: str, metadata_uri: str | None = None, done: pa.Array | None
     if not {"image_id", "source_uri", "image"} <= available:
         raise ValueError(f"{shards[0]}: shards need columns image_id, source_uri and image "
                          f"(found {', '.join(sorted(available))})")
-    columns = [c for c in (*stages.INPUT_SCHEMA.names, "image", "read_error") if c in available]
+    columns = [c for c in (*stages.INPUT_SCHEMA.names, *stages.INPUT_EXTRAS, "image")
+               if c in available]
     metadata = None
     if metadata_uri is not None:
         metadata = _shard_metadata(ids.to_pylist(), metadata_uri)
@@ -91,7 +189,8 @@ def _shard_metadata(ids: list[str], metadata_uri: str) -> pa.Table:
     from raysky.data.records import LesionRecord
 
     records = join_metadata([LesionRecord(image_id=i, image_uri="") for i in ids], metadata_uri)
-    return pa.table({"image_id": ids, **_records_metadata(records)})
+    return pa.table({"image_id": ids, **{name: [getattr(r, name) for r in records]
+                                         for name in stages.METADATA_FIELDS}})
 
 
 def lost_ids(inputs: Inputs, done: pa.Array) -> pa.Array:

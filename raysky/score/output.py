@@ -124,6 +124,16 @@ def write_pieces(table: pa.Table, output: str, run_id: str,
     return written
 
 
+def done_rows(output: str) -> pa.Table:
+    """``image_id`` and ``source_uri`` of every row already written under ``output``: which
+    inputs are done, and under which ids (kept on a rerun, see :mod:`raysky.data.ids`)."""
+    files = result_files(output)
+    if not files:
+        return pa.table({"image_id": pa.array([], pa.string()),
+                         "source_uri": pa.array([], pa.string())})
+    return read_table(files, ["image_id", "source_uri"]).combine_chunks()
+
+
 def done_ids(output: str) -> pa.Array:
     """Every ``image_id`` already written under ``output`` (empty when there is nothing yet)."""
     files = result_files(output)
@@ -181,13 +191,10 @@ def forget_transient_errors(output: str, run_id: str) -> int:
     good: the rows missing then are simply scored again by the next run.
     """
     files = result_files(output)
-    if not files or "error_kind" not in read_table(files[:1]).schema.names:
+    if not files or "error_kind" not in _schema(files[0]).names:
         return 0
     removed = 0
-    for uri in files:
-        # The small columns first: only the rare file with transient rows is read whole.
-        if not _transient(read_table([uri], ["status", "error_kind"])).any():
-            continue
+    for uri in _files_with_transient_rows(files):
         table = read_table([uri])
         transient = _transient(table)
         keep = table.filter(pa.array(~transient))
@@ -197,6 +204,26 @@ def forget_transient_errors(output: str, run_id: str) -> int:
             publish(output, pending)
         removed += int(transient.sum())
     return removed
+
+
+def _schema(uri: str) -> pa.Schema:
+    fs, path = storage.resolve(uri)
+    return pq.read_schema(path, filesystem=fs)
+
+
+def _files_with_transient_rows(files: list[str]) -> list[str]:
+    """The result files holding a transient error row, found in one scan of two small columns
+    over every file (parallel reads), so a rerun's start-up does not grow with a request per
+    file."""
+    import pyarrow.dataset as pads
+
+    fs, _ = storage.resolve(files[0])
+    by_path = {storage.resolve(uri)[1]: uri for uri in files}
+    scanner = pads.dataset(list(by_path), filesystem=fs, format="parquet").scanner(
+        columns=["status"], filter=(pc.field("status") == "error")
+        & (pc.field("error_kind") == "transient"))
+    found = {batch.fragment.path for batch in scanner.scan_batches() if batch.record_batch.num_rows}
+    return [by_path[path] for path in by_path if path in found]
 
 
 def _transient(table: pa.Table):
@@ -227,11 +254,13 @@ def write_success(output: str, run_id: str, inputs: int, rows: int) -> dict:
 
 
 
-def check_run_config(output: str, name: str, expected: dict) -> None:
+def check_run_config(output: str, name: str, expected: dict, absent: dict | None = None) -> None:
     """Write ``expected`` as ``<output>/<name>``, or check it against the one already there.
 
     A resumed run must produce rows comparable with the earlier ones, so the fields that shape
     the rows (model versions, classes, columns) must match; a mismatch is a ``ValueError``.
+    ``absent`` gives, for keys newer than some configs, what a config without the key implies
+    for the results already written; a config without results yet simply gains the key.
     """
     uri = storage.join(output, name)
     if storage.exists(uri):
@@ -239,13 +268,21 @@ def check_run_config(output: str, name: str, expected: dict) -> None:
             existing = json.loads(storage.read_bytes(uri))
         except json.JSONDecodeError as exc:
             raise ValueError(f"{uri}: invalid JSON ({exc})") from None
-        changed = [key for key, value in expected.items() if existing.get(key) != value]
+        absent = absent or {}
+        new_keys = [key for key in expected if key not in existing and key in absent]
+        fresh = bool(new_keys) and not result_files(output)
+        if fresh:
+            existing.update({key: expected[key] for key in new_keys})
+        changed = [key for key, value in expected.items()
+                   if existing.get(key, absent.get(key)) != value]
         if changed:
-            details = "; ".join(f"{key}: {existing.get(key)!r} there, {expected[key]!r} now"
-                                for key in changed)
+            details = "; ".join(f"{key}: {existing.get(key, absent.get(key))!r} there, "
+                                f"{expected[key]!r} now" for key in changed)
             raise ValueError(
                 f"{output} already holds results made differently ({details}); "
                 "write to a new output, or delete the old one to start over")
+        if fresh:
+            storage.write_bytes(uri, json.dumps(existing, indent=2).encode())
         return
     if result_files(output):
         raise ValueError(f"{output} holds Parquet files that raysky did not write (no {name}); "

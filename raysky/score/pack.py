@@ -33,6 +33,7 @@ PACK_FORMAT = "raysky-pack/2"
 RECORD_SCHEMA = pa.schema([
     ("image_id", pa.string()), ("source_uri", pa.string()), ("age", pa.float64()),
     ("sex", pa.string()), ("site", pa.string()), ("lesion_id", pa.string()), ("label", pa.string()),
+    ("patient_id", pa.string()),
 ])
 SHARD_SCHEMA = pa.schema([*RECORD_SCHEMA, ("image", pa.large_binary()), ("read_error", pa.string())])
 
@@ -57,9 +58,17 @@ class PackSummary:
 
 
 def read_objects(batch: pa.Table, max_bytes: int = MAX_INPUT_BYTES) -> pa.Table:
-    """Add each row's object bytes (``image``) or the reason they could not be read."""
+    """Add each row's object bytes (``image``) or the reason they could not be read (kept
+    from the listing, for a name that cannot be an id)."""
     images, errors = [], []
-    for uri in batch["source_uri"].to_pylist():
+    listed = (batch["read_error"].to_pylist() if "read_error" in batch.column_names
+              else [None] * batch.num_rows)
+    batch = batch.drop_columns([c for c in ("read_error",) if c in batch.column_names])
+    for uri, problem in zip(batch["source_uri"].to_pylist(), listed, strict=True):
+        if problem:
+            images.append(None)
+            errors.append(problem)
+            continue
         try:
             images.append(read_limited(uri, max_bytes))
             errors.append(None)
@@ -70,11 +79,30 @@ def read_objects(batch: pa.Table, max_bytes: int = MAX_INPUT_BYTES) -> pa.Table:
             .append_column("read_error", pa.array(errors, pa.string())))
 
 
+def _listed_records(input_uri: str, metadata_uri: str | None, existing: pa.Table) -> pa.Table:
+    """The objects to pack, in :data:`RECORD_SCHEMA` plus the listing's ``read_error``."""
+    from raysky.data.archive import join_metadata, list_archive
+    from raysky.data.records import LesionRecord
+    from raysky.score.inputs import kept_ids
+
+    listing = list_archive(input_uri, kept=lambda uris: kept_ids(existing, uris))
+    records = [LesionRecord(image_id=image_id, image_uri=uri)
+               for image_id, uri in zip(listing.image_ids, listing.uris, strict=True)]
+    if metadata_uri is not None:
+        join_metadata(records, metadata_uri, listing.paths)
+    table = pa.table({name: [getattr(r, "image_uri" if name == "source_uri" else name)
+                             for r in records] for name in RECORD_SCHEMA.names},
+                     schema=RECORD_SCHEMA)
+    return table.append_column("read_error", pa.array(listing.problems, pa.string()))
+
+
 def pack_archive(input_uri: str, output_uri: str, rows_per_file: int = 1000,
                  metadata_uri: str | None = None, ray_address: str | None = None,
                  progress: bool = True) -> PackSummary:
-    """Pack every image under ``input_uri`` (see ``read_archive``) into shards at ``output_uri``."""
-    from raysky.data.readers import read_archive
+    """Pack every image and DICOM object under ``input_uri`` (see
+    :func:`raysky.data.archive.list_archive`) into shards at ``output_uri``. Ids follow
+    :mod:`raysky.data.ids`; an object whose name cannot be an id is packed with its
+    ``read_error`` and no bytes, so scoring gives it an error row."""
 
     if rows_per_file < 1:
         raise ValueError(f"rows_per_file must be at least 1, got {rows_per_file}")
@@ -84,10 +112,7 @@ def pack_archive(input_uri: str, output_uri: str, rows_per_file: int = 1000,
         out.check_run_config(output_uri, PACK_MARKER, {"format": PACK_FORMAT})
         out.clear_success(output_uri)
         out.remove_stale_temporaries(output_uri)
-        records = read_archive(input_uri, metadata_uri)
-        table = pa.table({name: [getattr(r, "image_uri" if name == "source_uri" else name)
-                                 for r in records] for name in RECORD_SCHEMA.names},
-                         schema=RECORD_SCHEMA)
+        table = _listed_records(input_uri, metadata_uri, out.done_rows(output_uri))
         done = out.done_ids(output_uri)
         todo = table.filter(pc.invert(pc.is_in(table["image_id"], value_set=done)))
         written = Written()

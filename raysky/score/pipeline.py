@@ -15,6 +15,7 @@ import warnings
 from dataclasses import asdict, dataclass, field, replace
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from raysky import storage
 from raysky.cluster import TASK_RETRIES, ensure_ray
@@ -47,8 +48,11 @@ CRASH_REASON = (f"the worker scoring this image died {TASK_RETRIES + 1} times, a
 
 @dataclass
 class ScoreSummary:
-    """What a run did (``scored`` rows this run, ``skipped`` already there) and what the whole
-    output now holds (``totals``, from :func:`raysky.results.summarize`)."""
+    """What a run did (``scored`` rows this run, ``skipped`` already there, ``warnings`` rows
+    scored with a warning) and what the whole output now holds (``totals``, from
+    :func:`raysky.results.summarize`). ``listing_s`` is the time spent before the pipeline
+    started (listing, reading what the output holds, planning) and ``first_result_s`` the time
+    until the first written file came back."""
 
     output: str
     run_id: str
@@ -61,6 +65,9 @@ class ScoreSummary:
     elapsed_s: float
     totals: dict = field(default_factory=dict)
     retried_transient: int = 0
+    warnings: int = 0
+    listing_s: float = 0.0
+    first_result_s: float | None = None
 
     @property
     def images_per_s(self) -> float:
@@ -78,6 +85,9 @@ class ScoreSummary:
                 f"files in {format_duration(self.elapsed_s)}: {self.images_per_s:.1f} img/s")
         if self.retried_transient:
             head += f"\nretried {self.retried_transient} inputs that had failed transiently"
+        if self.warnings:
+            head += (f"\n{self.warnings} inputs scored with a warning (see the results' "
+                     "warning column)")
         body = results.format_summary(self.totals) if self.totals else ""
         return f"{head}\n{self.output}\n{body}".rstrip()
 
@@ -112,6 +122,9 @@ class Written:
     files: set[str] = field(default_factory=set)
     rows: int = 0
     errors: int = 0
+    warnings: int = 0
+    first_at: float | None = None
+    """``time.monotonic()`` when the first file was reported."""
 
 
 def publish_manifest(manifest: pa.Table, output: str, written: Written,
@@ -120,8 +133,10 @@ def publish_manifest(manifest: pa.Table, output: str, written: Written,
     report, and add them to ``written``."""
     for row in manifest.to_pylist():
         written.files.add(out.publish(output, row["file"]))
+        written.first_at = written.first_at or time.monotonic()
         written.rows += row["rows"]
         written.errors += row["error"]
+        written.warnings += row.get("warnings") or 0
         if progress:
             progress.update(row["rows"], extra=f"{written.errors} errors")
 
@@ -197,14 +212,14 @@ def build_dataset(inputs: Inputs, settings: ScoreSettings, classes: tuple[str, .
         "segmenter": settings.segmenter, "classifier": settings.classifier,
         "heatmaps": settings.heatmaps, "use_gpu": settings.gpus_per_worker > 0,
         "precision": settings.precision, "threads": settings.cpus_per_worker,
-        "tta": settings.tta,
+        "tta": settings.tta, "extra": inputs.extra,
     }
     if settings.engine == "onnx":
         from raysky.onnx.runtime import OnnxScoreModel, exported_models
 
         model_stage, model_kwargs = OnnxScoreModel, {
             **exported_models(settings.segmenter, settings.classifier),
-            "threads": settings.cpus_per_worker, "tta": settings.tta}
+            "threads": settings.cpus_per_worker, "tta": settings.tta, "extra": inputs.extra}
     ds = _map_stage(
         ds, model_stage, batch_size=settings.batch_size,
         compute=_pool(settings), num_cpus=settings.cpus_per_worker,
@@ -212,7 +227,7 @@ def build_dataset(inputs: Inputs, settings: ScoreSettings, classes: tuple[str, .
     )
     ds = _map_stage(
         ds, stages.encode_batch, batch_size=settings.batch_size,
-        fn_kwargs={"schema": output_schema(classes, settings.heatmaps)},
+        fn_kwargs={"schema": output_schema(classes, settings.heatmaps, inputs.extra)},
     )
     # Writing waits on storage more than it computes. Its smaller CPU share also keeps Ray Data
     # from fusing it with the encode stage, which would gather a whole file's worth of raw,
@@ -243,6 +258,17 @@ def _model_facts(settings: ScoreSettings) -> dict:
             "heatmaps": settings.heatmaps}
 
 
+NEW_CONFIG_KEYS: dict = {"extra_columns": []}
+"""Run-config keys newer than some outputs, and what an output without them holds."""
+
+
+def _extra_facts(inputs: Inputs) -> dict:
+    """The manifest columns a run passes through, with their types: every file of an output
+    must have the same columns, so a rerun with other columns is refused."""
+    extra = inputs.extra or pa.schema([])
+    return {"extra_columns": [[f.name, str(f.type)] for f in extra]}
+
+
 def _score_alone(lost: pa.Array, inputs: Inputs, settings: ScoreSettings, facts: dict,
                  run_id: str, lock: output_lock.OutputLock, written: Written) -> None:
     """Score the inputs that lost their rows to dead workers one per task; give the ones that
@@ -258,7 +284,7 @@ def _score_alone(lost: pa.Array, inputs: Inputs, settings: ScoreSettings, facts:
     print(f"{len(lost)} inputs lost their rows to workers that died; scoring them one per task "
           "to find the images at fault", file=sys.stderr)
     alone = Inputs(total=len(lost), todo=len(lost), table=input_rows(inputs, lost),
-                   metadata=inputs.metadata)
+                   metadata=inputs.metadata, extra=inputs.extra)
     ds = build_dataset(alone, replace(settings, batch_size=1), classes, run_id, one_per_task=True)
     collect_written(ds, settings.output, run_id, lock=lock, written=written)
     crashed = lost_ids(alone, out.done_ids(settings.output))
@@ -273,7 +299,8 @@ def _score_alone(lost: pa.Array, inputs: Inputs, settings: ScoreSettings, facts:
               f"({', '.join(map(repr, crashed.to_pylist()[:5]))})", file=sys.stderr)
         table = stages.failure_rows(rows["image_id"].to_pylist(), rows["source_uri"].to_pylist(),
                                     CRASH_REASON, stages.BAD_INPUT,
-                                    output_schema(classes, settings.heatmaps), facts)
+                                    output_schema(classes, settings.heatmaps, inputs.extra), facts,
+                                    inputs=rows)
         lock.check()
         publish_manifest(stages.write_batch(table, settings.output, run_id,
                                             settings.rows_per_file), settings.output, written)
@@ -298,8 +325,13 @@ def score_archive(settings: ScoreSettings) -> ScoreSummary:
         out.remove_stale_temporaries(settings.output)
         retried = (out.forget_transient_errors(settings.output, run_id)
                    if settings.retry_transient else 0)
-        done = out.done_ids(settings.output)
-        inputs = list_inputs(settings.input, settings.metadata, done)
+        existing = out.done_rows(settings.output)
+        done = pc.unique(existing["image_id"])
+        inputs = list_inputs(settings.input, settings.metadata, done, existing)
+        del existing
+        out.check_run_config(settings.output, RUN_CONFIG, {**facts, **_extra_facts(inputs)},
+                             absent=NEW_CONFIG_KEYS)
+        listing_s = time.monotonic() - start
         written = Written()
         if inputs.todo:
             ensure_ray(settings.ray_address)
@@ -324,4 +356,6 @@ def score_archive(settings: ScoreSettings) -> ScoreSummary:
         scored_ok=written.rows - written.errors, scored_error=written.errors,
         files=len(written.files),
         elapsed_s=time.monotonic() - start, totals=totals, retried_transient=retried,
+        warnings=written.warnings, listing_s=listing_s,
+        first_result_s=None if written.first_at is None else written.first_at - start,
     )

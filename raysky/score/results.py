@@ -35,8 +35,8 @@ OPTIONAL_COLUMNS: dict[str, tuple[str, str]] = added_column_places()
 """Columns newer than some results on disk: ``name: (column it follows, pandas dtype)``.
 Where a file lacks one it is read as null, in the place newer files have it."""
 
-SUMMARY_COLUMNS = ("image_id", "source_uri", "status", "error", "predicted_class",
-                   "malignant_prob", "refer", "ood", "skin_tone", "scored_at")
+SUMMARY_COLUMNS = ("image_id", "source_uri", "status", "error", "error_kind", "predicted_class",
+                   "malignant_prob", "refer", "ood", "skin_tone", "warning", "scored_at")
 
 
 def is_hidden(uri: str, root: str) -> bool:
@@ -57,9 +57,12 @@ def result_files(uri: str) -> list[str]:
 
 
 def read_table(files: list[str], columns: list[str] | None = None,
-               row_filter: pc.Expression | None = None) -> pa.Table:
+               row_filter: pc.Expression | None = None,
+               file_schema: pa.Schema | None = None) -> pa.Table:
     """Read ``files`` (all on one filesystem) into one Arrow table, projecting ``columns`` and
-    keeping the rows ``row_filter`` selects (pushed down to the Parquet reader).
+    keeping the rows ``row_filter`` selects (pushed down to the Parquet reader). With
+    ``file_schema`` (see :func:`unified_schema`) files that lack one of its columns read it
+    as null; without it, the first file's columns are read.
 
     Raises ``ValueError`` naming the file when a file is not readable Parquet.
     """
@@ -68,7 +71,7 @@ def read_table(files: list[str], columns: list[str] | None = None,
     fs, _ = storage.resolve(files[0])
     paths = [storage.resolve(f)[1] for f in files]
     try:
-        return pads.dataset(paths, filesystem=fs, format="parquet").to_table(
+        return pads.dataset(paths, filesystem=fs, format="parquet", schema=file_schema).to_table(
             columns=columns, filter=row_filter)
     except (pa.ArrowInvalid, OSError) as exc:
         # Name the broken file: re-read one by one only on this rare path.
@@ -94,6 +97,17 @@ def schema(uri: str) -> pa.Schema:
         return pq.read_schema(path, filesystem=fs)
     except (pa.ArrowInvalid, OSError) as exc:
         raise ValueError(f"{files[0]}: not a readable Parquet file ({exc})") from None
+
+
+def unified_schema(files: list[str]) -> pa.Schema:
+    """The columns of all ``files`` together, from every file's footer (read in parallel): an
+    output resumed by a newer raysky holds files with more columns than its first ones."""
+    fs, _ = storage.resolve(files[0])
+    paths = [storage.resolve(f)[1] for f in files]
+    try:
+        return pads.FileSystemDatasetFactory(fs, paths, pads.ParquetFileFormat()).inspect()
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ValueError(f"cannot read the schemas of the results ({exc})") from None
 
 
 def duplicate_ids(ids: pa.Array | pa.ChunkedArray) -> list[str]:
@@ -142,7 +156,8 @@ def read(uri: str, columns: list[str] | None = None,
     if not files:
         raise FileNotFoundError(f"{uri}: no result files (part-*.parquet)")
     wanted = None
-    available = set(schema(uri).names)
+    file_schema = unified_schema(files) if len(files) > 1 else None
+    available = set((file_schema or schema(uri)).names)
     if columns is not None:
         wanted = list(dict.fromkeys([*columns, *_DEDUP_COLUMNS]))
         missing = [c for c in columns if c not in available and c not in OPTIONAL_COLUMNS]
@@ -150,7 +165,7 @@ def read(uri: str, columns: list[str] | None = None,
             raise ValueError(f"{uri}: no column {', '.join(missing)} in the results")
         wanted = [c for c in wanted if c in available]
     row_filter = None if image_ids is None else pc.field("image_id").isin(list(image_ids))
-    frame = read_table(files, wanted, row_filter).to_pandas()
+    frame = read_table(files, wanted, row_filter, file_schema).to_pandas()
     for name, (after, dtype) in OPTIONAL_COLUMNS.items():
         if name not in available and (columns is None or name in columns):
             at = frame.columns.get_loc(after) + 1 if after in frame.columns else len(frame.columns)
@@ -168,10 +183,12 @@ def class_columns(frame_or_schema) -> list[str]:
 
 
 def summarize(source: str | pd.DataFrame, top: int = 10) -> dict:
-    """Counts of ok and error rows, error reasons, the class distribution and the top ``top``.
+    """Counts of ok and error rows, error reasons, warnings, the class distribution and the top
+    ``top``.
 
     ``refer`` and ``ood`` count the ok rows flagged, not flagged and null (no calibration);
     ``skin_tone`` counts the ok rows per ITA category, ``unknown`` where it is null.
+    ``transient_errors`` counts the error rows a rerun would retry (``error_kind='transient'``).
 
     ``source`` is a results URI or a frame from :func:`read`. The top list holds the rows with
     the highest ``malignant_prob``: ``image_id``, ``source_uri``, ``predicted_class`` and
@@ -188,6 +205,10 @@ def summarize(source: str | pd.DataFrame, top: int = 10) -> dict:
         "ok": int(len(ok)),
         "error": int(len(errors)),
         "error_reasons": dict(Counter(_reason_kind(e) for e in errors["error"]).most_common()),
+        **({"warnings": dict(Counter(frame["warning"].dropna().astype(str)).most_common())}
+           if "warning" in frame.columns else {}),
+        "transient_errors": int((errors["error_kind"] == "transient").sum())
+        if "error_kind" in errors.columns else 0,
         "class_counts": dict(sorted(classes.items(), key=lambda kv: (-kv[1], kv[0]))),
         **flags,
         **({"skin_tone": dict(Counter(ok["skin_tone"].fillna("unknown").astype(str))
@@ -219,6 +240,12 @@ def format_summary(summary: dict) -> str:
     if summary["error_reasons"]:
         reasons = ", ".join(f"{reason} x{n}" for reason, n in summary["error_reasons"].items())
         lines.append(f"errors: {reasons}")
+    if summary.get("warnings"):
+        lines.append("warnings: " + ", ".join(f"{warning} x{n}"
+                                              for warning, n in summary["warnings"].items()))
+    if summary.get("transient_errors"):
+        lines.append(f"transient errors: {summary['transient_errors']} (run the same command "
+                     "again to retry them)")
     if summary["class_counts"]:
         total = max(1, summary["ok"])
         lines.append("predicted classes: " + ", ".join(

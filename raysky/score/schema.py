@@ -12,17 +12,38 @@ import pyarrow as pa
 PROB_PREFIX = "prob_"
 """Per-class probability columns are named ``prob_<class code>``."""
 
+INPUT_FACTS: tuple[tuple[str, pa.DataType], ...] = (
+    ("lesion_id", pa.string()), ("patient_id", pa.string()),
+    ("age", pa.float32()), ("age_source", pa.string()),
+    ("sex", pa.string()), ("sex_source", pa.string()),
+    ("site", pa.string()), ("site_source", pa.string()),
+    ("manufacturer", pa.string()), ("manufacturer_model", pa.string()),
+    ("polarization", pa.string()), ("contact_method", pa.string()),
+    ("warning", pa.string()),
+)
+"""What is known about each input besides its pixels, after the model columns: its lesion and
+patient; the metadata the classifier was given, each with its source (``manifest``,
+``metadata`` for a ``--metadata`` CSV, ``dicom`` for the header; null when unknown); a DICOM's
+device facts (Manufacturer, Manufacturer's Model Name, Light Source Polarization, Contact
+Method); and a ``warning`` about the input that did not stop it being scored (a malformed
+DICOM PatientAge)."""
+SOURCES: tuple[str, ...] = ("manifest", "metadata", "dicom")
+"""Values of ``age_source``, ``sex_source`` and ``site_source``."""
+
 ADDED_COLUMNS: tuple[str, ...] = ("error_kind", "refer", "ood_score", "ood", "ita_deg",
-                                  "skin_tone", "calibration_version")
+                                  "skin_tone", "calibration_version",
+                                  *(name for name, _type in INPUT_FACTS))
 """Columns newer than some results on disk; readers fill them with nulls there."""
 
 
-def output_schema(classes: Sequence[str], heatmaps: bool) -> pa.Schema:
+def output_schema(classes: Sequence[str], heatmaps: bool,
+                  extra: pa.Schema | None = None) -> pa.Schema:
     """The columns of a result file, in order: plain Arrow types only.
 
     ``refer``, ``ood_score``, ``ood`` and ``calibration_version`` are null when the classifier
     checkpoint has no calibration (see :mod:`raysky.calibration`); ``ita_deg`` and
-    ``skin_tone`` are null where the skin round the lesion cannot be measured.
+    ``skin_tone`` are null where the skin round the lesion cannot be measured. The
+    :data:`INPUT_FACTS` follow, then ``extra``: a manifest's own columns, passed through.
     """
     fields = [
         ("image_id", pa.string()), ("source_uri", pa.string()), ("status", pa.string()),
@@ -38,13 +59,15 @@ def output_schema(classes: Sequence[str], heatmaps: bool) -> pa.Schema:
         ("lesion_focus", pa.float32()), ("segmenter_version", pa.string()),
         ("classifier_version", pa.string()), ("calibration_version", pa.string()),
         ("scored_at", pa.timestamp("us", tz="UTC")),
+        *INPUT_FACTS,
     ]
-    return pa.schema(fields)
+    return pa.schema([*fields, *(extra or [])])
 
 
-def model_output_schema(classes: Sequence[str], heatmaps: bool) -> pa.Schema:
+def model_output_schema(classes: Sequence[str], heatmaps: bool,
+                        extra: pa.Schema | None = None) -> pa.Schema:
     """The model stage's rows: the output columns with raw ``uint8`` maps instead of PNGs."""
-    schema = output_schema(classes, heatmaps)
+    schema = output_schema(classes, heatmaps, extra)
     for name, raw in (("mask_png", "mask_raw"), ("heatmap_png", "heatmap_raw")):
         index = schema.get_field_index(name)
         if index >= 0:

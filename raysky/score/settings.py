@@ -18,8 +18,8 @@ ENGINES = ("torch", "onnx")
 class ScoreSettings:
     """Everything one scoring run needs; the CLI and ``jobs/score_archive.py`` fill it in.
 
-    ``input`` is a prefix of image files (local or ``s3://``) or Parquet shards written by
-    ``raysky pack``. ``workers=None`` lets Ray Data grow the model pool from 1 up to what the
+    ``input`` is a prefix of image and DICOM files (local or ``s3://``), a manifest
+    (:mod:`raysky.data.manifest`) or Parquet shards written by ``raysky pack``. ``workers=None`` lets Ray Data grow the model pool from 1 up to what the
     cluster holds. ``cpus_per_worker`` is also each model worker's torch thread count.
     ``retry_transient`` scores rows that failed for a transient reason again (see
     :mod:`raysky.score.stages`). ``lock_timeout_s`` is how long without a heartbeat before
@@ -27,13 +27,16 @@ class ScoreSettings:
     """
 
     input: str = setting(
-        help="prefix of .jpg/.jpeg/.png objects, or shards written by `raysky pack`")
+        help="prefix of .jpg/.jpeg/.png/.dcm objects; a manifest (.csv or .parquet: an image "
+        "URI per row, optional image_id, age, sex, site, lesion_id, patient_id, other columns "
+        "passed through); or shards written by `raysky pack`")
     output: str = setting(help="results prefix (part-*.parquet files)")
     segmenter: str = setting(help="segmenter checkpoint directory or prefix")
     classifier: str = setting(help="classifier checkpoint directory or prefix")
     metadata: str | None = setting(
-        None, help="CSV joined by image id (image_id or image column; age, sex, "
-        "localization/anatom_site_general); images without a row get unknown metadata")
+        None, help="CSV joined by image id or file path (image_id or image column; age, sex, "
+        "localization/anatom_site_general, lesion_id, patient_id); fills what a manifest "
+        "leaves empty; images without a row get unknown metadata")
     heatmaps: bool = setting(
         True, help="explain each image with Grad-CAM (without: no heatmap_png column, "
         "lesion_focus left empty)")

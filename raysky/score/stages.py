@@ -24,10 +24,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from raysky import storage
+from raysky.data.dicom import DicomFacts, decode_dicom, is_dicom
 from raysky.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, encode_png
 from raysky.models.runtime import on_torch_thread, set_torch_threads
 from raysky.score.output import write_pieces
-from raysky.score.schema import PROB_PREFIX, model_output_schema
+from raysky.score.schema import INPUT_FACTS, PROB_PREFIX, model_output_schema
 
 MAX_INPUT_BYTES = 256 * 1024 * 1024
 """Objects larger than this are not read at all; no dermoscopy image comes near it."""
@@ -42,25 +43,50 @@ INPUT_SCHEMA = pa.schema([
     ("image_id", pa.string()), ("source_uri", pa.string()), ("age", pa.float64()),
     ("sex", pa.string()), ("site", pa.string()),
 ])
-"""Rows entering the decode stage. Packed shards add ``image`` (bytes) and ``read_error``."""
+"""Rows entering the decode stage. They may also carry :data:`INPUT_EXTRAS` (and packed
+shards ``image``, the object's bytes); any other column (a manifest's own) passes through every
+stage to the results unchanged."""
+METADATA_FIELDS: tuple[str, ...] = ("age", "sex", "site")
+INPUT_EXTRAS: tuple[str, ...] = ("age_source", "sex_source", "site_source", "lesion_id",
+                                 "patient_id", "read_error")
+"""Optional input columns: where each metadata value came from, the lesion and patient, and
+``read_error``: why the input cannot be read at all (an unsafe name, a manifest row that names
+no object it may read, a packed object that could not be read)."""
+DEVICE_FIELDS: tuple[str, ...] = ("manufacturer", "manufacturer_model", "polarization",
+                                  "contact_method")
+"""Header facts of a DICOM input, null for other inputs."""
+_STAGE_COLUMNS = frozenset({*INPUT_SCHEMA.names, *INPUT_EXTRAS, "image"})
 
 DECODED_SCHEMA = pa.schema([
-    *INPUT_SCHEMA, ("status", pa.string()), ("error", pa.string()), ("error_kind", pa.string()),
+    *INPUT_SCHEMA, *((name, pa.string()) for name in INPUT_EXTRAS if name != "read_error"),
+    *((name, pa.string()) for name in DEVICE_FIELDS), ("warning", pa.string()),
+    ("status", pa.string()), ("error", pa.string()), ("error_kind", pa.string()),
     ("width", pa.int32()), ("height", pa.int32()), ("pixels", pa.large_binary()),
 ])
+"""Rows leaving the decode stage, followed by the columns passed through."""
 
 MANIFEST_SCHEMA = pa.schema([("file", pa.string()), ("rows", pa.int64()), ("ok", pa.int64()),
-                             ("error", pa.int64())])
+                             ("error", pa.int64()), ("warnings", pa.int64())])
+
+
+def carried_columns(names: Sequence[str]) -> list[str]:
+    """The columns of an input batch that no stage reads and every stage passes through."""
+    return [name for name in names if name not in _STAGE_COLUMNS]
 
 
 def failure_rows(image_ids: Sequence[str], source_uris: Sequence[str], reason: str, kind: str,
-                 schema: pa.Schema, versions: dict) -> pa.Table:
+                 schema: pa.Schema, versions: dict,
+                 inputs: pa.Table | None = None) -> pa.Table:
     """Error rows in ``schema`` for inputs that no stage could turn into a row of their own
     (their worker died on them): ``reason`` in ``error``, ``kind`` in ``error_kind``, and the
-    model versions of the run from ``versions``."""
+    model versions of the run from ``versions``. ``inputs`` (their input rows, in the same
+    order) supplies what is known about them: metadata, lesion, a manifest's own columns."""
     count = len(image_ids)
     now = dt.datetime.now(dt.timezone.utc)
     columns: dict[str, list] = {name: [None] * count for name in schema.names}
+    if inputs is not None:
+        columns.update({name: inputs[name].to_pylist() for name in schema.names
+                        if name in inputs.column_names})
     columns.update({
         "image_id": list(image_ids), "source_uri": list(source_uris), "status": [ERROR] * count,
         "error": [reason] * count, "error_kind": [kind] * count, "scored_at": [now] * count,
@@ -100,55 +126,98 @@ def read_failure(exc: Exception) -> tuple[str, str]:
 
 
 def _decode_one(uri: str, data: bytes | None, read_error: str | None, max_pixels: int
-                ) -> tuple[str | None, str | None, int | None, int | None, bytes | None]:
-    """Return ``(error, error_kind, width, height, pixels)``; either error or pixels is set."""
+                ) -> tuple[str | None, str | None, int | None, int | None, bytes | None,
+                           DicomFacts | None]:
+    """Return ``(error, error_kind, width, height, pixels, dicom facts)``; either error or
+    pixels is set, and the facts for a DICOM input."""
     if read_error:
-        # Packed shards keep only the reason; the bytes are not there to read again.
-        return read_error, BAD_INPUT, None, None, None
+        # The input could not be read when it was listed or packed; nothing to read now.
+        return read_error, BAD_INPUT, None, None, None, None
+    facts = None
     try:
         if data is None:
             data = read_limited(uri)
-        image = decode_image(data, source=uri, max_pixels=max_pixels)
+        if is_dicom(data):
+            image, facts = decode_dicom(data, source=uri, max_pixels=max_pixels)
+        else:
+            image = decode_image(data, source=uri, max_pixels=max_pixels)
     except Exception as exc:  # a batch job must not die on one input, whatever went wrong
-        return (*read_failure(exc), None, None, None)
-    return None, None, image.width, image.height, np.asarray(image, dtype=np.uint8).tobytes()
+        return (*read_failure(exc), None, None, None, None)
+    pixels = np.asarray(image, dtype=np.uint8).tobytes()
+    return None, None, image.width, image.height, pixels, facts
+
+
+def _column(batch: pa.Table, name: str) -> list:
+    return batch[name].to_pylist() if name in batch.column_names else [None] * batch.num_rows
+
+
+def _input_metadata(batch: pa.Table, metadata: pa.Table | None) -> dict[str, list]:
+    """Each row's age, sex and site with their sources (see
+    :data:`raysky.score.schema.SOURCES`); ``metadata`` (a ``--metadata`` CSV joined by id, for
+    packed shards) replaces the rows' own. A value without a recorded source was joined from
+    a metadata CSV (by ``raysky pack``)."""
+    columns = {name: _column(batch, name) for name in METADATA_FIELDS}
+    sources = {name: _column(batch, f"{name}_source") for name in METADATA_FIELDS}
+    if metadata is not None:
+        index = {row["image_id"]: row for row in metadata.to_pylist()}
+        ids = batch["image_id"].to_pylist()
+        for name in METADATA_FIELDS:
+            columns[name] = [index.get(i, {}).get(name) for i in ids]
+            sources[name] = [None] * len(ids)
+    for name in METADATA_FIELDS:
+        sources[name] = [source or ("metadata" if value is not None else None)
+                         for value, source in zip(columns[name], sources[name], strict=True)]
+    return {**columns, **{f"{name}_source": sources[name] for name in METADATA_FIELDS}}
+
+
+def _fill_from_dicom(columns: dict[str, list], i: int, facts: DicomFacts) -> str | None:
+    """Fill row ``i``'s unknown metadata and device facts from its DICOM header; return the
+    warning worth keeping (a malformed PatientAge, where no other age was given)."""
+    for name in METADATA_FIELDS:
+        value = getattr(facts, name)
+        if columns[name][i] is None and value is not None:
+            columns[name][i] = value
+            columns[f"{name}_source"][i] = "dicom"
+    for name in DEVICE_FIELDS:
+        columns[name][i] = getattr(facts, name)
+    return facts.warning if columns["age"][i] is None else None
 
 
 def decode_batch(batch: pa.Table, max_pixels: int = DEFAULT_MAX_PIXELS,
                  skip_ids: pa.Array | None = None, metadata: pa.Table | None = None) -> pa.Table:
     """Decode a batch of input rows into RGB pixels; failures become ``error`` rows.
 
-    Rows come either with a URI to read (a raw prefix) or with the bytes already in ``image``
-    (packed shards, which may also carry the ``read_error`` met while packing). ``skip_ids``
-    drops inputs already scored (resume over shards). ``metadata`` (``image_id, age, sex,
-    site``) replaces the rows' own metadata by image id; ids it lacks get unknown metadata.
+    Rows come either with a URI to read (a raw prefix, a manifest) or with the bytes already
+    in ``image`` (packed shards); ``read_error`` marks an input that cannot be read at all.
+    DICOM objects are decoded with :func:`raysky.data.dicom.decode_dicom`, and their header
+    fills the metadata no other source gave, and the device columns. ``skip_ids`` drops inputs
+    already scored (resume over shards). ``metadata`` (``image_id, age, sex, site``) replaces
+    the rows' own metadata by image id; ids it lacks get unknown metadata. Columns this stage
+    does not know are passed through.
     """
     if skip_ids is not None and len(skip_ids):
         batch = batch.filter(pc.invert(pc.is_in(batch["image_id"], value_set=skip_ids)))
-    names = set(batch.column_names)
-    ids = batch["image_id"].to_pylist()
     uris = batch["source_uri"].to_pylist()
-    images = batch["image"].to_pylist() if "image" in names else [None] * len(ids)
-    read_errors = batch["read_error"].to_pylist() if "read_error" in names else [None] * len(ids)
-    columns = {name: (batch[name].to_pylist() if name in names else [None] * len(ids))
-               for name in ("age", "sex", "site")}
-    if metadata is not None:
-        index = {row["image_id"]: row for row in metadata.to_pylist()}
-        for name in ("age", "sex", "site"):
-            columns[name] = [index.get(i, {}).get(name) for i in ids]
-    status, errors, kinds, widths, heights, pixels = [], [], [], [], [], []
-    for uri, data, read_error in zip(uris, images, read_errors, strict=True):
-        error, kind, width, height, raw = _decode_one(uri, data, read_error, max_pixels)
-        status.append(ERROR if error else OK)
-        errors.append(error)
-        kinds.append(kind)
-        widths.append(width)
-        heights.append(height)
-        pixels.append(raw)
-    return pa.table({
-        "image_id": ids, "source_uri": uris, **columns, "status": status, "error": errors,
-        "error_kind": kinds, "width": widths, "height": heights, "pixels": pixels,
-    }, schema=DECODED_SCHEMA)
+    columns: dict[str, list] = {
+        "image_id": batch["image_id"].to_pylist(), "source_uri": uris,
+        **_input_metadata(batch, metadata),
+        "lesion_id": _column(batch, "lesion_id"), "patient_id": _column(batch, "patient_id"),
+        **{name: [None] * batch.num_rows for name in
+           (*DEVICE_FIELDS, "warning", "status", "error", "error_kind", "width", "height",
+            "pixels")},
+    }
+    images, read_errors = _column(batch, "image"), _column(batch, "read_error")
+    for i, (uri, data, read_error) in enumerate(zip(uris, images, read_errors, strict=True)):
+        error, kind, width, height, raw, facts = _decode_one(uri, data, read_error, max_pixels)
+        if facts is not None:
+            columns["warning"][i] = _fill_from_dicom(columns, i, facts)
+        columns["status"][i] = ERROR if error else OK
+        columns["error"][i], columns["error_kind"][i] = error, kind
+        columns["width"][i], columns["height"][i], columns["pixels"][i] = width, height, raw
+    decoded = pa.table(columns, schema=DECODED_SCHEMA)
+    for name in carried_columns(batch.column_names):
+        decoded = decoded.append_column(batch.schema.field(name), batch[name])
+    return decoded
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,7 +237,7 @@ class ScoreModel:
 
     def __init__(self, segmenter: str, classifier: str, heatmaps: bool = True,
                  use_gpu: bool = False, precision: str = "fp32", threads: int | None = None,
-                 tta: bool = False):
+                 tta: bool = False, extra: pa.Schema | None = None):
         from raysky.inference import LesionPipeline
 
         # Ray pins OMP_NUM_THREADS=1 in actors; use the CPUs this actor was granted instead.
@@ -177,7 +246,9 @@ class ScoreModel:
                                         use_gpu=use_gpu, precision=precision, tta=tta)
         self.heatmaps = heatmaps
         self.classes = self.pipeline.classes
-        self.schema = model_output_schema(self.classes, heatmaps)
+        self.schema = model_output_schema(self.classes, heatmaps, extra)
+        # What is known about each input rides along to its results row.
+        self.carried = [name for name, _type in INPUT_FACTS] + list((extra or pa.schema([])).names)
 
     def _predict(self, images: list[np.ndarray], metadata: list[dict]) -> list:
         """Predictions for a batch; if the batch fails, images are retried one by one so that
@@ -217,6 +288,7 @@ class ScoreModel:
                 "height": row["height"], "segmenter_version": self.pipeline.segmenter_version,
                 "classifier_version": self.pipeline.classifier_version,
                 "calibration_version": self.pipeline.calibration_version, "scored_at": now,
+                **{name: row.get(name) for name in self.carried},
             }
             if result is not None:
                 values.update({
@@ -267,15 +339,18 @@ def write_batch(batch: pa.Table, output: str, run_id: str, rows_per_file: int) -
     """Write a batch as atomic Parquet files and return one manifest row per file.
 
     ``error`` counts rows whose ``status`` is not ``ok`` (results) or that carry a
-    ``read_error`` (packed shards).
+    ``read_error`` (packed shards); ``warnings`` the rows with a ``warning``.
     """
     manifest = {name: [] for name in MANIFEST_SCHEMA.names}
     for uri, piece in write_pieces(batch, output, run_id, rows_per_file) if batch.num_rows else []:
         failed = (pc.not_equal(piece["status"], OK) if "status" in piece.column_names
                   else pc.is_valid(piece["read_error"]))
         ok = piece.num_rows - int(pc.sum(failed).as_py() or 0)
+        warned = (int(pc.sum(pc.is_valid(piece["warning"])).as_py() or 0)
+                  if "warning" in piece.column_names else 0)
         manifest["file"].append(uri)
         manifest["rows"].append(piece.num_rows)
         manifest["ok"].append(ok)
         manifest["error"].append(piece.num_rows - ok)
+        manifest["warnings"].append(warned)
     return pa.table(manifest, schema=MANIFEST_SCHEMA)

@@ -41,7 +41,7 @@ from raysky.data.metadata import (
 )
 from raysky.serve.admission import BudgetTimeout, MemoryBudget
 from raysky.serve.config import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_INFLIGHT_PIXELS
-from raysky.serve.errors import ApiError, BodyTooLarge, ServiceUnavailable
+from raysky.serve.errors import ApiError, BodyTooLarge, ServiceUnavailable, error_responses
 from raysky.serve.metrics import RejectionMiddleware, ServeMetrics
 from raysky.serve.middleware import (
     ACCESS_SCOPE_KEY,
@@ -229,11 +229,13 @@ def create_api(backend: PredictBackend, options: ApiOptions | None = None,
                            "(send 'Authorization: Bearer <key>')",
                            headers={"WWW-Authenticate": "Bearer"})
 
-    @app.get("/healthz", summary="Liveness: the HTTP layer answers")
+    @app.get("/healthz", summary="Liveness: the HTTP layer answers",
+             responses=error_responses())
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", summary="Readiness: a model replica answers with its models loaded")
+    @app.get("/readyz", summary="Readiness: a model replica answers with its models loaded",
+             responses=error_responses(503))
     async def readyz() -> dict[str, str]:
         # Unauthenticated, like /healthz, for orchestrator probes: so it says nothing about
         # the models; /v1/model (authenticated) does.
@@ -244,13 +246,14 @@ def create_api(backend: PredictBackend, options: ApiOptions | None = None,
 
     @app.get("/v1/model", dependencies=[Depends(require_api_key)],
              summary="Classes, input sizes, versions, batching and the model cards of the "
-             "served models")
+             "served models", responses=error_responses(401, 503))
     async def model_info() -> dict[str, Any]:
         return await backend.info()
 
     @app.post("/v1/predict", dependencies=[Depends(require_api_key)],
               summary="Classify, segment and explain one image",
-              openapi_extra={"requestBody": PREDICT_REQUEST_BODY})
+              openapi_extra={"requestBody": PREDICT_REQUEST_BODY},
+              responses=error_responses(401, 415, 422, 503))
     async def predict(
         request: Request,
         explain: bool = Query(True, description="compute the Grad-CAM heatmap"),
@@ -262,9 +265,12 @@ def create_api(backend: PredictBackend, options: ApiOptions | None = None,
         lesion's area fraction and, as base64 PNGs at the uploaded image's size, the lesion
         mask (0/255) and the Grad-CAM heatmap (8-bit grey, 255 = strongest evidence).
         ``lesion_focus`` is the heatmap's share inside the mask (null without ``explain``).
-        With a calibrated classifier the probabilities are calibrated, ``refer`` says whether
-        ``malignant_prob`` reaches the referral threshold, and ``ood`` whether ``ood_score``
-        marks the image as unlike dermoscopy (advice only); all three and
+        With a calibrated classifier the probabilities are calibrated, the predicted class
+        applies the calibration's decision offsets (for balanced accuracy; it can differ from
+        the most probable class), ``refer`` says whether ``malignant_prob`` reaches the
+        referral threshold, and ``ood`` whether ``ood_score`` (higher: less like the
+        calibration's dermoscopy; over 1 for the default gate) marks the image as unlike
+        dermoscopy (advice only); ``refer``, ``ood_score``, ``ood`` and
         ``calibration_version`` are null without a calibration. ``ita_deg`` and ``skin_tone``
         are the Individual Typology Angle of the skin round the predicted lesion and its
         category, null where too little skin is usable.

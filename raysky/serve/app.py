@@ -6,11 +6,13 @@ per replica and scores requests in batches with ``@serve.batch``. Each replica r
 pipeline on a single dedicated thread, one batch at a time, so Grad-CAM's autograd pass never
 runs concurrently on the same model, however many requests are in flight.
 
-``build_app`` is the application builder for Serve's own tools, so the same application runs
-from ``raysky serve``, ``run_server`` and ``serve run infra/serve/raysky.yaml``.
-"""
+``build_application`` builds the application from an :class:`AppConfig` (what ``raysky serve``
+and ``run_server`` call); ``build_app`` is its typed application builder for Serve's own tools
+(``serve run raysky.serve.app:build_app key=value ...``, ``serve run infra/serve/raysky.yaml``).
 
-from __future__ import annotations
+No ``from __future__ import annotations`` here: Serve reads ``build_app``'s parameter annotation
+as a class to pick its typed argument model, and a postponed annotation would be a string.
+"""
 
 import asyncio
 import logging
@@ -34,6 +36,7 @@ from raysky.serve.config import (
     DEFAULT_BATCH_WAIT_S,
     DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_MAX_INFLIGHT_PIXELS,
+    AppArgs,
     AppConfig,
 )
 from raysky.serve.security import (
@@ -252,15 +255,27 @@ def check_api_keys(config: AppConfig) -> tuple[bytes, ...] | None:
     return digests
 
 
-def build_app(args: dict[str, Any] | AppConfig) -> serve.Application:
-    """Application builder for ``serve run``/``serve deploy`` (``raysky.serve.app:build_app``).
+def build_app(args: AppArgs) -> serve.Application:
+    """Typed application builder for ``serve run``/``serve deploy`` (``raysky.serve.app:build_app``).
 
-    ``args`` holds :class:`~raysky.serve.config.AppConfig` fields; ``segmenter`` and
-    ``classifier`` (local paths or ``s3://`` URIs) are required. Scaling and queue bounds set
-    here are defaults that a Serve config's ``deployments:`` section may override. Without API
-    keys (see :mod:`raysky.serve.security`) it raises unless ``allow_unauthenticated`` is set.
+    Serve validates the application arguments against :data:`~raysky.serve.config.AppArgs`
+    before calling this (the argument's annotation tells it to), so the ``key=value`` strings
+    of ``serve run`` arrive as the types they name, and an unknown or ill-typed argument fails
+    there, naming it, before any actor starts. A plain dict (a Python caller) is validated the
+    same way here. ``segmenter`` and ``classifier`` are required; see :func:`build_application`.
     """
-    config = args if isinstance(args, AppConfig) else AppConfig.from_dict(dict(args or {}))
+    if not isinstance(args, AppArgs):
+        args = AppArgs.model_validate(dict(args or {}))
+    return build_application(args.to_config())
+
+
+def build_application(config: AppConfig) -> serve.Application:
+    """The two deployments for ``config``, after checking its checkpoints and API keys.
+
+    Scaling and queue bounds set here are defaults that a Serve config's ``deployments:``
+    section may override. Without API keys (see :mod:`raysky.serve.security`) it raises unless
+    ``allow_unauthenticated`` is set.
+    """
     check_checkpoints(config)
     key_digests = check_api_keys(config)
     model = LesionModel.options(

@@ -7,12 +7,15 @@ starts Serve itself needs (Ray address, host, port, application name).
 
 from __future__ import annotations
 
+import typing
 from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+
 from raysky.data.images import DEFAULT_MAX_PIXELS
 from raysky.models.runtime import PRECISIONS
-from raysky.settings import TTA_HELP, setting
+from raysky.settings import HELP, TTA_HELP, setting
 
 DEFAULT_MAX_BODY_BYTES = 20 * 1024 * 1024
 """Largest accepted request body (20 MiB): a full-resolution dermoscopy JPEG is a few MB."""
@@ -148,26 +151,79 @@ class AppConfig:
 
     @classmethod
     def from_dict(cls, args: dict[str, Any]) -> AppConfig:
-        """Build from application arguments; unknown keys are an error naming them, and so are
-        API keys, which Serve would show in plain text with the rest of its config."""
-        if "api_keys" in args:
-            raise ValueError("api_keys cannot be given in a Serve config (the dashboard shows it "
-                             "in plain text): put the keys in a file named by api_keys_file or "
-                             "in RAYSKY_API_KEYS on the nodes")
-        known = {f.name for f in fields(cls)} - {"api_keys"}
-        unknown = sorted(set(args) - known)
-        if unknown:
-            raise ValueError(f"unknown raysky serve argument(s) {unknown}; known: {sorted(known)}")
-        missing = [f.name for f in fields(cls) if f.default is MISSING and f.name not in args]
-        if missing:
-            raise ValueError(f"missing raysky serve argument(s) {missing}")
-        return cls(**args)
+        """Build from application arguments, typed by :data:`AppArgs` (``"4"`` is 4, ``"false"``
+        False); unknown, missing and ill-typed arguments are a ``ValueError`` naming them, and
+        so are API keys, which Serve would show in plain text with the rest of its config."""
+        return AppArgs.model_validate(args).to_config()
 
     def to_app_args(self) -> dict[str, Any]:
         """The application-argument dict :func:`raysky.serve.app.build_app` accepts (without
         ``api_keys``, which never goes into application arguments)."""
-        names = {f.name for f in fields(AppConfig)} - {"api_keys"}
+        names = {f.name for f in fields(AppConfig)} - NOT_APP_ARGS
         return {k: v for k, v in asdict(self).items() if k in names}
+
+
+NOT_APP_ARGS = frozenset({"api_keys"})
+"""AppConfig fields that are never application arguments: Serve shows those in plain text."""
+
+
+class _AppArgsBase(BaseModel):
+    """What every typed application-argument model shares: no unknown arguments, no keys."""
+
+    # hide_input_in_errors: an error must not echo what it was given, which could be a key.
+    model_config = ConfigDict(extra="forbid", frozen=True, title="raysky serve arguments",
+                              hide_input_in_errors=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_arguments_only(cls, args: Any) -> Any:
+        # Before the fields: the message lists what is known, which pydantic's own
+        # "extra inputs are not permitted" would not.
+        if isinstance(args, dict):
+            if "api_keys" in args:
+                raise ValueError(
+                    "api_keys cannot be given in a Serve config or as an application argument "
+                    "(the dashboard shows them in plain text): put the keys in a file named by "
+                    "api_keys_file or in RAYSKY_API_KEYS on the nodes")
+            unknown = sorted(set(args) - set(cls.model_fields))
+            if unknown:
+                raise ValueError(f"unknown raysky serve argument(s) {unknown}; known: "
+                                 f"{sorted(cls.model_fields)}")
+            missing = [name for name, spec in cls.model_fields.items()
+                       if spec.is_required() and name not in args]
+            if missing:
+                raise ValueError(f"missing raysky serve argument(s) {missing}")
+        return args
+
+    def to_config(self) -> AppConfig:
+        """The :class:`AppConfig` these arguments describe (its own checks run here)."""
+        return AppConfig(**self.model_dump())
+
+
+def _app_args_model() -> type[_AppArgsBase]:
+    """The pydantic model of :class:`AppConfig`'s application arguments, field for field.
+
+    Generated from the dataclass so the two cannot drift: same names, types, defaults and help.
+    """
+    hints = typing.get_type_hints(AppConfig)
+    definitions: dict[str, Any] = {}
+    for f in fields(AppConfig):
+        if f.name in NOT_APP_ARGS:
+            continue
+        default = ... if f.default is MISSING else f.default
+        definitions[f.name] = (hints[f.name], Field(default, description=f.metadata.get(HELP)))
+    return create_model("AppArgs", __base__=_AppArgsBase, __module__=__name__, **definitions)
+
+
+AppArgs = _app_args_model()
+"""The typed application arguments of :func:`raysky.serve.app.build_app`.
+
+``serve run raysky.serve.app:build_app max_replicas=4 use_gpu=false`` hands the builder
+strings; Serve validates them against this model first (its typed application builder), so
+``"false"`` is False and ``"4"`` is 4, and ``max_replicas=four`` or an unknown argument fails
+with the argument's name and the type it needs, before any Ray actor starts. A Serve config's
+``args:`` block goes through the same model.
+"""
 
 
 @dataclass(frozen=True)

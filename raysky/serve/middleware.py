@@ -15,7 +15,7 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
-from raysky.serve.errors import ApiError, BodyTooLarge
+from raysky.serve.errors import ApiError, BodyTooLarge, error_body
 
 ACCESS_LOGGER = "raysky.serve.access"
 ACCESS_SCOPE_KEY = "raysky.access"
@@ -147,10 +147,7 @@ def scope_request_id(scope: dict) -> str | None:
 
 def error_response(scope: dict, error: ApiError) -> JSONResponse:
     """``error`` as its JSON answer, with the request id, and noted in the access log."""
-    body: dict[str, Any] = {"error": error.code, "detail": error.detail}
-    if error.field:
-        body["field"] = error.field
-    body["request_id"] = scope_request_id(scope)
+    body = error_body(error.code, error.detail, error.field, scope_request_id(scope))
     entry = scope.get(ACCESS_SCOPE_KEY)
     if entry is not None:
         entry["error"] = error.code  # the code only: details may echo client input

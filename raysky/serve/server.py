@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 
 from raysky.cluster import ensure_ray
-from raysky.serve.app import build_app, check_api_keys, check_checkpoints
+from raysky.serve.app import build_application, check_api_keys, check_checkpoints
 from raysky.serve.config import ServeSettings
 
 logger = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def run_server(settings: ServeSettings, blocking: bool = False) -> str:
         if not serve.status().proxies:
             serve.start(http_options={"host": settings.host, "port": settings.port})
             _state.started_serve = True
-        serve.run(build_app(settings), name=settings.app_name,
+        serve.run(build_application(settings), name=settings.app_name,
                   route_prefix=settings.route_prefix)
         if settings.app_name not in _state.apps:
             _state.apps.append(settings.app_name)

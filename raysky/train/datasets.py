@@ -1,8 +1,8 @@
 """From dataset records to the Ray Datasets that feed the training workers.
 
 Records are turned into small rows (URIs, label index, encoded metadata) on the driver; the
-Ray Dataset then reads, decodes, augments and resizes each image in Ray Data tasks on CPU, so
-the training workers only normalise and step. Ray Train splits the training dataset into one
+Ray Dataset then reads and decodes each image once, in Ray Data tasks, into a uint8 cache that
+every epoch iterates, and the training workers augment, normalise and step. Ray Train splits the training dataset into one
 shard per worker; validation is not split (see :mod:`raysky.train.loops`).
 """
 
@@ -11,11 +11,11 @@ from __future__ import annotations
 import logging
 import math
 import random
-import zlib
 from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
+from PIL import Image
 
 from raysky import storage
 from raysky.data.images import ImageDecodeError, decode_mask, load_rgb
@@ -23,7 +23,6 @@ from raysky.data.metadata import MetadataVocab
 from raysky.data.readers import read_dataset
 from raysky.data.records import LesionRecord
 from raysky.data.splits import SPLIT_FILE, apply_split_file, split_by_lesion
-from raysky.train.augment import AugmentConfig, augment_pair, resize_pair
 
 logger = logging.getLogger(__name__)
 
@@ -96,36 +95,23 @@ def encode_rows(records: Sequence[LesionRecord], classes: Sequence[str] | None =
     return rows
 
 
-_draws: Counter[int] = Counter()
+def cache_side(input_size: int) -> int:
+    """Side of the square uint8 cache for a model of ``input_size``: a fifth larger, rounded up
+    to 16, so random crops and zooms resample real pixels instead of upsampling."""
+    return int(math.ceil(input_size * 1.2 / 16) * 16)
 
 
-def augmentation_rng(seed: int, image_ids) -> np.random.Generator:
-    """The generator for one batch's augmentations: seeded by the run, the batch and its draw.
+def decode_rows(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+    """Ray Data ``map_batches`` function: read and decode a batch of rows into the cache.
 
-    The run's seed and the batch's image ids fix the stream, and a per-process count of how
-    often this batch was drawn moves it on each epoch, so a rerun with the same seed draws
-    the same augmentations while every epoch still sees new ones. (Ray Data may hand a batch
-    to another process in another epoch; the count then restarts there, which repeats an
-    earlier epoch's draw for that batch rather than breaking anything.)
+    Each image is squashed to ``size`` x ``size`` uint8 (as inference squashes its input; the
+    training worker augments from there, see :mod:`raysky.train.augment`) and its mask, if
+    any, to 0/1 at the same size. An image or mask that cannot be read or decoded keeps its
+    row, blank, with ``readable`` 0 and the reason in ``read_error``, rather than failing the
+    job: one corrupt file must not stop a run of thousands, yet the training loop must see
+    how many it lost (see :func:`readable_rows`). Keeping the row also keeps every worker's
+    shard, and so its step count, as planned, which DDP needs.
     """
-    key = zlib.crc32("\0".join(str(i) for i in image_ids).encode())
-    draw = _draws[key]
-    _draws[key] += 1
-    return np.random.default_rng([seed, key, draw])
-
-
-def decode_and_transform(batch: dict[str, np.ndarray], size: int, train: bool,
-                         augment: AugmentConfig | None = None, seed: int = 0) -> dict[str, np.ndarray]:
-    """Ray Data ``map_batches`` function: read, decode and augment (or resize) a batch of rows.
-
-    An image or mask that cannot be read or decoded keeps its row, blank, with ``readable``
-    0 and the reason in ``read_error``, rather than failing the job: one corrupt file must
-    not stop a run of thousands, yet the training loop must see how many it lost (see
-    :func:`readable_rows`). Keeping the row also keeps every worker's shard, and so its step
-    count, as planned, which DDP needs.
-    """
-    augment = augment or AugmentConfig()
-    rng = augmentation_rng(seed, batch["image_id"]) if train else None
     images, masks, errors = [], [], []
     for i, (image_uri, mask_uri) in enumerate(zip(batch["image_uri"], batch["mask_uri"], strict=True)):
         try:
@@ -137,12 +123,10 @@ def decode_and_transform(batch: dict[str, np.ndarray], size: int, train: bool,
             masks.append(np.zeros((size, size), np.uint8))
             errors.append(f"{batch['image_id'][i]}: {exc}")
             continue
-        if train:
-            out_image, out_mask = augment_pair(image, mask, size, augment, rng)
-        else:
-            out_image, out_mask = resize_pair(image, mask, size)
-        images.append(out_image)
-        masks.append(out_mask)
+        images.append(np.asarray(image.resize((size, size), Image.BILINEAR, reducing_gap=3.0),
+                                 dtype=np.uint8))
+        masks.append(np.zeros((size, size), np.uint8) if mask is None else np.asarray(
+            Image.fromarray((mask > 0).astype(np.uint8)).resize((size, size), Image.NEAREST)))
         errors.append("")
     return {
         "image_id": np.asarray(batch["image_id"]),
@@ -169,35 +153,29 @@ def readable_rows(batch: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], 
     return {key: np.asarray(value)[readable] for key, value in batch.items()}, errors
 
 
-def build_dataset(rows: list[dict], size: int, train: bool, augment: AugmentConfig | None = None,
-                  decode_batch_size: int = 8, seed: int = 0):
-    """A lazy Ray Dataset of decoded (and, for training, augmented) images at ``size``.
+def build_dataset(rows: list[dict], size: int, train: bool, decode_batch_size: int = 8,
+                  seed: int = 0):
+    """A materialized Ray Dataset of the rows decoded into the uint8 cache at ``size``.
 
-    The dataset is re-executed every epoch, so augmentations differ between epochs without
-    holding decoded images in the object store.
+    Images are decoded once, here, and every epoch iterates the cached blocks: decoding and
+    resizing JPEGs each epoch cost as much CPU as the model's own step on a small machine.
+    Augmentation happens in the training worker (:mod:`raysky.train.augment`), so it still
+    differs every epoch. The training rows are shuffled once and their blocks re-ordered every
+    epoch; the loop's local shuffle buffer mixes across blocks.
     """
     import ray.data
 
     if train:
-        # Dataset CSVs are often sorted by diagnosis. Rows are shuffled once here, and the
-        # small blocks are re-ordered every epoch, so each batch draws from several random
-        # blocks. Ray Data's local shuffle buffer would mix more, but copying image tensors
-        # through it visibly slowed the tiny preset in benchmarks/train_throughput.py.
+        # Dataset CSVs are often sorted by diagnosis.
         rows = list(rows)
         random.Random(seed).shuffle(rows)
     # Small blocks also let the streaming split hand work to every training worker early.
     blocks = max(1, min(len(rows), math.ceil(len(rows) / decode_batch_size)))
     dataset = ray.data.from_items(rows, override_num_blocks=blocks)
-    if train:
-        dataset = dataset.randomize_block_order()
-    dataset = dataset.map_batches(
-        decode_and_transform,
-        fn_kwargs={"size": size, "train": train, "augment": augment, "seed": seed},
-        batch_size=decode_batch_size,
-        batch_format="numpy",
-        num_cpus=1,
-    )
+    dataset = dataset.map_batches(decode_rows, fn_kwargs={"size": size},
+                                  batch_size=decode_batch_size, batch_format="numpy", num_cpus=1)
     # The training loop prints its own progress (epoch, step, loss, rate, ETA); Ray Data's
-    # per-epoch bars from every worker would bury it.
+    # bars from every worker would bury it.
     dataset.context.enable_progress_bars = False
-    return dataset
+    dataset = dataset.materialize()
+    return dataset.randomize_block_order(seed=None) if train else dataset

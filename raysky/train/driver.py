@@ -27,8 +27,13 @@ from raysky.data.taxonomy import order_classes
 from raysky.jsonable import to_jsonable
 from raysky.models import get_preset
 from raysky.models.checkpoint import read_checkpoint_meta
-from raysky.train.augment import AugmentConfig
-from raysky.train.datasets import build_dataset, class_weights, encode_rows, load_splits
+from raysky.train.datasets import (
+    build_dataset,
+    cache_side,
+    class_weights,
+    encode_rows,
+    load_splits,
+)
 from raysky.train.loops import (
     HISTORY_FILE,
     SCHEDULE,
@@ -40,6 +45,7 @@ from raysky.train.settings import (
     TrainResult,
     TrainSettings,
     hyperparameters,
+    resolved_recipe,
     with_recipe,
 )
 from raysky.train.tracking import finish_run, start_tracking
@@ -129,23 +135,28 @@ def _run(kind: str, settings: TrainSettings, train: list[LesionRecord], val: lis
     tracking = start_tracking(settings, kind, run_uri)
     ensure_ray(log_to_driver=True)
     check_cpus(settings)
-    train_ds = build_dataset(encode_rows(train, classes, vocab), size, train=True,
+    # Both sets are decoded once, into a uint8 cache a fifth larger than the model's input;
+    # every epoch augments the cached pixels in the workers (raysky.train.augment).
+    started = time.monotonic()
+    train_ds = build_dataset(encode_rows(train, classes, vocab), cache_side(size), train=True,
                              seed=settings.seed)
-    # Validation is decoded once, here. Re-running its pipeline inside rank 0 every epoch
-    # competed with the training shard's pipeline for the same CPUs and stalled both for
-    # seconds per epoch; iterating materialized blocks costs nothing.
-    val_ds = build_dataset(encode_rows(val, classes, vocab), size, train=False).materialize()
+    val_ds = build_dataset(encode_rows(val, classes, vocab), cache_side(size), train=False)
+    print(f"{kind}: decoded {len(train) + len(val)} images into the {cache_side(size)} px "
+          f"cache in {time.monotonic() - started:.0f} s", flush=True)
     threads = settings.threads_per_worker or max(1, int(settings.cpus_per_worker))
     summary_settings = {**asdict(settings), "precision": precision, "metric": metric,
                         "metric_mode": mode, "split": split_how, **(extra_summary or {})}
+    recipe = resolved_recipe(settings, kind)
     provenance = {"training_data": training_data(settings, kind, train, val, split_how),
-                  "schedule": SCHEDULE, "augmentation": to_jsonable(asdict(AugmentConfig()))}
+                  "schedule": SCHEDULE, "augmentation": to_jsonable(recipe["augment"]),
+                  "recipe": to_jsonable(recipe)}
     loop_config = LoopConfig(
         kind=kind, preset=settings.preset, epochs=settings.epochs,
         batch_size=settings.batch_size, lr=settings.lr, weight_decay=settings.weight_decay,
         encoder_lr_scale=settings.encoder_lr_scale, label_smoothing=settings.label_smoothing,
         classes=list(classes), vocab=vocab.to_dict(), class_weights=weights,
         use_metadata=settings.use_metadata, use_lesion_stream=settings.use_lesion_stream,
+        lesion_branch=settings.lesion_branch, recipe=recipe,
         precision=precision, use_gpu=settings.gpu, threads=threads, seed=settings.seed,
         train_rows=len(train), pretrained_encoder=settings.pretrained_encoder, metric=metric,
         metric_mode=mode, run_name=settings.name, progress_interval=settings.progress_interval,

@@ -18,6 +18,7 @@ import math
 import os
 import tempfile
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -35,6 +36,13 @@ from raysky.models.runtime import (
 )
 from raysky.progress import Progress
 from raysky.train.datasets import readable_rows
+from raysky.train.recipe import (
+    averaged,
+    choose_memory_format,
+    freeze_early_layers,
+    keep_frozen_in_eval,
+    make_average,
+)
 from raysky.train.settings import LoopConfig
 from raysky.train.tasks import make_task, measure_precision
 from raysky.train.tracking import Tracker, training_params
@@ -44,6 +52,9 @@ METRICS_FILE = "metrics.json"
 HISTORY_FILE = "history.json"
 MAX_UNREADABLE_SHARE = 0.01
 """An epoch that cannot read more than this share of its training images fails."""
+
+SHUFFLE_BUFFER = 256
+"""Rows each worker's shuffle buffer mixes: batches draw from several cached blocks."""
 
 DEFAULT_METRIC = {"segmenter": ("dice", "max"), "classifier": ("balanced_accuracy", "max")}
 
@@ -140,6 +151,10 @@ def _restore(model: nn.Module, checkpoint, task) -> dict:
         state = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu",
                            weights_only=True)
         state.setdefault("initial_weights", loaded.meta.get("extra", {}).get("initial_weights", {}))
+        if "model" in state:
+            # With a moving average the checkpoint holds the average; training goes on from
+            # the raw weights.
+            model.load_state_dict(state["model"])
         return state
 
 
@@ -165,144 +180,240 @@ def _restore_rng(state: dict | None) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@dataclass
+class _Worker:
+    """What one training worker holds from epoch to epoch."""
+
+    config: LoopConfig
+    task: Any
+    model: nn.Module
+    average: Any
+    frozen: list
+    optimizer: Any
+    scheduler: Any
+    device: torch.device
+    precision: str
+    rank: int
+    world: int
+    steps_per_epoch: int
+    initial_weights: dict
+    pretrained: dict
+    started: float
+    start_epoch: int = 0
+    global_step: int = 0
+    history: list = field(default_factory=list)
+    first_step_at: float | None = None
+    tracker: Tracker | None = None
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     """Ray Train's per-worker function; ``loop_config`` is :meth:`LoopConfig.to_dict` of the
-    config :mod:`raysky.train.driver` built."""
+    config :mod:`raysky.train.driver` built. Three steps, as in Ray's own examples: set up
+    (model, resume, optimizer), then per epoch train on this worker's shard, and validate and
+    report."""
     import ray.train
-    import ray.train.torch
     from ray.data import DataContext
 
     config = LoopConfig(**loop_config)
+    DataContext.get_current().enable_progress_bars = False
+    worker = _setup(config)
+    if worker.start_epoch >= config.epochs:
+        if worker.rank == 0:
+            print(f"{worker.task.kind}: already trained for {worker.start_epoch} epochs, nothing "
+                  "to do", flush=True)
+        return
+    worker.tracker = Tracker(config.tracking, enabled=worker.rank == 0)
+    if worker.start_epoch == 0:
+        worker.tracker.log_params(training_params(worker.task.kind, config.settings,
+                                                  config.provenance))
+    worker.tracker.set_tags({"system": machine_description(), "raysky.precision": worker.precision})
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    per_epoch = worker.steps_per_epoch * config.batch_size * worker.world
+    progress = Progress(f"{worker.task.kind} [{config.run_name}]",
+                        total=per_epoch * (config.epochs - worker.start_epoch), unit="img",
+                        interval=config.progress_interval)
+    for epoch in range(worker.start_epoch, config.epochs):
+        stats = _train_epoch(worker, train_shard, epoch, progress)
+        _validate_and_report(worker, val_shard, epoch, stats)
+
+
+def _setup(config: LoopConfig) -> _Worker:
+    """Build (or restore) the model, measure precision and memory layout, wrap it for DDP and
+    make the optimizer; a resumed run continues its optimizer, schedule, average and RNG."""
+    import ray.train
+    import ray.train.torch
+
     started = time.time()
     set_torch_threads(config.threads)
-    DataContext.get_current().enable_progress_bars = False
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    task = make_task(config)
+    task = make_task(config, rank)
     device = ray.train.torch.get_device() if config.use_gpu else torch.device("cpu")
-    precision = config.precision
-
     torch.manual_seed(config.seed)
     model = task.build_model()
     checkpoint = ray.train.get_checkpoint()
     state = _restore(model, checkpoint, task) if checkpoint else None
-    spec = config.pretrained_encoder or "none"
-    if state is None:
-        initial_weights = {k: v.to_dict() for k, v in initialise_model(model, spec).items()}
-        if rank == 0:
-            for name, record in initial_weights.items():
-                print(f"{task.kind}: {name} starts from {record['source']} "
-                      f"({record['tensors_loaded']} of {record['tensors_total']} tensors)",
-                      flush=True)
-    else:
-        initial_weights = state["initial_weights"]
-    pretrained = {"pretrained_tensors_loaded": sum(r["tensors_loaded"] for r in initial_weights.values()),
-                  "pretrained_tensors_total": sum(r["tensors_total"] for r in initial_weights.values())}
-    model = prepare_for_device(model, device)
-    batch_size = config.batch_size
-    precision, timing = measure_precision(task, model, device, config.precision, batch_size)
-    if rank == 0 and timing:
-        print(f"{task.kind}: precision {precision} (measured step: "
-              + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in timing.items()) + ")", flush=True)
+    initial_weights = _initial_weights(model, config, state, task.kind, rank)
+    frozen = freeze_early_layers(model, task.recipe.frozen_blocks)
+    model = prepare_for_device(model, device, channels_last=False)
+    precision, memory_format = _measure_step(task, model, device, config, rank)
+    task.memory_format = memory_format
+    model = model.to(memory_format=memory_format)
+    average = make_average(model, task.recipe.ema_decay)
+    if state is not None and average is not None and "average" in state:
+        average.load_state_dict(state["average"])
     model = ray.train.torch.prepare_model(model, move_to_device=False)
-
-    steps_per_epoch = max(1, config.train_rows // world // batch_size)
+    steps_per_epoch = max(1, config.train_rows // world // config.batch_size)
     optimizer, scheduler = make_optimizer(model, config, steps_per_epoch)
-    start_epoch, global_step, history = 0, 0, []
+    worker = _Worker(config, task, model, average, frozen, optimizer, scheduler, device,
+                     precision, rank, world, steps_per_epoch, initial_weights,
+                     _pretrained_counts(initial_weights), started)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        start_epoch, global_step, history = state["epoch"], state["global_step"], state["history"]
+        worker.start_epoch, worker.global_step = state["epoch"], state["global_step"]
+        worker.history = state["history"]
         _restore_rng(state.get("rng"))
-    epochs = config.epochs
-    if rank == 0 and start_epoch:
-        print(f"{task.kind}: resuming from the checkpoint of epoch {start_epoch}", flush=True)
-    if start_epoch >= epochs:
-        if rank == 0:
-            print(f"{task.kind}: already trained for {start_epoch} epochs, nothing to do", flush=True)
-        return
+        if rank == 0 and worker.start_epoch:
+            print(f"{task.kind}: resuming from the checkpoint of epoch {worker.start_epoch}",
+                  flush=True)
+    return worker
 
-    tracker = Tracker(config.tracking, enabled=rank == 0)
-    if start_epoch == 0:
-        tracker.log_params(training_params(task.kind, config.settings, config.provenance))
-    tracker.set_tags({"system": machine_description(), "raysky.precision": precision})
 
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
-    per_epoch = steps_per_epoch * batch_size * world
-    progress = Progress(f"{task.kind} [{config.run_name}]",
-                        total=per_epoch * (epochs - start_epoch), unit="img",
-                        interval=config.progress_interval)
-    first_step_at = None
-    for epoch in range(start_epoch, epochs):
-        model.train()
-        epoch_start = time.time()
-        loss_sum, seen, unreadable, first_errors = 0.0, 0, 0, []
-        batches = train_shard.iter_batches(
-            batch_size=batch_size, batch_format="numpy", drop_last=True,
-            prefetch_batches=2)
-        for step, batch in enumerate(batches, start=1):
-            batch, errors = readable_rows(batch)
-            unreadable += len(errors)
-            first_errors.extend(errors[: max(0, 3 - len(first_errors))])
-            if not len(batch["image"]):
-                # Every rank must step for DDP; a batch with nothing readable cannot.
-                raise RuntimeError(f"{task.kind}: epoch {epoch + 1}: no image of a batch of "
-                                   f"{len(errors)} could be read ({'; '.join(errors[:3])})")
-            inputs = task.inputs(batch, device)
-            with autocast(device, precision):
-                loss = task.loss(model, inputs)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            global_step += 1
-            n = len(batch["image"])
-            loss_sum += float(loss.detach()) * n
-            seen += n
-            if first_step_at is None:
-                first_step_at = time.time()
-            if rank == 0:
-                progress.update(n * world, extra=f"epoch {epoch + 1}/{epochs}, step {step}/"
-                                f"{steps_per_epoch}, loss {float(loss.detach()):.4f}")
-        train_seconds = time.time() - epoch_start
-        loss_total, seen_total, unreadable_total = _all_reduce_sum(
-            [loss_sum, float(seen), float(unreadable)], device)
-        _check_unreadable(task.kind, epoch, int(unreadable_total), int(seen_total), first_errors)
+def _initial_weights(model: nn.Module, config: LoopConfig, state: dict | None, kind: str,
+                     rank: int) -> dict:
+    if state is not None:
+        return state["initial_weights"]
+    spec = config.pretrained_encoder or "none"
+    initial = {k: v.to_dict() for k, v in initialise_model(model, spec).items()}
+    if rank == 0:
+        for name, record in initial.items():
+            print(f"{kind}: {name} starts from {record['source']} "
+                  f"({record['tensors_loaded']} of {record['tensors_total']} tensors)", flush=True)
+    return initial
 
-        metrics: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "step": global_step,
-            "train_loss": loss_total / max(seen_total, 1.0),
-            "train_images": int(seen_total),
+
+def _pretrained_counts(initial_weights: dict) -> dict:
+    return {"pretrained_tensors_loaded": sum(r["tensors_loaded"] for r in initial_weights.values()),
+            "pretrained_tensors_total": sum(r["tensors_total"] for r in initial_weights.values())}
+
+
+def _measure_step(task, model: nn.Module, device: torch.device, config: LoopConfig,
+                  rank: int) -> tuple[str, torch.memory_format]:
+    """Resolve ``auto`` precision, then the memory layout, by timing this model's own step."""
+    precision, timing = measure_precision(task, model, device, config.precision, config.batch_size)
+    inputs = task.inputs(task.synthetic_batch(config.batch_size), device, train=True)
+
+    def step(probe: nn.Module, memory_format: torch.memory_format) -> None:
+        probe_inputs = {**inputs, "image": inputs["image"].contiguous(memory_format=memory_format)}
+        with autocast(device, precision):
+            loss = task.loss(probe, probe_inputs)
+        loss.backward()
+        probe.zero_grad(set_to_none=True)
+
+    memory_format, layout_timing = choose_memory_format(model, step, device)
+    if rank == 0 and (timing or layout_timing):
+        measured = {**timing, **layout_timing}
+        print(f"{task.kind}: precision {precision}, "
+              f"{'channels_last' if memory_format == torch.channels_last else 'NCHW'} (measured "
+              "step: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in measured.items()) + ")",
+              flush=True)
+    return precision, memory_format
+
+
+def _train_epoch(worker: _Worker, shard, epoch: int, progress: Progress) -> dict[str, Any]:
+    """One pass over this worker's shard; returns the epoch's loss and image counts, summed
+    over all workers."""
+    config, task, model = worker.config, worker.task, worker.model
+    model.train()
+    keep_frozen_in_eval(worker.frozen)
+    task.augmenter.start_epoch(epoch)
+    epoch_start = time.time()
+    loss_sum, seen, unreadable, first_errors = 0.0, 0, 0, []
+    batches = shard.iter_batches(batch_size=config.batch_size, batch_format="numpy",
+                                 drop_last=True, prefetch_batches=2,
+                                 local_shuffle_buffer_size=SHUFFLE_BUFFER,
+                                 local_shuffle_seed=config.seed * 1000 + epoch)
+    for step, batch in enumerate(batches, start=1):
+        batch, errors = readable_rows(batch)
+        unreadable += len(errors)
+        first_errors.extend(errors[: max(0, 3 - len(first_errors))])
+        if not len(batch["image"]):
+            # Every rank must step for DDP; a batch with nothing readable cannot.
+            raise RuntimeError(f"{task.kind}: epoch {epoch + 1}: no image of a batch of "
+                               f"{len(errors)} could be read ({'; '.join(errors[:3])})")
+        loss = _step(worker, task.inputs(batch, worker.device, train=True))
+        n = len(batch["image"])
+        loss_sum += loss * n
+        seen += n
+        if worker.first_step_at is None:
+            worker.first_step_at = time.time()
+        if worker.rank == 0:
+            progress.update(n * worker.world, extra=f"epoch {epoch + 1}/{config.epochs}, step "
+                            f"{step}/{worker.steps_per_epoch}, loss {loss:.4f}")
+    train_seconds = time.time() - epoch_start
+    loss_total, seen_total, unreadable_total = _all_reduce_sum(
+        [loss_sum, float(seen), float(unreadable)], worker.device)
+    _check_unreadable(task.kind, epoch, int(unreadable_total), int(seen_total), first_errors)
+    return {"train_loss": loss_total / max(seen_total, 1.0), "train_images": int(seen_total),
             "train_seconds": train_seconds,
-            "images_per_s": seen_total / train_seconds if train_seconds > 0 else 0.0,
-            "lr": scheduler.get_last_lr()[-1],
-            "encoder_lr": scheduler.get_last_lr()[0],
-            "precision": precision,
-            "start_epoch": start_epoch,
-            "first_step_unix": first_step_at,
-            "worker_started_unix": started,
-            **pretrained,
-        }
-        report_checkpoint = None
-        with tempfile.TemporaryDirectory() as directory:
-            if rank == 0:
-                metrics.update(task.evaluate(unwrap_ddp(model), val_shard.iter_batches(
-                    batch_size=batch_size, batch_format="numpy"), device, precision))
-                _score(metrics, config)
-                history.append(to_jsonable(metrics))
-                state = {"epoch": epoch + 1, "global_step": global_step, "history": history,
-                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                         "initial_weights": initial_weights, "rng": _rng_state(),
-                         "hyperparameters": config.hyperparameters}
-                write_checkpoint(directory, model, config, state, metrics, history)
-                report_checkpoint = ray.train.Checkpoint.from_directory(directory)
-                print(_epoch_line(task.kind, metrics, epochs), flush=True)
-                tracker.log_metrics({k: v for k, v in metrics.items()
-                                     if not k.endswith("_unix")}, step=epoch + 1)
-            ray.train.report(metrics, checkpoint=report_checkpoint,
-                             checkpoint_dir_name=f"checkpoint_epoch_{epoch + 1:04d}")
+            "images_per_s": seen_total / train_seconds if train_seconds > 0 else 0.0}
+
+
+def _step(worker: _Worker, inputs: dict[str, Any]) -> float:
+    """One optimizer step (and moving-average update) on one batch; returns its loss."""
+    with autocast(worker.device, worker.precision):
+        loss = worker.task.loss(worker.model, inputs)
+    worker.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    worker.optimizer.step()
+    worker.scheduler.step()
+    if worker.average is not None:
+        worker.average.update_parameters(unwrap_ddp(worker.model))
+    worker.global_step += 1
+    return float(loss.detach())
+
+
+def _validate_and_report(worker: _Worker, shard, epoch: int, stats: dict[str, Any]) -> None:
+    """Rank 0 validates (the moving average, when the recipe keeps one) and checkpoints; every
+    rank reports, as Ray Train requires."""
+    import ray.train
+
+    config, task, scheduler = worker.config, worker.task, worker.scheduler
+    metrics: dict[str, Any] = {
+        "epoch": epoch + 1, "step": worker.global_step, **stats,
+        "lr": scheduler.get_last_lr()[-1], "encoder_lr": scheduler.get_last_lr()[0],
+        "precision": worker.precision, "start_epoch": worker.start_epoch,
+        "first_step_unix": worker.first_step_at, "worker_started_unix": worker.started,
+        **worker.pretrained,
+    }
+    report_checkpoint = None
+    with tempfile.TemporaryDirectory() as directory:
+        if worker.rank == 0:
+            evaluated = averaged(worker.model, worker.average)
+            metrics.update(task.evaluate(evaluated, shard.iter_batches(
+                batch_size=config.batch_size, batch_format="numpy"), worker.device,
+                worker.precision))
+            _score(metrics, config)
+            worker.history.append(to_jsonable(metrics))
+            state = {"epoch": epoch + 1, "global_step": worker.global_step,
+                     "history": worker.history, "optimizer": worker.optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(),
+                     "initial_weights": worker.initial_weights, "rng": _rng_state(),
+                     "hyperparameters": config.hyperparameters}
+            if worker.average is not None:
+                # The checkpoint's weights are the average; resuming needs the raw ones too.
+                state["average"] = worker.average.state_dict()
+                state["model"] = unwrap_ddp(worker.model).state_dict()
+            write_checkpoint(directory, evaluated, config, state, metrics, worker.history)
+            report_checkpoint = ray.train.Checkpoint.from_directory(directory)
+            print(_epoch_line(task.kind, metrics, config.epochs), flush=True)
+            if worker.tracker is not None:
+                worker.tracker.log_metrics({k: v for k, v in metrics.items()
+                                            if not k.endswith("_unix")}, step=epoch + 1)
+        ray.train.report(metrics, checkpoint=report_checkpoint,
+                         checkpoint_dir_name=f"checkpoint_epoch_{epoch + 1:04d}")
 
 
 def _epoch_line(kind: str, metrics: dict, epochs: int) -> str:

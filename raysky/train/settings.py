@@ -46,7 +46,7 @@ class TrainSettings:
         "ham10000", help="dataset layout; a splits.csv at the root (image_id,split of "
         "train/val/test) fixes the validation split, and its test images are never trained on")
     preset: str = setting("lite", help="model sizes; see `raysky info`")
-    epochs: int = setting(10, help="total epochs")
+    epochs: int | None = setting(None, help="total epochs (default: the preset's recipe)")
     workers: int = setting(2, help="Ray Train workers, each with its own data shard")
     gpu: bool = setting(False, help="one GPU per worker: CUDA, bf16, channels_last")
     storage: str = setting(
@@ -96,13 +96,17 @@ class TrainSettings:
         None, help="segmenter checkpoint whose masks feed the lesion stream")
     use_metadata: bool = True
     use_lesion_stream: bool = True
+    lesion_branch: str | None = setting(
+        None, help="the lesion view: encoder (a second encoder on the background-suppressed "
+        "image, the paper) or shared (the full image's feature map pooled with the mask); "
+        "default: the preset's")
     mask_source: str = "segmenter"
 
     def __post_init__(self) -> None:
         check_run_name(self.name)
 
 
-RECIPE_FIELDS = ("pretrained_encoder", "batch_size", "lr", "encoder_lr_scale", "weight_decay",
+RECIPE_FIELDS = ("pretrained_encoder", "epochs", "batch_size", "lr", "encoder_lr_scale", "weight_decay",
                  "label_smoothing", "class_weight_power")
 RESUME_FIELDS = ("lr", "encoder_lr_scale", "weight_decay", "batch_size", "workers", "epochs",
                  "label_smoothing", "class_weight_power")
@@ -118,6 +122,18 @@ def with_recipe(settings: TrainSettings, kind: str) -> TrainSettings:
     recipe = get_preset(settings.preset).recipe(kind)
     filled = {name: getattr(recipe, name) for name in RECIPE_FIELDS if getattr(settings, name) is None}
     return replace(settings, **filled)
+
+
+def resolved_recipe(settings: TrainSettings, kind: str) -> dict[str, Any]:
+    """The preset's recipe for ``kind`` with this run's overrides, as a JSON-ready dict."""
+    from dataclasses import replace
+
+    from raysky.models.config import get_preset, recipe_to_dict
+
+    recipe = get_preset(settings.preset).recipe(kind)
+    overrides = {name: getattr(settings, name) for name in RECIPE_FIELDS
+                 if getattr(settings, name) is not None}
+    return recipe_to_dict(replace(recipe, **overrides))
 
 
 def hyperparameters(settings: TrainSettings) -> dict[str, Any]:
@@ -166,6 +182,7 @@ class LoopConfig:
     class_weights: list[float] | None = None
     use_metadata: bool = True
     use_lesion_stream: bool = True
+    lesion_branch: str | None = None
     precision: str = "fp32"
     use_gpu: bool = False
     threads: int = 1
@@ -181,6 +198,9 @@ class LoopConfig:
     provenance: dict[str, Any] = field(default_factory=dict)
     # the MLflow run rank 0 logs to (raysky.train.tracking.TrackingTarget), None: untracked
     tracking: dict[str, str] | None = None
+    # the preset's Recipe with this run's overrides (raysky.models.config.recipe_to_dict):
+    # augmentation, moving average, frozen layers, metadata dropout
+    recipe: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """The plain dict Ray Train passes to each worker as its ``train_loop_config``."""

@@ -16,47 +16,73 @@ import torch.nn.functional as F
 from torch import nn
 
 from raysky.data.metadata import EncodedMetadata, MetadataVocab
+from raysky.metrics.isic import classification_summary, segmentation_summary
 from raysky.models import create_classifier, create_segmenter, get_preset, segmentation_loss
-from raysky.models.preprocess import images_to_tensor, masks_to_tensor, metadata_to_tensors
+from raysky.models.config import recipe_from_dict
+from raysky.models.preprocess import metadata_to_tensors, normalize
 from raysky.models.runtime import autocast, choose_precision
 from raysky.models.segmenter import MASK_THRESHOLD
-from raysky.review.metrics import classification_summary, segmentation_summary
-from raysky.train.datasets import readable_rows
+from raysky.train.augment import Augmenter
+from raysky.train.datasets import cache_side, readable_rows
 from raysky.train.settings import LoopConfig
 
 
-class SegmenterTask:
+class _ImageTask:
+    """What both tasks share: the recipe, the worker's augmenter and the input layout."""
+
+    kind = ""
+
+    def __init__(self, config: LoopConfig, model_config, rank: int = 0):
+        self.config = config
+        self.model_config = model_config
+        self.recipe = recipe_from_dict(config.recipe)
+        self.cache_size = cache_side(model_config.input_size)
+        self.augmenter = Augmenter(self.recipe.augment, model_config.input_size, self.cache_size,
+                                   config.seed, rank)
+        # channels_last where a measured step says so (raysky.train.loops); NCHW until then.
+        self.memory_format = torch.contiguous_format
+
+    @property
+    def input_size(self) -> int:
+        """Side of the square the model sees."""
+        return self.model_config.input_size
+
+    def images(self, batch: dict[str, np.ndarray], device: torch.device, train: bool
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised images and 0/1 masks on ``device``: augmented from the uint8 cache for
+        training, resized for validation, normalised as inference normalises."""
+        cfg = self.model_config
+        pixels, masks = self.augmenter(batch["image"], batch["mask"], train)
+        image = normalize(pixels, cfg.mean, cfg.std, cfg.color_constancy)
+        image = image.to(device, non_blocking=True).contiguous(memory_format=self.memory_format)
+        return image, masks.to(device, non_blocking=True)
+
+    def synthetic_batch(self, batch_size: int) -> dict[str, np.ndarray]:
+        """A batch of the cache's shapes and dtypes with arbitrary values, for timing steps."""
+        return _synthetic_images(batch_size, self.cache_size)
+
+
+class SegmenterTask(_ImageTask):
     """Deep-UNet on image/mask pairs: BCE + soft Dice, validated by Dice and Jaccard."""
 
     kind = "segmenter"
 
-    def __init__(self, config: LoopConfig):
-        self.config = config
-        self.model_config = get_preset(config.preset).segmenter
-
-    @property
-    def input_size(self) -> int:
-        """Side of the square the data pipeline resizes to."""
-        return self.model_config.input_size
+    def __init__(self, config: LoopConfig, rank: int = 0):
+        super().__init__(config, get_preset(config.preset).segmenter, rank)
 
     def build_model(self) -> nn.Module:
         """A fresh segmenter for the preset."""
         return create_segmenter(self.config.preset)
 
-    def inputs(self, batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+    def inputs(self, batch: dict[str, np.ndarray], device: torch.device,
+               train: bool = False) -> dict[str, torch.Tensor]:
         """Normalised image and 0/1 mask tensors on ``device``."""
-        cfg = self.model_config
-        image = images_to_tensor(list(batch["image"]), cfg.input_size, cfg.mean, cfg.std)
-        mask = masks_to_tensor(list(batch["mask"]), cfg.input_size)
-        return {"image": _to_device(image, device), "mask": mask.to(device, non_blocking=True)}
+        image, mask = self.images(batch, device, train)
+        return {"image": image, "mask": mask}
 
     def loss(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """The paper's BCE + soft-Dice loss."""
         return segmentation_loss(model(inputs["image"]), inputs["mask"])
-
-    def synthetic_batch(self, batch_size: int) -> dict[str, np.ndarray]:
-        """A batch of the real shapes and dtypes with arbitrary values, for timing steps."""
-        return _synthetic_images(batch_size, self.input_size)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batches: Iterable[dict], device: torch.device,
@@ -79,43 +105,60 @@ class SegmenterTask:
                 "val_images": count}
 
 
-class ClassifierTask:
-    """Dual-stream classifier: weighted cross-entropy, validated by accuracy, balanced accuracy
-    and per-class AUC."""
+class ClassifierTask(_ImageTask):
+    """Classifier: weighted cross-entropy, validated by accuracy, balanced accuracy and
+    per-class AUC; training hides metadata at the recipe's rates."""
 
     kind = "classifier"
 
-    def __init__(self, config: LoopConfig):
-        self.config = config
+    def __init__(self, config: LoopConfig, rank: int = 0):
+        super().__init__(config, get_preset(config.preset).classifier, rank)
         self.classes = tuple(config.classes)
-        self.model_config = get_preset(config.preset).classifier
         self.vocab = MetadataVocab.from_dict(config.vocab) if config.vocab else MetadataVocab()
         weights = config.class_weights
         self.weight = torch.tensor(weights, dtype=torch.float32) if weights else None
 
-    @property
-    def input_size(self) -> int:
-        """Side of the square the data pipeline resizes to."""
-        return self.model_config.input_size
-
     def build_model(self) -> nn.Module:
         """A fresh classifier with this run's classes and metadata setting."""
+        overrides = {}
+        if self.config.lesion_branch:
+            overrides["lesion_branch"] = self.config.lesion_branch
         return create_classifier(self.config.preset, classes=self.classes,
                                  use_metadata=self.config.use_metadata, vocab=self.vocab,
-                                 use_lesion_stream=self.config.use_lesion_stream)
+                                 use_lesion_stream=self.config.use_lesion_stream, **overrides)
 
-    def inputs(self, batch: dict[str, np.ndarray], device: torch.device) -> dict[str, Any]:
+    def inputs(self, batch: dict[str, np.ndarray], device: torch.device,
+               train: bool = False) -> dict[str, Any]:
         """Normalised image, lesion mask, metadata tensors and label indices on ``device``."""
-        cfg = self.model_config
-        image = images_to_tensor(list(batch["image"]), cfg.input_size, cfg.mean, cfg.std)
-        mask = masks_to_tensor(list(batch["mask"]), cfg.input_size)
+        image, mask = self.images(batch, device, train)
         metadata = None
         if self.config.use_metadata:
             encoded = EncodedMetadata(batch["age"], batch["sex"], batch["site"])
+            if train:
+                encoded = self._drop_metadata(encoded)
             metadata = metadata_to_tensors(encoded, device)
-        return {"image": _to_device(image, device), "mask": mask.to(device, non_blocking=True),
-                "metadata": metadata,
+        return {"image": image, "mask": mask, "metadata": metadata,
                 "label": torch.as_tensor(batch["label"], dtype=torch.long).to(device)}
+
+    def _drop_metadata(self, encoded: EncodedMetadata) -> EncodedMetadata:
+        """Show each field as unknown with ``metadata_dropout``, all three with
+        ``metadata_drop_all``: archives often lack some or all of them."""
+        rate, all_rate = self.recipe.metadata_dropout, self.recipe.metadata_drop_all
+        if not (rate or all_rate):
+            return encoded
+        generator = self.augmenter.generator
+        n = len(encoded.sex)
+        unknown_age, _, unknown_sex, unknown_site = self.vocab.encode(None, None, None)
+        every = torch.rand(n, generator=generator).numpy() < all_rate
+
+        def hidden() -> np.ndarray:
+            return every | (torch.rand(n, generator=generator).numpy() < rate)
+
+        age = np.array(encoded.age, dtype=np.float32, copy=True)
+        age[hidden()] = (unknown_age, 1.0)
+        sex = np.where(hidden(), unknown_sex, np.asarray(encoded.sex))
+        site = np.where(hidden(), unknown_site, np.asarray(encoded.site))
+        return EncodedMetadata(age, sex, site)
 
     def loss(self, model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
         """Class-weighted, label-smoothed cross-entropy (the weights offset HAM10000's 67%
@@ -127,7 +170,7 @@ class ClassifierTask:
 
     def synthetic_batch(self, batch_size: int) -> dict[str, np.ndarray]:
         """A batch of the real shapes and dtypes with arbitrary values, for timing steps."""
-        return {**_synthetic_images(batch_size, self.input_size),
+        return {**super().synthetic_batch(batch_size),
                 "age": np.zeros((batch_size, 2), np.float32),
                 "sex": np.zeros(batch_size, np.int64), "site": np.zeros(batch_size, np.int64),
                 "label": np.arange(batch_size, dtype=np.int64) % len(self.classes)}
@@ -194,12 +237,6 @@ def measure_precision(task, model: nn.Module, device: torch.device, requested: s
     return choose_precision(requested, device, step)
 
 
-def make_task(config: LoopConfig) -> SegmenterTask | ClassifierTask:
-    """The task object for ``config.kind``."""
-    return TASKS[config.kind](config)
-
-
-def _to_device(image: torch.Tensor, device: torch.device) -> torch.Tensor:
-    image = image.to(device, non_blocking=True)
-    # channels_last pays off with cuDNN convolutions; on CPU it is left as is.
-    return image.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else image
+def make_task(config: LoopConfig, rank: int = 0) -> SegmenterTask | ClassifierTask:
+    """The task object for ``config.kind`` on the worker of ``rank``."""
+    return TASKS[config.kind](config, rank)

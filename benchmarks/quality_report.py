@@ -1,0 +1,198 @@
+"""The analysis half of ``benchmarks/quality.py``: figures with lesion-resampled intervals from
+what ``quality.py run`` wrote (``runs.json`` and the results folders).
+
+Every interval is a seeded bootstrap over val lesions (all images of a drawn lesion come along).
+Balanced accuracy is reported for the argmax decision and for the balanced decision rule
+(per-class logit offsets, :func:`raysky.calibration.decision.fit_decision_rule`, what
+``raysky calibrate`` fits) cross-fitted:
+the val lesions are cut into two halves, each half's offsets are fitted on the other, so no
+image is decided by offsets fitted on it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from raysky.data.images import load_mask
+from raysky.metrics.intervals import bootstrap_intervals
+from raysky.metrics.isic import balanced_accuracy, jaccard_score, macro_auc, thresholded_jaccard
+from raysky.results import read as read_results
+from raysky.review.inputs import read_ground_truth
+
+TRAIN_COUNTS = {"mel": 843, "nv": 5186, "bcc": 377, "akiec": 217, "bkl": 832, "df": 59, "vasc": 84}
+"""Images per class of the shared split's train side, the prior the checkpoints record."""
+
+KEYS = ("balanced_accuracy", "balanced_accuracy_offsets", "auc", "threshold_jaccard")
+
+
+def _ground_truth(data: str, format: str) -> pd.DataFrame:
+    records = read_ground_truth(data, format, split="val")
+    return pd.DataFrame({"image_id": [r.image_id for r in records],
+                         "label": [r.label for r in records],
+                         "lesion_id": [r.lesion_id or r.image_id for r in records],
+                         "mask_uri": [r.mask_uri for r in records]})
+
+
+def _joined(results_uri: str, truth: pd.DataFrame, classes: list[str],
+            columns: tuple[str, ...] = ()) -> pd.DataFrame:
+    frame = read_results(results_uri)
+    frame = frame[frame["status"] == "ok"]
+    keep = ["image_id", *[f"prob_{c}" for c in classes], *columns]
+    joined = frame[keep].merge(truth, on="image_id", how="inner", validate="one_to_one")
+    if len(joined) != len(truth):
+        raise ValueError(f"{results_uri}: {len(joined)} of {len(truth)} val images scored")
+    return joined
+
+
+def _probs(frame: pd.DataFrame, classes: list[str]) -> np.ndarray:
+    return frame[[f"prob_{c}" for c in classes]].to_numpy(np.float64)
+
+
+def _halves(lesions: pd.Series) -> np.ndarray:
+    """A fixed, lesion-disjoint half of val (by a hash of the lesion id)."""
+    return np.array([zlib.crc32(str(x).encode()) % 2 for x in lesions], dtype=np.int64)
+
+
+def cross_fitted_predictions(probs: np.ndarray, labels: np.ndarray, halves: np.ndarray,
+                             lesions: np.ndarray, classes: list[str]) -> np.ndarray:
+    """Class indices from ``log p + offsets``, each half decided by the offsets that
+    ``raysky calibrate``'s rule fits on the other half (with the training split's prior)."""
+    from raysky.calibration.decision import decide, fit_decision_rule, offsets_vector
+
+    scaled = np.log(np.clip(probs, 1e-12, None))
+    predicted = np.empty(len(labels), dtype=np.int64)
+    for half in (0, 1):
+        fit, apply = halves != half, halves == half
+        offsets, _rule = fit_decision_rule(scaled[fit], labels[fit], classes,
+                                           groups=lesions[fit], training_counts=TRAIN_COUNTS)
+        predicted[apply] = decide(scaled[apply], offsets_vector(offsets, classes))
+    return predicted
+
+
+def _one_hot(predicted: np.ndarray, classes: int) -> np.ndarray:
+    return np.eye(classes)[predicted]
+
+
+def _image_jaccard(results_uri: str, truth: pd.DataFrame) -> pd.Series:
+    frame = read_results(results_uri, columns=["image_id", "status", "mask_png"])
+    frame = frame[frame["status"] == "ok"].merge(truth, on="image_id")
+    values = {}
+    for row in frame.itertuples():
+        predicted = np.asarray(Image.open(io.BytesIO(row.mask_png))) > 0
+        values[row.image_id] = jaccard_score(predicted, load_mask(row.mask_uri) > 0)
+    return pd.Series(values)
+
+
+def run_figures(record: dict, truth: pd.DataFrame, classes: list[str]) -> dict:
+    """One classifier run's figures, each with its interval."""
+    index = {c: i for i, c in enumerate(classes)}
+    main = _joined(record["results"]["frame200"], truth, classes, ("lesion_focus",))
+    labels = main["label"].map(index).to_numpy()
+    probs = _probs(main, classes)
+    halves = _halves(main["lesion_id"])
+    offset_pred = _one_hot(cross_fitted_predictions(
+        probs, labels, halves, main["lesion_id"].to_numpy(), classes), len(classes))
+    jaccard = _image_jaccard(record["results"]["frame200"], truth).reindex(main["image_id"])
+    thresholded = np.array([thresholded_jaccard(j) for j in jaccard.to_numpy()])
+    figures = bootstrap_intervals(
+        {"balanced_accuracy": lambda y, p, _o, _j: balanced_accuracy(y, p),
+         "balanced_accuracy_offsets": lambda y, _p, o, _j: balanced_accuracy(y, o),
+         "auc": lambda y, p, _o, _j: macro_auc(y, p),
+         "threshold_jaccard": lambda _y, _p, _o, j: float(np.mean(j))},
+        labels, probs, offset_pred, thresholded, clusters=main["lesion_id"].to_numpy())
+    figures["lesion_focus_median"] = float(np.nanmedian(main["lesion_focus"].to_numpy(np.float64)))
+    figures["recall"] = {c: float(np.mean(np.argmax(probs[labels == i], 1) == i))
+                         for c, i in index.items()}
+    for view in ("no_metadata", "frame600", "crop224"):
+        other = _joined(record["results"][view], truth, classes)
+        other = other.set_index("image_id").loc[main["image_id"]]
+        figures[f"balanced_accuracy_{view}"] = bootstrap_intervals(
+            {"value": balanced_accuracy}, labels, _probs(other, classes),
+            clusters=main["lesion_id"].to_numpy())["value"]
+    return figures
+
+
+def paired_difference(a: dict, b: dict, truth: pd.DataFrame, classes: list[str]) -> dict:
+    """Balanced accuracy of run ``a`` minus run ``b`` on the same val images, with a paired
+    lesion bootstrap interval."""
+    index = {c: i for i, c in enumerate(classes)}
+    first = _joined(a["results"]["frame200"], truth, classes)
+    second = _joined(b["results"]["frame200"], truth, classes).set_index("image_id")
+    second = second.loc[first["image_id"]]
+    labels = first["label"].map(index).to_numpy()
+    return bootstrap_intervals(
+        {"difference": lambda y, p, q: balanced_accuracy(y, p) - balanced_accuracy(y, q)},
+        labels, _probs(first, classes), _probs(second, classes),
+        clusters=first["lesion_id"].to_numpy())["difference"]
+
+
+def _fmt(value: dict | float | None) -> str:
+    if isinstance(value, dict):
+        if value.get("value") is None or math.isnan(value["value"]):
+            return "n/a"
+        if value.get("low") is None:
+            return f"{value['value']:.3f}"
+        return f"{value['value']:.3f} [{value['low']:.3f}, {value['high']:.3f}]"
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _mean(values: list[dict | float]) -> float:
+    numbers = [v["value"] if isinstance(v, dict) else v for v in values]
+    return float(np.mean(numbers))
+
+
+def report(args) -> int:
+    """Print the per-arm tables and write ``<out>/figures.json``."""
+    out = Path(args.out).resolve()
+    runs = json.loads((out / "runs.json").read_text())
+    truth = _ground_truth(args.data, args.format)
+    classes = sorted(truth["label"].unique())
+    from raysky.data.taxonomy import order_classes
+
+    classes = list(order_classes(classes))
+    figures: dict[str, dict] = {}
+    for key, record in sorted(runs.items()):
+        if key.startswith("cls-") and record.get("arm") in args.arms:
+            figures[key] = {"arm": record["arm"], "seed": record["seed"],
+                            "epochs": record["epochs"], "train_min": record["wall_s"] / 60,
+                            "segmenter_train_min": runs[record["segmenter"]]["wall_s"] / 60,
+                            **run_figures(record, truth, classes)}
+            print(f"{key}: " + ", ".join(f"{k} {_fmt(figures[key][k])}" for k in KEYS), flush=True)
+    rows = ["balanced_accuracy", "balanced_accuracy_offsets", "auc", "threshold_jaccard",
+            "balanced_accuracy_no_metadata", "balanced_accuracy_frame600",
+            "balanced_accuracy_crop224", "lesion_focus_median", "train_min"]
+    print(f"\n{'arm (mean of seeds)':<22}" + "".join(f"{r[:24]:>26}" for r in rows))
+    summary: dict[str, dict] = {}
+    for arm in args.arms:
+        mine = [f for f in figures.values() if f["arm"] == arm]
+        if not mine:
+            continue
+        summary[arm] = {r: _mean([f[r] for f in mine]) for r in rows}
+        summary[arm]["seeds"] = sorted(f["seed"] for f in mine)
+        print(f"{arm:<22}" + "".join(f"{summary[arm][r]:>26.3f}" for r in rows))
+    differences = {}
+    base = "shared"
+    for arm in args.arms:
+        if arm == base:
+            continue
+        pairs = [(runs[f"cls-{arm}-s{s}"], runs[f"cls-{base}-s{s}"]) for s in
+                 sorted({f["seed"] for f in figures.values()})
+                 if f"cls-{arm}-s{s}" in runs and f"cls-{base}-s{s}" in runs]
+        diffs = [paired_difference(a, b, truth, classes) for a, b in pairs]
+        if diffs:
+            differences[f"{arm} - {base}"] = {"per_seed": diffs, "mean": _mean(diffs)}
+            print(f"balanced accuracy {arm} - {base}: mean {_mean(diffs):+.3f}; per seed "
+                  + "; ".join(_fmt(d) for d in diffs))
+    (out / "figures.json").write_text(json.dumps(
+        {"runs": figures, "summary": summary, "differences": differences,
+         "targets": {"balanced_accuracy": 0.72, "auc": 0.94, "threshold_jaccard": 0.80,
+                     "training_minutes": 60}}, indent=2, default=float))
+    return 0
