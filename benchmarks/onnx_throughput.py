@@ -1,6 +1,6 @@
 """ONNX Runtime against PyTorch on this CPU: the scoring pipeline without heatmaps.
 
-    .venv/bin/python benchmarks/onnx_throughput.py --data data/sample/images --preset lite \
+    .venv/bin/python benchmarks/onnx_throughput.py --data raysky/sample_data/ham10000_sample/images --preset lite \
         --batch-size 16 --threads 2 --repeats 5
 
 Both engines run :class:`raysky.inference.LesionPipeline` (segmenter, lesion mask, classifier,
@@ -70,7 +70,7 @@ def batches(items: list, size: int) -> list[list]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", default="data/sample/images", help="folder of images to score")
+    parser.add_argument("--data", default="raysky/sample_data/ham10000_sample/images", help="folder of images to score")
     parser.add_argument("--preset", default="lite")
     parser.add_argument("--weights", default="imagenet", choices=("imagenet", "none"))
     parser.add_argument("--batch-size", type=int, default=16)
