@@ -35,7 +35,8 @@ from raysky.onnx.runtime import NO_AUTOGRAD, onnx_pipeline
 CALIBRATION = {"version": "cal-onnxtest0001", "temperature": 1.7,
                "referral": {"threshold": 0.2, "sensitivity": 0.95, "specificity": 0.5},
                "ood": {"method": "energy", "threshold": -1.9, "quantile": 0.95},
-               "decision_offsets": {"mel": 0.25, "nv": -0.1}}
+               "decision_offsets": {"mel": 0.25, "nv": -0.1, "bcc": 0.05, "akiec": 0.1, "bkl": 0.0,
+                                    "df": 0.3, "vasc": 0.2}}
 """A hand-made calibration record: the export must carry it, whatever fitted it."""
 
 
@@ -93,7 +94,7 @@ def test_exports_carry_what_a_consumer_needs(exports, checkpoints):
     assert seg["weights_sha256"] == seg_meta["weights_sha256"]
     assert cls["classes"] == cls_meta["classes"] and cls["opset"] == 18
     assert cls["temperature"] == 1.7 and cls["calibration_version"] == "cal-onnxtest0001"
-    assert cls["decision_offsets"] == {"mel": 0.25, "nv": -0.1}
+    assert cls["decision_offsets"] == CALIBRATION["decision_offsets"]
     assert cls["referral_threshold"] == 0.2 and cls["metadata_vocab"] == cls_meta["metadata_vocab"]
     assert cls["checkpoint"] == cls_meta
     # The graph: named inputs with a dynamic batch dimension, the opset asked for.

@@ -102,6 +102,7 @@ def _key(name: str, **labels: str) -> tuple:
 
 
 def test_open_inference_protocol_health_and_metadata(client, checkpoints):
+    before = scrape()
     assert client.get("/v2/health/live").json() == {"live": True}
     assert client.get("/v2").json()["name"] == "raysky"
     assert client.get("/v2/models/raysky/ready").json() == {"name": "raysky", "ready": True}
@@ -125,6 +126,10 @@ def test_open_inference_protocol_health_and_metadata(client, checkpoints):
         assert missing.status_code == 404, path
         assert list(missing.json()) == ["error"] and "'other'" in missing.json()["error"]
     assert client.get("/v2/models/raysky").status_code == 401
+    # Counted as rejections; waiting for them also keeps them out of the next test's figures.
+    wait_for({_key("ray_raysky_rejections_total", status="404", reason="model_not_found"): 2,
+              _key("ray_raysky_rejections_total", status="401", reason="unauthorized"): 1},
+             before)
 
 
 def test_requests_move_the_right_counters(client, sample_dir: Path):

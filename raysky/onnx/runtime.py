@@ -73,6 +73,9 @@ class OnnxClassifier(nn.Module):
         self.inputs = classifier_io(config.get("use_lesion_stream", True),
                                     config.get("use_metadata", True))[0]
 
+    shares_encoder = False
+    """Grad-CAM then asks for the mask's gradient too, which the session refuses (no autograd)."""
+
     def encode(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The inputs as they are: the session encodes them in :meth:`classify_with_features`."""
         return image, mask

@@ -18,9 +18,10 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
 
 from raysky import __version__
-from raysky.serve.errors import ServiceUnavailable
+from raysky.serve.errors import ServiceUnavailable, error_responses
 from raysky.serve.middleware import ACCESS_SCOPE_KEY
 
 MODEL_NAME = "raysky"
@@ -46,6 +47,31 @@ def outputs(classes: list[str]) -> list[dict[str, Any]]:
                ("mask_png", "BYTES"), ("heatmap_png", "BYTES")]
     return [{"name": "probabilities", "datatype": "FP32", "shape": [len(classes)]},
             *({"name": name, "datatype": kind, "shape": [1]} for name, kind in scalars)]
+
+
+class ProtocolError(BaseModel):
+    """The Open Inference Protocol's error object, which the ``/v2`` routes answer with."""
+
+    model_config = ConfigDict(extra="forbid")
+    error: str = Field(description="what was wrong, for people")
+
+
+NAME_PARAMETER = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"},
+                  "description": f"the model's name; only {MODEL_NAME!r} is served"}
+"""Declared by hand: the routes read ``name`` from the path themselves, so FastAPI adds no
+validation (and no 422 in its own error shape) for a parameter that any string satisfies."""
+
+
+def _protocol_responses(*statuses: int, descriptions: dict[int, str]) -> dict[int, dict]:
+    """raysky's :func:`error_responses` for ``statuses``, with the protocol's own error object
+    for the statuses in ``descriptions``."""
+    return {**error_responses(*statuses),
+            **{status: {"model": ProtocolError, "description": text}
+               for status, text in descriptions.items()}}
+
+
+NOT_READY = {NOT_READY_STATUS: "Not ready (the protocol's false), or a malformed Content-Length."}
+UNKNOWN_MODEL = {404: f"No model of that name: the one model is {MODEL_NAME!r}."}
 
 
 def model_version(info: dict[str, Any]) -> str:
@@ -90,7 +116,8 @@ def add_probes(app: FastAPI, model_info: Callable[[], Awaitable[dict[str, Any]]]
     async def live() -> dict[str, bool]:
         return {"live": True}
 
-    @app.get("/v2/health/ready", summary="Open Inference Protocol readiness")
+    @app.get("/v2/health/ready", summary="Open Inference Protocol readiness",
+             responses=_protocol_responses(descriptions=NOT_READY))
     async def server_ready(request: Request):
         return await ready(request, {"ready": True})
 
@@ -98,15 +125,21 @@ def add_probes(app: FastAPI, model_info: Callable[[], Awaitable[dict[str, Any]]]
     async def server_metadata() -> dict[str, Any]:
         return {"name": MODEL_NAME, "version": __version__, "extensions": []}
 
-    @app.get("/v2/models/{name}/ready", summary="Open Inference Protocol model readiness")
-    async def model_ready(name: str, request: Request):
+    @app.get("/v2/models/{name}/ready", summary="Open Inference Protocol model readiness",
+             openapi_extra={"parameters": [NAME_PARAMETER]},
+             responses=_protocol_responses(descriptions={**NOT_READY, **UNKNOWN_MODEL}))
+    async def model_ready(request: Request):
+        name = request.path_params["name"]
         if name != MODEL_NAME:
             return _unknown_model(request, name)
         return await ready(request, {"name": MODEL_NAME, "ready": True})
 
     @app.get("/v2/models/{name}", dependencies=[Depends(require_api_key)],
-             summary="Open Inference Protocol model metadata (inputs and outputs of /v1/predict)")
-    async def metadata(name: str, request: Request):
+             summary="Open Inference Protocol model metadata (inputs and outputs of /v1/predict)",
+             openapi_extra={"parameters": [NAME_PARAMETER]},
+             responses=_protocol_responses(401, 503, descriptions=UNKNOWN_MODEL))
+    async def metadata(request: Request):
+        name = request.path_params["name"]
         if name != MODEL_NAME:
             return _unknown_model(request, name)
         return model_metadata(await model_info())
