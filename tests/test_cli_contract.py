@@ -131,3 +131,23 @@ def test_a_finished_run_that_still_has_transient_errors_exits_75(tiny_checkpoint
     assert "1 inputs still failed transiently" in kept.stderr
     assert "transient errors: 1" in kept.stdout
     assert (output / "_SUCCESS").exists()  # every input has its row
+
+
+def _parsers(parser):
+    import argparse
+
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                yield from _parsers(child)
+
+
+def test_every_help_page_prints_what_it_means():
+    """Descriptions are not %-formatted by argparse (help strings are), so a ``%%`` there
+    reaches the user as two percent signs."""
+    from raysky.cli.main import build_parser
+
+    pages = [p.format_help() for p in _parsers(build_parser())]
+    assert len(pages) > 10
+    assert not [page.splitlines()[0] for page in pages if "%%" in page]

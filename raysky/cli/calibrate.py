@@ -19,7 +19,7 @@ def register(subparsers) -> None:
         "predicted_class aim at balanced accuracy (the probabilities stay calibrated; a class "
         "with no image here is reported as not fitted), the malignant_prob threshold that "
         "reaches the referral sensitivity for malignant lesions (MEL, BCC, AKIEC), and "
-        "out-of-distribution statistics with a threshold flagging about 5%% of these images "
+        "out-of-distribution statistics with a threshold flagging about 5% of these images "
         "(by default a dermoscopy gate on a frozen ImageNet encoder). Writes a new "
         "checkpoint version to --out: the same weights, with the calibration in its "
         "config.json. Needs at least 20 malignant and 20 benign labelled images.")

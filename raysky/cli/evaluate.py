@@ -37,11 +37,11 @@ def register(subparsers) -> None:
         "evaluate", help="score results against ground truth with ISIC's metrics",
         description="Join a results Parquet (from `raysky score`) with ground truth in any "
         "supported layout and compute ISIC's metrics: Dice, Jaccard and thresholded Jaccard per "
-        "image and on average; balanced accuracy, AUC, AUC above 80%% sensitivity, average "
+        "image and on average; balanced accuracy, AUC, AUC above 80% sensitivity, average "
         "precision, sensitivity and specificity per class and macro-averaged, plus malignant "
         "versus benign; the confusion matrix; lesion-focus statistics; and calibration: ECE "
         "(15 bins) and Brier score before and after calibration (with --classifier), and the "
-        "sensitivity and specificity of the referrals with bootstrap 95%% intervals. Prints a "
+        "sensitivity and specificity of the referrals with bootstrap 95% intervals. Prints a "
         "table and optionally writes JSON with ISIC's metric names.")
     parser.add_argument("--results", required=True, metavar="URI",
                         help="results Parquet file or folder of Parquet files (local or s3://)")
