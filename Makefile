@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-fast lint demo bench clean chromium
+.PHONY: venv test test-fast lint demo bench clean chromium docs
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,5 +41,11 @@ test-fast: venv lint .venv-isic/.installed chromium
 demo: venv
 	$(BIN)/raysky demo
 
+# The documentation site (MkDocs, Material theme: the `docs` extra, which `test` includes) into
+# site/; --strict turns a broken link, a missing anchor or a page left out of the navigation
+# into a failed build.
+docs: venv
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache build site *.egg-info

@@ -1,5 +1,5 @@
 """The command line as a scheduler sees it, through the real entry points: ``python -m raysky``
-and the exit codes the README lists (0 done, 1 failure, 2 usage or bad input, 75 try again
+and the exit codes docs/cli/index.md lists (0 done, 1 failure, 2 usage or bad input, 75 try again
 later). No Ray: every case here stops before it would start one."""
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ def _raysky(*args: str, cwd: Path, timeout: float = 300) -> subprocess.Completed
 
 def test_the_codes_are_the_documented_ones():
     assert (EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_TEMPFAIL) == (0, 1, 2, 75)
-    readme = (REPO / "README.md").read_text()
+    page = (REPO / "docs" / "cli" / "index.md").read_text()
     for code, meaning in ((0, "done"), (1, "failure"), (2, "usage"), (75, "EX_TEMPFAIL")):
-        assert f"| {code} |" in readme and meaning in readme, code
+        assert f"| {code} |" in page and meaning in page, code
 
 
 def test_python_m_raysky_is_the_raysky_command(tmp_path):
