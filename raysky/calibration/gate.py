@@ -1,7 +1,7 @@
 """The dermoscopy gate: "is this a dermoscopic image at all?", on a general representation.
 
 The classifier's own feature has only ever seen dermoscopy, so a cat, a page of text or a
-retina can land right next to the naevi in it (the README's measurement: Mahalanobis AUROC
+retina can land right next to the naevi in it (docs/benchmarks.md's measurement: Mahalanobis AUROC
 0.81 against scikit-image's photos). The gate measures instead in the pooled features of a
 frozen ImageNet EfficientNet-Lite0, which tells photos, documents and screenshots apart from
 skin by construction; its weights are the ones raysky already depends on

@@ -18,7 +18,7 @@ means what that method says (higher: less like the calibration images, always):
 Between the two classifier-feature scores (``tests/test_calibration_model.py`` prints both):
 on a ``tiny`` model trained on the bundled sample, photos from scikit-image's bundled data set
 are told apart from held-out dermoscopy far better by the Mahalanobis distance than by the
-energy score; on the real ``lite`` model neither catches most photos (README), which is why
+energy score; on the real ``lite`` model neither catches most photos (docs/benchmarks.md), which is why
 the gate exists. For these two the threshold is the 95th percentile of the in-distribution calibration
 scores (for Mahalanobis, out-of-fold distances, as new images would score), so about 5% of
 such images are flagged; ``ood`` is advice, never an error.

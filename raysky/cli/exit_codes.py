@@ -1,4 +1,4 @@
-"""The exit codes of every ``raysky`` command, as the README lists them.
+"""The exit codes of every ``raysky`` command, as docs/cli/index.md lists them.
 
 A scheduler (cron, Airflow, a Kubernetes Job) decides from the code alone whether to retry:
 75 means "the same command will work later", 2 "fix the command first", 1 "it broke".

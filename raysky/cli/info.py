@@ -50,8 +50,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"{preset.name}: {preset.description}")
         for kind, config in (("segmenter", seg), ("classifier", cls)):
             recipe = preset.recipe(kind)
-            streams = "2 x " if kind == "classifier" and config.use_lesion_stream else ""
-            print(f"  {kind:10s} {streams}{encoder_label(config)} @ {config.input_size} px; "
+            streams, view = "", ""
+            if kind == "classifier" and config.use_lesion_stream:
+                shared = config.lesion_branch == "shared"
+                streams = "" if shared else "2 x "
+                view = " (lesion view mask-pooled from its map)" if shared else ""
+            print(f"  {kind:10s} {streams}{encoder_label(config)}{view} @ {config.input_size} px; "
                   f"weights {recipe.pretrained_encoder}, lr {recipe.lr:g} (encoders x"
                   f"{recipe.encoder_lr_scale:g}), batch {recipe.batch_size}, weight decay "
                   f"{recipe.weight_decay:g}, label smoothing {recipe.label_smoothing:g}")
