@@ -171,8 +171,20 @@ def test_segmenter_checkpoints_and_metrics_land_in_s3(segmenter_run, bucket):
     assert loaded.version in markdown and "## Intended use" in markdown
 
 
+def _ours(process) -> bool:
+    """Whether ``process`` descends from this test process: the local Ray this test started
+    (its raylet is our child, its workers the raylet's), never another run on the machine."""
+    import psutil
+
+    try:
+        return any(parent.pid == os.getpid() for parent in process.parents())
+    except psutil.Error:
+        return False
+
+
 def _kill_first_train_worker(killed: dict, stop: threading.Event) -> None:
-    """From outside the run: SIGKILL the first Ray Train worker process that comes up.
+    """From outside the run: SIGKILL the first Ray Train worker process of this test's Ray
+    that comes up.
 
     Ray names its worker processes after the actor (``ray::RayTrainWorker``), so the process
     table finds them without the state API, which needs the dashboard.
@@ -182,7 +194,7 @@ def _kill_first_train_worker(killed: dict, stop: threading.Event) -> None:
     while not stop.is_set():
         for process in psutil.process_iter(["cmdline"]):
             cmdline = process.info["cmdline"] or []
-            if cmdline and cmdline[0].startswith("ray::RayTrainWorker"):
+            if cmdline and cmdline[0].startswith("ray::RayTrainWorker") and _ours(process):
                 killed["at"] = time.time()
                 os.kill(process.pid, signal.SIGKILL)
                 killed["pid"] = process.pid

@@ -90,8 +90,79 @@ def training_data(settings: TrainSettings, kind: str, train: list[LesionRecord],
             "train_classes": counts(train), "val_classes": counts(val)}
 
 
-def _run(kind: str, settings: TrainSettings, train: list[LesionRecord], val: list[LesionRecord],
-         split_how: str, extra_summary: dict | None = None) -> TrainResult:
+def _classes_and_weights(kind: str, settings: TrainSettings, train: list[LesionRecord],
+                         val: list[LesionRecord]) -> tuple[tuple[str, ...], list[float] | None]:
+    """The classifier's classes (from the training labels) and loss weights; none for the
+    segmenter. Refuses a split that cannot train or evaluate a classifier."""
+    if kind != "classifier":
+        return (), None
+    classes = order_classes({r.label for r in train})
+    if len(classes) < 2:
+        raise ValueError(f"{settings.data}: the training labels hold {len(classes)} class(es); "
+                         "a classifier needs at least 2")
+    unseen = sorted({r.label for r in val} - set(classes))
+    if unseen:
+        raise ValueError(f"validation labels {unseen} never occur in training; the split "
+                         "cannot evaluate them")
+    index = {c: i for i, c in enumerate(classes)}
+    return classes, class_weights([index[r.label] for r in train], len(classes),
+                                  power=settings.class_weight_power)
+
+
+def _check_rows_per_worker(settings: TrainSettings, train_rows: int) -> None:
+    rows_per_worker = train_rows // settings.workers
+    if rows_per_worker < settings.batch_size:
+        raise ValueError(
+            f"{train_rows} training images over {settings.workers} workers leave "
+            f"{rows_per_worker} per worker, fewer than --batch-size {settings.batch_size}; lower "
+            "one of them")
+
+
+def _datasets(kind: str, train: list[LesionRecord], val: list[LesionRecord],
+              classes: tuple[str, ...], vocab: MetadataVocab, size: int, seed: int):
+    """Both sets decoded once, into a uint8 cache a fifth larger than the model's input; every
+    epoch augments the cached pixels in the workers (raysky.train.augment)."""
+    started = time.monotonic()
+    train_ds = build_dataset(encode_rows(train, classes, vocab), cache_side(size), train=True,
+                             seed=seed)
+    val_ds = build_dataset(encode_rows(val, classes, vocab), cache_side(size), train=False)
+    print(f"{kind}: decoded {len(train) + len(val)} images into the {cache_side(size)} px "
+          f"cache in {time.monotonic() - started:.0f} s", flush=True)
+    return train_ds, val_ds
+
+
+def _loop_config(kind: str, settings: TrainSettings, train: list[LesionRecord],
+                 val: list[LesionRecord], split_how: str, classes: tuple[str, ...],
+                 weights: list[float] | None, vocab: MetadataVocab, tracking,
+                 extra_summary: dict | None) -> LoopConfig:
+    """What every worker's loop needs: the settings, the resolved recipe and the provenance
+    that the checkpoints and model cards record."""
+    precision, metric, mode = validate_settings(settings, kind)
+    summary_settings = {**asdict(settings), "precision": precision, "metric": metric,
+                        "metric_mode": mode, "split": split_how, **(extra_summary or {})}
+    recipe = resolved_recipe(settings, kind)
+    provenance = {"training_data": training_data(settings, kind, train, val, split_how),
+                  "schedule": SCHEDULE, "augmentation": to_jsonable(recipe["augment"]),
+                  "recipe": to_jsonable(recipe)}
+    return LoopConfig(
+        kind=kind, preset=settings.preset, epochs=settings.epochs,
+        batch_size=settings.batch_size, lr=settings.lr, weight_decay=settings.weight_decay,
+        encoder_lr_scale=settings.encoder_lr_scale, label_smoothing=settings.label_smoothing,
+        classes=list(classes), vocab=vocab.to_dict(), class_weights=weights,
+        use_metadata=settings.use_metadata, use_lesion_stream=settings.use_lesion_stream,
+        lesion_branch=settings.lesion_branch, recipe=recipe,
+        precision=precision, use_gpu=settings.gpu,
+        threads=settings.threads_per_worker or max(1, int(settings.cpus_per_worker)),
+        seed=settings.seed, train_rows=len(train), pretrained_encoder=settings.pretrained_encoder,
+        metric=metric, metric_mode=mode, run_name=settings.name,
+        progress_interval=settings.progress_interval, hyperparameters=hyperparameters(settings),
+        settings=to_jsonable(summary_settings), provenance=provenance,
+        tracking=tracking and tracking.to_dict())
+
+
+def _trainer(settings: TrainSettings, loop_config: LoopConfig, root: str, datasets: dict):
+    """Ray Train's TorchTrainer for this run: one worker per ``settings.workers``, checkpoints
+    kept by the run's metric, under ``root``."""
     from ray.train import (
         CheckpointConfig,
         DataConfig,
@@ -102,76 +173,15 @@ def _run(kind: str, settings: TrainSettings, train: list[LesionRecord], val: lis
     )
     from ray.train.torch import TorchTrainer
 
-    precision, metric, mode = validate_settings(settings, kind)
-    preset = get_preset(settings.preset)
-    size = (preset.segmenter if kind == "segmenter" else preset.classifier).input_size
-    root = _storage_root(settings.storage)
-    run_uri = storage.join(root, settings.name)
-
-    classes: tuple[str, ...] = ()
-    weights = None
-    vocab = MetadataVocab()
-    if kind == "classifier":
-        classes = order_classes({r.label for r in train})
-        if len(classes) < 2:
-            raise ValueError(f"{settings.data}: the training labels hold {len(classes)} class(es); "
-                             "a classifier needs at least 2")
-        index = {c: i for i, c in enumerate(classes)}
-        unseen = sorted({r.label for r in val} - set(classes))
-        if unseen:
-            raise ValueError(f"validation labels {unseen} never occur in training; the split "
-                             "cannot evaluate them")
-        weights = class_weights([index[r.label] for r in train], len(classes),
-                                power=settings.class_weight_power)
-    check_existing_run(run_uri, kind, settings, classes)
-
-    rows_per_worker = len(train) // settings.workers
-    if rows_per_worker < settings.batch_size:
-        raise ValueError(
-            f"{len(train)} training images over {settings.workers} workers leave {rows_per_worker} "
-            f"per worker, fewer than --batch-size {settings.batch_size}; lower one of them"
-        )
-
-    tracking = start_tracking(settings, kind, run_uri)
-    ensure_ray(log_to_driver=True)
-    check_cpus(settings)
-    # Both sets are decoded once, into a uint8 cache a fifth larger than the model's input;
-    # every epoch augments the cached pixels in the workers (raysky.train.augment).
-    started = time.monotonic()
-    train_ds = build_dataset(encode_rows(train, classes, vocab), cache_side(size), train=True,
-                             seed=settings.seed)
-    val_ds = build_dataset(encode_rows(val, classes, vocab), cache_side(size), train=False)
-    print(f"{kind}: decoded {len(train) + len(val)} images into the {cache_side(size)} px "
-          f"cache in {time.monotonic() - started:.0f} s", flush=True)
-    threads = settings.threads_per_worker or max(1, int(settings.cpus_per_worker))
-    summary_settings = {**asdict(settings), "precision": precision, "metric": metric,
-                        "metric_mode": mode, "split": split_how, **(extra_summary or {})}
-    recipe = resolved_recipe(settings, kind)
-    provenance = {"training_data": training_data(settings, kind, train, val, split_how),
-                  "schedule": SCHEDULE, "augmentation": to_jsonable(recipe["augment"]),
-                  "recipe": to_jsonable(recipe)}
-    loop_config = LoopConfig(
-        kind=kind, preset=settings.preset, epochs=settings.epochs,
-        batch_size=settings.batch_size, lr=settings.lr, weight_decay=settings.weight_decay,
-        encoder_lr_scale=settings.encoder_lr_scale, label_smoothing=settings.label_smoothing,
-        classes=list(classes), vocab=vocab.to_dict(), class_weights=weights,
-        use_metadata=settings.use_metadata, use_lesion_stream=settings.use_lesion_stream,
-        lesion_branch=settings.lesion_branch, recipe=recipe,
-        precision=precision, use_gpu=settings.gpu, threads=threads, seed=settings.seed,
-        train_rows=len(train), pretrained_encoder=settings.pretrained_encoder, metric=metric,
-        metric_mode=mode, run_name=settings.name, progress_interval=settings.progress_interval,
-        hyperparameters=hyperparameters(settings), settings=to_jsonable(summary_settings),
-        provenance=provenance, tracking=tracking and tracking.to_dict())
     if storage.is_s3(root):
         # Ray resolves a bare s3:// URI with its own defaults; passing raysky's filesystem
         # keeps the endpoint (MinIO, moto) and region that every other raysky I/O uses.
-        storage_kwargs = {"storage_path": root[len("s3://"):], "storage_filesystem": storage.s3_filesystem()}
+        storage_kwargs = {"storage_path": root[len("s3://"):],
+                          "storage_filesystem": storage.s3_filesystem()}
     else:
         storage_kwargs = {"storage_path": root}
-    resources = {"CPU": settings.cpus_per_worker}
-    if settings.gpu:
-        resources["GPU"] = 1
-    trainer = TorchTrainer(
+    resources = {"CPU": settings.cpus_per_worker, **({"GPU": 1} if settings.gpu else {})}
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config.to_dict(),
         scaling_config=ScalingConfig(num_workers=settings.workers, use_gpu=settings.gpu,
@@ -180,8 +190,8 @@ def _run(kind: str, settings: TrainSettings, train: list[LesionRecord], val: lis
             name=settings.name,
             failure_config=FailureConfig(max_failures=settings.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=settings.num_to_keep,
-                                               checkpoint_score_attribute=metric,
-                                               checkpoint_score_order=mode),
+                                               checkpoint_score_attribute=loop_config.metric,
+                                               checkpoint_score_order=loop_config.metric_mode),
             # Ray Train's per-report INFO lines would bury raysky's own progress, and its print
             # patch echoes every worker print twice (once through stdout, once through its
             # logger); raysky's lines are the output users read.
@@ -189,22 +199,43 @@ def _run(kind: str, settings: TrainSettings, train: list[LesionRecord], val: lis
             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
             **storage_kwargs,
         ),
-        datasets={"train": train_ds, "val": val_ds},
+        datasets=datasets,
         # Validation is not split: rank 0 scores all of it, so no image is dropped to even
         # out shards and AUCs are computed over the whole set.
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
+
+
+def _run(kind: str, settings: TrainSettings, train: list[LesionRecord], val: list[LesionRecord],
+         split_how: str, extra_summary: dict | None = None) -> TrainResult:
+    """Check, decode, train on Ray Train, summarise and (for a classifier) calibrate."""
+    validate_settings(settings, kind)
+    preset = get_preset(settings.preset)
+    size = (preset.segmenter if kind == "segmenter" else preset.classifier).input_size
+    root = _storage_root(settings.storage)
+    run_uri = storage.join(root, settings.name)
+    vocab = MetadataVocab()
+    classes, weights = _classes_and_weights(kind, settings, train, val)
+    check_existing_run(run_uri, kind, settings, classes)
+    _check_rows_per_worker(settings, len(train))
+
+    tracking = start_tracking(settings, kind, run_uri)
+    ensure_ray(log_to_driver=True)
+    check_cpus(settings)
+    train_ds, val_ds = _datasets(kind, train, val, classes, vocab, size, settings.seed)
+    loop_config = _loop_config(kind, settings, train, val, split_how, classes, weights, vocab,
+                               tracking, extra_summary)
+    trainer = _trainer(settings, loop_config, root, {"train": train_ds, "val": val_ds})
     print(f"{kind}: {len(train)} training / {len(val)} validation images ({split_how}); "
-          f"{settings.workers} worker(s), preset {settings.preset}, {precision}; run {run_uri}",
-          flush=True)
+          f"{settings.workers} worker(s), preset {settings.preset}, {loop_config.precision}; "
+          f"run {run_uri}", flush=True)
     if classes:
-        counts = class_counts(train)
-        print(f"{kind}: classes {list(classes)}, training counts {counts}, loss weights "
-              f"{[round(w, 3) for w in weights]}", flush=True)
+        print(f"{kind}: classes {list(classes)}, training counts {class_counts(train)}, loss "
+              f"weights {[round(w, 3) for w in weights]}", flush=True)
     summary = None
     try:
         result = trainer.fit()
-        summary = _summarise(result, run_uri, root, metric, mode)
+        summary = _summarise(result, run_uri, root, loop_config.metric, loop_config.metric_mode)
         if kind == "classifier":
             summary.calibrated_checkpoint_uri = _calibrate_best(summary, val, settings)
             storage.write_bytes(summary.result_uri, json.dumps(summary.to_dict(), indent=2).encode())
