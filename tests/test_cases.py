@@ -11,7 +11,7 @@ import pytest
 
 from raysky import results
 from raysky.cli.main import main
-from raysky.score.schema import output_schema
+from raysky.results.columns import output_schema
 
 CLASSES = ("mel", "nv")
 

@@ -108,7 +108,7 @@ def test_too_dark_or_too_small_images_get_null_not_a_number(pipeline, monkeypatc
 
 
 def test_score_rows_carry_the_skin_tone_of_their_own_mask(tiny_checkpoints, tmp_path):
-    from raysky.score.schema import output_schema
+    from raysky.results.columns import output_schema
     from raysky.score.stages import (
         INPUT_SCHEMA,
         ScoreModel,

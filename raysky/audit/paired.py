@@ -23,13 +23,12 @@ from raysky.audit.attention import artefact_attention, decode_heatmap
 from raysky.data.taxonomy import MALIGNANT_CLASSES
 from raysky.metrics.intervals import bootstrap_intervals, proportion_interval
 from raysky.metrics.isic import average_precision, rank_auc
+from raysky.results.reader import read
 
 
 def read_scored(uri: str, table: pd.DataFrame) -> pd.DataFrame:
     """The ``ok`` results under ``uri``, indexed by the record's image id."""
-    from raysky import results
-
-    frame = results.read(uri)
+    frame = read(uri)
     frame = frame[frame["status"] == "ok"]
     ids = dict(zip(table["file_id"], table["image_id"], strict=True))
     return frame.assign(record_id=frame["image_id"].map(ids)).dropna(

@@ -16,7 +16,7 @@ import pandas as pd
 
 from raysky.data.records import LesionRecord
 from raysky.data.taxonomy import MALIGNANT_CLASSES
-from raysky.results import PROB_PREFIX
+from raysky.results.columns import PROB_PREFIX
 from raysky.review.inputs import BINARY_COLUMNS, normalize_id
 
 

@@ -32,7 +32,7 @@ from raysky.data.images import ImageDecodeError, decode_mask, load_mask
 from raysky.data.readers import metadata_frame
 from raysky.data.records import LesionRecord
 from raysky.data.taxonomy import order_classes
-from raysky.results import PROB_PREFIX
+from raysky.results.columns import PROB_PREFIX
 from raysky.review.calibration_audit import (
     calibrated_subgroups,
     calibration_figures,

@@ -6,33 +6,24 @@ dropped); :func:`join_ground_truth` counts what did not match in ``coverage``.
 
 from __future__ import annotations
 
-import posixpath
 from collections.abc import Sequence
 
 import pandas as pd
 
-from raysky import results, storage
+from raysky import storage
+from raysky.data.ids import normalize_id, suffixed_ids
 from raysky.data.readers import read_dataset, read_isic2018
 from raysky.data.records import LesionRecord
-from raysky.data.taxonomy import canonical_label, order_classes
-from raysky.results import PROB_PREFIX
+from raysky.results import reader
+from raysky.results.columns import PROB_PREFIX, result_classes
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("image_id", "status")
 BINARY_COLUMNS: tuple[str, ...] = ("mask_png", "heatmap_png")
-_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-
-
-def normalize_id(image_id: object) -> str:
-    """``image_id`` as results and ground truth are matched on: stripped, and without an image
-    suffix (``.jpg``, ``.jpeg``, ``.png``, any case), since ISIC's own scorer accepts ids with one."""
-    text = str(image_id).strip()
-    stem, ext = posixpath.splitext(text)
-    return stem if ext.lower() in _IMAGE_SUFFIXES else text
 
 
 def results_columns(uri: str) -> list[str]:
     """Column names of results (a Parquet file or folder), from the first file's footer only."""
-    return list(results.schema(uri).names)
+    return list(reader.schema(uri).names)
 
 
 def read_results(uri: str, columns: Sequence[str] | None = None,
@@ -58,28 +49,11 @@ def read_results(uri: str, columns: Sequence[str] | None = None,
             wanted.append(name)
     if image_ids is not None:
         # Callers hold matched ids (suffix dropped); the file may store x.png or x.jpeg.
-        image_ids = [*image_ids, *(f"{i}{suffix}" for i in image_ids for suffix in
-                                   (*_IMAGE_SUFFIXES, *(x.upper() for x in _IMAGE_SUFFIXES)))]
-    frame = results.read(uri, wanted, image_ids=image_ids)
+        image_ids = suffixed_ids(image_ids)
+    frame = reader.read(uri, wanted, image_ids=image_ids)
     frame["image_id"] = frame["image_id"].map(normalize_id)
     result_classes(frame, uri)  # validates the class columns early, with the URI in the error
     return frame.reset_index(drop=True)
-
-
-def result_classes(frame: pd.DataFrame, source: str = "results") -> tuple[str, ...]:
-    """The model's classes, from the ``prob_<class>`` columns, in canonical order."""
-    codes = []
-    for name in frame.columns:
-        if name.startswith(PROB_PREFIX):
-            suffix = name[len(PROB_PREFIX):]
-            try:
-                code = canonical_label(suffix)
-            except ValueError as exc:
-                raise ValueError(f"{source}: column {name!r}: {exc}") from None
-            if code != suffix:
-                raise ValueError(f"{source}: column {name!r} should be {PROB_PREFIX}{code}")
-            codes.append(code)
-    return order_classes(codes)
 
 
 def read_ground_truth(uri: str, format: str, metadata_uri: str | None = None,

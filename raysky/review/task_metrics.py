@@ -23,7 +23,7 @@ from raysky.metrics.isic import (
     jaccard_score,
     thresholded_jaccard,
 )
-from raysky.results import PROB_PREFIX
+from raysky.results.columns import PROB_PREFIX
 
 LOW_FOCUS_THRESHOLD = 0.5
 """Default lesion focus below which an image is flagged: most Grad-CAM evidence is off-lesion."""

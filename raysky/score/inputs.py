@@ -11,7 +11,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from raysky import storage
-from raysky.score import results, stages
+from raysky.results import reader
+from raysky.results.columns import model_output_schema, output_schema
+from raysky.score import stages
 
 PACK_MARKER = "_raysky_pack.json"
 """Written by ``raysky pack`` at the top of its output; marks a prefix of shards."""
@@ -37,7 +39,7 @@ def is_packed(uri: str) -> bool:
     ``.parquet`` file with the shards' ``image`` bytes column (any other is a manifest)."""
     uri = str(uri)
     if uri.lower().endswith(".parquet"):
-        return "image" in results.schema(uri).names
+        return "image" in reader.schema(uri).names
     return storage.exists(storage.join(uri, PACK_MARKER))
 
 
@@ -121,7 +123,6 @@ def _manifest_table(uri: str, metadata_uri: str | None,
 
 
 def _reserved_names() -> frozenset[str]:
-    from raysky.score.schema import model_output_schema, output_schema
 
     return frozenset({*output_schema((), True).names, *model_output_schema((), True).names,
                       *stages.DECODED_SCHEMA.names, *stages.INPUT_EXTRAS, "image"})
@@ -154,11 +155,11 @@ def list_inputs(uri: str, metadata_uri: str | None = None, done: pa.Array | None
 
 
 def _shard_inputs(uri: str, metadata_uri: str | None, done: pa.Array) -> Inputs:
-    shards = results.result_files(uri)
+    shards = reader.result_files(uri)
     if not shards:
         raise FileNotFoundError(f"{uri}: no Parquet shards found")
-    ids = results.read_table(shards, ["image_id"]).column("image_id").combine_chunks()
-    repeated = results.duplicate_ids(ids)
+    ids = reader.read_table(shards, ["image_id"]).column("image_id").combine_chunks()
+    repeated = reader.duplicate_ids(ids)
     if repeated:
         raise ValueError(f"{uri}: {len(repeated)} image ids appear in several shard rows "
                          f"({', '.join(map(repr, repeated[:5]))}); pack each object once")
@@ -167,7 +168,7 @@ def _shard_inputs(uri: str, metadata_uri: str | None, done: pa.Array) -> Inputs:
         raise ValueError(f"{uri}: {len(unsafe)} shard rows have unsafe image ids "
                          f"({', '.join(map(repr, unsafe[:5]))}): "
                          f"{storage.name_problem(unsafe[0], nested=False)}")
-    available = set(results.read_table(shards[:1]).schema.names)
+    available = set(reader.read_table(shards[:1]).schema.names)
     if not {"image_id", "source_uri", "image"} <= available:
         raise ValueError(f"{shards[0]}: shards need columns image_id, source_uri and image "
                          f"(found {', '.join(sorted(available))})")
@@ -198,7 +199,7 @@ def lost_ids(inputs: Inputs, done: pa.Array) -> pa.Array:
     if inputs.table is not None:
         ids = inputs.table["image_id"]
     else:
-        ids = results.read_table(inputs.shards, ["image_id"]).column("image_id")
+        ids = reader.read_table(inputs.shards, ["image_id"]).column("image_id")
     ids = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
     return ids.filter(pc.invert(pc.is_in(ids, value_set=done)))
 
@@ -207,5 +208,5 @@ def input_rows(inputs: Inputs, ids: pa.Array) -> pa.Table:
     """The input rows (with the image bytes, for packed shards) of ``ids``."""
     if inputs.table is not None:
         return inputs.table.filter(pc.is_in(inputs.table["image_id"], value_set=ids))
-    return results.read_table(inputs.shards, inputs.shard_columns,
+    return reader.read_table(inputs.shards, inputs.shard_columns,
                               row_filter=pc.field("image_id").isin(ids.to_pylist()))
