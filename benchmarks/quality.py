@@ -141,11 +141,12 @@ def run_seed(args, seed: int, views: dict[str, str], runs: Runs, out: Path) -> N
     common = {"data": args.data, "format": args.format, "preset": args.preset, "workers": 1,
               "cpus_per_worker": 1, "threads_per_worker": args.threads, "storage": str(out),
               "progress_interval": 60.0, "seed": seed}
-    seg_key = f"seg-s{seed}"
+    seg_key = f"seg-s{seed if args.segmenter_seed is None else args.segmenter_seed}"
     seg = runs.get(seg_key)
     if seg is None:
         result, wall = _timed(train_segmenter, TrainSettings(
-            **common, name=seg_key, epochs=args.seg_epochs))
+            **{**common, "seed": int(seg_key.removeprefix("seg-s"))}, name=seg_key,
+            epochs=args.seg_epochs))
         seg = {"checkpoint": result.latest_checkpoint_uri, "wall_s": wall,
                "metrics": result.history[-1] if result.history else {}}
         runs.put(seg_key, seg)
@@ -215,6 +216,10 @@ def main(argv: list[str] | None = None) -> int:
                             help="default: the preset's recipe")
     run_parser.add_argument("--cls-epochs", type=int, default=None,
                             help="default: the preset's recipe (the encoder arm gets half)")
+    run_parser.add_argument("--segmenter-seed", type=int, default=None,
+                            help="every seed's classifiers use this seed's segmenter (default: "
+                                 "each seed trains its own); narrows the seeds' spread to the "
+                                 "classifier's")
     run_parser.add_argument("--threads", type=int, default=2,
                             help="torch threads of the one training worker (default: 2)")
     args = parser.parse_args(argv)

@@ -135,3 +135,48 @@ def test_training_records_the_split_by_file_hash_and_by_assignment(sample_copy):
     card_text = render_markdown(build_card({"kind": "classifier", "extra": {
         "provenance": {"training_data": from_file}}}))
     assert from_file["split_ids_sha256"] in card_text and from_file["split_sha256"] in card_text
+
+
+def test_markdown_opens_with_hugging_face_front_matter(checkpoint, tmp_path):
+    import yaml
+
+    text = (checkpoint / "model_card.md").read_text()
+    assert text.startswith("---\n")
+    head, body = text[4:].split("\n---\n", 1)
+    meta = yaml.safe_load(head)
+    assert body.lstrip().startswith("# Model card: raysky classifier")
+    # HAM10000 is CC BY-NC 4.0, and weights trained on it carry the term on.
+    assert meta["license"] == "cc-by-nc-4.0" and meta["datasets"] == ["ham10000"]
+    assert meta["pipeline_tag"] == "image-classification"
+    assert {"raysky", "dermoscopy", "preset-tiny"} <= set(meta["tags"])
+    assert "calibrated" not in meta["tags"]
+    (index,) = meta["model-index"]
+    (result,) = index["results"]
+    assert result["task"]["type"] == "image-classification"
+    assert result["dataset"] == {"type": "ham10000", "name": "HAM10000", "split": "validation"}
+    figures = {m["type"]: m["value"] for m in result["metrics"]}
+    assert figures == {"balanced_accuracy": 0.5849, "auc": 0.9104, "accuracy": 0.806}
+    assert sorted(meta["metrics"]) == sorted(figures)
+
+    # Evaluated later: the evaluation figures join the index as a second result.
+    update_card(str(checkpoint), str(tmp_path / "evaluated"), {"evaluation": {
+        "data": "s3://derm/ham", "format": "ham10000", "split": "test", "images": 500,
+        "balanced_accuracy": 0.61, "auc": 0.92, "malignant_auc": float("nan")}})
+    meta = yaml.safe_load((tmp_path / "evaluated" / "model_card.md").read_text()[4:].split(
+        "\n---\n", 1)[0])
+    test = meta["model-index"][0]["results"][1]
+    assert test["dataset"]["split"] == "test"
+    assert {m["type"]: m["value"] for m in test["metrics"]} == {"balanced_accuracy": 0.61,
+                                                                "auc": 0.92}
+
+
+def test_a_card_without_training_records_says_so_in_its_front_matter(tmp_path):
+    import yaml
+
+    from raysky.models import create_segmenter
+
+    save_checkpoint(create_segmenter("tiny"), str(tmp_path / "seg"), "tiny")
+    text = (tmp_path / "seg" / "model_card.md").read_text()
+    meta = yaml.safe_load(text[4:].split("\n---\n", 1)[0])
+    assert meta["license"] == "other" and meta["pipeline_tag"] == "image-segmentation"
+    assert "datasets" not in meta and "model-index" not in meta

@@ -76,7 +76,10 @@ def test_the_other_efficientnet_naming_maps_by_position_only_when_every_shape_fi
 
 def test_every_encoder_is_initialised_and_records_its_source():
     segmenter = create_segmenter("lite", pretrained_encoder="imagenet")
-    classifier = create_classifier("lite", pretrained_encoder="imagenet")
+    # The paper's lesion branch has an encoder of its own; lite's default shares the full one.
+    classifier = create_classifier("lite", pretrained_encoder="imagenet", lesion_branch="encoder")
+    shared = create_classifier("lite", pretrained_encoder="imagenet")
+    assert set(shared.initial_weights) == {"full_encoder"}
     expected, _, digest = imagenet_state_dict(ARCH)
     records = {**segmenter.initial_weights, **classifier.initial_weights}
     assert set(records) == {"encoder", "full_encoder", "lesion_encoder"}
@@ -196,7 +199,7 @@ def test_lite_trains_from_imagenet_and_the_checkpoint_says_so(ray_local, sample_
     assert main(["train", "segmenter", *common, "--epochs", "1", "--name", "seg"]) == 0
     assert main(["train", "classifier", *common, "--epochs", "1", "--gt-masks", "--name", "cls"]) == 0
     _, _, digest = imagenet_state_dict(ARCH)
-    for run, names in (("seg", {"encoder"}), ("cls", {"full_encoder", "lesion_encoder"})):
+    for run, names in (("seg", {"encoder"}), ("cls", {"full_encoder"})):
         summary = json.loads((runs / run / "result.json").read_text())
         meta = load_checkpoint(summary["best_checkpoint_uri"]).meta
         records = meta["extra"]["initial_weights"]

@@ -6,6 +6,7 @@ import argparse
 
 from raysky.calibration.ood import DEFAULT_METHOD, METHODS
 from raysky.calibration.referral import DEFAULT_SENSITIVITY
+from raysky.cli.tracking import add_tracking_flags, open_tracking
 from raysky.data.readers import FORMATS
 
 
@@ -48,6 +49,7 @@ def register(subparsers) -> None:
     masks.add_argument("--gt-masks", action="store_true",
                        help="use the dataset's ground-truth masks instead")
     parser.add_argument("--gpu", action="store_true", help="run the models on a GPU")
+    add_tracking_flags(parser)
     parser.set_defaults(func=run)
 
 
@@ -76,7 +78,9 @@ def calibration_records(data: str, format: str, split: str | None, metadata: str
 def run(args: argparse.Namespace) -> int:
     """Calibrate and write the new checkpoint version."""
     from raysky.calibration.collect import calibrate_checkpoint, describe_calibration
+    from raysky.train.tracking import calibration_figures
 
+    tracker = open_tracking(args)
     records = calibration_records(args.data, args.format, args.split, args.metadata)
     meta = calibrate_checkpoint(
         args.classifier, records, args.out,
@@ -87,4 +91,8 @@ def run(args: argparse.Namespace) -> int:
     print(describe_calibration(meta["calibration"]))
     print(f"calibrated checkpoint {meta['version']} ({meta['calibration']['version']}) written "
           f"to {args.out}")
+    tracker.log_results("calibration", calibration_figures(meta["calibration"]), tags={
+        "raysky.calibrated_checkpoint_uri": args.out,
+        "raysky.calibrated_checkpoint_version": meta["version"],
+        "raysky.calibration_version": meta["calibration"]["version"]})
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from raysky.cli.options import parameter_defaults
+from raysky.cli.tracking import add_tracking_flags, open_tracking
 from raysky.data.readers import FORMATS
 from raysky.review.evaluate import LOW_FOCUS_THRESHOLD
 
@@ -51,6 +52,7 @@ def register(subparsers) -> None:
                         "are)")
     parser.add_argument("--out", metavar="URI",
                         help="write the metrics as JSON here (local path or s3://)")
+    add_tracking_flags(parser)
     parser.set_defaults(func=run_evaluate)
 
     from raysky.review.report import build_report
@@ -80,8 +82,9 @@ def register(subparsers) -> None:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     """Compute, print and optionally write the metrics."""
-    from raysky.review.evaluate import evaluate, format_table, write_json
+    from raysky.review.evaluate import card_sections, evaluate, format_table, write_json
 
+    tracker = open_tracking(args)
     metrics = evaluate(args.results, args.data, args.format, metadata_uri=args.metadata,
                        split=args.split, low_focus=args.low_focus,
                        classifier_uri=args.classifier, by=args.by)
@@ -94,10 +97,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
         print(f"\nmetrics written to {args.out}")
     if args.update_card:
         from raysky.models.card import update_card
-        from raysky.review.evaluate import card_sections
 
         meta = update_card(args.classifier, args.update_card, card_sections(metrics))
         print(f"model card updated: classifier {meta['version']} written to {args.update_card}")
+    tracker.log_results("evaluation", card_sections(metrics)["evaluation"],
+                        tags={"raysky.evaluated_results": args.results},
+                        artifact=(metrics, "evaluation.json"))
     return 0
 
 

@@ -15,6 +15,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "raysky.cli.calibrate",
     "raysky.cli.demo",
     "raysky.cli.evaluate",
+    "raysky.cli.export",
     "raysky.cli.robustness",
     "raysky.cli.score",
     "raysky.cli.serve",

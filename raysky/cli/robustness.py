@@ -8,6 +8,7 @@ import argparse
 from raysky.audit.artefacts import parse_kinds
 from raysky.audit.robustness import RobustnessSettings
 from raysky.cli.options import add_setting, settings_from_args
+from raysky.cli.tracking import add_tracking_flags, open_tracking
 from raysky.data.readers import FORMATS
 
 
@@ -44,6 +45,7 @@ def register(subparsers) -> None:
                         help="write a new version of --classifier here whose model card gains "
                         "the robustness table (the weights are copied as they are)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    add_tracking_flags(parser)
     parser.set_defaults(func=run)
 
 
@@ -56,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
     if args.replicates < 1:
         raise ValueError(f"--replicates must be at least 1, got {args.replicates}")
     settings = settings_from_args(RobustnessSettings, args, progress=not args.quiet)
+    tracker = open_tracking(args)
     report = run_robustness(settings)
     print(format_report(report))
     print(f"\nwritten to {os.path.join(args.out, OUTPUT_FILE)}")
@@ -64,4 +67,6 @@ def run(args: argparse.Namespace) -> int:
 
         meta = update_card(args.classifier, args.update_card, {"robustness": card_section(report)})
         print(f"model card updated: classifier {meta['version']} written to {args.update_card}")
+    tracker.log_results("robustness", card_section(report).get("by_artefact", {}),
+                        artifact=(report, OUTPUT_FILE))
     return 0

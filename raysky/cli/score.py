@@ -1,4 +1,4 @@
-"""``raysky score``, ``pack``, ``export`` and ``results``: screening an archive with Ray Data."""
+"""``raysky score``, ``pack`` and ``results``: screening an archive with Ray Data."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from raysky.cli.exit_codes import EXIT_OK, EXIT_TEMPFAIL
 from raysky.cli.options import add_setting, settings_from_args
 from raysky.models.runtime import PRECISIONS
 from raysky.results.columns import CASE_COLUMNS
-from raysky.score.settings import ScoreSettings
+from raysky.score.settings import ENGINES, ScoreSettings
 
 
 def register(subparsers) -> None:
-    """Add the ``score``, ``pack``, ``export`` and ``results`` sub-commands."""
+    """Add the ``score``, ``pack`` and ``results`` sub-commands."""
     score = subparsers.add_parser(
         "score", help="score an archive of images (prefix or packed shards) into Parquet",
         description="Segment, classify and explain (Grad-CAM) every image under --input with Ray "
@@ -36,6 +36,7 @@ def register(subparsers) -> None:
     add_setting(score, ScoreSettings, "rows_per_file", "--rows-per-file", type=int,
                 note="files are also cut at 512 MiB of PNG data")
     add_setting(score, ScoreSettings, "precision", "--precision", choices=PRECISIONS)
+    add_setting(score, ScoreSettings, "engine", "--engine", choices=ENGINES)
     add_setting(score, ScoreSettings, "tta", "--tta", action="store_true")
     add_setting(score, ScoreSettings, "max_pixels", "--max-pixels", type=int)
     add_setting(score, ScoreSettings, "top", "--top", type=int)
@@ -60,16 +61,6 @@ def register(subparsers) -> None:
     add_setting(pack, ScoreSettings, "metadata", "--metadata", metavar="CSV_URI")
     add_setting(pack, ScoreSettings, "ray_address", "--address")
     pack.set_defaults(func=run_pack)
-
-    export = subparsers.add_parser(
-        "export", help="write results in the ISIC 2018 / 2019 submission formats",
-        description="Write <FORMAT>_classification.csv (image,<ISIC classes>, values in [0,1]) "
-        "and <FORMAT>_segmentation/<id>_segmentation.png masks (single channel, 0/255, original "
-        "size) from `raysky score` results. Images with status 'error' are left out.")
-    export.add_argument("format", choices=("isic2018", "isic2019"), help="submission format")
-    export.add_argument("--results", required=True, help="results prefix written by `raysky score`")
-    export.add_argument("--out", required=True, help="folder or s3:// prefix to write into")
-    export.set_defaults(func=run_export)
 
     show = subparsers.add_parser(
         "results", help="summarise scoring results, per image or per lesion/patient",
@@ -111,14 +102,6 @@ def run_pack(args: argparse.Namespace) -> int:
     summary = pack_archive(args.input, args.output, rows_per_file=args.rows_per_file,
                            metadata_uri=args.metadata, ray_address=args.address)
     print(summary.format())
-    return 0
-
-
-def run_export(args: argparse.Namespace) -> int:
-    """Run ``raysky export``."""
-    from raysky.score.export import export_results
-
-    print(export_results(args.format, args.results, args.out).format())
     return 0
 
 

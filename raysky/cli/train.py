@@ -11,6 +11,7 @@ from raysky.data.readers import FORMATS
 from raysky.models.config import LESION_BRANCHES, PRESETS
 from raysky.models.runtime import TRAIN_PRECISIONS
 from raysky.train.settings import TrainSettings
+from raysky.train.tracking import LOCAL_STORE
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -50,6 +51,15 @@ def _common(parser: argparse.ArgumentParser) -> None:
     add_setting(run, TrainSettings, "num_to_keep", "--num-to-keep", type=int)
     add_setting(run, TrainSettings, "force_resume", "--force-resume", action="store_true")
     add_setting(run, TrainSettings, "max_failures", "--max-failures", type=int)
+
+    tracking = parser.add_argument_group(
+        "experiment tracking", "Rank 0 logs the settings, the machine and every epoch's metrics "
+        "to MLflow (pip install 'raysky[mlflow]'); an unreachable store is a warning.")
+    add_setting(tracking, TrainSettings, "mlflow", "--mlflow", nargs="?", const=LOCAL_STORE,
+                metavar="URI", note=f"--mlflow alone: {LOCAL_STORE} in this folder, with "
+                "artifacts in ./mlruns (what `mlflow ui` opens here)")
+    add_setting(tracking, TrainSettings, "mlflow_experiment", "--mlflow-experiment",
+                metavar="NAME")
 
 
 def register(subparsers) -> None:

@@ -77,6 +77,8 @@ def list_archive(root: str, kept: KeptIds | None = None) -> ArchiveListing:
     are listed too, and the scorer reports them row by row.
     """
     paths, uris = archive_files(root)
+    if not paths and not storage.exists(root):
+        raise DatasetError(root, "no such folder or prefix")
     if not paths:
         raise DatasetError(root, f"no image files ({', '.join(ARCHIVE_SUFFIXES)}) found")
     assigned = assign_ids(paths, uris, kept)

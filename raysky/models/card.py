@@ -30,6 +30,16 @@ INTENDED_USE = (
     "images of a single skin lesion, with the lesion mask and a Grad-CAM heatmap to check what "
     "the prediction rests on. It is not a diagnosis, it does not replace histopathology or a "
     "clinician's examination, and it must not be used to rule out malignancy on its own.")
+DATASETS = {"ham10000": ("HAM10000", "cc-by-nc-4.0"), "isic2018": ("ISIC 2018", "cc-by-nc-4.0"),
+            "isic2019": ("ISIC 2019", "cc-by-nc-4.0")}
+"""Name and licence of each dataset layout: a model trained on CC BY-NC data inherits the
+non-commercial term; weights trained on anything else are ``other`` until their data says."""
+INDEX_METRICS = {"classifier": (("balanced_accuracy", "Balanced accuracy"), ("auc", "Macro AUC"),
+                                ("malignant_auc", "Malignant vs benign AUC"),
+                                ("accuracy", "Accuracy"), ("ece_after", "ECE (calibrated)")),
+                 "segmenter": (("dice", "Dice"), ("jaccard", "Jaccard"),
+                               ("threshold_jaccard", "Thresholded Jaccard (ISIC)"))}
+"""The figures a card's ``model-index`` reports, by model kind, with their display names."""
 VAL_METRICS = ("balanced_accuracy", "auc", "accuracy", "auc_per_class", "val_loss",
                "dice", "jaccard", "threshold_jaccard", "val_images")
 
@@ -220,6 +230,52 @@ def _table(intro: str, header: Sequence[str], rows: Iterable[Sequence[str]]) -> 
     return [intro, "", line(header), "|" + "---|" * len(header), *(line(row) for row in rows)]
 
 
+def _index_result(kind: str, figures: dict | None, data: dict | None, split: str | None) -> dict | None:
+    """One ``model-index`` result: the :data:`INDEX_METRICS` present in ``figures``."""
+    metrics = [{"type": key, "name": name, "value": round(float(figures[key]), 4)}
+               for key, name in INDEX_METRICS.get(kind, ())
+               if isinstance((figures or {}).get(key), int | float)
+               and figures[key] == figures[key]]  # NaN is no figure
+    if not metrics:
+        return None
+    layout = (data or {}).get("format")
+    dataset = {"type": layout or "unknown", "name": DATASETS.get(layout, (layout or "unknown",))[0]}
+    if split:
+        dataset["split"] = split
+    task = ({"type": "image-classification", "name": "Skin lesion classification"}
+            if kind == "classifier" else
+            {"type": "image-segmentation", "name": "Skin lesion segmentation"})
+    return {"task": task, "dataset": dataset, "metrics": metrics}
+
+
+def front_matter(card: dict) -> dict[str, Any]:
+    """Hugging Face model-card metadata for ``card``: licence, tags, datasets and the measured
+    figures as ``model-index`` (validation, and the evaluation section where measured)."""
+    model = card["model"]
+    kind = model["kind"] or "model"
+    data = card["training_data"] or {}
+    layout = data.get("format")
+    pipeline = {"classifier": "image-classification", "segmenter": "image-segmentation"}.get(kind)
+    tags = ["raysky", "dermatology", "dermoscopy", "skin-lesion", "medical-imaging",
+            *([pipeline] if pipeline else []), f"preset-{model['preset']}"]
+    if card["calibration"]:
+        tags.append("calibrated")
+    evaluation = card.get("evaluation") or {}
+    results = [r for r in (
+        _index_result(kind, card["validation"], data, "validation"),
+        _index_result(kind, evaluation, {"format": evaluation.get("format") or layout},
+                      evaluation.get("split") or "evaluation")) if r]
+    meta: dict[str, Any] = {
+        "license": DATASETS[layout][1] if layout in DATASETS else "other",
+        "library_name": "pytorch", "pipeline_tag": pipeline, "tags": tags,
+        "datasets": [layout] if layout else None,
+        "metrics": sorted({m["type"] for r in results for m in r["metrics"]}) or None,
+        "model-index": [{"name": f"raysky-{kind}-{model['version']}", "results": results}]
+        if results else None,
+    }
+    return {k: v for k, v in meta.items() if v is not None}
+
+
 def _referral_line(referral: dict) -> str:
     """The evaluated referral, each rate as ``value [low, high]``: printed as evaluate, the
     report and the subgroup table's overall row print the same figure."""
@@ -236,10 +292,43 @@ def _referral_line(referral: dict) -> str:
             f"{referral.get('interval', 'bootstrap')})")
 
 
+def _yaml_scalar(value: Any) -> str:
+    # Double-quoted YAML strings are JSON strings, so json.dumps quotes and escapes them.
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    return str(value) if isinstance(value, int | float) else json.dumps(str(value))
+
+
+def to_yaml(value: Any, indent: int = 0) -> list[str]:
+    """Block-style YAML lines for nested dicts, lists and scalars (enough for front matter,
+    without making PyYAML a dependency of every checkpoint write)."""
+    pad = " " * indent
+    if isinstance(value, dict):
+        lines = []
+        for key, item in value.items():
+            if isinstance(item, dict | list) and item:
+                lines += [f"{pad}{key}:", *to_yaml(item, indent + 2)]
+            else:
+                lines.append(f"{pad}{key}: {_yaml_scalar(item) if item != [] else '[]'}")
+        return lines
+    if isinstance(value, list):
+        lines = []
+        for item in value:
+            nested = to_yaml(item, indent + 2) if isinstance(item, dict | list) else None
+            if nested:
+                lines += [f"{pad}- {nested[0].lstrip()}", *nested[1:]]
+            else:
+                lines.append(f"{pad}- {_yaml_scalar(item)}")
+        return lines
+    return [f"{pad}{_yaml_scalar(value)}"]
+
+
 def render_markdown(card: dict) -> str:
-    """The card as Markdown, for people: the same facts as the JSON, nothing more."""
+    """The card as Markdown, for people: the same facts as the JSON, nothing more, under
+    Hugging Face-style YAML front matter (:func:`front_matter`) for model hubs."""
     model = card["model"]
-    lines = [f"# Model card: raysky {model['kind']} {model['version']}", ""]
+    lines = ["---", *to_yaml(front_matter(card)), "---", "",
+             f"# Model card: raysky {model['kind']} {model['version']}", ""]
     lines += ["## Model", "",
               f"- Kind: {model['kind']}, preset `{model['preset']}`: {model['architecture']}",
               f"- Encoder: {_value(model['encoder'])} at {_value(model['input_size'])} px; "

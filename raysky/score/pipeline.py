@@ -209,16 +209,22 @@ def build_dataset(inputs: Inputs, settings: ScoreSettings, classes: tuple[str, .
                    "metadata": inputs.metadata},
         memory=decode_batch_memory(settings.batch_size, settings.max_pixels),
     )
+    model_stage, model_kwargs = stages.ScoreModel, {
+        "segmenter": settings.segmenter, "classifier": settings.classifier,
+        "heatmaps": settings.heatmaps, "use_gpu": settings.gpus_per_worker > 0,
+        "precision": settings.precision, "threads": settings.cpus_per_worker,
+        "tta": settings.tta, "extra": inputs.extra,
+    }
+    if settings.engine == "onnx":
+        from raysky.onnx.runtime import OnnxScoreModel, exported_models
+
+        model_stage, model_kwargs = OnnxScoreModel, {
+            **exported_models(settings.segmenter, settings.classifier),
+            "threads": settings.cpus_per_worker, "tta": settings.tta, "extra": inputs.extra}
     ds = _map_stage(
-        ds, stages.ScoreModel, batch_size=settings.batch_size,
+        ds, model_stage, batch_size=settings.batch_size,
         compute=_pool(settings), num_cpus=settings.cpus_per_worker,
-        num_gpus=settings.gpus_per_worker or None,
-        fn_constructor_kwargs={
-            "segmenter": settings.segmenter, "classifier": settings.classifier,
-            "heatmaps": settings.heatmaps, "use_gpu": settings.gpus_per_worker > 0,
-            "precision": settings.precision, "threads": settings.cpus_per_worker,
-            "tta": settings.tta, "extra": inputs.extra,
-        },
+        num_gpus=settings.gpus_per_worker or None, fn_constructor_kwargs=model_kwargs,
     )
     ds = _map_stage(
         ds, stages.encode_batch, batch_size=settings.batch_size,

@@ -10,6 +10,9 @@ from raysky.models.runtime import PRECISIONS
 from raysky.score import lock as output_lock
 from raysky.settings import TTA_HELP, setting
 
+ENGINES = ("torch", "onnx")
+"""What runs the models of a scoring run (see :mod:`raysky.onnx.runtime`)."""
+
 
 @dataclass
 class ScoreSettings:
@@ -46,6 +49,10 @@ class ScoreSettings:
     rows_per_file: int = setting(
         1000, help="rows per Parquet file at most (score results, or `raysky pack` shards)")
     precision: str = setting("fp32", help="model precision")
+    engine: str = setting(
+        "torch", help="what runs the models: torch, or onnx (ONNX Runtime on CPU over "
+        "verified exports of both checkpoints, made once per run; needs heatmaps off, fp32 and "
+        "pip install 'raysky[onnx]')")
     tta: bool = setting(False, help=TTA_HELP)
     max_pixels: int = setting(
         DEFAULT_MAX_PIXELS, help="reject larger images as decompression bombs")
@@ -71,6 +78,12 @@ class ScoreSettings:
             (self.gpus_per_worker >= 0, f"gpus_per_worker must be >= 0, got {self.gpus_per_worker}"),
             (self.cpus_per_worker >= 1, f"cpus_per_worker must be at least 1, got {self.cpus_per_worker}"),
             (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}"),
+            (self.engine in ENGINES, f"engine must be one of {ENGINES}, got {self.engine!r}"),
+            (self.engine != "onnx" or not self.heatmaps,
+             "engine='onnx' needs heatmaps=False: Grad-CAM needs autograd, which an ONNX model "
+             "does not have"),
+            (self.engine != "onnx" or (self.precision == "fp32" and self.gpus_per_worker == 0),
+             "engine='onnx' runs fp32 on CPUs: leave precision at fp32 and gpus_per_worker at 0"),
             (self.max_pixels >= 1, f"max_pixels must be positive, got {self.max_pixels}"),
             (self.lock_timeout_s > 0, f"lock_timeout_s must be positive, got {self.lock_timeout_s}"),
             (storage.resolve(self.input) != storage.resolve(self.output),

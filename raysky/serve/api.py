@@ -42,6 +42,7 @@ from raysky.data.metadata import (
 from raysky.serve.admission import BudgetTimeout, MemoryBudget
 from raysky.serve.config import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_INFLIGHT_PIXELS
 from raysky.serve.errors import ApiError, BodyTooLarge, ServiceUnavailable, error_responses
+from raysky.serve.metrics import RejectionMiddleware, ServeMetrics
 from raysky.serve.middleware import (
     ACCESS_SCOPE_KEY,
     AccessLogMiddleware,
@@ -51,6 +52,7 @@ from raysky.serve.middleware import (
     scope_request_id,
     too_large,
 )
+from raysky.serve.probes import add_probes
 from raysky.serve.security import ApiKeyChecker, replica_checker
 from raysky.serve.uploads import (
     FORM_FIELDS,
@@ -156,19 +158,23 @@ PREDICT_REQUEST_BODY = {
 
 
 def create_api(backend: PredictBackend, options: ApiOptions | None = None,
-               keys: ApiKeyChecker | None = None) -> FastAPI:
+               keys: ApiKeyChecker | None = None, metrics: ServeMetrics | None = None) -> FastAPI:
     """Build the FastAPI app over ``backend``.
 
     ``keys`` defaults to the keys of this process's environment, which must exist (see
     :func:`raysky.serve.security.replica_checker`); an empty :class:`ApiKeyChecker` turns
     authentication off. Routes: ``POST /v1/predict``, ``GET /v1/model``, ``GET /healthz``,
-    ``GET /readyz``; OpenAPI at ``/docs`` only with ``options.enable_docs``.
+    ``GET /readyz``, and the Open Inference Protocol's health and metadata routes
+    (:mod:`raysky.serve.probes`); OpenAPI at ``/docs`` only with ``options.enable_docs``.
+    ``metrics`` (default: this replica's, see :mod:`raysky.serve.metrics`) records what the
+    model decides, the time per stage and the rejections.
     """
     options = options or ApiOptions()
     keys = keys if keys is not None else replica_checker(None, None, allow_unauthenticated=False)
     # The budget is in bytes; max_inflight_pixels counts pixels of 8-bit RGB.
     budget = MemoryBudget(options.max_inflight_pixels * DECODE_BYTES_PER_PIXEL["RGB"])
     access_logger = configure_access_log(options.access_log)
+    metrics = metrics if metrics is not None else ServeMetrics()
     logger.info("raysky API: API-key auth %s",
                 f"enabled ({keys.num_keys} keys)" if keys.enabled else "disabled")
 
@@ -236,6 +242,8 @@ def create_api(backend: PredictBackend, options: ApiOptions | None = None,
         await readiness()
         return {"status": "ready"}
 
+    add_probes(app, readiness, require_api_key)
+
     @app.get("/v1/model", dependencies=[Depends(require_api_key)],
              summary="Classes, input sizes, versions, batching and the model cards of the "
              "served models", responses=error_responses(401, 503))
@@ -292,7 +300,8 @@ def create_api(backend: PredictBackend, options: ApiOptions | None = None,
         header = upload_header(data, options.max_pixels)
         try:
             async with budget.hold(header.decode_bytes, options.admission_timeout_s):
-                image = await run_in_threadpool(decode_upload, data, options.max_pixels)
+                with metrics.timed("decode"):
+                    image = await run_in_threadpool(decode_upload, data, options.max_pixels)
                 del data
                 # After EXIF orientation, which may swap the header's width and height.
                 height, width = image.shape[:2]
@@ -303,11 +312,14 @@ def create_api(backend: PredictBackend, options: ApiOptions | None = None,
                 # Queueing + batching + compute on the model side; latency_ms minus this is
                 # our own.
                 entry["model_ms"] = round((time.perf_counter() - model_start) * 1000.0, 2)
+                metrics.stage("model", time.perf_counter() - model_start)
                 del image
-                mask_png, heatmap_png = await run_in_threadpool(_encode_maps, result, mask)
+                with metrics.timed("encode"):
+                    mask_png, heatmap_png = await run_in_threadpool(_encode_maps, result, mask)
         except BudgetTimeout:
             raise ServiceUnavailable("too many large images are being scored; retry "
                                      "shortly") from None
+        metrics.prediction(result)
         focus = result["lesion_focus"]
         return {
             "image_id": image_id,
@@ -337,5 +349,6 @@ def create_api(backend: PredictBackend, options: ApiOptions | None = None,
     # Order matters: the access log wraps everything, including 413s decided from headers.
     app.add_middleware(BodyLimitMiddleware, max_bytes=options.max_body_bytes)
     app.add_middleware(AccessLogMiddleware, logger_=access_logger)
+    app.add_middleware(RejectionMiddleware, metrics=metrics)
     return app
 

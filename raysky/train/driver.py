@@ -48,6 +48,7 @@ from raysky.train.settings import (
     resolved_recipe,
     with_recipe,
 )
+from raysky.train.tracking import finish_run, start_tracking
 
 RESULT_FILE = "result.json"
 
@@ -131,6 +132,7 @@ def _run(kind: str, settings: TrainSettings, train: list[LesionRecord], val: lis
             f"per worker, fewer than --batch-size {settings.batch_size}; lower one of them"
         )
 
+    tracking = start_tracking(settings, kind, run_uri)
     ensure_ray(log_to_driver=True)
     check_cpus(settings)
     # Both sets are decoded once, into a uint8 cache a fifth larger than the model's input;
@@ -159,7 +161,7 @@ def _run(kind: str, settings: TrainSettings, train: list[LesionRecord], val: lis
         train_rows=len(train), pretrained_encoder=settings.pretrained_encoder, metric=metric,
         metric_mode=mode, run_name=settings.name, progress_interval=settings.progress_interval,
         hyperparameters=hyperparameters(settings), settings=to_jsonable(summary_settings),
-        provenance=provenance)
+        provenance=provenance, tracking=tracking and tracking.to_dict())
     if storage.is_s3(root):
         # Ray resolves a bare s3:// URI with its own defaults; passing raysky's filesystem
         # keeps the endpoint (MinIO, moto) and region that every other raysky I/O uses.
@@ -199,11 +201,15 @@ def _run(kind: str, settings: TrainSettings, train: list[LesionRecord], val: lis
         counts = class_counts(train)
         print(f"{kind}: classes {list(classes)}, training counts {counts}, loss weights "
               f"{[round(w, 3) for w in weights]}", flush=True)
-    result = trainer.fit()
-    summary = _summarise(result, run_uri, root, metric, mode)
-    if kind == "classifier":
-        summary.calibrated_checkpoint_uri = _calibrate_best(summary, val, settings)
-        storage.write_bytes(summary.result_uri, json.dumps(summary.to_dict(), indent=2).encode())
+    summary = None
+    try:
+        result = trainer.fit()
+        summary = _summarise(result, run_uri, root, metric, mode)
+        if kind == "classifier":
+            summary.calibrated_checkpoint_uri = _calibrate_best(summary, val, settings)
+            storage.write_bytes(summary.result_uri, json.dumps(summary.to_dict(), indent=2).encode())
+    finally:
+        finish_run(tracking, summary)
     return summary
 
 

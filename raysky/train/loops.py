@@ -45,6 +45,7 @@ from raysky.train.recipe import (
 )
 from raysky.train.settings import LoopConfig
 from raysky.train.tasks import make_task, measure_precision
+from raysky.train.tracking import Tracker, training_params
 
 STATE_FILE = "train_state.pt"
 METRICS_FILE = "metrics.json"
@@ -202,6 +203,7 @@ class _Worker:
     global_step: int = 0
     history: list = field(default_factory=list)
     first_step_at: float | None = None
+    tracker: Tracker | None = None
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -220,6 +222,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
             print(f"{worker.task.kind}: already trained for {worker.start_epoch} epochs, nothing "
                   "to do", flush=True)
         return
+    worker.tracker = Tracker(config.tracking, enabled=worker.rank == 0)
+    if worker.start_epoch == 0:
+        worker.tracker.log_params(training_params(worker.task.kind, config.settings,
+                                                  config.provenance))
+    worker.tracker.set_tags({"system": machine_description(), "raysky.precision": worker.precision})
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     per_epoch = worker.steps_per_epoch * config.batch_size * worker.world
@@ -402,6 +409,9 @@ def _validate_and_report(worker: _Worker, shard, epoch: int, stats: dict[str, An
             write_checkpoint(directory, evaluated, config, state, metrics, worker.history)
             report_checkpoint = ray.train.Checkpoint.from_directory(directory)
             print(_epoch_line(task.kind, metrics, config.epochs), flush=True)
+            if worker.tracker is not None:
+                worker.tracker.log_metrics({k: v for k, v in metrics.items()
+                                            if not k.endswith("_unix")}, step=epoch + 1)
         ray.train.report(metrics, checkpoint=report_checkpoint,
                          checkpoint_dir_name=f"checkpoint_epoch_{epoch + 1:04d}")
 

@@ -87,6 +87,10 @@ class TrainSettings:
         None, help="torch threads per worker (default: the CPUs per worker); more than the "
         "CPUs held lets a worker use cores that Ray Data's decoding leaves idle")
     progress_interval: float = 10.0
+    mlflow: str | None = setting(
+        None, help="track the run in MLflow at this URI: a tracking server, a sqlite:/// "
+        "store or a local folder")
+    mlflow_experiment: str = setting("raysky", help="MLflow experiment the run is logged in")
     # classifier only
     segmenter: str | None = setting(
         None, help="segmenter checkpoint whose masks feed the lesion stream")
@@ -192,6 +196,8 @@ class LoopConfig:
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
+    # the MLflow run rank 0 logs to (raysky.train.tracking.TrackingTarget), None: untracked
+    tracking: dict[str, str] | None = None
     # the preset's Recipe with this run's overrides (raysky.models.config.recipe_to_dict):
     # augmentation, moving average, frozen layers, metadata dropout
     recipe: dict[str, Any] = field(default_factory=dict)
