@@ -38,7 +38,7 @@ from raysky.models import create_classifier, create_segmenter, save_checkpoint
 from raysky.models.preprocess import images_to_tensor, metadata_to_tensors
 from raysky.models.runtime import set_torch_threads
 from raysky.onnx.export import export_checkpoint
-from raysky.onnx.runtime import onnx_pipeline
+from raysky.score.onnx_engine import onnx_pipeline
 
 
 def images_per_second(runs: list[Callable[[], None]], images: int, repeats: int) -> list[float]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
+
 
 def to_jsonable(value: Any) -> Any:
     """``value`` with NaN/inf floats as ``None`` and NumPy scalars as Python ones.
@@ -21,3 +23,9 @@ def to_jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+def rounded(array: np.ndarray) -> list:
+    """``array`` as nested lists of floats with eight significant digits: small JSON (the OOD
+    statistics a checkpoint records), and the scores unchanged at float32 level."""
+    return np.vectorize(lambda v: float(f"{v:.8g}"))(array).tolist()

@@ -24,8 +24,8 @@ from PIL import Image
 from skimage import color as skimage_color
 
 from raysky import results
-from raysky.audit.skin_tone import ita_degrees, skin_tone_category
 from raysky.data.images import decode_image, decode_mask
+from raysky.data.skin_tone import ita_degrees, skin_tone_category
 from raysky.inference import LesionPipeline
 
 SKIN_L, SKIN_B = 62.0, 16.0

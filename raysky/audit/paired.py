@@ -25,6 +25,10 @@ from raysky.metrics.intervals import bootstrap_intervals, proportion_interval
 from raysky.metrics.isic import average_precision, rank_auc
 from raysky.results.reader import read
 
+ROBUSTNESS_FILE = "robustness.json"
+"""The report of a ``raysky robustness`` run (:mod:`raysky.score.robustness`) in its ``out``
+folder: these figures, per artefact kind, which ``raysky report --robustness`` reads back."""
+
 
 def read_scored(uri: str, table: pd.DataFrame) -> pd.DataFrame:
     """The ``ok`` results under ``uri``, indexed by the record's image id."""
@@ -52,7 +56,7 @@ def compare(clean: pd.DataFrame, altered: pd.DataFrame, table: pd.DataFrame, kin
     """The figures of one artefact kind, over the images scored ok in both folders.
 
     ``clean`` and ``altered`` are :func:`read_scored` frames, ``table`` the rows
-    :func:`raysky.audit.robustness.prepare_folders` wrote (labels, lesion ids), ``out`` the
+    :func:`raysky.score.robustness.prepare_folders` wrote (labels, lesion ids), ``out`` the
     folder holding ``artefact_masks/<kind>/``. ``not_scored`` counts images without an ok row
     on both sides, ``not_placed`` those where the artefact found no skin (left out of the
     attention means, which are over the ``explained`` images).

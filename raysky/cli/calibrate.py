@@ -77,7 +77,8 @@ def calibration_records(data: str, format: str, split: str | None, metadata: str
 
 def run(args: argparse.Namespace) -> int:
     """Calibrate and write the new checkpoint version."""
-    from raysky.calibration.collect import calibrate_checkpoint, describe_calibration
+    from raysky.calibration.fit import describe_calibration
+    from raysky.train.calibrate import calibrate_checkpoint
     from raysky.train.tracking import calibration_figures
 
     tracker = open_tracking(args)

@@ -96,7 +96,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         write_json(metrics, args.out)
         print(f"\nmetrics written to {args.out}")
     if args.update_card:
-        from raysky.models.card import update_card
+        from raysky.models.checkpoint import update_card
 
         meta = update_card(args.classifier, args.update_card, card_sections(metrics))
         print(f"model card updated: classifier {meta['version']} written to {args.update_card}")

@@ -5,9 +5,9 @@ encoding. It needs no torch and loads no model code: metadata is encoded to nump
 :func:`raysky.models.preprocess.metadata_to_tensors` turns into the classifier's input.
 """
 
+from raysky.data.image_errors import ImageDecodeError
 from raysky.data.images import (
     DEFAULT_MAX_PIXELS,
-    ImageDecodeError,
     decode_image,
     decode_mask,
     encode_png,

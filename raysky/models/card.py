@@ -18,6 +18,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from raysky import storage
+from raysky.metrics.intervals import format_interval, group_rows
 
 CARD_JSON = "model_card.json"
 CARD_MARKDOWN = "model_card.md"
@@ -66,16 +67,6 @@ def machine_description() -> dict[str, Any]:
             "python": platform.python_version(), "torch": torch.__version__, "ray": ray_version}
 
 
-def _parameters(meta: dict) -> int | None:
-    """The parameter count, from the checkpoint's architecture (no weights are read)."""
-    from raysky.models.checkpoint import build_from_meta
-
-    try:
-        return sum(p.numel() for p in build_from_meta(meta).parameters())
-    except (KeyError, TypeError, ValueError):
-        return None
-
-
 def build_card(meta: dict) -> dict[str, Any]:
     """The card of the checkpoint described by ``meta`` (its ``config.json``), as JSON data.
 
@@ -99,7 +90,7 @@ def build_card(meta: dict) -> dict[str, Any]:
             "calibration_version": (calibration or {}).get("version"),
             "raysky_version": meta.get("raysky_version"), "created_at": meta.get("created_at"),
             "encoder": config.get("encoder"), "input_size": meta.get("input_size"),
-            "parameters": _parameters(meta), "classes": classes,
+            "parameters": meta.get("parameters"), "classes": classes,
             "lesion_stream": config.get("use_lesion_stream"),
             "metadata": config.get("use_metadata"),
             "architecture": ("Deep-UNet with dual attention gates on the skips and an ASPP "
@@ -279,8 +270,6 @@ def front_matter(card: dict) -> dict[str, Any]:
 def _referral_line(referral: dict) -> str:
     """The evaluated referral, each rate as ``value [low, high]``: printed as evaluate, the
     report and the subgroup table's overall row print the same figure."""
-    from raysky.metrics.intervals import format_interval
-
     def rate(name: str) -> str:
         low, high = referral.get(f"{name}_ci95") or (None, None)
         return format_interval({"value": referral.get(name), "low": low, "high": high})
@@ -408,10 +397,6 @@ def render_markdown(card: dict) -> str:
     lines += ["", "## Subgroups", ""]
     subgroups = card["subgroups"]
     if subgroups:
-        # Deferred: checkpoint.py imports this module, and the audit pulls in scikit-learn.
-        from raysky.audit.subgroups import group_rows
-        from raysky.metrics.intervals import format_interval
-
         rows = []
         for name, g in group_rows({"groupings": {}, **subgroups}):
             notes = ", ".join(n for n, on in (("too few", g.get("too_few")),
@@ -453,22 +438,3 @@ def write_card(uri: str, meta: dict) -> dict:
                         json.dumps(card, indent=2, default=str).encode())
     storage.write_bytes(storage.join(uri, CARD_MARKDOWN), render_markdown(card).encode())
     return card
-
-
-def update_card(source_uri: str, target_uri: str, sections: dict[str, dict]) -> dict:
-    """Write a new version of the checkpoint at ``source_uri`` to ``target_uri`` whose card
-    gains (or replaces) ``sections`` (names from :data:`SECTIONS`); returns the new
-    ``config.json``.
-
-    The weights are copied byte for byte after their sha256 is verified, so the new version
-    has the same ``version`` and ``weights_sha256``; ``target_uri`` must differ from
-    ``source_uri``, which is left unchanged.
-    """
-    from raysky.models.checkpoint import read_checkpoint_meta, save_version
-
-    unknown = sorted(set(sections) - set(SECTIONS))
-    if unknown:
-        raise ValueError(f"unknown card section(s) {', '.join(unknown)}; expected "
-                         f"{', '.join(SECTIONS)}")
-    card = {**read_checkpoint_meta(source_uri).get("card", {}), **sections}
-    return save_version(source_uri, target_uri, {"card": card})

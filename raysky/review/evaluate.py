@@ -16,8 +16,9 @@ defined values only.
 The work is split by stage: :mod:`raysky.review.inputs` reads and joins,
 :mod:`raysky.review.task_metrics` computes the per-task figures,
 :mod:`raysky.review.calibration_audit` the calibration and subgroup parts, and
-:mod:`raysky.review.output` writes and formats them. This module ties them together and
-re-exports their names, which callers import from here.
+:mod:`raysky.review.output` writes and formats them. This module ties them together:
+:func:`evaluate` and :func:`evaluate_frame` are its only public names; the others are imported
+from the module that defines them.
 """
 
 from __future__ import annotations
@@ -28,42 +29,26 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pandas as pd
 
-from raysky.data.images import ImageDecodeError, decode_mask, load_mask
+from raysky.data.image_errors import ImageDecodeError
+from raysky.data.images import decode_mask, load_mask
 from raysky.data.readers import metadata_frame
 from raysky.data.records import LesionRecord
 from raysky.data.taxonomy import order_classes
-from raysky.results.columns import PROB_PREFIX
+from raysky.results.columns import result_classes
+from raysky.results.ground_truth import join_ground_truth
 from raysky.review.calibration_audit import (
     calibrated_subgroups,
     calibration_figures,
     checkpoint_calibration_for,
 )
-from raysky.review.inputs import (
-    BINARY_COLUMNS,
-    REQUIRED_COLUMNS,
-    join_ground_truth,
-    normalize_id,
-    read_ground_truth,
-    read_results,
-    result_classes,
-    results_columns,
-)
-from raysky.review.output import card_sections, format_table, write_json
+from raysky.review.inputs import read_ground_truth, read_results, results_columns
+from raysky.review.settings import LOW_FOCUS_THRESHOLD
 from raysky.review.task_metrics import (
-    LOW_FOCUS_THRESHOLD,
     class_probabilities,
     classification_metrics,
     focus_statistics,
     segmentation_metrics,
 )
-
-__all__ = [
-    "BINARY_COLUMNS", "LOW_FOCUS_THRESHOLD", "PROB_PREFIX", "REQUIRED_COLUMNS", "card_sections",
-    "checkpoint_calibration_for", "class_probabilities", "classification_metrics", "evaluate",
-    "evaluate_frame", "focus_statistics", "format_table", "join_ground_truth", "normalize_id",
-    "read_ground_truth", "read_results", "result_classes", "results_columns",
-    "segmentation_metrics", "write_json",
-]
 
 
 def _load_truth_masks(uris: Sequence[str]) -> list[np.ndarray]:

@@ -1,7 +1,7 @@
-"""Reading what ``raysky evaluate`` scores: a results table and its ground truth, and joining them.
+"""Reading what ``raysky evaluate`` scores: a results table and its ground truth.
 
-Results and ground truth are matched on ``image_id`` as ISIC matches them (an image suffix
-dropped); :func:`join_ground_truth` counts what did not match in ``coverage``.
+Result ids are matched as ISIC matches them (:func:`raysky.data.ids.normalize_id`, an image
+suffix dropped); :func:`raysky.results.ground_truth.join_ground_truth` joins the two.
 """
 
 from __future__ import annotations
@@ -75,39 +75,3 @@ def read_ground_truth(uri: str, format: str, metadata_uri: str | None = None,
     if not storage.exists(split_uri):
         raise ValueError(f"--split {split} needs {split_uri} (image_id,split), which does not exist")
     return select_split(records, split_uri, split)
-
-
-def join_ground_truth(frame: pd.DataFrame, records: Sequence[LesionRecord]
-                      ) -> tuple[pd.DataFrame, dict]:
-    """Attach ``label``, ``mask_uri`` and ``lesion_id`` from ``records`` to the result rows with
-    ground truth (the lesion id is the unit of every interval, see
-    :mod:`raysky.metrics.intervals`).
-
-    Returns the joined rows (all statuses) and a ``coverage`` dict counting results, ground
-    truth, matches, scoring errors among the matches, and unmatched ids on either side (with
-    the first few of each listed so that a wrong ``--data`` folder is obvious).
-    """
-    truth = pd.DataFrame(
-        {"image_id": [normalize_id(r.image_id) for r in records],
-         "label": [r.label for r in records],
-         "mask_uri": [r.mask_uri for r in records],
-         "lesion_id": [r.lesion_id for r in records]},
-        columns=["image_id", "label", "mask_uri", "lesion_id"],
-    ).drop_duplicates("image_id")
-    # A results column of the same name (none today) would win over the records'.
-    truth = truth.drop(columns=[c for c in ("lesion_id",) if c in frame.columns])
-    joined = frame.merge(truth, on="image_id", how="inner", validate="one_to_one")
-    result_ids, truth_ids = set(frame["image_id"]), set(truth["image_id"])
-    no_truth = sorted(result_ids - truth_ids)
-    no_result = sorted(truth_ids - result_ids)
-    coverage = {
-        "results": int(len(frame)),
-        "ground_truth": int(len(truth)),
-        "matched": int(len(joined)),
-        "scoring_errors": int((joined["status"] != "ok").sum()),
-        "results_without_ground_truth": len(no_truth),
-        "ground_truth_without_results": len(no_result),
-        "examples_without_ground_truth": no_truth[:10],
-        "examples_without_results": no_result[:10],
-    }
-    return joined, coverage

@@ -7,7 +7,7 @@ scripts.
 
 The page is the Jinja2 template ``templates/report.html.j2`` (style sheet ``report.css`` beside
 it), rendered with autoescape on. The SVG plots and the sections that
-:mod:`raysky.calibration.plots` and :mod:`raysky.audit.plots` build (and escape) are passed in
+:mod:`raysky.review.reliability_plot` and :mod:`raysky.review.audit_plots` build (and escape) are passed in
 as ``Markup``; every other value, image ids, paths and error messages included, is escaped by
 the template.
 
@@ -35,24 +35,17 @@ from markupsafe import Markup
 from PIL import Image
 
 from raysky import storage
-from raysky.audit.plots import robustness_section, subgroup_section
-from raysky.calibration.plots import reliability_section
-from raysky.data.images import ImageDecodeError, decode_mask
+from raysky.audit.paired import ROBUSTNESS_FILE
+from raysky.data.image_errors import ImageDecodeError
+from raysky.data.images import decode_mask
 from raysky.data.readers import metadata_frame
 from raysky.data.taxonomy import MALIGNANT_CLASSES
 from raysky.metrics.isic import binary_metrics, roc_points
-from raysky.review.evaluate import (
-    LOW_FOCUS_THRESHOLD,
-    PROB_PREFIX,
-    checkpoint_calibration_for,
-    class_probabilities,
-    evaluate_frame,
-    focus_statistics,
-    read_ground_truth,
-    read_results,
-    result_classes,
-    results_columns,
-)
+from raysky.results.columns import PROB_PREFIX, result_classes
+from raysky.review.audit_plots import robustness_section, subgroup_section
+from raysky.review.calibration_audit import checkpoint_calibration_for
+from raysky.review.evaluate import evaluate_frame
+from raysky.review.inputs import read_ground_truth, read_results, results_columns
 from raysky.review.pictures import (
     data_uri,
     decode_heatmap,
@@ -60,6 +53,9 @@ from raysky.review.pictures import (
     load_picture,
     roc_svg,
 )
+from raysky.review.reliability_plot import reliability_section
+from raysky.review.settings import LOW_FOCUS_THRESHOLD
+from raysky.review.task_metrics import class_probabilities, focus_statistics
 
 _LIGHT_COLUMNS = ("image_id", "source_uri", "status", "error", "width", "height",
                   "predicted_class", "malignant_prob", "lesion_area_frac", "lesion_focus",
@@ -130,11 +126,9 @@ def _per_class_rows(metrics: dict) -> list[tuple[str, dict]]:
 
 def _robustness(folder: str) -> Markup:
     """The robustness section from ``<folder>/robustness.json`` and its example strips."""
-    from raysky.audit.robustness import OUTPUT_FILE
-
-    path = os.path.join(folder, OUTPUT_FILE)
+    path = os.path.join(folder, ROBUSTNESS_FILE)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"--robustness {folder}: no {OUTPUT_FILE} (the --out of a "
+        raise FileNotFoundError(f"--robustness {folder}: no {ROBUSTNESS_FILE} (the --out of a "
                                 "raysky robustness run)")
     with open(path) as handle:
         report = json.load(handle)

@@ -216,7 +216,7 @@ def build_dataset(inputs: Inputs, settings: ScoreSettings, classes: tuple[str, .
         "tta": settings.tta, "extra": inputs.extra,
     }
     if settings.engine == "onnx":
-        from raysky.onnx.runtime import OnnxScoreModel, exported_models
+        from raysky.score.onnx_engine import OnnxScoreModel, exported_models
 
         model_stage, model_kwargs = OnnxScoreModel, {
             **exported_models(settings.segmenter, settings.classifier),

@@ -25,7 +25,8 @@ import pyarrow.compute as pc
 
 from raysky import storage
 from raysky.data.dicom import DicomFacts, decode_dicom, is_dicom
-from raysky.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, encode_png
+from raysky.data.image_errors import ImageDecodeError
+from raysky.data.images import DEFAULT_MAX_PIXELS, decode_image, encode_png
 from raysky.models.runtime import on_torch_thread, set_torch_threads
 from raysky.results.columns import INPUT_FACTS, PROB_PREFIX, model_output_schema
 from raysky.score.output import write_pieces
