@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from raysky.data.archive import read_archive
 from raysky.data.images import decode_image
-from raysky.data.readers import read_archive
 from raysky.inference import LesionPipeline, lesion_mask_input
 from raysky.models import create_classifier, create_segmenter, save_checkpoint
 from raysky.models.preprocess import images_to_tensor, metadata_to_tensors

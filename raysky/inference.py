@@ -109,7 +109,7 @@ class LesionPipeline:
         if segmenter.kind != "segmenter" or classifier.kind != "classifier":
             raise ValueError(
                 f"expected a segmenter and a classifier checkpoint, got {segmenter.kind} and "
-                f"{classifier.kind}; check the order of --segmenter and --classifier"
+                f"{classifier.kind}; check the order of the segmenter and the classifier"
             )
         self.device = select_device(use_gpu)
         self.precision = precision

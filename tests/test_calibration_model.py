@@ -266,7 +266,8 @@ def test_the_pipeline_applies_the_calibration(trained, calibrated, sample_dir, c
 def test_scoring_and_evaluate_carry_the_calibration(trained, calibrated, enlarged, tmp_path):
     from raysky.results import read
     from raysky.results.columns import output_schema
-    from raysky.review.evaluate import evaluate_frame, format_table
+    from raysky.review.evaluate import evaluate_frame
+    from raysky.review.output import format_table
     from raysky.score.stages import (
         INPUT_SCHEMA,
         ScoreModel,

@@ -115,13 +115,12 @@ def test_demo_flags_build_the_settings_they_name():
 
 def test_commands_without_settings_take_their_defaults_from_the_code_they_call():
     from raysky.cli.options import parameter_defaults
-    from raysky.review.report import build_report
+    from raysky.review.settings import ReportOptions
     from raysky.train.calibrate import calibrate_checkpoint
 
-    report = vars(build_parser().parse_args(["report", "--results", "r"]))
-    expected = parameter_defaults(build_report)
-    assert (report["top"], report["max_flagged"], report["title"], report["low_focus"]) == (
-        expected["top_n"], expected["max_flagged"], expected["title"], expected["low_focus"])
+    args = build_parser().parse_args(["report", "--results", "r"])
+    options = settings_from_args(ReportOptions, args, low_focus=args.low_focus)
+    assert options == ReportOptions()
     calibrate = vars(build_parser().parse_args(
         ["calibrate", "--classifier", "c", "--data", "d", "--format", "archive", "--out", "o",
          "--gt-masks"]))

@@ -145,7 +145,7 @@ def test_by_a_results_column_and_a_missing_one(crafted):
     audit = evaluate_frame(tagged, records, by=["classifier_version"])["subgroups"]
     assert {g["group"]: g["n"] for g in audit["groupings"]["classifier_version"]["groups"]} == (
         tagged[tagged["status"] == "ok"]["classifier_version"].value_counts().to_dict())
-    with pytest.raises(ValueError, match=r"--by clinic: no such column") as error:
+    with pytest.raises(ValueError, match=r"by=\['clinic'\]: no such column") as error:
         evaluate_frame(tagged, records, by=["clinic"])
     there = str(error.value).split("columns to group by: ")[1].split(", ")
     assert {"age", "sex", "site", "lesion_id", "skin_tone", "classifier_version"} <= set(there)

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from raysky.audit.attention import artefact_attention, decode_heatmap
+from raysky.audit.attention import artefact_attention, decode_heatmap, resize_heatmap
 from raysky.data.taxonomy import MALIGNANT_CLASSES
 from raysky.metrics.intervals import bootstrap_intervals, proportion_interval
 from raysky.metrics.isic import average_precision, rank_auc
@@ -137,8 +137,6 @@ def _tile(image: np.ndarray, height: int) -> np.ndarray:
 
 def _overlay(rgb: np.ndarray, heat: np.ndarray) -> np.ndarray:
     """The heatmap over the image on a blue-green-red ramp, half transparent."""
-    from raysky.audit.attention import resize_heatmap
-
     h = resize_heatmap(heat, rgb.shape[:2])[..., None]
     ramp = np.concatenate([h, 1 - np.abs(2 * h - 1), 1 - h], axis=2) * 255
     return np.rint(0.5 * rgb + 0.5 * ramp).astype(np.uint8)

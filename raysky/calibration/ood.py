@@ -30,6 +30,9 @@ import numpy as np
 
 from raysky.jsonable import rounded
 
+# raysky.calibration.gate is imported where an image method needs it: it loads torch, and the
+# command line reads METHODS from this module while `raysky --help` runs.
+
 METHODS: tuple[str, ...] = ("imagenet-gate", "mahalanobis", "energy")
 DEFAULT_METHOD = "imagenet-gate"
 IMAGE_METHODS: tuple[str, ...] = ("imagenet-gate",)

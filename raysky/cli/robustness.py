@@ -8,7 +8,7 @@ import argparse
 from raysky.audit.artefacts import parse_kinds
 from raysky.cli.options import add_setting, settings_from_args
 from raysky.cli.tracking import add_tracking_flags, open_tracking
-from raysky.data.readers import FORMATS
+from raysky.data.records import FORMATS
 from raysky.score.settings import RobustnessSettings
 
 

@@ -81,7 +81,7 @@ def register(subparsers) -> None:
 
 def run_score(args: argparse.Namespace) -> int:
     """Run ``raysky score``."""
-    from raysky.score import score_archive
+    from raysky.score.pipeline import score_archive
 
     summary = score_archive(settings_from_args(ScoreSettings, args))
     print(json.dumps(summary.to_dict(), indent=2) if args.json else summary.format())

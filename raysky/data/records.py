@@ -32,11 +32,14 @@ class LesionRecord:
 
 RECORD_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(LesionRecord))
 
+FORMATS: tuple[str, ...] = ("ham10000", "isic2018", "isic2019", "archive")
+"""Dataset layouts understood by :func:`raysky.data.readers.read_dataset`."""
+
 
 @dataclass(frozen=True)
 class DatasetRef:
     """A dataset as every command names it: ``uri`` (a local folder or ``s3://`` prefix), its
-    ``format`` (one of :data:`raysky.data.readers.FORMATS`), the ``metadata`` CSV an
+    ``format`` (one of :data:`FORMATS`), the ``metadata`` CSV an
     ``archive`` takes its labels and metadata from, and optionally one ``split`` of it (see
     :func:`raysky.data.splits.read_split`)."""
 

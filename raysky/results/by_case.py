@@ -80,7 +80,7 @@ def cases(source: str | pd.DataFrame, by: str = "lesion_id") -> pd.DataFrame:
     if frame.empty or frame[by].isna().all():
         where = source if isinstance(source, str) else "the results"
         raise ValueError(f"no image in {where} has a {by}: score with a manifest or a "
-                         f"--metadata CSV that has a {by} column")
+                         f"metadata CSV that has a {by} column")
     # An image without a case value is a case of its own, never dropped.
     key = frame[by].astype(object).where(frame[by].notna(), "\0image:" + frame["image_id"])
     rows = [_case(group, by) for _key, group in frame.groupby(key, sort=False)]

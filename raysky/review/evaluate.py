@@ -29,10 +29,12 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pandas as pd
 
+from raysky.calibration.decision import decision_metrics
 from raysky.data.image_errors import ImageDecodeError
 from raysky.data.images import decode_mask, load_mask
 from raysky.data.readers import metadata_frame
-from raysky.data.records import LesionRecord
+from raysky.data.records import DatasetRef, LesionRecord
+from raysky.data.splits import read_split
 from raysky.data.taxonomy import order_classes
 from raysky.results.columns import result_classes
 from raysky.results.ground_truth import join_ground_truth
@@ -41,7 +43,7 @@ from raysky.review.calibration_audit import (
     calibration_figures,
     checkpoint_calibration_for,
 )
-from raysky.review.inputs import read_ground_truth, read_results, results_columns
+from raysky.review.inputs import read_results, results_columns
 from raysky.review.settings import LOW_FOCUS_THRESHOLD
 from raysky.review.task_metrics import (
     class_probabilities,
@@ -90,8 +92,6 @@ def evaluate_frame(frame: pd.DataFrame, records: Sequence[LesionRecord],
         out["classification"]["classes_not_predicted"] = [
             c for c in classes if c not in model_classes]
         if "predicted_class" in labelled.columns:
-            from raysky.calibration.decision import decision_metrics
-
             # ISIC's balanced accuracy is of the probabilities' argmax; with a calibration's
             # decision offsets, predicted_class differs from it, and this is its figure.
             out["classification"]["decision"] = decision_metrics(
@@ -129,8 +129,20 @@ def evaluate_frame(frame: pd.DataFrame, records: Sequence[LesionRecord],
     return out
 
 
-def evaluate(results_uri: str, data_uri: str, format: str, metadata_uri: str | None = None,
-             split: str | None = None, low_focus: float = LOW_FOCUS_THRESHOLD,
+def evaluate_against(frame: pd.DataFrame, dataset: DatasetRef,
+                     low_focus: float = LOW_FOCUS_THRESHOLD, classifier_uri: str | None = None,
+                     by: Sequence[str] = ()) -> tuple[dict, list[LesionRecord]]:
+    """:func:`evaluate_frame` of ``frame`` against ``dataset`` (its split, by
+    :func:`raysky.data.splits.read_split`), with the calibration of ``classifier_uri`` and the
+    dataset's metadata file for ``by``: what ``raysky evaluate`` and the report both compute.
+    Returns the metrics and the ground-truth records."""
+    records = read_split(dataset)
+    calibration = checkpoint_calibration_for(frame, classifier_uri) if classifier_uri else None
+    metadata = metadata_frame(dataset.uri, dataset.format, dataset.metadata) if by else None
+    return evaluate_frame(frame, records, low_focus, calibration, by, metadata), records
+
+
+def evaluate(results_uri: str, dataset: DatasetRef, low_focus: float = LOW_FOCUS_THRESHOLD,
              classifier_uri: str | None = None, by: Sequence[str] = ()) -> dict:
     """Read results and ground truth (local or ``s3://``) and compute every metric.
 
@@ -141,14 +153,10 @@ def evaluate(results_uri: str, data_uri: str, format: str, metadata_uri: str | N
     """
     columns = [name for name in results_columns(results_uri) if name != "heatmap_png"]
     frame = read_results(results_uri, columns)
-    records = read_ground_truth(data_uri, format, metadata_uri, split)
-    calibration = checkpoint_calibration_for(frame, classifier_uri) if classifier_uri else None
-    metadata = metadata_frame(data_uri, format, metadata_uri) if by else None
-    metrics = evaluate_frame(frame, records, low_focus, calibration, by, metadata)
+    metrics, _records = evaluate_against(frame, dataset, low_focus, classifier_uri, by)
     if metrics["coverage"]["matched"] == 0:
         raise ValueError(
-            f"no result in {results_uri} matches an image of {data_uri} ({format}); examples: "
-            f"results {metrics['coverage']['examples_without_ground_truth'][:3]}, ground truth "
-            f"{metrics['coverage']['examples_without_results'][:3]}")
-    return {"results": str(results_uri), "data": str(data_uri), "format": format,
-            **({"split": split} if split else {}), **metrics}
+            f"no result in {results_uri} matches an image of {dataset.uri} ({dataset.format}); "
+            f"examples: results {metrics['coverage']['examples_without_ground_truth'][:3]}, "
+            f"ground truth {metrics['coverage']['examples_without_results'][:3]}")
+    return {"results": str(results_uri), **dataset.describe(), **metrics}

@@ -10,10 +10,7 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-from raysky import storage
 from raysky.data.ids import normalize_id, suffixed_ids
-from raysky.data.readers import read_dataset, read_isic2018
-from raysky.data.records import LesionRecord
 from raysky.results import reader
 from raysky.results.columns import PROB_PREFIX, result_classes
 
@@ -54,24 +51,3 @@ def read_results(uri: str, columns: Sequence[str] | None = None,
     frame["image_id"] = frame["image_id"].map(normalize_id)
     result_classes(frame, uri)  # validates the class columns early, with the URI in the error
     return frame.reset_index(drop=True)
-
-
-def read_ground_truth(uri: str, format: str, metadata_uri: str | None = None,
-                      split: str | None = None) -> list[LesionRecord]:
-    """Ground-truth records from any supported layout, optionally one split of them.
-
-    ``split`` picks an ISIC 2018 split (Training, Validation, Test) for ``isic2018``, and for
-    the other layouts a split of the ``splits.csv`` at the dataset root (train, val, test), so
-    figures can be restricted to images the model never trained on.
-    """
-    if split is not None and str(format).lower() == "isic2018":
-        return read_isic2018(uri, split)
-    records = read_dataset(uri, format, metadata_uri)
-    if split is None:
-        return records
-    from raysky.data.splits import SPLIT_FILE, select_split
-
-    split_uri = storage.join(uri, SPLIT_FILE)
-    if not storage.exists(split_uri):
-        raise ValueError(f"--split {split} needs {split_uri} (image_id,split), which does not exist")
-    return select_split(records, split_uri, split)

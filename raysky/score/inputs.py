@@ -11,6 +11,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from raysky import storage
+from raysky.data.archive import join_metadata, list_archive
+from raysky.data.manifest import SOURCE, is_manifest_uri, read_manifest
+from raysky.data.records import LesionRecord
 from raysky.results import reader
 from raysky.results.columns import model_output_schema, output_schema
 from raysky.score import stages
@@ -60,9 +63,6 @@ def _metadata_columns(ids: list[str], metadata_uri: str, paths: list[str] | None
                       source: str = "metadata") -> dict[str, list]:
     """Age, sex, site (with their source), lesion and patient of ``ids`` from a metadata
     CSV, joined by the archive reader's own rules."""
-    from raysky.data.readers import join_metadata
-    from raysky.data.records import LesionRecord
-
     records = join_metadata([LesionRecord(image_id=i, image_uri="") for i in ids], metadata_uri,
                             paths)
     columns = {name: [getattr(r, name) for r in records]
@@ -74,8 +74,6 @@ def _metadata_columns(ids: list[str], metadata_uri: str, paths: list[str] | None
 
 def _archive_table(uri: str, metadata_uri: str | None, existing: pa.Table | None) -> pa.Table:
     """The inputs under a raw prefix, their metadata, and a ``read_error`` for unsafe names."""
-    from raysky.data.archive import list_archive
-
     listing = list_archive(uri, kept=lambda uris: kept_ids(existing, uris))
     columns: dict[str, list] = {"image_id": listing.image_ids, "source_uri": listing.uris}
     if metadata_uri is not None:
@@ -94,8 +92,6 @@ def _manifest_table(uri: str, metadata_uri: str | None,
                     existing: pa.Table | None) -> tuple[pa.Table, pa.Schema]:
     """A manifest's rows as decode-stage input, its own columns last; ``metadata_uri`` fills
     what the manifest leaves empty."""
-    from raysky.data.manifest import SOURCE, read_manifest
-
     table = read_manifest(uri, kept=lambda uris: kept_ids(existing, uris))
     manifest, extra = table.table, table.extra
     clashing = [name for name in extra.names if name in _RESERVED]
@@ -141,8 +137,6 @@ def list_inputs(uri: str, metadata_uri: str | None = None, done: pa.Array | None
     and ``source_uri``) keeps the ids of inputs already there. For packed shards, only the
     ``image_id`` column is read here; the bytes stay in the shards for the workers.
     """
-    from raysky.data.manifest import is_manifest_uri
-
     done = done if done is not None else pa.array([], pa.string())
     if is_manifest_uri(uri) and not is_packed(uri):
         table, extra = _manifest_table(uri, metadata_uri, existing)
@@ -186,9 +180,6 @@ def _shard_metadata(ids: list[str], metadata_uri: str) -> pa.Table:
     """Metadata for shard rows, joined by the archive reader's own rules."""
     # The archive reader's join (id column names, ids with or without extension) is reused so
     # packed and raw input resolve metadata identically.
-    from raysky.data.readers import join_metadata
-    from raysky.data.records import LesionRecord
-
     records = join_metadata([LesionRecord(image_id=i, image_uri="") for i in ids], metadata_uri)
     return pa.table({"image_id": ids, **{name: [getattr(r, name) for r in records]
                                          for name in stages.METADATA_FIELDS}})

@@ -34,12 +34,14 @@ from raysky.data.image_errors import ImageDecodeError
 from raysky.data.images import load_mask, load_rgb
 from raysky.data.records import LesionRecord
 from raysky.data.skin_tone import fit_mask
+from raysky.data.splits import read_split
 from raysky.inference import binary_mask, segment_probabilities
+from raysky.jsonable import write_json
 from raysky.models.checkpoint import load_checkpoint
 from raysky.progress import Progress
-from raysky.review.evaluate import read_ground_truth, write_json
 from raysky.score.pipeline import score_archive
 from raysky.score.settings import RobustnessSettings, ScoreSettings
+from raysky.settings import ParameterError
 
 MARKER = "_raysky_robustness.json"
 CLEAN = "clean"
@@ -52,12 +54,12 @@ def _claim_output(settings: RobustnessSettings) -> None:
     """Make ``out`` ours: new, empty, or an earlier run's (whose files go if it differs)."""
     out = settings.out
     if storage.is_s3(out):
-        raise ValueError(f"--out {out}: robustness writes its image folders locally; give a "
-                         "local folder")
+        raise ParameterError("out", out, "robustness writes its image folders locally; give a "
+                             "local folder")
     marker = os.path.join(out, MARKER)
     if os.path.isdir(out) and os.listdir(out) and not os.path.exists(marker):
-        raise ValueError(f"--out {out} holds files that raysky robustness did not write; give "
-                         "a new or empty folder")
+        raise ParameterError("out", out, "holds files that raysky robustness did not write; give "
+                             "a new or empty folder")
     if os.path.exists(marker):
         with open(marker) as fh:
             same = json.load(fh) == settings.identity()
@@ -180,9 +182,8 @@ def run_robustness(settings: RobustnessSettings) -> dict:
     ``settings.out`` and returns the same dict."""
     settings.artefacts = parse_kinds(settings.artefacts)
     if settings.limit is not None and settings.limit < 1:
-        raise ValueError(f"--limit must be at least 1, got {settings.limit}")
-    records = _select(read_ground_truth(settings.data, settings.format, settings.metadata,
-                                        settings.split), settings.limit, settings.seed)
+        raise ParameterError("limit", settings.limit, "must be at least 1")
+    records = _select(read_split(settings.dataset()), settings.limit, settings.seed)
     if not records:
         raise ValueError(f"{settings.data}: no images to test")
     _claim_output(settings)

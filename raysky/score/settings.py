@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from raysky import storage
 from raysky.audit.artefacts import ARTEFACT_KINDS
 from raysky.data.images import DEFAULT_MAX_PIXELS
+from raysky.data.records import DatasetRef
 from raysky.models.runtime import PRECISIONS
 from raysky.score import lock as output_lock
 from raysky.settings import TTA_HELP, same_as, setting
@@ -125,6 +126,10 @@ class RobustnessSettings:
     gpus_per_worker: float = same_as(ScoreSettings, "gpus_per_worker")
     ray_address: str | None = same_as(ScoreSettings, "ray_address")
     progress: bool = same_as(ScoreSettings, "progress")
+
+    def dataset(self) -> DatasetRef:
+        """The dataset the images come from, with its split."""
+        return DatasetRef(self.data, self.format, self.metadata, self.split)
 
     def identity(self) -> dict:
         """What decides the images and results: a run with the same identity may resume."""
