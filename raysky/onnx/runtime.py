@@ -26,7 +26,7 @@ from raysky.onnx.export import (
 )
 
 NO_AUTOGRAD = ("an ONNX Runtime model has no gradients, so it cannot compute Grad-CAM; score "
-               "with heatmaps off (raysky score --engine onnx --no-heatmaps)")
+               "with heatmaps off (heatmaps=False)")
 
 
 def _feed(tensor: torch.Tensor, dtype) -> np.ndarray:

@@ -105,8 +105,8 @@ def _pool(settings: ScoreSettings):
             # The pool would hold every CPU and the decode/encode tasks feeding it could never run.
             raise ValueError(
                 f"{settings.workers} model worker(s) x {settings.cpus_per_worker} CPU leave none of "
-                f"the cluster's {resources.get('CPU', 0):g} CPUs for decoding; lower --workers or "
-                "--cpus-per-worker, or leave --workers unset to size the pool automatically")
+                f"the cluster's {resources.get('CPU', 0):g} CPUs for decoding; lower workers or "
+                "cpus_per_worker, or leave workers unset to size the pool automatically")
         return ActorPoolStrategy(size=settings.workers)
     if settings.gpus_per_worker > 0:
         fit = resources.get("GPU", 0) / settings.gpus_per_worker
