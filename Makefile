@@ -30,6 +30,7 @@ chromium:
 
 lint: venv
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 test: venv lint .venv-isic/.installed chromium
 	$(BIN)/pytest -q -p no:cacheprovider

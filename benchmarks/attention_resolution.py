@@ -26,11 +26,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from raysky.data.images import load_mask, load_rgb  # noqa: E402
+from raysky.data.records import DatasetRef  # noqa: E402
+from raysky.data.splits import read_split  # noqa: E402
 from raysky.explain.gradcam import GradCAMExplainer, lesion_focus  # noqa: E402
 from raysky.inference import lesion_mask_input, segment_probabilities  # noqa: E402
 from raysky.models.checkpoint import load_checkpoint  # noqa: E402
 from raysky.models.preprocess import metadata_to_tensors, model_input  # noqa: E402
-from raysky.review.inputs import read_ground_truth  # noqa: E402
 
 
 def stage_layers(encoder: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -74,7 +75,7 @@ def main() -> int:
     seg = load_checkpoint(args.segmenter, "segmenter")
     cls = load_checkpoint(args.classifier, "classifier")
     model = cls.model.eval()
-    records = [r for r in read_ground_truth(args.data, args.format, split=args.split) if r.mask_uri]
+    records = [r for r in read_split(DatasetRef(args.data, args.format, split=args.split)) if r.mask_uri]
     records = sorted(records, key=lambda r: r.image_id)[: args.limit]
     layers = {"last map (raysky)": None, **{k: v for k, v in
                                            stage_layers(model.full_encoder).items()

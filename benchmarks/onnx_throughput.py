@@ -31,14 +31,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from raysky.data.archive import read_archive
 from raysky.data.images import decode_image
-from raysky.data.readers import read_archive
 from raysky.inference import LesionPipeline, lesion_mask_input
 from raysky.models import create_classifier, create_segmenter, save_checkpoint
 from raysky.models.preprocess import images_to_tensor, metadata_to_tensors
 from raysky.models.runtime import set_torch_threads
 from raysky.onnx.export import export_checkpoint
-from raysky.onnx.runtime import onnx_pipeline
+from raysky.score.onnx_engine import onnx_pipeline
 
 
 def images_per_second(runs: list[Callable[[], None]], images: int, repeats: int) -> list[float]:

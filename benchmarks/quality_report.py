@@ -22,10 +22,11 @@ import pandas as pd
 from PIL import Image
 
 from raysky.data.images import load_mask
+from raysky.data.records import DatasetRef
+from raysky.data.splits import read_split
 from raysky.metrics.intervals import bootstrap_intervals
 from raysky.metrics.isic import balanced_accuracy, jaccard_score, macro_auc, thresholded_jaccard
 from raysky.results import read as read_results
-from raysky.review.inputs import read_ground_truth
 
 TRAIN_COUNTS = {"mel": 843, "nv": 5186, "bcc": 377, "akiec": 217, "bkl": 832, "df": 59, "vasc": 84}
 """Images per class of the shared split's train side, the prior the checkpoints record."""
@@ -34,7 +35,7 @@ KEYS = ("balanced_accuracy", "balanced_accuracy_offsets", "auc", "threshold_jacc
 
 
 def _ground_truth(data: str, format: str) -> pd.DataFrame:
-    records = read_ground_truth(data, format, split="val")
+    records = read_split(DatasetRef(data, format, split="val"))
     return pd.DataFrame({"image_id": [r.image_id for r in records],
                          "label": [r.label for r in records],
                          "lesion_id": [r.lesion_id or r.image_id for r in records],

@@ -39,8 +39,8 @@ import torch
 from PIL import Image
 
 from raysky import storage
+from raysky.data.archive import read_archive
 from raysky.data.images import encode_png
-from raysky.data.readers import read_archive
 from raysky.models import create_classifier, create_segmenter, load_checkpoint, save_checkpoint
 from raysky.models.preprocess import images_to_tensor, metadata_to_tensors, resize_map
 from raysky.models.runtime import set_torch_threads

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from raysky.audit.skin_tone import ita_degrees, skin_tone_category
 from raysky.calibration.decision import decide, describe_decision, offsets_vector
 from raysky.calibration.ood import OODScorer
 from raysky.calibration.referral import refer
+from raysky.data.skin_tone import ita_degrees, skin_tone_category
 from raysky.data.taxonomy import malignant_indices
 from raysky.explain.gradcam import GradCAMExplainer, lesion_focus
 from raysky.models.checkpoint import LoadedModel, load_checkpoint
@@ -95,7 +95,7 @@ class LesionPrediction:
     refer: bool | None = None  # malignant_prob at or above the referral threshold
     ood_score: float | None = None  # higher: less like the calibration images
     ood: bool | None = None  # ood_score above the threshold (advice, not an error)
-    # Skin tone of the skin outside the predicted lesion (raysky.audit.skin_tone); None when
+    # Skin tone of the skin outside the predicted lesion (raysky.data.skin_tone); None when
     # too little skin is usable or a colour cast makes the angle implausible
     ita_deg: float | None = None
     skin_tone: str | None = None
@@ -109,7 +109,7 @@ class LesionPipeline:
         if segmenter.kind != "segmenter" or classifier.kind != "classifier":
             raise ValueError(
                 f"expected a segmenter and a classifier checkpoint, got {segmenter.kind} and "
-                f"{classifier.kind}; check the order of --segmenter and --classifier"
+                f"{classifier.kind}; check the order of the segmenter and the classifier"
             )
         self.device = select_device(use_gpu)
         self.precision = precision

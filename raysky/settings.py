@@ -60,3 +60,21 @@ def same_as(settings_class: type, name: str, default: Any = dataclasses.MISSING)
 TTA_HELP = ("test-time augmentation: average the models over the four flips of each image "
             "(4x the model work; Grad-CAM explains the unflipped view)")
 """Scoring and serving run the same test-time augmentation (:class:`raysky.inference.LesionPipeline`)."""
+
+
+class ParameterError(ValueError):
+    """A value a caller gave that cannot work, naming the parameter it came in.
+
+    Below :mod:`raysky.cli` errors speak in Python parameter names (``split='test': needs
+    ...``); the command line says the same with its flag (``--split test: needs ...``, see
+    :func:`raysky.cli.main.main`), so neither reader meets the other's vocabulary.
+    """
+
+    def __init__(self, parameter: str, value: Any, problem: str):
+        self.parameter, self.value, self.problem = parameter, value, problem
+        super().__init__(f"{parameter}={value!r}: {problem}")
+
+    def with_flag(self, flag: str) -> str:
+        """The message as the command line says it, with ``flag`` for the parameter."""
+        value = ",".join(map(str, self.value)) if isinstance(self.value, list | tuple) else self.value
+        return f"{flag} {value}: {self.problem}"

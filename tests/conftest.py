@@ -98,7 +98,7 @@ EXTRA_ID = "ISIC_9999999"  # a result with no ground truth
 
 def results_schema(classes, with_heatmap: bool = True) -> pa.Schema:
     """The Parquet schema of ``raysky score`` results: the scorer's own definition."""
-    from raysky.score.schema import output_schema
+    from raysky.results.columns import output_schema
 
     return output_schema(classes, with_heatmap)
 

@@ -12,9 +12,9 @@ from skimage import color as skimage_color
 
 from raysky.audit.artefacts import ARTEFACT_KINDS, add_artefact, parse_kinds, protected_region
 from raysky.audit.attention import artefact_attention
-from raysky.audit.skin_tone import ita_degrees, skin_tone_category, srgb_to_lab
 from raysky.audit.subgroups import age_band, audit_table, format_subgroups, subgroup_audit, too_few
 from raysky.data import load_mask, load_rgb, read_ham10000
+from raysky.data.skin_tone import ita_degrees, skin_tone_category, srgb_to_lab
 from raysky.metrics.intervals import bootstrap_interval
 from raysky.metrics.isic import rank_auc
 

@@ -21,7 +21,7 @@ from raysky.cli.main import main
 from raysky.metrics.intervals import proportion_interval
 from raysky.metrics.isic import sensitivity_specificity
 from raysky.metrics.reliability import brier_score, expected_calibration_error
-from raysky.score.schema import output_schema
+from raysky.results.columns import output_schema
 
 
 def _synthetic(temperature: float, n: int = 20000, classes: int = 7, seed: int = 0):

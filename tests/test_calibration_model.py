@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from raysky.calibration.collect import collect_outputs
 from raysky.calibration.ood import OODScorer, fit_ood
 from raysky.calibration.temperature import fit_temperature, softmax
 from raysky.cli.main import main
@@ -36,6 +35,7 @@ from raysky.inference import LesionPipeline, classifier_outputs
 from raysky.metrics.reliability import expected_calibration_error
 from raysky.models import create_classifier, create_segmenter, load_checkpoint, save_checkpoint
 from raysky.models.preprocess import images_to_tensor, masks_to_tensor, metadata_to_tensors
+from raysky.train.calibrate import collect_outputs
 
 CLASSES = ("mel", "nv", "bcc", "akiec", "bkl", "df", "vasc")
 FLIPS = ((), (-1,), (-2,), (-2, -1))
@@ -265,8 +265,9 @@ def test_the_pipeline_applies_the_calibration(trained, calibrated, sample_dir, c
 
 def test_scoring_and_evaluate_carry_the_calibration(trained, calibrated, enlarged, tmp_path):
     from raysky.results import read
-    from raysky.review.evaluate import evaluate_frame, format_table
-    from raysky.score.schema import output_schema
+    from raysky.results.columns import output_schema
+    from raysky.review.evaluate import evaluate_frame
+    from raysky.review.output import format_table
     from raysky.score.stages import (
         INPUT_SCHEMA,
         ScoreModel,
@@ -291,8 +292,8 @@ def test_scoring_and_evaluate_carry_the_calibration(trained, calibrated, enlarge
     plain, cal = tables["plain"], tables["calibrated"]
     assert plain[["refer", "ood", "ood_score", "calibration_version"]].isna().all().all()
     # Skin tone, calibrated or not: the ITA of each image outside its own stored mask.
-    from raysky.audit.skin_tone import ita_degrees, skin_tone_category
     from raysky.data.images import decode_mask, load_rgb
+    from raysky.data.skin_tone import ita_degrees, skin_tone_category
 
     measured = 0
     for row in plain.itertuples():

@@ -11,7 +11,7 @@ import pytest
 
 from raysky import results
 from raysky.cli.main import main
-from raysky.score.schema import output_schema
+from raysky.results.columns import output_schema
 
 CLASSES = ("mel", "nv")
 
@@ -83,7 +83,7 @@ def test_cases_refuse_other_columns_and_results_without_case_ids(scored, tmp_pat
                              "prob_nv": [1.0], "malignant_prob": [0.0]}), old / "part-0.parquet")
     # Results from before lesion ids were recorded: the column reads as null.
     with pytest.raises(ValueError, match=r"no image in .* has a lesion_id: score with a manifest "
-                                         "or a --metadata CSV that has a lesion_id column"):
+                                         "or a metadata CSV that has a lesion_id column"):
         results.cases(str(old))
 
 

@@ -101,10 +101,10 @@ def test_a_finished_run_that_still_has_transient_errors_exits_75(tiny_checkpoint
     done for now, but worth running again."""
     from conftest import result_row
 
+    from raysky.results.columns import output_schema
     from raysky.score import ScoreSettings
     from raysky.score.output import check_run_config
     from raysky.score.pipeline import RUN_CONFIG, _model_facts
-    from raysky.score.schema import output_schema
 
     ids = _archive(sample_dir, tmp_path / "archive")
     output = tmp_path / "results"

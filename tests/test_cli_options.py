@@ -10,10 +10,10 @@ from dataclasses import MISSING, dataclass
 
 import pytest
 
-from raysky.audit.robustness import RobustnessSettings
 from raysky.cli.main import build_parser, main
 from raysky.cli.options import SETTING_DESTS, add_setting, settings_defaults, settings_from_args
 from raysky.score.pipeline import ScoreSettings
+from raysky.score.settings import RobustnessSettings
 from raysky.serve.config import ServeSettings
 from raysky.settings import setting, setting_help
 from raysky.train.settings import TrainSettings
@@ -114,14 +114,13 @@ def test_demo_flags_build_the_settings_they_name():
 
 
 def test_commands_without_settings_take_their_defaults_from_the_code_they_call():
-    from raysky.calibration.collect import calibrate_checkpoint
     from raysky.cli.options import parameter_defaults
-    from raysky.review.report import build_report
+    from raysky.review.settings import ReportOptions
+    from raysky.train.calibrate import calibrate_checkpoint
 
-    report = vars(build_parser().parse_args(["report", "--results", "r"]))
-    expected = parameter_defaults(build_report)
-    assert (report["top"], report["max_flagged"], report["title"], report["low_focus"]) == (
-        expected["top_n"], expected["max_flagged"], expected["title"], expected["low_focus"])
+    args = build_parser().parse_args(["report", "--results", "r"])
+    options = settings_from_args(ReportOptions, args, low_focus=args.low_focus)
+    assert options == ReportOptions()
     calibrate = vars(build_parser().parse_args(
         ["calibrate", "--classifier", "c", "--data", "d", "--format", "archive", "--out", "o",
          "--gt-masks"]))

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from raysky.data import read_dataset
-from raysky.local.demo import held_out_split
+from raysky.data.splits import per_class_split
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_TIMEOUT_S = 600
@@ -91,7 +91,7 @@ def test_held_out_split_is_lesion_disjoint_and_keeps_every_class_in_test(sample_
         writer.writeheader()
         writer.writerows(rows)
     records = read_dataset(str(sample_copy), "ham10000")
-    splits = held_out_split(records, per_class=(1, 1))
+    splits = per_class_split(records, per_class=(1, 1))
     assert set(splits) == {r.image_id for r in records}
     lesion_splits = defaultdict(set)
     for record in records:
@@ -103,5 +103,5 @@ def test_held_out_split_is_lesion_disjoint_and_keeps_every_class_in_test(sample_
 
 def test_held_out_split_of_the_bundled_sample(sample_dir):
     records = read_dataset(str(sample_dir), "ham10000")
-    counts = Counter(held_out_split(records).values())
+    counts = Counter(per_class_split(records).values())
     assert counts == {"train": 21, "val": 7, "test": 7}

@@ -15,7 +15,8 @@ from PIL import Image
 
 from raysky import results
 from raysky.data.dicom import decode_dicom, dicom_site, header_facts, is_dicom, parse_patient_age
-from raysky.data.images import ImageDecodeError, decode_image, load_rgb
+from raysky.data.image_errors import ImageDecodeError
+from raysky.data.images import decode_image, load_rgb
 from raysky.data.records import LesionRecord
 from raysky.score import ScoreSettings, score_archive
 

@@ -28,9 +28,13 @@ from conftest import (
 
 from raysky import storage
 from raysky.cli.main import main
+from raysky.data.records import DatasetRef
 from raysky.data.taxonomy import HAM10000_CLASSES, ISIC_COLUMN_NAMES, MALIGNANT_CLASSES
 from raysky.metrics.isic import auc_above_sensitivity, average_precision, sensitivity_specificity
-from raysky.review.evaluate import evaluate, focus_statistics, format_table, read_results
+from raysky.review.evaluate import evaluate
+from raysky.review.inputs import read_results
+from raysky.review.output import format_table
+from raysky.review.task_metrics import focus_statistics
 
 REPO = Path(__file__).resolve().parents[1]
 ISIC_PYTHON = REPO / ".venv-isic" / "bin" / "python"
@@ -190,7 +194,7 @@ def test_evaluate_reads_s3_and_partitioned_results(synthetic, sample_dir, s3, ev
     bucket = s3.create_bucket("evaluate-test")
     upload_directory(str(sample_dir), f"{bucket}/sample")
     write_results(f"{bucket}/results", rows, HAM10000_CLASSES, parts=3)
-    remote = evaluate(f"{bucket}/results", f"{bucket}/sample", "ham10000")
+    remote = evaluate(f"{bucket}/results", DatasetRef(f"{bucket}/sample", "ham10000"))
     _, local = evaluated
     assert remote["coverage"] == local["coverage"]
     assert remote["classification"]["confusion_matrix"] == local["classification"]["confusion_matrix"]
@@ -213,7 +217,7 @@ def test_evaluate_extends_classes_the_model_lacks(sample_dir, tmp_path):
         row.pop("prob_vasc", None)
     path = tmp_path / "results.parquet"
     write_results(str(path), rows, classes)
-    metrics = evaluate(str(path), str(sample_dir), "ham10000")
+    metrics = evaluate(str(path), DatasetRef(str(sample_dir), "ham10000"))
     cls = metrics["classification"]
     assert metrics["model_classes"] == classes
     assert cls["classes"] == list(HAM10000_CLASSES)
@@ -263,7 +267,7 @@ def test_evaluate_reports_bad_input_clearly(sample_dir, synthetic, tmp_path, cap
 
     assert main(["evaluate", "--results", str(path), "--data", str(sample_dir),
                  "--format", "ham10000", "--split", "test"]) == 2
-    assert "--split test needs" in capsys.readouterr().err
+    assert "--split test: needs" in capsys.readouterr().err
 
 
 def test_split_restricts_the_figures_to_held_out_images(synthetic, sample_copy):
@@ -273,10 +277,10 @@ def test_split_restricts_the_figures_to_held_out_images(synthetic, sample_copy):
     lines = ["image_id,split"] + [f"{r.image_id},{'test' if r.image_id in held_out else 'train'}"
                                   for r in records]
     (sample_copy / "splits.csv").write_text("\n".join(lines) + "\n")
-    metrics = evaluate(str(path), str(sample_copy), "ham10000", split="test")
+    metrics = evaluate(str(path), DatasetRef(str(sample_copy), "ham10000", split="test"))
     assert metrics["split"] == "test"
     assert metrics["classification"]["n"] == len(scored & set(held_out)) > 0
-    everything = evaluate(str(path), str(sample_copy), "ham10000")
+    everything = evaluate(str(path), DatasetRef(str(sample_copy), "ham10000"))
     assert everything["classification"]["n"] == len(scored)
 
 

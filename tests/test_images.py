@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from raysky.data.image_errors import ImageDecodeError
 from raysky.data.images import (
     DEFAULT_MAX_PIXELS,
-    ImageDecodeError,
     decode_image,
     decode_mask,
     encode_png,

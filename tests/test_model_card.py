@@ -12,7 +12,8 @@ import torch
 
 from raysky.cli.main import main
 from raysky.models import create_classifier, load_checkpoint, save_checkpoint
-from raysky.models.card import SECTIONS, build_card, render_markdown, update_card
+from raysky.models.card import SECTIONS, build_card, render_markdown
+from raysky.models.checkpoint import update_card
 
 # What raysky train records in a checkpoint's ``extra`` (see raysky.train.loops.write_checkpoint).
 TRAINING_EXTRA = {

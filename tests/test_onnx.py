@@ -30,7 +30,8 @@ from raysky.onnx.export import (
     read_metadata,
     session,
 )
-from raysky.onnx.runtime import NO_AUTOGRAD, onnx_pipeline
+from raysky.onnx.runtime import NO_AUTOGRAD
+from raysky.score.onnx_engine import onnx_pipeline
 
 CALIBRATION = {"version": "cal-onnxtest0001", "temperature": 1.7,
                "referral": {"threshold": 0.2, "sensitivity": 0.95, "specificity": 0.5},

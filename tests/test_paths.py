@@ -15,8 +15,8 @@ from PIL import Image
 from raysky import storage
 from raysky.cli.main import main
 from raysky.data.records import LesionRecord
+from raysky.results.columns import output_schema
 from raysky.score.export import export_results
-from raysky.score.schema import output_schema
 from raysky.train.masks import mask_uri, segmenter_masks
 
 CLASSES = ("mel", "nv")

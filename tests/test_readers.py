@@ -22,7 +22,7 @@ from raysky.data import (
     read_isic2019,
     records_to_frame,
 )
-from raysky.data.readers import archive_image_id
+from raysky.data.ids import archive_image_id
 from raysky.data.records import RECORD_FIELDS
 from raysky.data.taxonomy import HAM10000_CLASSES, ISIC_COLUMN_NAMES
 from raysky.storage import upload_directory

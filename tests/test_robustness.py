@@ -15,9 +15,10 @@ from PIL import Image
 
 from raysky.audit.artefacts import protected_region
 from raysky.audit.paired import compare, example_strip
-from raysky.audit.robustness import RobustnessSettings, _claim_output, _select, prepare_folders
 from raysky.cli.main import main
 from raysky.data import load_mask, read_archive, read_ham10000
+from raysky.score.robustness import _claim_output, _select, prepare_folders
+from raysky.score.settings import RobustnessSettings
 
 
 def _settings(tmp_path, data, checkpoints=None, **kw) -> RobustnessSettings:

@@ -31,9 +31,9 @@ from raysky.cli.exit_codes import EXIT_TEMPFAIL
 from raysky.cli.main import main
 from raysky.data.images import decode_image
 from raysky.data.taxonomy import ISIC_COLUMN_NAMES, MALIGNANT_CLASSES
+from raysky.results.columns import output_schema
 from raysky.score import ScoreSettings, score_archive, stages
 from raysky.score.output import check_run_config, split_table
-from raysky.score.schema import output_schema
 from raysky.storage import upload_directory
 
 REPO = Path(__file__).resolve().parents[1]
@@ -636,7 +636,7 @@ def test_results_written_before_error_kind_still_read(tmp_path):
 
 
 def test_results_from_before_every_added_column_read_in_the_writers_layout(tmp_path):
-    from raysky.score.schema import ADDED_COLUMNS
+    from raysky.results.columns import ADDED_COLUMNS
 
     schema = output_schema(("mel", "nv"), heatmaps=True)
     oldest = pa.schema([f for f in schema if f.name not in ADDED_COLUMNS])

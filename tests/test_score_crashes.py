@@ -24,9 +24,9 @@ import pytest
 from PIL import Image
 
 from raysky import results
+from raysky.results.columns import output_schema
 from raysky.score import inputs as inputs_module
 from raysky.score import pipeline, stages
-from raysky.score.schema import output_schema
 
 REPO = Path(__file__).resolve().parents[1]
 DECODE_MARKER = "raysky-test-decode-crash"

@@ -24,8 +24,8 @@ from PIL import Image
 from skimage import color as skimage_color
 
 from raysky import results
-from raysky.audit.skin_tone import ita_degrees, skin_tone_category
 from raysky.data.images import decode_image, decode_mask
+from raysky.data.skin_tone import ita_degrees, skin_tone_category
 from raysky.inference import LesionPipeline
 
 SKIN_L, SKIN_B = 62.0, 16.0
@@ -108,7 +108,7 @@ def test_too_dark_or_too_small_images_get_null_not_a_number(pipeline, monkeypatc
 
 
 def test_score_rows_carry_the_skin_tone_of_their_own_mask(tiny_checkpoints, tmp_path):
-    from raysky.score.schema import output_schema
+    from raysky.results.columns import output_schema
     from raysky.score.stages import (
         INPUT_SCHEMA,
         ScoreModel,

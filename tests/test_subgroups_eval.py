@@ -13,9 +13,9 @@ import pandas as pd
 import pytest
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
-from raysky.audit.plots import subgroup_section
 from raysky.data.records import LesionRecord
 from raysky.data.taxonomy import MALIGNANT_CLASSES
+from raysky.review.audit_plots import subgroup_section
 from raysky.review.evaluate import evaluate_frame
 
 CLASSES = ["bcc", "mel", "nv"]
@@ -145,7 +145,7 @@ def test_by_a_results_column_and_a_missing_one(crafted):
     audit = evaluate_frame(tagged, records, by=["classifier_version"])["subgroups"]
     assert {g["group"]: g["n"] for g in audit["groupings"]["classifier_version"]["groups"]} == (
         tagged[tagged["status"] == "ok"]["classifier_version"].value_counts().to_dict())
-    with pytest.raises(ValueError, match=r"--by clinic: no such column") as error:
+    with pytest.raises(ValueError, match=r"by=\['clinic'\]: no such column") as error:
         evaluate_frame(tagged, records, by=["clinic"])
     there = str(error.value).split("columns to group by: ")[1].split(", ")
     assert {"age", "sex", "site", "lesion_id", "skin_tone", "classifier_version"} <= set(there)
@@ -187,11 +187,11 @@ def test_one_figure_has_one_interval_in_evaluate_the_report_the_card_and_the_aud
         crafted, tiny_checkpoints):
     """The referral sensitivity and specificity appear in evaluate's calibration section and in
     the subgroup audit's overall row; every place that prints them prints the same text."""
-    from raysky.calibration.plots import reliability_section
     from raysky.metrics.intervals import format_interval
     from raysky.models.card import build_card, render_markdown
     from raysky.models.checkpoint import read_checkpoint_meta
     from raysky.review.output import card_sections, format_table
+    from raysky.review.reliability_plot import reliability_section
 
     records, results, _truth = crafted
     calibration = {"version": "cal-test", "temperature": 1.0, "referral": {"threshold": THRESHOLD}}

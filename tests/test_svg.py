@@ -6,8 +6,8 @@ import re
 
 import numpy as np
 
-from raysky.calibration.plots import reliability_svg
 from raysky.review.pictures import roc_svg
+from raysky.review.reliability_plot import reliability_svg
 from raysky.review.svg import UnitSquare
 
 

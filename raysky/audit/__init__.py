@@ -1,7 +1,9 @@
-"""Clinical audit building blocks: skin tone (ITA), subgroup performance (intervals from
+"""Clinical audit building blocks: subgroup performance (intervals from
 :mod:`raysky.metrics.intervals`), synthetic dermoscopic artefacts, artefact attention, and the
-``raysky robustness`` run.
+paired clean-versus-altered figures that ``raysky robustness`` (:mod:`raysky.score.robustness`)
+reports.
 
-The building blocks are pure numpy/pandas and load no model code; only
-:mod:`raysky.audit.robustness` touches checkpoints and Ray.
+Pure numpy/pandas: nothing here loads a model. Import each name from its module.
 """
+
+__all__: list[str] = []

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 import numpy as np
 from PIL import Image, ImageDraw
 
-from raysky.audit.skin_tone import fit_mask
+from raysky.data.skin_tone import fit_mask
 
 TRAINING_KINDS: tuple[str, ...] = ("ruler", "ink", "bubbles", "hair", "vignette")
 """The kinds training pastes as augmentation (:mod:`raysky.train.augment`)."""

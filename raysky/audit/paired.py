@@ -19,17 +19,20 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from raysky.audit.attention import artefact_attention, decode_heatmap
+from raysky.audit.attention import artefact_attention, decode_heatmap, resize_heatmap
 from raysky.data.taxonomy import MALIGNANT_CLASSES
 from raysky.metrics.intervals import bootstrap_intervals, proportion_interval
 from raysky.metrics.isic import average_precision, rank_auc
+from raysky.results.reader import read
+
+ROBUSTNESS_FILE = "robustness.json"
+"""The report of a ``raysky robustness`` run (:mod:`raysky.score.robustness`) in its ``out``
+folder: these figures, per artefact kind, which ``raysky report --robustness`` reads back."""
 
 
 def read_scored(uri: str, table: pd.DataFrame) -> pd.DataFrame:
     """The ``ok`` results under ``uri``, indexed by the record's image id."""
-    from raysky import results
-
-    frame = results.read(uri)
+    frame = read(uri)
     frame = frame[frame["status"] == "ok"]
     ids = dict(zip(table["file_id"], table["image_id"], strict=True))
     return frame.assign(record_id=frame["image_id"].map(ids)).dropna(
@@ -53,7 +56,7 @@ def compare(clean: pd.DataFrame, altered: pd.DataFrame, table: pd.DataFrame, kin
     """The figures of one artefact kind, over the images scored ok in both folders.
 
     ``clean`` and ``altered`` are :func:`read_scored` frames, ``table`` the rows
-    :func:`raysky.audit.robustness.prepare_folders` wrote (labels, lesion ids), ``out`` the
+    :func:`raysky.score.robustness.prepare_folders` wrote (labels, lesion ids), ``out`` the
     folder holding ``artefact_masks/<kind>/``. ``not_scored`` counts images without an ok row
     on both sides, ``not_placed`` those where the artefact found no skin (left out of the
     attention means, which are over the ``explained`` images).
@@ -134,8 +137,6 @@ def _tile(image: np.ndarray, height: int) -> np.ndarray:
 
 def _overlay(rgb: np.ndarray, heat: np.ndarray) -> np.ndarray:
     """The heatmap over the image on a blue-green-red ramp, half transparent."""
-    from raysky.audit.attention import resize_heatmap
-
     h = resize_heatmap(heat, rgb.shape[:2])[..., None]
     ramp = np.concatenate([h, 1 - np.abs(2 * h - 1), 1 - h], axis=2) * 255
     return np.rint(0.5 * rgb + 0.5 * ramp).astype(np.uint8)

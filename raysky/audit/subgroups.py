@@ -1,7 +1,7 @@
 """Subgroup audit: how well the model does for whom, each figure with a bootstrap interval.
 
 The input is one table of scored images with their ground truth: what
-:func:`raysky.review.evaluate.join_ground_truth` returns (``label`` per row), with the patients'
+:func:`raysky.results.ground_truth.join_ground_truth` returns (``label`` per row), with the patients'
 metadata beside it (:func:`audit_table` builds it from results and dataset records). The
 standard groupings are sex, age band, anatomical site and skin tone (from a ``skin_tone`` or
 ``ita_deg`` column, where the results carry one); ``by`` adds any other column. Per group: n,
@@ -21,8 +21,9 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from raysky.audit.skin_tone import skin_tone_category
+from raysky.data.ids import normalize_id
 from raysky.data.records import LesionRecord
+from raysky.data.skin_tone import skin_tone_category
 from raysky.data.taxonomy import MALIGNANT_CLASSES
 from raysky.metrics.intervals import (
     DEFAULT_LEVEL,
@@ -30,9 +31,12 @@ from raysky.metrics.intervals import (
     bootstrap_intervals,
     count_clusters,
     format_interval,
+    group_rows,
     proportion_interval,
 )
 from raysky.metrics.isic import balanced_accuracy, rank_auc
+from raysky.results.columns import result_classes
+from raysky.results.ground_truth import join_ground_truth
 
 MIN_PER_CLASS = 10
 """Fewer malignant or fewer benign images than this: too few to judge a group."""
@@ -65,13 +69,11 @@ def age_band(age: object) -> str:
 
 
 def audit_table(results: pd.DataFrame, records: Sequence[LesionRecord]) -> pd.DataFrame:
-    """Results joined to ground truth by :func:`raysky.review.evaluate.join_ground_truth`, plus each
+    """Results joined to ground truth by :func:`raysky.results.ground_truth.join_ground_truth`, plus each
     record's ``lesion_id``, ``age``, ``sex`` and ``site`` (the results' own where the record
     has none)."""
     # The id rule join_ground_truth applies to records (an image suffix dropped), so the
     # metadata lands on the rows it joined.
-    from raysky.review.inputs import join_ground_truth, normalize_id
-
     joined, _coverage = join_ground_truth(results, records)
     fields = ("lesion_id", "age", "sex", "site")
     meta = pd.DataFrame({"image_id": [normalize_id(r.image_id) for r in records],
@@ -177,8 +179,6 @@ def subgroup_audit(table: pd.DataFrame, by: Sequence[str] = (), threshold: float
     AUC, 1 best; None when ``too_few``). A standard grouping whose columns are absent is listed
     under ``unavailable`` with the reason.
     """
-    from raysky.review.evaluate import result_classes
-
     unknown = [name for name in by if name not in table.columns and name not in STANDARD]
     if unknown:
         raise ValueError(f"no column {', '.join(map(repr, unknown))} to group by; the table has "
@@ -237,14 +237,6 @@ def subgroup_audit(table: pd.DataFrame, by: Sequence[str] = (), threshold: float
             g["rank"] = next((i for i, r in enumerate(ranked, 1) if r is g), None)
         out["groupings"][name] = {"column": column, "groups": groups}
     return out
-
-
-def group_rows(audit: dict, separator: str = " = ") -> list[tuple[str, dict]]:
-    """``(label, group)`` for the overall figures and then every group of every grouping."""
-    rows = [("overall", audit["overall"])]
-    for grouping, body in audit["groupings"].items():
-        rows += [(f"{grouping}{separator}{g['group']}", g) for g in body["groups"]]
-    return rows
 
 
 def format_subgroups(audit: dict) -> str:

@@ -78,11 +78,11 @@ def calibration_metrics(labels: np.ndarray, probs: np.ndarray, is_malignant: np.
     record = checkpoint_calibration or None
     if stored_version and record and record.get("version") != stored_version:
         raise ValueError(f"the results were scored with calibration {stored_version}, but "
-                         f"--classifier has {record.get('version')}; give the checkpoint the "
-                         "results were scored with")
+                         f"checkpoint_calibration has {record.get('version')}; give the "
+                         "calibration of the checkpoint the results were scored with")
     if stored_version and record is None and checkpoint_calibration is not None:
         raise ValueError(f"the results were scored with calibration {stored_version}, but "
-                         "--classifier has no calibration")
+                         "checkpoint_calibration is empty (a checkpoint without calibration)")
     out: dict = {"calibration_version": stored_version, "temperature": None,
                  "probabilities": "calibrated" if stored_version else "uncalibrated",
                  "before": None, "after": None, "referral": None}

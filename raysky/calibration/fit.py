@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from raysky.calibration.decision import fit_decision_rule
+from raysky.calibration.decision import describe_decision, fit_decision_rule
 from raysky.calibration.ood import DEFAULT_METHOD, fit_ood
 from raysky.calibration.referral import DEFAULT_SENSITIVITY, fit_referral
 from raysky.calibration.temperature import fit_temperature, nll, softmax
@@ -91,3 +91,16 @@ def fit_calibration(logits: np.ndarray, features: np.ndarray, labels: Sequence[i
         "fitted_on": {**fitted_on, "n": int(len(labels_arr))},
     }
     return {"version": calibration_version(record), **record}
+
+
+def describe_calibration(record: dict) -> str:
+    """A few lines on a calibration record, for the terminal: the temperature, referral and
+    OOD figures, then the decision offsets (or that none are set)."""
+    ref, ood = record["referral"], record["ood"]
+    return (f"calibration {record['version']}: temperature {record['temperature']:.3f} (NLL "
+            f"{record['nll_before']:.3f} -> {record['nll_after']:.3f}); refer at malignant_prob "
+            f">= {ref['threshold']:.4f}: sensitivity {ref['sensitivity']:.3f} (target "
+            f"{ref['target_sensitivity']:g}), specificity {ref['specificity']:.3f} on "
+            f"{ref['n_malignant']} malignant / {ref['n_benign']} benign; OOD {ood['method']} "
+            f"> {ood['threshold']:.4g}; fitted on {record['fitted_on']['n']} images\n"
+            f"{describe_decision(record)}")

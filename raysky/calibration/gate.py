@@ -28,6 +28,8 @@ from importlib.metadata import PackageNotFoundError, version
 import numpy as np
 import torch
 
+from raysky.jsonable import rounded
+
 GATE_METHOD = "imagenet-gate"
 ARCHITECTURE = "efficientnet_lite0"
 INPUT_SIZE = 224
@@ -185,12 +187,10 @@ def fit_gate(features: np.ndarray, labels: np.ndarray, encoder: dict,
         mine = own[(y == c) & np.isfinite(own)]
         q = float(np.quantile(mine, quantile, method="higher")) if len(mine) else overall
         thresholds.append((len(mine) * q + SHRINK_IMAGES * overall) / (len(mine) + SHRINK_IMAGES))
-    from raysky.calibration.ood import _rounded
-
     return {"method": GATE_METHOD, "encoder": encoder, "components": int(len(space["components"])),
-            "classes_fitted": space["classes_fitted"], "centre": _rounded(space["centre"]),
-            "basis": _rounded(space["components"]), "means": _rounded(space["means"]),
-            "precision": _rounded(space["precision"]),
+            "classes_fitted": space["classes_fitted"], "centre": rounded(space["centre"]),
+            "basis": rounded(space["components"]), "means": rounded(space["means"]),
+            "precision": rounded(space["precision"]),
             "class_thresholds": [round(t, 6) for t in thresholds], "threshold": 1.0,
             "quantile": float(quantile), "shrink_images": SHRINK_IMAGES}
 

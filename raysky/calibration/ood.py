@@ -28,6 +28,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from raysky.jsonable import rounded
+
+# raysky.calibration.gate is imported where an image method needs it: it loads torch, and the
+# command line reads METHODS from this module while `raysky --help` runs.
+
 METHODS: tuple[str, ...] = ("imagenet-gate", "mahalanobis", "energy")
 DEFAULT_METHOD = "imagenet-gate"
 IMAGE_METHODS: tuple[str, ...] = ("imagenet-gate",)
@@ -92,7 +97,7 @@ def fit_ood(features: np.ndarray, logits: np.ndarray, labels: np.ndarray,
     if method == "mahalanobis":
         stats = fit_mahalanobis(features, labels)
         record.update(classes_fitted=stats["classes_fitted"], dim=int(stats["means"].shape[1]),
-                      means=_rounded(stats["means"]), precision=_rounded(stats["precision"]))
+                      means=rounded(stats["means"]), precision=rounded(stats["precision"]))
         # An image is closer to statistics fitted on itself than a new image of the same
         # kind would be, so the threshold comes from out-of-fold distances.
         scores = _out_of_fold_mahalanobis(features, labels)
@@ -116,11 +121,6 @@ def _out_of_fold_mahalanobis(features: np.ndarray, labels: np.ndarray, folds: in
         stats = fit_mahalanobis(x[~held], y[~held])
         scores[held] = mahalanobis_scores(x[held], stats["means"], stats["precision"])
     return scores
-
-
-def _rounded(array: np.ndarray) -> list:
-    # Eight significant digits keep the JSON small and the scores unchanged at float32 level.
-    return np.vectorize(lambda v: float(f"{v:.8g}"))(array).tolist()
 
 
 class OODScorer:

@@ -7,7 +7,7 @@ import argparse
 from raysky.calibration.ood import DEFAULT_METHOD, METHODS
 from raysky.calibration.referral import DEFAULT_SENSITIVITY
 from raysky.cli.tracking import add_tracking_flags, open_tracking
-from raysky.data.readers import FORMATS
+from raysky.data.records import FORMATS, DatasetRef
 
 
 def register(subparsers) -> None:
@@ -53,35 +53,15 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def calibration_records(data: str, format: str, split: str | None, metadata: str | None = None):
-    """The records to calibrate on: all of ``data``, or one split of it.
-
-    A ``splits.csv`` at the root (or ISIC 2018's own splits) decides as ``raysky evaluate``
-    does; without one, ``train``/``val`` are the lesion-grouped split training makes with its
-    defaults, so ``--split val`` calibrates on the images the run validated on.
-    """
-    from raysky import storage
-    from raysky.data.splits import SPLIT_FILE
-    from raysky.review.evaluate import read_ground_truth
-    from raysky.train.datasets import load_splits
-
-    if (split is None or format == "isic2018"
-            or storage.exists(storage.join(data, SPLIT_FILE))):
-        return read_ground_truth(data, format, metadata, split)
-    if split.lower() not in ("train", "val", "training", "validation"):
-        raise ValueError(f"--split {split} needs {storage.join(data, SPLIT_FILE)}, which does "
-                         "not exist (without it only train and val are defined)")
-    train, val, _how = load_splits(data, format)
-    return train if split.lower().startswith("train") else val
-
-
 def run(args: argparse.Namespace) -> int:
     """Calibrate and write the new checkpoint version."""
-    from raysky.calibration.collect import calibrate_checkpoint, describe_calibration
+    from raysky.calibration.fit import describe_calibration
+    from raysky.data.splits import read_split
+    from raysky.train.calibrate import calibrate_checkpoint
     from raysky.train.tracking import calibration_figures
 
     tracker = open_tracking(args)
-    records = calibration_records(args.data, args.format, args.split, args.metadata)
+    records = read_split(DatasetRef(args.data, args.format, args.metadata, args.split))
     meta = calibrate_checkpoint(
         args.classifier, records, args.out,
         {"data": str(args.data), "format": args.format, "split": args.split},

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from raysky.cli.options import parameter_defaults
+from raysky.cli.options import add_setting, settings_from_args
 from raysky.cli.tracking import add_tracking_flags, open_tracking
-from raysky.data.readers import FORMATS
-from raysky.review.evaluate import LOW_FOCUS_THRESHOLD
+from raysky.data.records import FORMATS, DatasetRef
+from raysky.review.settings import LOW_FOCUS_THRESHOLD, ReportOptions
 
 
 def _add_ground_truth(parser: argparse.ArgumentParser, required: bool) -> None:
@@ -55,9 +55,6 @@ def register(subparsers) -> None:
     add_tracking_flags(parser)
     parser.set_defaults(func=run_evaluate)
 
-    from raysky.review.report import build_report
-
-    d = parameter_defaults(build_report)
     parser = subparsers.add_parser(
         "report", help="write a self-contained HTML review page from results",
         description="Build one HTML file with every image inlined: a summary, a gallery of the "
@@ -69,24 +66,26 @@ def register(subparsers) -> None:
     parser.add_argument("--out", default="report.html", metavar="URI",
                         help="where to write the HTML (local path or s3://; default: %(default)s)")
     _add_ground_truth(parser, required=False)
-    parser.add_argument("--top", type=int, default=d["top_n"], metavar="N",
-                        help="lesions in the highest-risk gallery (default: %(default)s)")
-    parser.add_argument("--max-flagged", type=int, default=d["max_flagged"], metavar="N",
-                        help="most low-focus images shown (default: %(default)s)")
-    parser.add_argument("--title", default=d["title"], help="page title (default: %(default)s)")
-    parser.add_argument("--robustness", metavar="DIR",
-                        help="add the artefact-robustness section of a `raysky robustness` run "
-                        "(its --out folder): the table and an example strip per artefact type")
+    add_setting(parser, ReportOptions, "top_n", "--top", type=int, metavar="N")
+    add_setting(parser, ReportOptions, "max_flagged", "--max-flagged", type=int, metavar="N")
+    add_setting(parser, ReportOptions, "title", "--title")
+    add_setting(parser, ReportOptions, "robustness_dir", "--robustness", metavar="DIR",
+                note="its table and an example strip per artefact type")
     parser.set_defaults(func=run_report)
+
+
+def _dataset(args: argparse.Namespace) -> DatasetRef:
+    return DatasetRef(args.data, args.format, args.metadata, args.split)
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
     """Compute, print and optionally write the metrics."""
-    from raysky.review.evaluate import card_sections, evaluate, format_table, write_json
+    from raysky.jsonable import write_json
+    from raysky.review.evaluate import evaluate
+    from raysky.review.output import card_sections, format_table
 
     tracker = open_tracking(args)
-    metrics = evaluate(args.results, args.data, args.format, metadata_uri=args.metadata,
-                       split=args.split, low_focus=args.low_focus,
+    metrics = evaluate(args.results, _dataset(args), low_focus=args.low_focus,
                        classifier_uri=args.classifier, by=args.by)
     if args.update_card and not args.classifier:
         raise ValueError("--update-card needs --classifier, the checkpoint the results were "
@@ -96,7 +95,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         write_json(metrics, args.out)
         print(f"\nmetrics written to {args.out}")
     if args.update_card:
-        from raysky.models.card import update_card
+        from raysky.models.checkpoint import update_card
 
         meta = update_card(args.classifier, args.update_card, card_sections(metrics))
         print(f"model card updated: classifier {meta['version']} written to {args.update_card}")
@@ -114,11 +113,10 @@ def run_report(args: argparse.Namespace) -> int:
         raise ValueError("--data and --format go together: give both, or neither")
     if args.top < 0 or args.max_flagged < 0:
         raise ValueError("--top and --max-flagged must be >= 0")
-    summary = build_report(args.results, args.out, data_uri=args.data, format=args.format,
-                           metadata_uri=args.metadata, split=args.split, top_n=args.top,
-                           max_flagged=args.max_flagged, low_focus=args.low_focus,
-                           title=args.title, classifier_uri=args.classifier, by=args.by,
-                           robustness_dir=args.robustness)
+    options = settings_from_args(ReportOptions, args, low_focus=args.low_focus,
+                                 classifier_uri=args.classifier, by=tuple(args.by))
+    summary = build_report(args.results, args.out,
+                           _dataset(args) if args.data is not None else None, options)
     print(f"report written to {args.out}: {summary['images']} images, {summary['errors']} "
           f"errors, {summary['gallery']} in the gallery, {summary['flagged']} flagged, "
           f"{summary['ood']} out of distribution")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from raysky.onnx import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
+from raysky.onnx.opsets import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 
 
 def register(subparsers) -> None:

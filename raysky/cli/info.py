@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     if args.card and not args.checkpoint:
         raise ValueError("--card needs a checkpoint")
     if args.checkpoint:
-        from raysky.models.checkpoint import read_checkpoint_meta
+        from raysky.models.checkpoint import read_checkpoint_meta, with_parameters
 
         meta = read_checkpoint_meta(args.checkpoint)
         if args.card:
@@ -32,13 +32,13 @@ def run(args: argparse.Namespace) -> int:
 
             # Rendered from config.json, the card's only source, so it matches the checkpoint
             # even where model_card.md was never written (checkpoints older than cards).
-            print(render_markdown(build_card(meta)), end="")
+            print(render_markdown(build_card(with_parameters(meta))), end="")
         else:
             print(json.dumps(meta, indent=2))
             if meta.get("calibration"):
                 import sys
 
-                from raysky.calibration.collect import describe_calibration
+                from raysky.calibration.fit import describe_calibration
 
                 # On stderr, so stdout stays the checkpoint's JSON for scripts.
                 print(describe_calibration(meta["calibration"]), file=sys.stderr)

@@ -8,6 +8,8 @@ import sys
 import traceback
 
 from raysky.cli.exit_codes import EXIT_FAILURE, EXIT_OK, EXIT_TEMPFAIL, EXIT_USAGE
+from raysky.cli.options import SETTING_DESTS
+from raysky.settings import ParameterError
 
 # Each module defines ``register(subparsers)``, adding a sub-command whose parser sets ``func``.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -39,6 +41,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def flag_for(parser: argparse.ArgumentParser, args: argparse.Namespace, parameter: str) -> str:
+    """The flag of the chosen sub-command that sets Python ``parameter``: a flag declared from
+    a settings field of that name, else the flag whose destination is the name, else the name
+    itself (a parameter the command computes rather than reads from a flag)."""
+    dests = {name: dest for dest, (_cls, name, _conv) in
+             (getattr(args, SETTING_DESTS, None) or {}).items()}
+    dest = dests.get(parameter, parameter)
+    command = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for action in command.choices[args.command]._actions:
+        if action.dest == dest and action.option_strings:
+            return max(action.option_strings, key=len)
+    return parameter
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` and run the chosen sub-command; returns the process exit code:
     :data:`EXIT_OK`, :data:`EXIT_FAILURE`, :data:`EXIT_USAGE` or :data:`EXIT_TEMPFAIL`
@@ -59,6 +75,11 @@ def main(argv: list[str] | None = None) -> int:
         # Not the caller's mistake: the same command will work once the other run is done.
         print(f"raysky {args.command}: busy: {exc}", file=sys.stderr)
         return EXIT_TEMPFAIL
+    except ParameterError as exc:
+        # Raised below the CLI in Python's words; said here with the flag the user typed.
+        print(f"raysky {args.command}: error: {exc.with_flag(flag_for(parser, args, exc.parameter))}",
+              file=sys.stderr)
+        return EXIT_USAGE
     except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
         # User mistakes (bad paths, malformed datasets, wrong checkpoints) get one clear line,
         # not a traceback.

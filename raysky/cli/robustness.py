@@ -6,10 +6,10 @@ from __future__ import annotations
 import argparse
 
 from raysky.audit.artefacts import parse_kinds
-from raysky.audit.robustness import RobustnessSettings
 from raysky.cli.options import add_setting, settings_from_args
 from raysky.cli.tracking import add_tracking_flags, open_tracking
-from raysky.data.readers import FORMATS
+from raysky.data.records import FORMATS
+from raysky.score.settings import RobustnessSettings
 
 
 def register(subparsers) -> None:
@@ -53,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
     """Run the measurement, print the table and where the JSON went."""
     import os
 
-    from raysky.audit.robustness import OUTPUT_FILE, card_section, format_report, run_robustness
+    from raysky.audit.paired import ROBUSTNESS_FILE
+    from raysky.score.robustness import card_section, format_report, run_robustness
 
     if args.replicates < 1:
         raise ValueError(f"--replicates must be at least 1, got {args.replicates}")
@@ -61,12 +62,12 @@ def run(args: argparse.Namespace) -> int:
     tracker = open_tracking(args)
     report = run_robustness(settings)
     print(format_report(report))
-    print(f"\nwritten to {os.path.join(args.out, OUTPUT_FILE)}")
+    print(f"\nwritten to {os.path.join(args.out, ROBUSTNESS_FILE)}")
     if args.update_card:
-        from raysky.models.card import update_card
+        from raysky.models.checkpoint import update_card
 
         meta = update_card(args.classifier, args.update_card, {"robustness": card_section(report)})
         print(f"model card updated: classifier {meta['version']} written to {args.update_card}")
     tracker.log_results("robustness", card_section(report).get("by_artefact", {}),
-                        artifact=(report, OUTPUT_FILE))
+                        artifact=(report, ROBUSTNESS_FILE))
     return 0

@@ -9,7 +9,7 @@ import sys
 from raysky.cli.exit_codes import EXIT_OK, EXIT_TEMPFAIL
 from raysky.cli.options import add_setting, settings_from_args
 from raysky.models.runtime import PRECISIONS
-from raysky.score.cases import CASE_COLUMNS
+from raysky.results.columns import CASE_COLUMNS
 from raysky.score.settings import ENGINES, ScoreSettings
 
 
@@ -81,7 +81,7 @@ def register(subparsers) -> None:
 
 def run_score(args: argparse.Namespace) -> int:
     """Run ``raysky score``."""
-    from raysky.score import score_archive
+    from raysky.score.pipeline import score_archive
 
     summary = score_archive(settings_from_args(ScoreSettings, args))
     print(json.dumps(summary.to_dict(), indent=2) if args.json else summary.format())
@@ -107,23 +107,23 @@ def run_pack(args: argparse.Namespace) -> int:
 
 def run_results(args: argparse.Namespace) -> int:
     """Run ``raysky results``."""
-    from raysky import results
+    from raysky.results import by_case, summary
 
     if args.out and not args.by:
         raise ValueError("--out writes the per-case table: give --by lesion_id or patient_id")
     if args.by:
-        table = results.cases(args.uri, by=args.by)
+        table = by_case.cases(args.uri, by=args.by)
         if args.out:
             _write_cases(table, args.out)
         if args.json:
             print(table.head(args.top).to_json(orient="records", indent=2))
         else:
-            print(results.format_cases(table, args.by, args.top))
+            print(by_case.format_cases(table, args.by, args.top))
             if args.out:
                 print(f"{len(table)} cases written to {args.out}")
         return 0
-    summary = results.summarize(args.uri, top=args.top)
-    print(json.dumps(summary, indent=2) if args.json else results.format_summary(summary))
+    totals = summary.summarize(args.uri, top=args.top)
+    print(json.dumps(totals, indent=2) if args.json else summary.format_summary(totals))
     return 0
 
 

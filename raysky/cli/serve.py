@@ -62,8 +62,9 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     """Deploy, print the URL, block until interrupted, shut down."""
     from raysky.cli.options import settings_from_args
-    from raysky.serve import ServeSettings, run_server
+    from raysky.serve.config import ServeSettings
     from raysky.serve.security import load_api_keys
+    from raysky.serve.server import run_server
 
     # Read here, so a missing or short key fails before Ray starts, and so the keys also
     # protect replicas on other nodes (--address auto), which only receive their digests.

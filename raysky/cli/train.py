@@ -7,7 +7,7 @@ import json
 
 from raysky.cli import options
 from raysky.cli.options import add_setting
-from raysky.data.readers import FORMATS
+from raysky.data.records import FORMATS
 from raysky.models.config import LESION_BRANCHES, PRESETS
 from raysky.models.runtime import TRAIN_PRECISIONS
 from raysky.train.settings import TrainSettings
@@ -114,7 +114,7 @@ def settings_from_args(args: argparse.Namespace) -> TrainSettings:
 
 def run(args: argparse.Namespace) -> int:
     """Train, then print the run, the best checkpoint and its metrics (also in result.json)."""
-    from raysky.train import train_classifier, train_segmenter
+    from raysky.train.driver import train_classifier, train_segmenter
 
     settings = settings_from_args(args)
     result = (train_segmenter if args.kind == "segmenter" else train_classifier)(settings)

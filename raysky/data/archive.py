@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from raysky import storage
-from raysky.data.ids import KeptIds, _strip_image_suffix, archive_image_id, assign_ids
+from raysky.data.ids import KeptIds, archive_image_id, assign_ids, strip_image_suffix
 from raysky.data.metadata import normalize_age
 from raysky.data.records import DatasetError, LesionRecord
 from raysky.data.tables import (
@@ -143,17 +143,17 @@ def _join_archive_metadata(records: list[LesionRecord], table: Table,
     for record, path in zip(records, paths or (), strict=False):
         # Files that share a name in several folders are told apart by their paths.
         by_id.setdefault(path, record)
-        by_id.setdefault(_strip_image_suffix(path), record)
+        by_id.setdefault(strip_image_suffix(path), record)
     by_stem: dict[str, list[LesionRecord]] = {}
     for record in records:
-        if _strip_image_suffix(record.image_id) != record.image_id:
-            by_stem.setdefault(_strip_image_suffix(record.image_id), []).append(record)
+        if strip_image_suffix(record.image_id) != record.image_id:
+            by_stem.setdefault(strip_image_suffix(record.image_id), []).append(record)
     seen: dict[str, int] = {}
     named: set[str] = set()
     by_stem_rows = []
     for row, values in table.rows:
         key = check_unique(table, seen, values[id_col], row, id_col)
-        record = by_id.get(key) or by_id.get(_strip_image_suffix(key))
+        record = by_id.get(key) or by_id.get(strip_image_suffix(key))
         if record is not None:
             _fill(columns, record, values)
             named.add(record.image_id)

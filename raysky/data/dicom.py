@@ -12,7 +12,7 @@ What is decoded, and how:
   Adobe marker was written without a colour transform; its components are taken as they are.
 * **Uncompressed** (any byte order or planar configuration) and **RLE** ``RGB``, ``YBR_FULL``
   and ``YBR_FULL_422``: pydicom's own decoder and colour conversion.
-* Everything else is refused with :class:`~raysky.data.images.ImageDecodeError` saying why:
+* Everything else is refused with :class:`~raysky.data.image_errors.ImageDecodeError` saying why:
   several frames, monochrome, palette, other than 8 bits, another codec (JPEG 2000, JPEG-LS,
   lossless JPEG), no pixel data. Deflated objects are refused before they are inflated,
   since their size cannot be checked first.
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from raysky.data.images import ImageDecodeError
+from raysky.data.image_errors import ImageDecodeError
 from raysky.data.metadata import normalize_age
 
 DICM_OFFSET = 128
@@ -235,7 +235,7 @@ def _decode_native(dataset, source: str, size: tuple[int, int]) -> Image.Image:
 def decode_dicom(data: bytes, source: str = "<bytes>",
                  max_pixels: int = 64_000_000) -> tuple[Image.Image, DicomFacts]:
     """Decode a DICOM object into an 8-bit RGB image and its :class:`DicomFacts`, or raise
-    :class:`~raysky.data.images.ImageDecodeError` saying why it cannot be screened.
+    :class:`~raysky.data.image_errors.ImageDecodeError` saying why it cannot be screened.
 
     The header's size is checked against ``max_pixels`` before any pixel is decoded.
     """

@@ -17,6 +17,13 @@ An input whose own file name is not safe (``'``, ``[``, ``;``, ``:`` ...) has no
 scored under; it gets a stand-in id (the name with each unsafe character written ``_``, ``~``
 and the hash) and a ``problem`` that scoring turns into its error row.
 
+Two other rules read ids, and both are here so the three can be read side by side. The name
+rule above looks at one file and strips only a lowercase ``.jpg`` (so no two files of one
+folder share an id). :func:`strip_image_suffix` drops any one image suffix (``.jpg``,
+``.jpeg``, ``.png``, any case): a metadata CSV's key ``x.png`` or ``x`` names the image ``x.png``.
+:func:`normalize_id` is that rule on an id with its whitespace stripped, the way ISIC's own
+scorer matches predictions to ground truth: results and ground truth are joined on it.
+
 ``kept`` maps source URIs to the ids an output already holds for them, and those win: a
 rerun into the same output keeps every earlier id, even when a folder has since gained a file
 of the same name (the newcomer takes the path id instead), and no new input is given an id
@@ -42,10 +49,25 @@ _UNSAFE_CHARACTER = re.compile(r"[^\w .\-+=@,()~#&!%]")
 _STAND_IN_CHARS = 120
 
 
-def _strip_image_suffix(name: str) -> str:
+def strip_image_suffix(name: str) -> str:
     """``name`` without one trailing image suffix (any case), or ``name`` when it has none."""
     stem, ext = posixpath.splitext(name)
     return stem if ext.lower() in IMAGE_SUFFIXES and stem else name
+
+
+def normalize_id(image_id: object) -> str:
+    """``image_id`` as results and ground truth are matched on: stripped of whitespace and of
+    one image suffix (``.jpg``, ``.jpeg``, ``.png``, any case), since ISIC's own scorer accepts
+    ids with one."""
+    return strip_image_suffix(str(image_id).strip())
+
+
+def suffixed_ids(image_ids: Iterable[str]) -> list[str]:
+    """Every spelling :func:`normalize_id` folds onto each of ``image_ids``: the id itself and
+    the id with each image suffix, lower and upper case (to find stored rows by matched id)."""
+    suffixes = (*IMAGE_SUFFIXES, *(s.upper() for s in IMAGE_SUFFIXES))
+    ids = list(image_ids)
+    return [*ids, *(f"{i}{suffix}" for i in ids for suffix in suffixes)]
 
 
 def archive_image_id(name: str) -> str:
@@ -58,7 +80,7 @@ def archive_image_id(name: str) -> str:
     suffix are whole names, and the others are ``.jpg`` names whose stem has no image suffix.
     """
     name = posixpath.basename(name)
-    if name.endswith(".jpg") and _strip_image_suffix(name[:-4]) == name[:-4]:
+    if name.endswith(".jpg") and strip_image_suffix(name[:-4]) == name[:-4]:
         return name[:-4]
     return name
 

@@ -32,6 +32,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from raysky import storage
+from raysky.data.dicom import decode_dicom, is_dicom
+from raysky.data.image_errors import ImageDecodeError
 
 DEFAULT_MAX_PIXELS = 64_000_000
 """Largest image (width x height) decoded by default: 8000 x 8000, far above any dermoscope."""
@@ -65,20 +67,6 @@ def decode_batch_memory(batch_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -
     gigabytes that real archives never use and starve the node of parallel decodes."""
     held = 2 * 3 * batch_size * min(max_pixels, LARGE_DERMOSCOPY_PIXELS)
     return max_pixels * MAX_DECODE_BYTES_PER_PIXEL + held
-
-
-class ImageDecodeError(ValueError):
-    """Bytes that cannot be used as an image.
-
-    ``reason`` is a short, stable phrase for result tables (``"empty file"``, ``"truncated
-    image"``, ``"not an image"`` ...); ``detail`` holds Pillow's own message, when there is one.
-    """
-
-    def __init__(self, source: str, reason: str, detail: str | None = None):
-        self.source = source
-        self.reason = reason
-        self.detail = detail
-        super().__init__(f"{source}: {reason}" + (f" ({detail})" if detail else ""))
 
 
 def _open_header(data: bytes, source: str, max_pixels: int) -> Image.Image:
@@ -282,8 +270,6 @@ def encode_png(image: Image.Image | np.ndarray, compress_level: int = 6, *,
 def load_rgb(uri: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Read ``uri`` (local path or ``s3://``) and decode it with :func:`decode_image`, or, for
     a DICOM object, with :func:`raysky.data.dicom.decode_dicom` (archives may hold both)."""
-    from raysky.data.dicom import decode_dicom, is_dicom
-
     data = storage.read_bytes(uri)
     if is_dicom(data):
         return decode_dicom(data, source=str(uri), max_pixels=max_pixels)[0]

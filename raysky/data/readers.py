@@ -14,7 +14,8 @@ under the root; ground-truth CSVs are searched for where noted.
 
 The readers live in :mod:`raysky.data.layouts` (HAM10000, ISIC 2018, ISIC 2019) and
 :mod:`raysky.data.archive` (unlabelled archives and their metadata CSV), on the CSV and listing
-helpers of :mod:`raysky.data.tables`; this module re-exports them and dispatches by format.
+helpers of :mod:`raysky.data.tables`; this module dispatches by format
+(:data:`raysky.data.records.FORMATS`) and reads a dataset's whole metadata CSV.
 """
 
 from __future__ import annotations
@@ -25,49 +26,19 @@ from collections.abc import Iterable
 import pandas as pd
 
 from raysky import storage
-from raysky.data.archive import archive_image_id, join_metadata, read_archive
+from raysky.data.archive import read_archive
 from raysky.data.layouts import (
-    HAM10000_IMAGE_DIRS,
-    HAM10000_MASK_DIRS,
     HAM10000_METADATA,
-    ISIC2018_SPLITS,
-    ISIC2019_GROUND_TRUTH,
-    ISIC2019_IMAGE_DIR,
     ISIC2019_METADATA,
     read_ham10000,
     read_isic2018,
     read_isic2019,
 )
-from raysky.data.records import RECORD_FIELDS, LesionRecord
-from raysky.data.tables import IMAGE_SUFFIXES, MASK_SUFFIX, load_csv
+from raysky.data.records import FORMATS, RECORD_FIELDS, LesionRecord
+from raysky.data.tables import load_csv
 from raysky.data.taxonomy import CANONICAL_CLASSES
 
-__all__ = [
-    "FORMATS",
-    "HAM10000_IMAGE_DIRS",
-    "HAM10000_MASK_DIRS",
-    "HAM10000_METADATA",
-    "IMAGE_SUFFIXES",
-    "ISIC2018_SPLITS",
-    "ISIC2019_GROUND_TRUTH",
-    "ISIC2019_IMAGE_DIR",
-    "ISIC2019_METADATA",
-    "MASK_SUFFIX",
-    "archive_image_id",
-    "class_counts",
-    "join_metadata",
-    "metadata_frame",
-    "read_archive",
-    "read_dataset",
-    "read_ham10000",
-    "read_isic2018",
-    "read_isic2019",
-    "records_to_frame",
-]
-
-FORMATS: tuple[str, ...] = ("ham10000", "isic2018", "isic2019", "archive")
-"""Dataset layouts understood by :func:`read_dataset`."""
-
+__all__ = ["class_counts", "metadata_frame", "read_dataset", "records_to_frame"]
 
 _READERS = {
     "ham10000": read_ham10000,

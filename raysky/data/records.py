@@ -1,4 +1,5 @@
-"""The record every dataset reader returns, and the error every reader raises."""
+"""The record every dataset reader returns, the error every reader raises, and the reference
+that names a dataset (where it is, its layout, its metadata CSV and one split of it)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,27 @@ class LesionRecord:
 
 
 RECORD_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(LesionRecord))
+
+FORMATS: tuple[str, ...] = ("ham10000", "isic2018", "isic2019", "archive")
+"""Dataset layouts understood by :func:`raysky.data.readers.read_dataset`."""
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    """A dataset as every command names it: ``uri`` (a local folder or ``s3://`` prefix), its
+    ``format`` (one of :data:`FORMATS`), the ``metadata`` CSV an
+    ``archive`` takes its labels and metadata from, and optionally one ``split`` of it (see
+    :func:`raysky.data.splits.read_split`)."""
+
+    uri: str
+    format: str
+    metadata: str | None = None
+    split: str | None = None
+
+    def describe(self) -> dict:
+        """What results record about the data they were measured on (``split`` only if set)."""
+        return {"data": str(self.uri), "format": self.format,
+                **({"split": self.split} if self.split else {})}
 
 
 class DatasetError(ValueError):

@@ -7,6 +7,10 @@ lesion groups, stratified by diagnosis. The recipe is the one described for the 
 seed and moved to validation until about ``val_fraction`` of that class's images are there. It
 is not guaranteed to reproduce that file's exact assignment, so use :func:`apply_split_file`
 when the shipped split matters.
+
+:func:`read_split` is the one policy deciding which records belong to a named split, for every
+command that takes ``split`` (evaluate, report, calibrate, robustness), and
+:func:`per_class_split` with :func:`write_split_file` is how the demo holds images out.
 """
 
 from __future__ import annotations
@@ -15,9 +19,13 @@ import random
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 
-from raysky.data.records import DatasetError, LesionRecord
+from raysky import storage
+from raysky.data.layouts import read_isic2018
+from raysky.data.readers import read_dataset
+from raysky.data.records import DatasetError, DatasetRef, LesionRecord
 from raysky.data.tables import load_csv
 from raysky.data.taxonomy import CANONICAL_CLASSES
+from raysky.settings import ParameterError
 
 SPLIT_FILE = "splits.csv"
 """The split file a dataset root may hold (``image_id,split``); training and evaluate honour it."""
@@ -143,3 +151,58 @@ def apply_split_file(
     train = [record for record in records if splits[record.image_id] == "train"]
     val = [record for record in records if splits[record.image_id] == "val"]
     return train, val
+
+
+def read_split(dataset: DatasetRef, val_fraction: float = 0.15, seed: int = 0
+               ) -> list[LesionRecord]:
+    """The records of ``dataset.split``, or every record of ``dataset`` when it names none.
+
+    ``isic2018`` has its own splits (Training, Validation, Test). For the other layouts a
+    ``splits.csv`` at the dataset root decides (train, val, test), so figures can be restricted
+    to images the model never trained on. Without one, ``train`` and ``val`` are the
+    lesion-grouped split training makes (:func:`split_by_lesion` with ``val_fraction`` and
+    ``seed``, training's defaults), and any other split is a ``ValueError`` naming the file
+    it needs.
+    """
+    if dataset.split is not None and str(dataset.format).lower() == "isic2018":
+        return read_isic2018(dataset.uri, dataset.split)
+    records = read_dataset(dataset.uri, dataset.format, dataset.metadata)
+    if dataset.split is None:
+        return records
+    split_uri = storage.join(dataset.uri, SPLIT_FILE)
+    if storage.exists(split_uri):
+        return select_split(records, split_uri, dataset.split)
+    name = _SPLIT_ALIASES.get(dataset.split.lower())
+    if name not in ("train", "val"):
+        raise ParameterError("split", dataset.split, f"needs {split_uri} (image_id,split), which "
+                             "does not exist (without it only train and val are defined)")
+    train, val = split_by_lesion(records, val_fraction=val_fraction, seed=seed)
+    return train if name == "train" else val
+
+
+def per_class_split(records: Sequence[LesionRecord], per_class: tuple[int, int] = (3, 1)
+                    ) -> dict[str, str]:
+    """A lesion-disjoint train/val/test assignment, ``{image_id: split}``: per class,
+    ``per_class`` lesions go to train and val, and the rest to test, which training never sees.
+
+    For small datasets (the demo's sample), where figures must come from test images only: a
+    model's score on the images it was fitted to says nothing about how it does on new ones.
+    """
+    lesions: dict[str | None, list[str]] = defaultdict(list)
+    for record in sorted(records, key=lambda r: r.image_id):
+        key = record.lesion_id or record.image_id
+        if key not in lesions[record.label]:
+            lesions[record.label].append(key)
+    split_of = {}
+    n_train, n_val = per_class
+    for keys in lesions.values():
+        for i, key in enumerate(keys):
+            split_of[key] = "train" if i < n_train else "val" if i < n_train + n_val else "test"
+    return {r.image_id: split_of[r.lesion_id or r.image_id] for r in records}
+
+
+def write_split_file(uri: str, splits: dict[str, str]) -> None:
+    """Write ``splits`` (``{image_id: split}``) as the ``splits.csv`` :func:`read_split_file`
+    reads."""
+    storage.write_bytes(uri, ("image_id,split\n" + "".join(
+        f"{image_id},{split}\n" for image_id, split in splits.items())).encode())

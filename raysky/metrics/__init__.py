@@ -10,3 +10,5 @@
 A low layer: it imports numpy, scikit-learn and the standard library only, never another raysky
 package. Import each name from its module; this package re-exports nothing.
 """
+
+__all__: list[str] = []

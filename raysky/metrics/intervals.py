@@ -201,3 +201,11 @@ def format_interval(entry: Mapping | None, digits: int = 3) -> str:
     if entry.get("low") is None:
         return f"{entry['value']:.{digits}f}"
     return f"{entry['value']:.{digits}f} [{entry['low']:.{digits}f}, {entry['high']:.{digits}f}]"
+
+
+def group_rows(audit: dict, separator: str = " = ") -> list[tuple[str, dict]]:
+    """``(label, group)`` for the overall figures and then every group of every grouping of a\n    table of intervals by group (:func:`raysky.audit.subgroups.subgroup_audit`), in the order\n    the text table, the report and the model card print them."""
+    rows = [("overall", audit["overall"])]
+    for grouping, body in audit["groupings"].items():
+        rows += [(f"{grouping}{separator}{g['group']}", g) for g in body["groups"]]
+    return rows

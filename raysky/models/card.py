@@ -18,6 +18,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from raysky import storage
+from raysky.metrics.intervals import format_interval, group_rows
 
 CARD_JSON = "model_card.json"
 CARD_MARKDOWN = "model_card.md"
@@ -66,16 +67,6 @@ def machine_description() -> dict[str, Any]:
             "python": platform.python_version(), "torch": torch.__version__, "ray": ray_version}
 
 
-def _parameters(meta: dict) -> int | None:
-    """The parameter count, from the checkpoint's architecture (no weights are read)."""
-    from raysky.models.checkpoint import build_from_meta
-
-    try:
-        return sum(p.numel() for p in build_from_meta(meta).parameters())
-    except (KeyError, TypeError, ValueError):
-        return None
-
-
 def build_card(meta: dict) -> dict[str, Any]:
     """The card of the checkpoint described by ``meta`` (its ``config.json``), as JSON data.
 
@@ -99,7 +90,7 @@ def build_card(meta: dict) -> dict[str, Any]:
             "calibration_version": (calibration or {}).get("version"),
             "raysky_version": meta.get("raysky_version"), "created_at": meta.get("created_at"),
             "encoder": config.get("encoder"), "input_size": meta.get("input_size"),
-            "parameters": _parameters(meta), "classes": classes,
+            "parameters": meta.get("parameters"), "classes": classes,
             "lesion_stream": config.get("use_lesion_stream"),
             "metadata": config.get("use_metadata"),
             "architecture": ("Deep-UNet with dual attention gates on the skips and an ASPP "
@@ -279,8 +270,6 @@ def front_matter(card: dict) -> dict[str, Any]:
 def _referral_line(referral: dict) -> str:
     """The evaluated referral, each rate as ``value [low, high]``: printed as evaluate, the
     report and the subgroup table's overall row print the same figure."""
-    from raysky.metrics.intervals import format_interval
-
     def rate(name: str) -> str:
         low, high = referral.get(f"{name}_ci95") or (None, None)
         return format_interval({"value": referral.get(name), "low": low, "high": high})
@@ -323,123 +312,148 @@ def to_yaml(value: Any, indent: int = 0) -> list[str]:
     return [f"{pad}{_yaml_scalar(value)}"]
 
 
+def _model_lines(card: dict) -> list[str]:
+    model = card["model"]
+    lines = [f"- Kind: {model['kind']}, preset `{model['preset']}`: {model['architecture']}",
+             f"- Encoder: {_value(model['encoder'])} at {_value(model['input_size'])} px; "
+             f"{_value(model['parameters'])} parameters",
+             f"- Version {model['version']}, weights sha256 `{model['weights_sha256']}`"
+             + (f", calibration {model['calibration_version']}"
+                if model["calibration_version"] else ""),
+             f"- raysky {model['raysky_version']}, created {model['created_at']}"]
+    if model["classes"]:
+        lines.append(f"- Classes: {', '.join(model['classes'])}; lesion stream "
+                     f"{_value(model['lesion_stream'])}, metadata {_value(model['metadata'])}")
+    return lines
+
+
+def _initial_weights_lines(card: dict) -> list[str]:
+    weights = card["initial_weights"]
+    if not weights:
+        return ["- not recorded"]
+    return [f"- {name}: {record.get('source')} (sha256 `{record.get('sha256')}`, "
+            f"{record.get('tensors_loaded')}/{record.get('tensors_total')} tensors)"
+            for name, record in weights.items()]
+
+
+def _training_data_lines(card: dict) -> list[str]:
+    data = card["training_data"]
+    if not data:
+        return ["- not recorded"]
+    lines = [f"- {data.get('data')} ({data.get('format')}); split {data.get('split')}"
+             + (f" (sha256 `{data['split_sha256']}`)" if data.get("split_sha256") else ""),
+             "- Image ids per side: sha256 " + (
+                 f"`{data['split_ids_sha256']}`" if data.get("split_ids_sha256")
+                 else "not recorded"),
+             f"- {data.get('train_images')} training and {data.get('val_images')} "
+             "validation images"]
+    for part in ("train_classes", "val_classes"):
+        if data.get(part):
+            lines.append(f"- {part.replace('_', ' ')}: {_value(data[part])}")
+    return lines
+
+
+def _recipe_lines(card: dict) -> list[str]:
+    recipe = card["recipe"]
+    if not recipe:
+        return ["- not recorded"]
+    return [f"- {_value(recipe['epochs'])} epochs, batch {_value(recipe['batch_size'])} "
+            f"per worker on {_value(recipe['workers'])} worker(s), precision "
+            f"{_value(recipe['precision'])}",
+            f"- AdamW, lr {_value(recipe['lr'], 6)} (encoders x"
+            f"{_value(recipe['encoder_lr_scale'], 2)}), weight decay "
+            f"{_value(recipe['weight_decay'], 6)}, label smoothing "
+            f"{_value(recipe['label_smoothing'], 2)}, class weight power "
+            f"{_value(recipe['class_weight_power'], 2)}",
+            f"- Schedule: {_value(recipe['schedule'])}",
+            f"- Augmentation: {_value(recipe['augmentation'])}",
+            "- Training time: " + (
+                f"{recipe['training_seconds']:.0f} s" if recipe["training_seconds"]
+                is not None else "not recorded")
+            + (f" on {_value(recipe['machine'])}" if recipe["machine"] else "")]
+
+
+def _validation_lines(card: dict) -> list[str]:
+    validation = card["validation"]
+    return ([f"- {k}: {_value(v)}" for k, v in validation.items()] if validation
+            else ["- not recorded"])
+
+
+def _calibration_lines(card: dict) -> list[str]:
+    calibration = card["calibration"]
+    if not calibration:
+        return ["- not calibrated (`raysky calibrate` adds it)"]
+    ref = calibration["referral"] or {}
+    return [f"- Temperature {_value(calibration['temperature'])}; fitted on "
+            f"{_value(calibration['fitted_on'])}",
+            f"- Refer at malignant_prob >= {_value(ref.get('threshold'), 4)}: sensitivity "
+            f"{_value(ref.get('sensitivity'))} (target {_value(ref.get('target_sensitivity'), 2)}), "
+            f"specificity {_value(ref.get('specificity'))}",
+            *_decision_lines(calibration),
+            _ood_line(calibration["ood"])]
+
+
+def _evaluation_lines(card: dict) -> list[str]:
+    evaluation = card["evaluation"]
+    if not evaluation:
+        return ["- not measured (`raysky evaluate --update-card`)"]
+    lines = [f"- {_value({k: v for k, v in evaluation.items() if k != 'referral'})}"]
+    if evaluation.get("referral"):
+        lines.append(_referral_line(evaluation["referral"]))
+    return lines
+
+
+def _subgroup_lines(card: dict) -> list[str]:
+    subgroups = card["subgroups"]
+    if not subgroups:
+        return ["- not measured (`raysky evaluate --classifier CKPT --update-card OUT`)"]
+    rows = []
+    for name, g in group_rows({"groupings": {}, **subgroups}):
+        notes = ", ".join(n for n, on in (("too few", g.get("too_few")),
+                                          ("flagged", g.get("flagged"))) if on)
+        rows.append([name, f"{g['n']}", f"{g['malignant_n']}",
+                     *(format_interval(g.get(k), 3) for k in (
+                         "balanced_accuracy", "malignant_auc", "sensitivity", "specificity")),
+                     notes])
+    return _table(f"Resampled by {subgroups.get('resampled_by')}; referral threshold "
+                  f"{_value(subgroups.get('threshold'), 4)}.",
+                  ("group", "n", "malignant", "balanced accuracy", "malignant AUC",
+                   "sensitivity", "specificity", "notes"), rows)
+
+
+def _robustness_lines(card: dict) -> list[str]:
+    robustness = card["robustness"]
+    if not robustness:
+        return ["- not measured (`raysky robustness --update-card OUT`)"]
+    return _table(
+        f"{robustness.get('images')} images, artefacts placed with "
+        f"{robustness.get('masks')} masks.",
+        ("artefact", "flip rate", "mean abs. change malignant_prob", "change macro AUPRC",
+         "change malignant AUC", "artefact attention", "its area"),
+        ([kind, _value(r["flip_rate"]["value"]), _value(r["mean_abs_delta_malignant_prob"]),
+          _value(r["macro_auprc"]["delta"]), _value(r["malignant_auc"]["delta"]),
+          _value(r["artefact_attention"]), _value(r["artefact_area_frac"])]
+         for kind, r in robustness.get("by_artefact", {}).items()))
+
+
+_MARKDOWN_SECTIONS = (
+    ("Model", _model_lines), ("Initial weights", _initial_weights_lines),
+    ("Training data", _training_data_lines), ("Recipe", _recipe_lines),
+    ("Validation", _validation_lines), ("Calibration and referral", _calibration_lines),
+    ("Evaluation", _evaluation_lines), ("Subgroups", _subgroup_lines),
+    ("Robustness to dermoscopic artefacts", _robustness_lines),
+)
+"""The card's Markdown sections in order, each rendered by its own function."""
+
+
 def render_markdown(card: dict) -> str:
     """The card as Markdown, for people: the same facts as the JSON, nothing more, under
     Hugging Face-style YAML front matter (:func:`front_matter`) for model hubs."""
     model = card["model"]
     lines = ["---", *to_yaml(front_matter(card)), "---", "",
-             f"# Model card: raysky {model['kind']} {model['version']}", ""]
-    lines += ["## Model", "",
-              f"- Kind: {model['kind']}, preset `{model['preset']}`: {model['architecture']}",
-              f"- Encoder: {_value(model['encoder'])} at {_value(model['input_size'])} px; "
-              f"{_value(model['parameters'])} parameters",
-              f"- Version {model['version']}, weights sha256 `{model['weights_sha256']}`"
-              + (f", calibration {model['calibration_version']}"
-                 if model["calibration_version"] else ""),
-              f"- raysky {model['raysky_version']}, created {model['created_at']}"]
-    if model["classes"]:
-        lines.append(f"- Classes: {', '.join(model['classes'])}; lesion stream "
-                     f"{_value(model['lesion_stream'])}, metadata {_value(model['metadata'])}")
-    lines += ["", "## Initial weights", ""]
-    for name, record in (card["initial_weights"] or {}).items():
-        lines.append(f"- {name}: {record.get('source')} (sha256 `{record.get('sha256')}`, "
-                     f"{record.get('tensors_loaded')}/{record.get('tensors_total')} tensors)")
-    if not card["initial_weights"]:
-        lines.append("- not recorded")
-    data = card["training_data"]
-    lines += ["", "## Training data", ""]
-    if data:
-        lines += [f"- {data.get('data')} ({data.get('format')}); split {data.get('split')}"
-                  + (f" (sha256 `{data['split_sha256']}`)" if data.get("split_sha256") else ""),
-                  "- Image ids per side: sha256 " + (
-                      f"`{data['split_ids_sha256']}`" if data.get("split_ids_sha256")
-                      else "not recorded"),
-                  f"- {data.get('train_images')} training and {data.get('val_images')} "
-                  "validation images"]
-        for part in ("train_classes", "val_classes"):
-            if data.get(part):
-                lines.append(f"- {part.replace('_', ' ')}: {_value(data[part])}")
-    else:
-        lines.append("- not recorded")
-    recipe = card["recipe"]
-    lines += ["", "## Recipe", ""]
-    if recipe:
-        lines += [f"- {_value(recipe['epochs'])} epochs, batch {_value(recipe['batch_size'])} "
-                  f"per worker on {_value(recipe['workers'])} worker(s), precision "
-                  f"{_value(recipe['precision'])}",
-                  f"- AdamW, lr {_value(recipe['lr'], 6)} (encoders x"
-                  f"{_value(recipe['encoder_lr_scale'], 2)}), weight decay "
-                  f"{_value(recipe['weight_decay'], 6)}, label smoothing "
-                  f"{_value(recipe['label_smoothing'], 2)}, class weight power "
-                  f"{_value(recipe['class_weight_power'], 2)}",
-                  f"- Schedule: {_value(recipe['schedule'])}",
-                  f"- Augmentation: {_value(recipe['augmentation'])}",
-                  "- Training time: " + (
-                      f"{recipe['training_seconds']:.0f} s" if recipe["training_seconds"]
-                      is not None else "not recorded")
-                  + (f" on {_value(recipe['machine'])}" if recipe["machine"] else "")]
-    else:
-        lines.append("- not recorded")
-    lines += ["", "## Validation", ""]
-    validation = card["validation"]
-    lines += ([f"- {k}: {_value(v)}" for k, v in validation.items()] if validation
-              else ["- not recorded"])
-    lines += ["", "## Calibration and referral", ""]
-    calibration = card["calibration"]
-    if calibration:
-        ref = calibration["referral"] or {}
-        lines += [f"- Temperature {_value(calibration['temperature'])}; fitted on "
-                  f"{_value(calibration['fitted_on'])}",
-                  f"- Refer at malignant_prob >= {_value(ref.get('threshold'), 4)}: sensitivity "
-                  f"{_value(ref.get('sensitivity'))} (target {_value(ref.get('target_sensitivity'), 2)}), "
-                  f"specificity {_value(ref.get('specificity'))}",
-                  *_decision_lines(calibration),
-                  _ood_line(calibration["ood"])]
-    else:
-        lines.append("- not calibrated (`raysky calibrate` adds it)")
-    evaluation = card["evaluation"]
-    lines += ["", "## Evaluation", ""]
-    if evaluation:
-        lines.append(f"- {_value({k: v for k, v in evaluation.items() if k != 'referral'})}")
-        if evaluation.get("referral"):
-            lines.append(_referral_line(evaluation["referral"]))
-    else:
-        lines.append("- not measured (`raysky evaluate --update-card`)")
-    lines += ["", "## Subgroups", ""]
-    subgroups = card["subgroups"]
-    if subgroups:
-        # Deferred: checkpoint.py imports this module, and the audit pulls in scikit-learn.
-        from raysky.audit.subgroups import group_rows
-        from raysky.metrics.intervals import format_interval
-
-        rows = []
-        for name, g in group_rows({"groupings": {}, **subgroups}):
-            notes = ", ".join(n for n, on in (("too few", g.get("too_few")),
-                                              ("flagged", g.get("flagged"))) if on)
-            rows.append([name, f"{g['n']}", f"{g['malignant_n']}",
-                         *(format_interval(g.get(k), 3) for k in (
-                             "balanced_accuracy", "malignant_auc", "sensitivity", "specificity")),
-                         notes])
-        lines += _table(f"Resampled by {subgroups.get('resampled_by')}; referral threshold "
-                        f"{_value(subgroups.get('threshold'), 4)}.",
-                        ("group", "n", "malignant", "balanced accuracy", "malignant AUC",
-                         "sensitivity", "specificity", "notes"), rows)
-    else:
-        lines.append("- not measured (`raysky evaluate --classifier CKPT --update-card OUT`)")
-    lines += ["", "## Robustness to dermoscopic artefacts", ""]
-    robustness = card["robustness"]
-    if robustness:
-        lines += _table(
-            f"{robustness.get('images')} images, artefacts placed with "
-            f"{robustness.get('masks')} masks.",
-            ("artefact", "flip rate", "mean abs. change malignant_prob", "change macro AUPRC",
-             "change malignant AUC", "artefact attention", "its area"),
-            ([kind, _value(r["flip_rate"]["value"]), _value(r["mean_abs_delta_malignant_prob"]),
-              _value(r["macro_auprc"]["delta"]), _value(r["malignant_auc"]["delta"]),
-              _value(r["artefact_attention"]), _value(r["artefact_area_frac"])]
-             for kind, r in robustness.get("by_artefact", {}).items()))
-    else:
-        lines.append("- not measured (`raysky robustness --update-card OUT`)")
+             f"# Model card: raysky {model['kind']} {model['version']}"]
+    for title, section in _MARKDOWN_SECTIONS:
+        lines += ["", f"## {title}", "", *section(card)]
     lines += ["", "## Intended use", "", card["intended_use"], "", "## Known limits", ""]
     lines += [f"- {limit}" for limit in card["limitations"]]
     return "\n".join(lines) + "\n"
@@ -453,22 +467,3 @@ def write_card(uri: str, meta: dict) -> dict:
                         json.dumps(card, indent=2, default=str).encode())
     storage.write_bytes(storage.join(uri, CARD_MARKDOWN), render_markdown(card).encode())
     return card
-
-
-def update_card(source_uri: str, target_uri: str, sections: dict[str, dict]) -> dict:
-    """Write a new version of the checkpoint at ``source_uri`` to ``target_uri`` whose card
-    gains (or replaces) ``sections`` (names from :data:`SECTIONS`); returns the new
-    ``config.json``.
-
-    The weights are copied byte for byte after their sha256 is verified, so the new version
-    has the same ``version`` and ``weights_sha256``; ``target_uri`` must differ from
-    ``source_uri``, which is left unchanged.
-    """
-    from raysky.models.checkpoint import read_checkpoint_meta, save_version
-
-    unknown = sorted(set(sections) - set(SECTIONS))
-    if unknown:
-        raise ValueError(f"unknown card section(s) {', '.join(unknown)}; expected "
-                         f"{', '.join(SECTIONS)}")
-    card = {**read_checkpoint_meta(source_uri).get("card", {}), **sections}
-    return save_version(source_uri, target_uri, {"card": card})

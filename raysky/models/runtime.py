@@ -37,7 +37,7 @@ def select_device(use_gpu: bool = False) -> torch.device:
 
     if use_gpu:
         if not torch.cuda.is_available():
-            raise RuntimeError("--gpu was given but torch sees no CUDA device on this node")
+            raise RuntimeError("use_gpu is set but torch sees no CUDA device on this node")
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 

@@ -42,7 +42,7 @@ from torch import nn
 from raysky import __version__, storage
 from raysky.models.checkpoint import LoadedModel, load_checkpoint
 from raysky.models.segmenter import MASK_THRESHOLD
-from raysky.onnx import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
+from raysky.onnx.opsets import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 
 FORMAT = "raysky-onnx/1"
 PARITY_ATOL = 1e-4

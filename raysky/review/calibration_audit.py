@@ -14,10 +14,16 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from raysky.audit.subgroups import STANDARD, audit_table, subgroup_audit
+from raysky.calibration.evaluation import calibration_metrics, results_calibration_version
+from raysky.calibration.referral import refer
+from raysky.calibration.temperature import recalibrate
+from raysky.data.ids import normalize_id
 from raysky.data.records import LesionRecord
 from raysky.data.taxonomy import MALIGNANT_CLASSES
-from raysky.results import PROB_PREFIX
-from raysky.review.inputs import BINARY_COLUMNS, normalize_id
+from raysky.results.columns import PROB_PREFIX
+from raysky.review.inputs import BINARY_COLUMNS
+from raysky.settings import ParameterError
 
 
 def referral_decisions(rows: pd.DataFrame, checkpoint_calibration: dict | None
@@ -29,10 +35,6 @@ def referral_decisions(rows: pd.DataFrame, checkpoint_calibration: dict | None
     of the row's ``prob_<class>`` columns, recalibrated by its temperature when the results are
     uncalibrated. Row by row, so any selection of the same rows gets the same decisions.
     """
-    from raysky.calibration.evaluation import results_calibration_version
-    from raysky.calibration.referral import refer
-    from raysky.calibration.temperature import recalibrate
-
     if len(rows) and "refer" in rows.columns and rows["refer"].notna().all():
         return rows["refer"].astype(bool).to_numpy()
     record = checkpoint_calibration or {}
@@ -60,8 +62,6 @@ def calibration_figures(labelled: pd.DataFrame, classes: Sequence[str], probs: n
     calibration the results were scored with, the checkpoint's ``checkpoint_calibration`` and
     the rows' :func:`referral_decisions`, with intervals by lesion.
     """
-    from raysky.calibration.evaluation import calibration_metrics, results_calibration_version
-
     index = {code: i for i, code in enumerate(classes)}
     return calibration_metrics(
         labelled["label"].map(index).to_numpy(dtype=np.int64), probs,
@@ -85,10 +85,6 @@ def calibrated_subgroups(frame: pd.DataFrame, records: Sequence[LesionRecord],
     scored with a checkpoint that has a calibration are recalibrated first, as for the
     calibration figures.
     """
-    from raysky.audit.subgroups import STANDARD, audit_table, subgroup_audit
-    from raysky.calibration.evaluation import results_calibration_version
-    from raysky.calibration.temperature import recalibrate
-
     table = audit_table(frame, records)
     wanted = [name for name in by if name not in table.columns and name not in STANDARD]
     if wanted and metadata is not None:
@@ -106,8 +102,8 @@ def calibrated_subgroups(frame: pd.DataFrame, records: Sequence[LesionRecord],
                         *(metadata.columns if metadata is not None else ())} - {"image_id"})
         source = (f" or {metadata.attrs.get('source', 'the metadata')}" if metadata is not None
                   else " (this layout has no metadata file)")
-        raise ValueError(f"--by {', '.join(missing)}: no such column in the results, the records"
-                         f"{source}; columns to group by: {', '.join(there)}")
+        raise ParameterError("by", missing, f"no such column in the results, the records"
+                             f"{source}; columns to group by: {', '.join(there)}")
     record = checkpoint_calibration or {}
     threshold = float(record["referral"]["threshold"]) if record.get("referral") else None
     ok = (table["status"] == "ok").to_numpy()
@@ -133,6 +129,8 @@ def checkpoint_calibration_for(frame: pd.DataFrame, classifier_uri: str) -> dict
 
     The checkpoint's weights version must be the results' ``classifier_version``.
     """
+    # Here, not at the top: the checkpoint module loads torch, which evaluate needs only when
+    # it is given a checkpoint.
     from raysky.models.checkpoint import read_checkpoint_meta
 
     meta = read_checkpoint_meta(classifier_uri)

@@ -16,8 +16,9 @@ defined values only.
 The work is split by stage: :mod:`raysky.review.inputs` reads and joins,
 :mod:`raysky.review.task_metrics` computes the per-task figures,
 :mod:`raysky.review.calibration_audit` the calibration and subgroup parts, and
-:mod:`raysky.review.output` writes and formats them. This module ties them together and
-re-exports their names, which callers import from here.
+:mod:`raysky.review.output` writes and formats them. This module ties them together:
+:func:`evaluate` and :func:`evaluate_frame` are its only public names; the others are imported
+from the module that defines them.
 """
 
 from __future__ import annotations
@@ -28,42 +29,28 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pandas as pd
 
-from raysky.data.images import ImageDecodeError, decode_mask, load_mask
+from raysky.calibration.decision import decision_metrics
+from raysky.data.image_errors import ImageDecodeError
+from raysky.data.images import decode_mask, load_mask
 from raysky.data.readers import metadata_frame
-from raysky.data.records import LesionRecord
+from raysky.data.records import DatasetRef, LesionRecord
+from raysky.data.splits import read_split
 from raysky.data.taxonomy import order_classes
-from raysky.results import PROB_PREFIX
+from raysky.results.columns import result_classes
+from raysky.results.ground_truth import join_ground_truth
 from raysky.review.calibration_audit import (
     calibrated_subgroups,
     calibration_figures,
     checkpoint_calibration_for,
 )
-from raysky.review.inputs import (
-    BINARY_COLUMNS,
-    REQUIRED_COLUMNS,
-    join_ground_truth,
-    normalize_id,
-    read_ground_truth,
-    read_results,
-    result_classes,
-    results_columns,
-)
-from raysky.review.output import card_sections, format_table, write_json
+from raysky.review.inputs import read_results, results_columns
+from raysky.review.settings import LOW_FOCUS_THRESHOLD
 from raysky.review.task_metrics import (
-    LOW_FOCUS_THRESHOLD,
     class_probabilities,
     classification_metrics,
     focus_statistics,
     segmentation_metrics,
 )
-
-__all__ = [
-    "BINARY_COLUMNS", "LOW_FOCUS_THRESHOLD", "PROB_PREFIX", "REQUIRED_COLUMNS", "card_sections",
-    "checkpoint_calibration_for", "class_probabilities", "classification_metrics", "evaluate",
-    "evaluate_frame", "focus_statistics", "format_table", "join_ground_truth", "normalize_id",
-    "read_ground_truth", "read_results", "result_classes", "results_columns",
-    "segmentation_metrics", "write_json",
-]
 
 
 def _load_truth_masks(uris: Sequence[str]) -> list[np.ndarray]:
@@ -105,8 +92,6 @@ def evaluate_frame(frame: pd.DataFrame, records: Sequence[LesionRecord],
         out["classification"]["classes_not_predicted"] = [
             c for c in classes if c not in model_classes]
         if "predicted_class" in labelled.columns:
-            from raysky.calibration.decision import decision_metrics
-
             # ISIC's balanced accuracy is of the probabilities' argmax; with a calibration's
             # decision offsets, predicted_class differs from it, and this is its figure.
             out["classification"]["decision"] = decision_metrics(
@@ -144,8 +129,20 @@ def evaluate_frame(frame: pd.DataFrame, records: Sequence[LesionRecord],
     return out
 
 
-def evaluate(results_uri: str, data_uri: str, format: str, metadata_uri: str | None = None,
-             split: str | None = None, low_focus: float = LOW_FOCUS_THRESHOLD,
+def evaluate_against(frame: pd.DataFrame, dataset: DatasetRef,
+                     low_focus: float = LOW_FOCUS_THRESHOLD, classifier_uri: str | None = None,
+                     by: Sequence[str] = ()) -> tuple[dict, list[LesionRecord]]:
+    """:func:`evaluate_frame` of ``frame`` against ``dataset`` (its split, by
+    :func:`raysky.data.splits.read_split`), with the calibration of ``classifier_uri`` and the
+    dataset's metadata file for ``by``: what ``raysky evaluate`` and the report both compute.
+    Returns the metrics and the ground-truth records."""
+    records = read_split(dataset)
+    calibration = checkpoint_calibration_for(frame, classifier_uri) if classifier_uri else None
+    metadata = metadata_frame(dataset.uri, dataset.format, dataset.metadata) if by else None
+    return evaluate_frame(frame, records, low_focus, calibration, by, metadata), records
+
+
+def evaluate(results_uri: str, dataset: DatasetRef, low_focus: float = LOW_FOCUS_THRESHOLD,
              classifier_uri: str | None = None, by: Sequence[str] = ()) -> dict:
     """Read results and ground truth (local or ``s3://``) and compute every metric.
 
@@ -156,14 +153,10 @@ def evaluate(results_uri: str, data_uri: str, format: str, metadata_uri: str | N
     """
     columns = [name for name in results_columns(results_uri) if name != "heatmap_png"]
     frame = read_results(results_uri, columns)
-    records = read_ground_truth(data_uri, format, metadata_uri, split)
-    calibration = checkpoint_calibration_for(frame, classifier_uri) if classifier_uri else None
-    metadata = metadata_frame(data_uri, format, metadata_uri) if by else None
-    metrics = evaluate_frame(frame, records, low_focus, calibration, by, metadata)
+    metrics, _records = evaluate_against(frame, dataset, low_focus, classifier_uri, by)
     if metrics["coverage"]["matched"] == 0:
         raise ValueError(
-            f"no result in {results_uri} matches an image of {data_uri} ({format}); examples: "
-            f"results {metrics['coverage']['examples_without_ground_truth'][:3]}, ground truth "
-            f"{metrics['coverage']['examples_without_results'][:3]}")
-    return {"results": str(results_uri), "data": str(data_uri), "format": format,
-            **({"split": split} if split else {}), **metrics}
+            f"no result in {results_uri} matches an image of {dataset.uri} ({dataset.format}); "
+            f"examples: results {metrics['coverage']['examples_without_ground_truth'][:3]}, "
+            f"ground truth {metrics['coverage']['examples_without_results'][:3]}")
+    return {"results": str(results_uri), **dataset.describe(), **metrics}

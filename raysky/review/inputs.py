@@ -1,38 +1,26 @@
-"""Reading what ``raysky evaluate`` scores: a results table and its ground truth, and joining them.
+"""Reading what ``raysky evaluate`` scores: a results table and its ground truth.
 
-Results and ground truth are matched on ``image_id`` as ISIC matches them (an image suffix
-dropped); :func:`join_ground_truth` counts what did not match in ``coverage``.
+Result ids are matched as ISIC matches them (:func:`raysky.data.ids.normalize_id`, an image
+suffix dropped); :func:`raysky.results.ground_truth.join_ground_truth` joins the two.
 """
 
 from __future__ import annotations
 
-import posixpath
 from collections.abc import Sequence
 
 import pandas as pd
 
-from raysky import results, storage
-from raysky.data.readers import read_dataset, read_isic2018
-from raysky.data.records import LesionRecord
-from raysky.data.taxonomy import canonical_label, order_classes
-from raysky.results import PROB_PREFIX
+from raysky.data.ids import normalize_id, suffixed_ids
+from raysky.results import reader
+from raysky.results.columns import PROB_PREFIX, result_classes
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("image_id", "status")
 BINARY_COLUMNS: tuple[str, ...] = ("mask_png", "heatmap_png")
-_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-
-
-def normalize_id(image_id: object) -> str:
-    """``image_id`` as results and ground truth are matched on: stripped, and without an image
-    suffix (``.jpg``, ``.jpeg``, ``.png``, any case), since ISIC's own scorer accepts ids with one."""
-    text = str(image_id).strip()
-    stem, ext = posixpath.splitext(text)
-    return stem if ext.lower() in _IMAGE_SUFFIXES else text
 
 
 def results_columns(uri: str) -> list[str]:
     """Column names of results (a Parquet file or folder), from the first file's footer only."""
-    return list(results.schema(uri).names)
+    return list(reader.schema(uri).names)
 
 
 def read_results(uri: str, columns: Sequence[str] | None = None,
@@ -58,82 +46,8 @@ def read_results(uri: str, columns: Sequence[str] | None = None,
             wanted.append(name)
     if image_ids is not None:
         # Callers hold matched ids (suffix dropped); the file may store x.png or x.jpeg.
-        image_ids = [*image_ids, *(f"{i}{suffix}" for i in image_ids for suffix in
-                                   (*_IMAGE_SUFFIXES, *(x.upper() for x in _IMAGE_SUFFIXES)))]
-    frame = results.read(uri, wanted, image_ids=image_ids)
+        image_ids = suffixed_ids(image_ids)
+    frame = reader.read(uri, wanted, image_ids=image_ids)
     frame["image_id"] = frame["image_id"].map(normalize_id)
     result_classes(frame, uri)  # validates the class columns early, with the URI in the error
     return frame.reset_index(drop=True)
-
-
-def result_classes(frame: pd.DataFrame, source: str = "results") -> tuple[str, ...]:
-    """The model's classes, from the ``prob_<class>`` columns, in canonical order."""
-    codes = []
-    for name in frame.columns:
-        if name.startswith(PROB_PREFIX):
-            suffix = name[len(PROB_PREFIX):]
-            try:
-                code = canonical_label(suffix)
-            except ValueError as exc:
-                raise ValueError(f"{source}: column {name!r}: {exc}") from None
-            if code != suffix:
-                raise ValueError(f"{source}: column {name!r} should be {PROB_PREFIX}{code}")
-            codes.append(code)
-    return order_classes(codes)
-
-
-def read_ground_truth(uri: str, format: str, metadata_uri: str | None = None,
-                      split: str | None = None) -> list[LesionRecord]:
-    """Ground-truth records from any supported layout, optionally one split of them.
-
-    ``split`` picks an ISIC 2018 split (Training, Validation, Test) for ``isic2018``, and for
-    the other layouts a split of the ``splits.csv`` at the dataset root (train, val, test), so
-    figures can be restricted to images the model never trained on.
-    """
-    if split is not None and str(format).lower() == "isic2018":
-        return read_isic2018(uri, split)
-    records = read_dataset(uri, format, metadata_uri)
-    if split is None:
-        return records
-    from raysky.data.splits import SPLIT_FILE, select_split
-
-    split_uri = storage.join(uri, SPLIT_FILE)
-    if not storage.exists(split_uri):
-        raise ValueError(f"--split {split} needs {split_uri} (image_id,split), which does not exist")
-    return select_split(records, split_uri, split)
-
-
-def join_ground_truth(frame: pd.DataFrame, records: Sequence[LesionRecord]
-                      ) -> tuple[pd.DataFrame, dict]:
-    """Attach ``label``, ``mask_uri`` and ``lesion_id`` from ``records`` to the result rows with
-    ground truth (the lesion id is the unit of every interval, see
-    :mod:`raysky.metrics.intervals`).
-
-    Returns the joined rows (all statuses) and a ``coverage`` dict counting results, ground
-    truth, matches, scoring errors among the matches, and unmatched ids on either side (with
-    the first few of each listed so that a wrong ``--data`` folder is obvious).
-    """
-    truth = pd.DataFrame(
-        {"image_id": [normalize_id(r.image_id) for r in records],
-         "label": [r.label for r in records],
-         "mask_uri": [r.mask_uri for r in records],
-         "lesion_id": [r.lesion_id for r in records]},
-        columns=["image_id", "label", "mask_uri", "lesion_id"],
-    ).drop_duplicates("image_id")
-    # A results column of the same name (none today) would win over the records'.
-    truth = truth.drop(columns=[c for c in ("lesion_id",) if c in frame.columns])
-    joined = frame.merge(truth, on="image_id", how="inner", validate="one_to_one")
-    result_ids, truth_ids = set(frame["image_id"]), set(truth["image_id"])
-    no_truth = sorted(result_ids - truth_ids)
-    no_result = sorted(truth_ids - result_ids)
-    coverage = {
-        "results": int(len(frame)),
-        "ground_truth": int(len(truth)),
-        "matched": int(len(joined)),
-        "scoring_errors": int((joined["status"] != "ok").sum()),
-        "results_without_ground_truth": len(no_truth),
-        "ground_truth_without_results": len(no_result),
-        "examples_without_ground_truth": no_truth[:10],
-        "examples_without_results": no_result[:10],
-    }
-    return joined, coverage

@@ -3,17 +3,11 @@ model-card sections, all from the dict :func:`raysky.review.evaluate.evaluate` r
 
 from __future__ import annotations
 
-import json
 import math
 
-from raysky import storage
+from raysky.audit.subgroups import format_subgroups
+from raysky.calibration.evaluation import format_calibration
 from raysky.jsonable import to_jsonable
-
-
-def write_json(metrics: dict, uri: str) -> None:
-    """Write ``metrics`` as indented strict JSON (NaN as null) to a local path or ``s3://``."""
-    text = json.dumps(to_jsonable(metrics), indent=2, allow_nan=False)
-    storage.write_bytes(uri, (text + "\n").encode())
 
 
 def _fmt(value) -> str:
@@ -56,12 +50,8 @@ def format_table(metrics: dict) -> str:
         for code, row, tied in zip(cm["classes"], cm["matrix"], cm["undecided"], strict=True):
             lines.append("  " + f"{code:<10}" + "".join(f"{n:>7}" for n in row) + f"{tied:>7}")
     if metrics.get("calibration"):
-        from raysky.calibration.evaluation import format_calibration
-
         lines += format_calibration(metrics["calibration"])
     if metrics.get("subgroups"):
-        from raysky.audit.subgroups import format_subgroups
-
         lines += ["", "Subgroups (malignant vs benign; bootstrap 95% intervals)",
                   *("  " + line for line in format_subgroups(metrics["subgroups"]).splitlines())]
     focus = metrics.get("lesion_focus")

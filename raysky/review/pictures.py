@@ -11,7 +11,8 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from raysky.data.images import ImageDecodeError, load_rgb
+from raysky.data.image_errors import ImageDecodeError
+from raysky.data.images import load_rgb
 from raysky.review.svg import UnitSquare
 
 THUMBNAIL_SIZE = 240

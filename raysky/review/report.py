@@ -7,7 +7,7 @@ scripts.
 
 The page is the Jinja2 template ``templates/report.html.j2`` (style sheet ``report.css`` beside
 it), rendered with autoescape on. The SVG plots and the sections that
-:mod:`raysky.calibration.plots` and :mod:`raysky.audit.plots` build (and escape) are passed in
+:mod:`raysky.review.reliability_plot` and :mod:`raysky.review.audit_plots` build (and escape) are passed in
 as ``Markup``; every other value, image ids, paths and error messages included, is escaped by
 the template.
 
@@ -35,24 +35,16 @@ from markupsafe import Markup
 from PIL import Image
 
 from raysky import storage
-from raysky.audit.plots import robustness_section, subgroup_section
-from raysky.calibration.plots import reliability_section
-from raysky.data.images import ImageDecodeError, decode_mask
-from raysky.data.readers import metadata_frame
+from raysky.audit.paired import ROBUSTNESS_FILE
+from raysky.data.image_errors import ImageDecodeError
+from raysky.data.images import decode_mask
+from raysky.data.records import DatasetRef
 from raysky.data.taxonomy import MALIGNANT_CLASSES
 from raysky.metrics.isic import binary_metrics, roc_points
-from raysky.review.evaluate import (
-    LOW_FOCUS_THRESHOLD,
-    PROB_PREFIX,
-    checkpoint_calibration_for,
-    class_probabilities,
-    evaluate_frame,
-    focus_statistics,
-    read_ground_truth,
-    read_results,
-    result_classes,
-    results_columns,
-)
+from raysky.results.columns import PROB_PREFIX, result_classes
+from raysky.review.audit_plots import robustness_section, subgroup_section
+from raysky.review.evaluate import evaluate_against
+from raysky.review.inputs import read_results, results_columns
 from raysky.review.pictures import (
     data_uri,
     decode_heatmap,
@@ -60,6 +52,9 @@ from raysky.review.pictures import (
     load_picture,
     roc_svg,
 )
+from raysky.review.reliability_plot import reliability_section
+from raysky.review.settings import ReportOptions
+from raysky.review.task_metrics import class_probabilities, focus_statistics
 
 _LIGHT_COLUMNS = ("image_id", "source_uri", "status", "error", "width", "height",
                   "predicted_class", "malignant_prob", "lesion_area_frac", "lesion_focus",
@@ -130,12 +125,10 @@ def _per_class_rows(metrics: dict) -> list[tuple[str, dict]]:
 
 def _robustness(folder: str) -> Markup:
     """The robustness section from ``<folder>/robustness.json`` and its example strips."""
-    from raysky.audit.robustness import OUTPUT_FILE
-
-    path = os.path.join(folder, OUTPUT_FILE)
+    path = os.path.join(folder, ROBUSTNESS_FILE)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"--robustness {folder}: no {OUTPUT_FILE} (the --out of a "
-                                "raysky robustness run)")
+        raise FileNotFoundError(f"robustness_dir {folder}: no {ROBUSTNESS_FILE} (the out folder "
+                                "of a raysky robustness run)")
     with open(path) as handle:
         report = json.load(handle)
     strips = {}
@@ -187,49 +180,92 @@ def _pictures_for(rows: pd.DataFrame, binaries: pd.DataFrame) -> dict[str, tuple
                                       strict=True)))
 
 
-def build_report(results_uri: str, out_uri: str, data_uri: str | None = None,
-                 format: str | None = None, metadata_uri: str | None = None,
-                 split: str | None = None, top_n: int = 24, max_flagged: int = 48,
-                 low_focus: float = LOW_FOCUS_THRESHOLD, title: str = "raysky review",
-                 classifier_uri: str | None = None, by: Sequence[str] = (),
-                 robustness_dir: str | None = None) -> dict:
+def _ground_truth(results_uri: str, names: Sequence[str], dataset: DatasetRef,
+                  options: ReportOptions) -> tuple[dict, dict[str, str]]:
+    """The metrics against ``dataset`` and each labelled image's label."""
+    with_masks = read_results(results_uri, [n for n in names if n != "heatmap_png"])
+    metrics, records = evaluate_against(with_masks, dataset, options.low_focus,
+                                        options.classifier_uri, options.by)
+    return metrics, {r.image_id: r.label for r in records if r.label is not None}
+
+
+def _selections(ok: pd.DataFrame, options: ReportOptions) -> dict[str, pd.DataFrame]:
+    """The rows each part of the page shows: the gallery (highest ``malignant_prob``), every
+    low-focus row and the first ``max_flagged`` of them, every OOD row and the first of them."""
+    focus = ok["lesion_focus"] if "lesion_focus" in ok.columns else pd.Series(dtype=float)
+    low = ok[focus < options.low_focus].sort_values("lesion_focus", kind="stable")
+    ood = (ok[ok["ood"].fillna(False).astype(bool)].sort_values("ood_score", ascending=False,
+                                                                kind="stable")
+           if "ood" in ok.columns else ok.iloc[:0])
+    return {"gallery": ok.sort_values("malignant_prob", ascending=False,
+                                      kind="stable").head(options.top_n),
+            "low": low, "flagged": low.head(options.max_flagged), "ood": ood,
+            "ood_shown": ood.head(options.max_flagged), "focus": focus}
+
+
+def _summary_rows(frame: pd.DataFrame, ok: pd.DataFrame, errors: pd.DataFrame,
+                  focus_stats: dict, low_focus: float) -> list[tuple]:
+    return [
+        (len(frame), "images"), (len(ok), "scored"), (len(errors), "scoring errors"),
+        (_fmt(float(ok["malignant_prob"].mean()) if len(ok) else math.nan),
+         "mean malignant probability"),
+        (int((ok["malignant_prob"] >= 0.5).sum()), "malignant probability >= 0.5"),
+        (_fmt(focus_stats["median"]), "median lesion focus"),
+        (focus_stats["low_focus"], f"lesion focus < {low_focus:g}"),
+    ]
+
+
+def _run_facts(ok: pd.DataFrame) -> tuple[str, str]:
+    """The checkpoint versions the rows were scored with, and when."""
+    versions = sorted({f"{s} / {c}" for s, c in zip(ok.get("segmenter_version", []),
+                                                     ok.get("classifier_version", []),
+                                                     strict=True)})
+    scored_at = ""
+    if "scored_at" in ok.columns and ok["scored_at"].notna().any():
+        first, last = (f"{t:%Y-%m-%d %H:%M}" for t in (ok["scored_at"].min(), ok["scored_at"].max()))
+        scored_at = f"scored {first}" + (f" to {last}" if last != first else "") + "; "
+    return ", ".join(versions), scored_at
+
+
+def _metric_sections(page_data: dict, metrics: dict, ok: pd.DataFrame,
+                     labels: dict[str, str]) -> None:
+    """Fill the parts of ``page_data`` that need ground truth."""
+    # Built (and escaped) by their own modules, which their tests check directly.
+    page_data["calibration"] = Markup(reliability_section(metrics.get("calibration")))
+    page_data["subgroups"] = Markup(subgroup_section(metrics.get("subgroups")))
+    page_data["per_class"] = _per_class_rows(metrics)
+    if metrics.get("classification"):
+        page_data["confusion"] = confusion_cells(metrics["classification"]["confusion_matrix"])
+    matched = ok[ok["image_id"].isin(labels)].copy()
+    if len(matched) and "classification" in metrics:
+        matched["label"] = matched["image_id"].map(labels)
+        page_data["roc"] = _roc_curves(matched, metrics["classification"]["classes"])
+
+
+def build_report(results_uri: str, out_uri: str, dataset: DatasetRef | None = None,
+                 options: ReportOptions | None = None) -> dict:
     """Write the HTML review page for ``results_uri`` to ``out_uri`` (local or ``s3://``).
 
-    With ``data_uri`` and ``format`` the page adds ISIC metrics, a confusion matrix and ROC
-    curves (see :func:`raysky.review.evaluate.evaluate_frame`) and the reliability diagram, before and
-    after calibration when ``classifier_uri`` names the checkpoint scored with, and the subgroup
-    audit (by sex, age band, site, skin tone and the ``by`` metadata columns) with its forest
-    plot. ``robustness_dir``, the ``--out`` of a ``raysky robustness`` run, adds its table and
-    one example strip per artefact type. Only the rows shown in the gallery and
-    the flagged list have their masks and heatmaps read, so the page builds quickly from large
-    results. Returns counts of what the page shows.
+    With a ground-truth ``dataset`` the page adds ISIC metrics, a confusion matrix and ROC
+    curves (see :func:`raysky.review.evaluate.evaluate_frame`) and the reliability diagram,
+    before and after calibration when ``options.classifier_uri`` names the checkpoint scored
+    with, and the subgroup audit (by sex, age band, site, skin tone and the ``options.by``
+    metadata columns) with its forest plot. ``options.robustness_dir``, the ``out`` of a
+    ``raysky robustness`` run, adds its table and one example strip per artefact type. Only
+    the rows shown in the gallery and the flagged list have their masks and heatmaps read, so
+    the page builds quickly from large results. Returns counts of what the page shows.
     """
+    options = options or ReportOptions()
     names = results_columns(results_uri)
-    light = [name for name in names if name in _LIGHT_COLUMNS]
-    frame = read_results(results_uri, light)
+    frame = read_results(results_uri, [name for name in names if name in _LIGHT_COLUMNS])
     classes = result_classes(frame)
     ok = frame[frame["status"] == "ok"]
     errors = frame[frame["status"] != "ok"]
-
-    metrics, labels = None, {}
-    if data_uri is not None:
-        records = read_ground_truth(data_uri, format, metadata_uri, split)
-        with_masks = read_results(results_uri, [n for n in names if n != "heatmap_png"])
-        calibration = (checkpoint_calibration_for(with_masks, classifier_uri)
-                       if classifier_uri else None)
-        metadata = metadata_frame(data_uri, format, metadata_uri) if by else None
-        metrics = evaluate_frame(with_masks, records, low_focus, calibration, by, metadata)
-        labels = {r.image_id: r.label for r in records if r.label is not None}
-
-    gallery = ok.sort_values("malignant_prob", ascending=False, kind="stable").head(top_n)
-    focus = ok["lesion_focus"] if "lesion_focus" in ok.columns else pd.Series(dtype=float)
-    low = ok[focus < low_focus].sort_values("lesion_focus", kind="stable")
-    flagged = low.head(max_flagged)
-    ood_rows = (ok[ok["ood"].fillna(False).astype(bool)].sort_values("ood_score", ascending=False,
-                                                                     kind="stable")
-                if "ood" in ok.columns else ok.iloc[:0])
-    ood_shown = ood_rows.head(max_flagged)
-    shown = pd.concat([gallery, flagged, ood_shown]).drop_duplicates("image_id")
+    metrics, labels = (_ground_truth(results_uri, names, dataset, options)
+                       if dataset is not None else (None, {}))
+    chosen = _selections(ok, options)
+    shown = pd.concat([chosen["gallery"], chosen["flagged"], chosen["ood_shown"]]
+                      ).drop_duplicates("image_id")
     binary_columns = [n for n in ("mask_png", "heatmap_png") if n in names]
     binaries = (read_results(results_uri, ["image_id", *binary_columns],
                              image_ids=shown["image_id"].tolist())
@@ -237,56 +273,36 @@ def build_report(results_uri: str, out_uri: str, data_uri: str | None = None,
     pictures = _pictures_for(shown, binaries) if len(shown) else {}
 
     def cards(rows: pd.DataFrame) -> list[dict]:
-        return [_card(row, classes, pictures[row["image_id"]], low_focus,
+        return [_card(row, classes, pictures[row["image_id"]], options.low_focus,
                       labels.get(row["image_id"])) for _, row in rows.iterrows()]
 
-    focus_stats = focus_statistics(focus.to_numpy(dtype=np.float64), low_threshold=low_focus)
-    versions = sorted({f"{s} / {c}" for s, c in zip(ok.get("segmenter_version", []),
-                                                     ok.get("classifier_version", []),
-                                                     strict=True)})
+    focus_stats = focus_statistics(chosen["focus"].to_numpy(dtype=np.float64),
+                                   low_threshold=options.low_focus)
+    versions, scored_at = _run_facts(ok)
     counts = ok["predicted_class"].value_counts() if len(ok) else pd.Series(dtype=int)
-    scored_at = ""
-    if "scored_at" in ok.columns and ok["scored_at"].notna().any():
-        first, last = (f"{t:%Y-%m-%d %H:%M}" for t in (ok["scored_at"].min(), ok["scored_at"].max()))
-        scored_at = f"scored {first}" + (f" to {last}" if last != first else "") + "; "
+    ood_rows = chosen["ood"]
     page_data = {
-        "title": title, "results_uri": str(results_uri), "scored_at": scored_at,
-        "versions": ", ".join(versions),
-        "generated": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}",
-        "summary": [
-            (len(frame), "images"), (len(ok), "scored"), (len(errors), "scoring errors"),
-            (_fmt(float(ok["malignant_prob"].mean()) if len(ok) else math.nan),
-             "mean malignant probability"),
-            (int((ok["malignant_prob"] >= 0.5).sum()), "malignant probability >= 0.5"),
-            (_fmt(focus_stats["median"]), "median lesion focus"),
-            (focus_stats["low_focus"], f"lesion focus < {low_focus:g}"),
-        ],
+        "title": options.title, "results_uri": str(results_uri), "scored_at": scored_at,
+        "versions": versions, "generated": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}",
+        "summary": _summary_rows(frame, ok, errors, focus_stats, options.low_focus),
         "class_counts": [(c, int(counts.get(c, 0))) for c in classes],
         "metrics": metrics, "per_class": [], "confusion": None, "roc": None,
         "calibration": "", "subgroups": "",
-        "gallery": cards(gallery), "flagged": cards(flagged), "low_count": len(low),
-        "low_focus": low_focus,
+        "gallery": cards(chosen["gallery"]), "flagged": cards(chosen["flagged"]),
+        "low_count": len(chosen["low"]), "low_focus": options.low_focus,
         "errors": [(str(r["image_id"]), str(r.get("source_uri", "")), str(r.get("error", "")))
                    for _, r in errors.iterrows()],
         "ood": None if "ood" not in ok.columns else {
-            "count": len(ood_rows), "cards": cards(ood_shown),
+            "count": len(ood_rows), "cards": cards(chosen["ood_shown"]),
             "rows": [(str(r["image_id"]), float(r["ood_score"]), str(r.get("source_uri", "")))
                      for _, r in ood_rows.iterrows()]},
-        "robustness": _robustness(robustness_dir) if robustness_dir is not None else "",
+        "robustness": (_robustness(options.robustness_dir)
+                       if options.robustness_dir is not None else ""),
     }
     if metrics is not None:
-        # Built (and escaped) by their own modules, which their tests check directly.
-        page_data["calibration"] = Markup(reliability_section(metrics.get("calibration")))
-        page_data["subgroups"] = Markup(subgroup_section(metrics.get("subgroups")))
-        page_data["per_class"] = _per_class_rows(metrics)
-        if metrics.get("classification"):
-            page_data["confusion"] = confusion_cells(
-                metrics["classification"]["confusion_matrix"])
-        matched = ok[ok["image_id"].isin(labels)].copy()
-        if len(matched) and "classification" in metrics:
-            matched["label"] = matched["image_id"].map(labels)
-            page_data["roc"] = _roc_curves(matched, metrics["classification"]["classes"])
+        _metric_sections(page_data, metrics, ok, labels)
     page = _environment().get_template("report.html.j2").render(page_data)
     storage.write_bytes(out_uri, page.encode("utf-8"))
-    return {"images": len(frame), "errors": len(errors), "gallery": len(gallery),
-            "flagged": len(flagged) + len(errors), "ood": len(ood_rows), "bytes": len(page)}
+    return {"images": len(frame), "errors": len(errors), "gallery": len(chosen["gallery"]),
+            "flagged": len(chosen["flagged"]) + len(errors), "ood": len(ood_rows),
+            "bytes": len(page)}

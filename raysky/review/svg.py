@@ -1,7 +1,7 @@
 """The axes the report's inline SVG plots share (no plotting library, no script): a unit-square
 frame with ticks, tick labels, axis titles and the dashed diagonal, a legend beside it, and the
 mapping from data coordinates in [0, 1] to pixels. Used by the ROC curves
-(:mod:`raysky.review.pictures`) and the reliability diagram (:mod:`raysky.calibration.plots`);
+(:mod:`raysky.review.pictures`) and the reliability diagram (:mod:`raysky.review.reliability_plot`);
 it imports nothing from raysky, so either may use it without an import cycle."""
 
 from __future__ import annotations

@@ -23,10 +23,8 @@ from raysky.metrics.isic import (
     jaccard_score,
     thresholded_jaccard,
 )
-from raysky.results import PROB_PREFIX
-
-LOW_FOCUS_THRESHOLD = 0.5
-"""Default lesion focus below which an image is flagged: most Grad-CAM evidence is off-lesion."""
+from raysky.results.columns import PROB_PREFIX
+from raysky.review.settings import LOW_FOCUS_THRESHOLD
 
 
 def _mean(values) -> float:

@@ -24,8 +24,10 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
-from raysky import results, storage
+from raysky import storage
 from raysky.data.taxonomy import ISIC_COLUMN_NAMES
+from raysky.results import reader
+from raysky.results.columns import PROB_PREFIX, class_columns
 
 FORMATS: tuple[str, ...] = ("isic2018", "isic2019")
 EXTRA_COLUMNS: dict[str, tuple[str, ...]] = {"isic2018": (), "isic2019": ("UNK",)}
@@ -58,8 +60,8 @@ def submission_frame(frame, format: str):
 
     codes = list(ISIC_COLUMN_NAMES[format])
     probs = np.stack([
-        frame[f"{results.PROB_PREFIX}{code}"].to_numpy(np.float64)
-        if f"{results.PROB_PREFIX}{code}" in frame.columns else np.zeros(len(frame))
+        frame[f"{PROB_PREFIX}{code}"].to_numpy(np.float64)
+        if f"{PROB_PREFIX}{code}" in frame.columns else np.zeros(len(frame))
         for code in codes
     ], axis=1) if len(frame) else np.zeros((0, len(codes)))
     totals = probs.sum(axis=1, keepdims=True)
@@ -76,11 +78,11 @@ def export_results(format: str, results_uri: str, out_dir: str) -> ExportSummary
     """Write the ``format`` submission files for the results under ``results_uri`` to ``out_dir``."""
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r}; expected one of {', '.join(FORMATS)}")
-    probs = results.class_columns(results.schema(results_uri))
+    probs = class_columns(reader.schema(results_uri))
     if not probs:
         raise ValueError(f"{results_uri}: no prob_<class> columns; are these raysky results?")
     # Only the small columns are loaded whole; the mask PNGs are streamed file by file.
-    frame = results.read(results_uri, ["image_id", "status", *probs])
+    frame = reader.read(results_uri, ["image_id", "status", *probs])
     ok = frame[frame["status"] == "ok"]
     for image_id in ok["image_id"]:
         storage.check_name(image_id, f"image id in {results_uri}")
@@ -99,7 +101,7 @@ def _write_masks(results_uri: str, wanted: set[str], masks_uri: str) -> int:
     """Copy each wanted image's mask PNG out of the result files, one row group at a time."""
     storage.makedirs(masks_uri)
     written: set[str] = set()
-    for uri in results.result_files(results_uri):
+    for uri in reader.result_files(results_uri):
         fs, path = storage.resolve(uri)
         with fs.open_input_file(path) as handle:
             parquet = pq.ParquetFile(handle)

@@ -11,7 +11,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from raysky import storage
-from raysky.score import results, stages
+from raysky.data.archive import join_metadata, list_archive
+from raysky.data.manifest import SOURCE, is_manifest_uri, read_manifest
+from raysky.data.records import LesionRecord
+from raysky.results import reader
+from raysky.results.columns import model_output_schema, output_schema
+from raysky.score import stages
 
 PACK_MARKER = "_raysky_pack.json"
 """Written by ``raysky pack`` at the top of its output; marks a prefix of shards."""
@@ -37,7 +42,7 @@ def is_packed(uri: str) -> bool:
     ``.parquet`` file with the shards' ``image`` bytes column (any other is a manifest)."""
     uri = str(uri)
     if uri.lower().endswith(".parquet"):
-        return "image" in results.schema(uri).names
+        return "image" in reader.schema(uri).names
     return storage.exists(storage.join(uri, PACK_MARKER))
 
 
@@ -58,9 +63,6 @@ def _metadata_columns(ids: list[str], metadata_uri: str, paths: list[str] | None
                       source: str = "metadata") -> dict[str, list]:
     """Age, sex, site (with their source), lesion and patient of ``ids`` from a metadata
     CSV, joined by the archive reader's own rules."""
-    from raysky.data.readers import join_metadata
-    from raysky.data.records import LesionRecord
-
     records = join_metadata([LesionRecord(image_id=i, image_uri="") for i in ids], metadata_uri,
                             paths)
     columns = {name: [getattr(r, name) for r in records]
@@ -72,8 +74,6 @@ def _metadata_columns(ids: list[str], metadata_uri: str, paths: list[str] | None
 
 def _archive_table(uri: str, metadata_uri: str | None, existing: pa.Table | None) -> pa.Table:
     """The inputs under a raw prefix, their metadata, and a ``read_error`` for unsafe names."""
-    from raysky.data.archive import list_archive
-
     listing = list_archive(uri, kept=lambda uris: kept_ids(existing, uris))
     columns: dict[str, list] = {"image_id": listing.image_ids, "source_uri": listing.uris}
     if metadata_uri is not None:
@@ -92,8 +92,6 @@ def _manifest_table(uri: str, metadata_uri: str | None,
                     existing: pa.Table | None) -> tuple[pa.Table, pa.Schema]:
     """A manifest's rows as decode-stage input, its own columns last; ``metadata_uri`` fills
     what the manifest leaves empty."""
-    from raysky.data.manifest import SOURCE, read_manifest
-
     table = read_manifest(uri, kept=lambda uris: kept_ids(existing, uris))
     manifest, extra = table.table, table.extra
     clashing = [name for name in extra.names if name in _RESERVED]
@@ -121,7 +119,6 @@ def _manifest_table(uri: str, metadata_uri: str | None,
 
 
 def _reserved_names() -> frozenset[str]:
-    from raysky.score.schema import model_output_schema, output_schema
 
     return frozenset({*output_schema((), True).names, *model_output_schema((), True).names,
                       *stages.DECODED_SCHEMA.names, *stages.INPUT_EXTRAS, "image"})
@@ -140,8 +137,6 @@ def list_inputs(uri: str, metadata_uri: str | None = None, done: pa.Array | None
     and ``source_uri``) keeps the ids of inputs already there. For packed shards, only the
     ``image_id`` column is read here; the bytes stay in the shards for the workers.
     """
-    from raysky.data.manifest import is_manifest_uri
-
     done = done if done is not None else pa.array([], pa.string())
     if is_manifest_uri(uri) and not is_packed(uri):
         table, extra = _manifest_table(uri, metadata_uri, existing)
@@ -154,11 +149,11 @@ def list_inputs(uri: str, metadata_uri: str | None = None, done: pa.Array | None
 
 
 def _shard_inputs(uri: str, metadata_uri: str | None, done: pa.Array) -> Inputs:
-    shards = results.result_files(uri)
+    shards = reader.result_files(uri)
     if not shards:
         raise FileNotFoundError(f"{uri}: no Parquet shards found")
-    ids = results.read_table(shards, ["image_id"]).column("image_id").combine_chunks()
-    repeated = results.duplicate_ids(ids)
+    ids = reader.read_table(shards, ["image_id"]).column("image_id").combine_chunks()
+    repeated = reader.duplicate_ids(ids)
     if repeated:
         raise ValueError(f"{uri}: {len(repeated)} image ids appear in several shard rows "
                          f"({', '.join(map(repr, repeated[:5]))}); pack each object once")
@@ -167,7 +162,7 @@ def _shard_inputs(uri: str, metadata_uri: str | None, done: pa.Array) -> Inputs:
         raise ValueError(f"{uri}: {len(unsafe)} shard rows have unsafe image ids "
                          f"({', '.join(map(repr, unsafe[:5]))}): "
                          f"{storage.name_problem(unsafe[0], nested=False)}")
-    available = set(results.read_table(shards[:1]).schema.names)
+    available = set(reader.read_table(shards[:1]).schema.names)
     if not {"image_id", "source_uri", "image"} <= available:
         raise ValueError(f"{shards[0]}: shards need columns image_id, source_uri and image "
                          f"(found {', '.join(sorted(available))})")
@@ -185,9 +180,6 @@ def _shard_metadata(ids: list[str], metadata_uri: str) -> pa.Table:
     """Metadata for shard rows, joined by the archive reader's own rules."""
     # The archive reader's join (id column names, ids with or without extension) is reused so
     # packed and raw input resolve metadata identically.
-    from raysky.data.readers import join_metadata
-    from raysky.data.records import LesionRecord
-
     records = join_metadata([LesionRecord(image_id=i, image_uri="") for i in ids], metadata_uri)
     return pa.table({"image_id": ids, **{name: [getattr(r, name) for r in records]
                                          for name in stages.METADATA_FIELDS}})
@@ -198,7 +190,7 @@ def lost_ids(inputs: Inputs, done: pa.Array) -> pa.Array:
     if inputs.table is not None:
         ids = inputs.table["image_id"]
     else:
-        ids = results.read_table(inputs.shards, ["image_id"]).column("image_id")
+        ids = reader.read_table(inputs.shards, ["image_id"]).column("image_id")
     ids = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
     return ids.filter(pc.invert(pc.is_in(ids, value_set=done)))
 
@@ -207,5 +199,5 @@ def input_rows(inputs: Inputs, ids: pa.Array) -> pa.Table:
     """The input rows (with the image bytes, for packed shards) of ``ids``."""
     if inputs.table is not None:
         return inputs.table.filter(pc.is_in(inputs.table["image_id"], value_set=ids))
-    return results.read_table(inputs.shards, inputs.shard_columns,
+    return reader.read_table(inputs.shards, inputs.shard_columns,
                               row_filter=pc.field("image_id").isin(ids.to_pylist()))

@@ -36,7 +36,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raysky import storage
-from raysky.score.results import read_table, result_files
+from raysky.results.reader import read_table, result_files
 
 FILE_PREFIX = "part-"
 TMP_PREFIX = ".tmp-"

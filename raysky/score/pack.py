@@ -21,10 +21,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from raysky.cluster import ensure_ray
+from raysky.data.archive import join_metadata, list_archive
+from raysky.data.records import LesionRecord
 from raysky.progress import Progress
 from raysky.score import lock as output_lock
 from raysky.score import output as out
-from raysky.score.inputs import PACK_MARKER
+from raysky.score.inputs import PACK_MARKER, kept_ids
 from raysky.score.pipeline import WRITE_CPUS, Written, collect_written, input_blocks
 from raysky.score.stages import MAX_INPUT_BYTES, read_failure, read_limited, write_batch
 
@@ -81,10 +83,6 @@ def read_objects(batch: pa.Table, max_bytes: int = MAX_INPUT_BYTES) -> pa.Table:
 
 def _listed_records(input_uri: str, metadata_uri: str | None, existing: pa.Table) -> pa.Table:
     """The objects to pack, in :data:`RECORD_SCHEMA` plus the listing's ``read_error``."""
-    from raysky.data.archive import join_metadata, list_archive
-    from raysky.data.records import LesionRecord
-    from raysky.score.inputs import kept_ids
-
     listing = list_archive(input_uri, kept=lambda uris: kept_ids(existing, uris))
     records = [LesionRecord(image_id=image_id, image_uri=uri)
                for image_id, uri in zip(listing.image_ids, listing.uris, strict=True)]

@@ -21,11 +21,12 @@ from raysky import storage
 from raysky.cluster import TASK_RETRIES, ensure_ray
 from raysky.data.images import decode_batch_memory
 from raysky.progress import Progress, format_duration
+from raysky.results import reader, summary
+from raysky.results.columns import output_schema
 from raysky.score import lock as output_lock
 from raysky.score import output as out
-from raysky.score import results, stages
+from raysky.score import stages
 from raysky.score.inputs import Inputs, input_rows, list_inputs, lost_ids
-from raysky.score.schema import output_schema
 from raysky.score.settings import ScoreSettings
 
 RUN_CONFIG = "_raysky_score.json"
@@ -88,7 +89,7 @@ class ScoreSummary:
         if self.warnings:
             head += (f"\n{self.warnings} inputs scored with a warning (see the results' "
                      "warning column)")
-        body = results.format_summary(self.totals) if self.totals else ""
+        body = summary.format_summary(self.totals) if self.totals else ""
         return f"{head}\n{self.output}\n{body}".rstrip()
 
 
@@ -104,8 +105,8 @@ def _pool(settings: ScoreSettings):
             # The pool would hold every CPU and the decode/encode tasks feeding it could never run.
             raise ValueError(
                 f"{settings.workers} model worker(s) x {settings.cpus_per_worker} CPU leave none of "
-                f"the cluster's {resources.get('CPU', 0):g} CPUs for decoding; lower --workers or "
-                "--cpus-per-worker, or leave --workers unset to size the pool automatically")
+                f"the cluster's {resources.get('CPU', 0):g} CPUs for decoding; lower workers or "
+                "cpus_per_worker, or leave workers unset to size the pool automatically")
         return ActorPoolStrategy(size=settings.workers)
     if settings.gpus_per_worker > 0:
         fit = resources.get("GPU", 0) / settings.gpus_per_worker
@@ -215,7 +216,7 @@ def build_dataset(inputs: Inputs, settings: ScoreSettings, classes: tuple[str, .
         "tta": settings.tta, "extra": inputs.extra,
     }
     if settings.engine == "onnx":
-        from raysky.onnx.runtime import OnnxScoreModel, exported_models
+        from raysky.score.onnx_engine import OnnxScoreModel, exported_models
 
         model_stage, model_kwargs = OnnxScoreModel, {
             **exported_models(settings.segmenter, settings.classifier),
@@ -348,7 +349,7 @@ def score_archive(settings: ScoreSettings) -> ScoreSummary:
                                    "run; run the same command again to score them")
         held.check()
         out.write_success(settings.output, run_id, inputs.total, len(done))
-    totals = results.summarize(settings.output, settings.top) if results.result_files(
+    totals = summary.summarize(settings.output, settings.top) if reader.result_files(
         settings.output) else {}
     return ScoreSummary(
         output=settings.output, run_id=run_id, inputs=inputs.total,

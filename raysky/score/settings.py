@@ -1,17 +1,20 @@
-"""The settings of one scoring run (``raysky score``, ``jobs/score_archive.py``)."""
+"""The settings of one scoring run (``raysky score``, ``jobs/score_archive.py``) and of the
+robustness run that scores one folder per artefact kind (``raysky robustness``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from raysky import storage
+from raysky.audit.artefacts import ARTEFACT_KINDS
 from raysky.data.images import DEFAULT_MAX_PIXELS
+from raysky.data.records import DatasetRef
 from raysky.models.runtime import PRECISIONS
 from raysky.score import lock as output_lock
-from raysky.settings import TTA_HELP, setting
+from raysky.settings import TTA_HELP, same_as, setting
 
 ENGINES = ("torch", "onnx")
-"""What runs the models of a scoring run (see :mod:`raysky.onnx.runtime`)."""
+"""What runs the models of a scoring run (see :mod:`raysky.score.onnx_engine`)."""
 
 
 @dataclass
@@ -92,3 +95,43 @@ class ScoreSettings:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+
+@dataclass
+class RobustnessSettings:
+    """One robustness run: the models, the data, the artefacts and where the work goes.
+
+    ``out`` is a local folder that this command owns (an existing one must hold an earlier
+    robustness run). ``limit`` scores a seeded sample of that many images. The scoring
+    fields are passed to :class:`raysky.score.ScoreSettings`.
+    """
+
+    segmenter: str = setting(help="segmenter checkpoint")
+    classifier: str = setting(help="classifier checkpoint")
+    data: str = setting(help="dataset: local folder or s3:// prefix")
+    format: str = setting(help="layout of the dataset")
+    out: str = setting("robustness", help="local working and output folder")
+    split: str | None = setting(
+        None, help="one split: for isic2018 Training, Validation or Test; otherwise train, val "
+        "or test of the splits.csv at the dataset root")
+    metadata: str | None = setting(None, help="metadata CSV, for the archive format")
+    artefacts: tuple[str, ...] = setting(ARTEFACT_KINDS, help="artefact types")
+    limit: int | None = setting(None, help="a seeded sample of this many images instead of all")
+    seed: int = setting(0, help="artefacts, sample and bootstrap seed")
+    replicates: int = setting(200, help="bootstrap replicates for the intervals")
+    # Handed on to ScoreSettings, so they mean what its fields mean (batch_size: smaller here).
+    batch_size: int = same_as(ScoreSettings, "batch_size", default=8)
+    workers: int | None = same_as(ScoreSettings, "workers")
+    cpus_per_worker: int = same_as(ScoreSettings, "cpus_per_worker")
+    gpus_per_worker: float = same_as(ScoreSettings, "gpus_per_worker")
+    ray_address: str | None = same_as(ScoreSettings, "ray_address")
+    progress: bool = same_as(ScoreSettings, "progress")
+
+    def dataset(self) -> DatasetRef:
+        """The dataset the images come from, with its split."""
+        return DatasetRef(self.data, self.format, self.metadata, self.split)
+
+    def identity(self) -> dict:
+        """What decides the images and results: a run with the same identity may resume."""
+        keys = ("segmenter", "classifier", "data", "format", "split", "metadata", "limit", "seed")
+        return {k: getattr(self, k) for k in keys} | {"artefacts": list(self.artefacts)}

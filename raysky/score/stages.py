@@ -25,10 +25,11 @@ import pyarrow.compute as pc
 
 from raysky import storage
 from raysky.data.dicom import DicomFacts, decode_dicom, is_dicom
-from raysky.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, encode_png
+from raysky.data.image_errors import ImageDecodeError
+from raysky.data.images import DEFAULT_MAX_PIXELS, decode_image, encode_png
 from raysky.models.runtime import on_torch_thread, set_torch_threads
+from raysky.results.columns import INPUT_FACTS, PROB_PREFIX, model_output_schema
 from raysky.score.output import write_pieces
-from raysky.score.schema import INPUT_FACTS, PROB_PREFIX, model_output_schema
 
 MAX_INPUT_BYTES = 256 * 1024 * 1024
 """Objects larger than this are not read at all; no dermoscopy image comes near it."""
@@ -153,7 +154,7 @@ def _column(batch: pa.Table, name: str) -> list:
 
 def _input_metadata(batch: pa.Table, metadata: pa.Table | None) -> dict[str, list]:
     """Each row's age, sex and site with their sources (see
-    :data:`raysky.score.schema.SOURCES`); ``metadata`` (a ``--metadata`` CSV joined by id, for
+    :data:`raysky.results.columns.SOURCES`); ``metadata`` (a ``--metadata`` CSV joined by id, for
     packed shards) replaces the rows' own. A value without a recorded source was joined from
     a metadata CSV (by ``raysky pack``)."""
     columns = {name: _column(batch, name) for name in METADATA_FIELDS}

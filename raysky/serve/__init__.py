@@ -1,24 +1,18 @@
 """The live endpoint: a batched, autoscaled, API-key-secured Ray Serve application.
 
 ``run_server(ServeSettings(...))`` deploys it and returns its URL; ``shutdown()`` stops it;
-``build_app`` is the builder Serve's own tools import (``infra/serve/raysky.yaml``).
+``build_app`` is the builder Serve's own tools import (``infra/serve/raysky.yaml``). Public
+names load on first use (:mod:`raysky.exports`), so ``raysky --help`` and code that only reads
+settings stay fast.
 """
 
 from __future__ import annotations
 
-from raysky.serve.config import AppConfig, ServeSettings
+from raysky.exports import lazy_exports
 
-__all__ = ["AppConfig", "ServeSettings", "build_app", "run_server", "serve_forever", "shutdown"]
-
-_LAZY = {"build_app": "raysky.serve.app", "run_server": "raysky.serve.server",
-         "serve_forever": "raysky.serve.server", "shutdown": "raysky.serve.server"}
-
-
-def __getattr__(name: str):
-    # Ray Serve, torch and the models load on first use, so `raysky --help` and code that
-    # only reads settings stay fast.
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'raysky.serve' has no attribute {name!r}")
+_MODULES = {
+    "AppConfig": "config", "ServeSettings": "config", "build_app": "app", "run_server": "server",
+    "serve_forever": "server", "shutdown": "server",
+}
+__all__ = sorted(_MODULES)
+__getattr__, __dir__ = lazy_exports(__name__, _MODULES)

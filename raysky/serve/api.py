@@ -157,38 +157,111 @@ PREDICT_REQUEST_BODY = {
 }
 
 
-def create_api(backend: PredictBackend, options: ApiOptions | None = None,
-               keys: ApiKeyChecker | None = None, metrics: ServeMetrics | None = None) -> FastAPI:
-    """Build the FastAPI app over ``backend``.
+@dataclass
+class _Upload:
+    """One uploaded image: its bytes (until :meth:`take_bytes`), metadata and ``image_id``."""
 
-    ``keys`` defaults to the keys of this process's environment, which must exist (see
-    :func:`raysky.serve.security.replica_checker`); an empty :class:`ApiKeyChecker` turns
-    authentication off. Routes: ``POST /v1/predict``, ``GET /v1/model``, ``GET /healthz``,
-    ``GET /readyz``, and the Open Inference Protocol's health and metadata routes
-    (:mod:`raysky.serve.probes`); OpenAPI at ``/docs`` only with ``options.enable_docs``.
-    ``metrics`` (default: this replica's, see :mod:`raysky.serve.metrics`) records what the
-    model decides, the time per stage and the rejections.
-    """
-    options = options or ApiOptions()
-    keys = keys if keys is not None else replica_checker(None, None, allow_unauthenticated=False)
-    # The budget is in bytes; max_inflight_pixels counts pixels of 8-bit RGB.
-    budget = MemoryBudget(options.max_inflight_pixels * DECODE_BYTES_PER_PIXEL["RGB"])
-    access_logger = configure_access_log(options.access_log)
-    metrics = metrics if metrics is not None else ServeMetrics()
-    logger.info("raysky API: API-key auth %s",
-                f"enabled ({keys.num_keys} keys)" if keys.enabled else "disabled")
+    data: bytes | None
+    metadata: dict
+    image_id: str | None
 
-    docs = options.enable_docs
-    app = FastAPI(
-        title="raysky",
-        version=__version__,
-        description="Explainable skin-lesion classification: one dermoscopy image (plus optional "
-        "age, sex and site) in; class probabilities, lesion mask and Grad-CAM heatmap out.",
-        # Off by default: the schema maps the API for anyone who can reach the port.
-        docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None,
-        openapi_url="/openapi.json" if docs else None,
-    )
-    readiness = _CachedCall(backend.info, READY_CACHE_S)
+    def take_bytes(self) -> bytes:
+        """The bytes, dropping this object's reference so they can be freed once decoded."""
+        data, self.data = self.data, None
+        return data
+
+
+async def _read_upload(request: Request) -> _Upload:
+    """The uploaded image, its metadata and its ``image_id`` from a multipart form; a body
+    that is not one, or lacks the ``image`` file, is the client's mistake (415, 422)."""
+    content_type = request.headers.get("content-type", "")
+    if not content_type.lower().startswith("multipart/form-data"):
+        raise ApiError(415, "unsupported_media_type",
+                       f"expected a multipart/form-data body with an 'image' file, got "
+                       f"{content_type.split(';')[0] or 'no content type'}")
+    form = await request.form(max_files=1, max_fields=len(FORM_FIELDS), max_part_size=4096)
+    try:
+        metadata, image_id = parse_metadata(form)
+        upload = form.get("image")
+        if upload is None:
+            raise ApiError(422, "missing_field", "the 'image' file field is required", "image")
+        if not isinstance(upload, UploadFile):
+            raise ApiError(422, "invalid_field",
+                           "'image' must be a file part (with a filename)", "image")
+        return _Upload(await upload.read(), metadata, image_id)
+    finally:
+        await form.close()
+
+
+async def _run_model(backend: PredictBackend, budget: MemoryBudget, options: ApiOptions,
+                     metrics: ServeMetrics, entry: dict, upload: _Upload, request: dict
+                     ) -> tuple[dict, tuple[int, int], tuple[str | None, str | None]]:
+    """Decode the upload, run the models on it with ``request`` (explain, mask) and encode the
+    maps, holding the decoded image's bytes in ``budget`` meanwhile; returns the result, the
+    image's (width, height) and the encoded (mask, heatmap). The access-log ``entry`` gains
+    the image's size and the model's time."""
+    data = upload.take_bytes()
+    entry["image_bytes"] = len(data)
+    header = upload_header(data, options.max_pixels)
+    try:
+        async with budget.hold(header.decode_bytes, options.admission_timeout_s):
+            with metrics.timed("decode"):
+                image = await run_in_threadpool(decode_upload, data, options.max_pixels)
+            del data
+            # After EXIF orientation, which may swap the header's width and height.
+            height, width = image.shape[:2]
+            entry["image_width"], entry["image_height"] = width, height
+            model_start = time.perf_counter()
+            result = await backend.predict({"image": image, "metadata": upload.metadata,
+                                            **request})
+            # Queueing + batching + compute on the model side; latency_ms minus this is
+            # our own.
+            entry["model_ms"] = round((time.perf_counter() - model_start) * 1000.0, 2)
+            metrics.stage("model", time.perf_counter() - model_start)
+            del image
+            with metrics.timed("encode"):
+                maps = await run_in_threadpool(_encode_maps, result, request["mask"])
+    except BudgetTimeout:
+        raise ServiceUnavailable("too many large images are being scored; retry "
+                                 "shortly") from None
+    return result, (width, height), maps
+
+
+def _response(result: dict, image_id: str | None, size: tuple[int, int],
+              maps: tuple[str | None, str | None], elapsed_s: float,
+              request_id: str | None) -> dict[str, Any]:
+    """The JSON answer to ``POST /v1/predict``: the pipeline's ``result`` for the image of
+    ``size`` (width, height), with the encoded mask and heatmap ``maps``."""
+    focus = result["lesion_focus"]
+    return {
+        "image_id": image_id,
+        "width": size[0],
+        "height": size[1],
+        "classes": list(result["classes"]),
+        "probabilities": dict(zip(result["classes"], result["probabilities"], strict=True)),
+        "predicted_class": result["predicted_class"],
+        "malignant_prob": result["malignant_prob"],
+        "lesion_area_frac": result["lesion_area_frac"],
+        "lesion_focus": None if focus is None or math.isnan(focus) else focus,
+        # null when the classifier checkpoint has no calibration (raysky calibrate)
+        "refer": result.get("refer"),
+        "ood_score": result.get("ood_score"),
+        "ood": result.get("ood"),
+        "ita_deg": result.get("ita_deg"),
+        "skin_tone": result.get("skin_tone"),
+        "mask_png": maps[0],
+        "heatmap_png": maps[1],
+        "segmenter_version": result["segmenter_version"],
+        "classifier_version": result["classifier_version"],
+        "calibration_version": result.get("calibration_version"),
+        "latency_ms": round(elapsed_s * 1000.0, 2),
+        "request_id": request_id,
+    }
+
+
+def _add_error_handlers(app: FastAPI, options: ApiOptions) -> None:
+    """Every error, the API's own and the framework's, as one JSON error body (see
+    :mod:`raysky.serve.errors`); a client's mistake is never a 500."""
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
@@ -223,11 +296,9 @@ def create_api(backend: PredictBackend, options: ApiOptions | None = None,
         return error_response(request.scope, ApiError(
             500, "internal_error", "internal error; the request id identifies it in the logs"))
 
-    async def require_api_key(request: Request) -> None:
-        if not keys.check(request.headers.get("authorization")):
-            raise ApiError(401, "unauthorized", "missing or invalid API key "
-                           "(send 'Authorization: Bearer <key>')",
-                           headers={"WWW-Authenticate": "Bearer"})
+
+def _add_health_routes(app: FastAPI, readiness: _CachedCall, require_api_key) -> None:
+    """``/healthz``, ``/readyz`` and the Open Inference Protocol's probes."""
 
     @app.get("/healthz", summary="Liveness: the HTTP layer answers",
              responses=error_responses())
@@ -243,6 +314,63 @@ def create_api(backend: PredictBackend, options: ApiOptions | None = None,
         return {"status": "ready"}
 
     add_probes(app, readiness, require_api_key)
+
+
+def _new_app(options: ApiOptions) -> FastAPI:
+    docs = options.enable_docs
+    app = FastAPI(
+        title="raysky",
+        version=__version__,
+        description="Explainable skin-lesion classification: one dermoscopy image (plus optional "
+        "age, sex and site) in; class probabilities, lesion mask and Grad-CAM heatmap out.",
+        # Off by default: the schema maps the API for anyone who can reach the port.
+        docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
+    )
+    return app
+
+
+def _api_key_dependency(keys: ApiKeyChecker):
+    """The route dependency that refuses a request without a valid API key (401)."""
+
+    async def require_api_key(request: Request) -> None:
+        if not keys.check(request.headers.get("authorization")):
+            raise ApiError(401, "unauthorized", "missing or invalid API key "
+                           "(send 'Authorization: Bearer <key>')",
+                           headers={"WWW-Authenticate": "Bearer"})
+
+    return require_api_key
+
+
+def create_api(backend: PredictBackend, options: ApiOptions | None = None,
+               keys: ApiKeyChecker | None = None, metrics: ServeMetrics | None = None) -> FastAPI:
+    """Build the FastAPI app over ``backend``.
+
+    ``keys`` defaults to the keys of this process's environment, which must exist (see
+    :func:`raysky.serve.security.replica_checker`); an empty :class:`ApiKeyChecker` turns
+    authentication off. Routes: ``POST /v1/predict``, ``GET /v1/model``, ``GET /healthz``,
+    ``GET /readyz``, and the Open Inference Protocol's health and metadata routes
+    (:mod:`raysky.serve.probes`); OpenAPI at ``/docs`` only with ``options.enable_docs``.
+    ``metrics`` (default: this replica's, see :mod:`raysky.serve.metrics`) records what the
+    model decides, the time per stage and the rejections.
+    """
+    options = options or ApiOptions()
+    keys = keys if keys is not None else replica_checker(None, None, allow_unauthenticated=False)
+    # The budget is in bytes; max_inflight_pixels counts pixels of 8-bit RGB.
+    budget = MemoryBudget(options.max_inflight_pixels * DECODE_BYTES_PER_PIXEL["RGB"])
+    access_logger = configure_access_log(options.access_log)
+    metrics = metrics if metrics is not None else ServeMetrics()
+    logger.info("raysky API: API-key auth %s",
+                f"enabled ({keys.num_keys} keys)" if keys.enabled else "disabled")
+
+    app = _new_app(options)
+    readiness = _CachedCall(backend.info, READY_CACHE_S)
+
+    _add_error_handlers(app, options)
+
+    require_api_key = _api_key_dependency(keys)
+
+    _add_health_routes(app, readiness, require_api_key)
 
     @app.get("/v1/model", dependencies=[Depends(require_api_key)],
              summary="Classes, input sizes, versions, batching and the model cards of the "
@@ -276,75 +404,13 @@ def create_api(backend: PredictBackend, options: ApiOptions | None = None,
         category, null where too little skin is usable.
         """
         start = time.perf_counter()
-        content_type = request.headers.get("content-type", "")
-        if not content_type.lower().startswith("multipart/form-data"):
-            raise ApiError(415, "unsupported_media_type",
-                           f"expected a multipart/form-data body with an 'image' file, got "
-                           f"{content_type.split(';')[0] or 'no content type'}")
-        form = await request.form(max_files=1, max_fields=len(FORM_FIELDS),
-                                  max_part_size=4096)
-        try:
-            metadata, image_id = parse_metadata(form)
-            upload = form.get("image")
-            if upload is None:
-                raise ApiError(422, "missing_field", "the 'image' file field is required",
-                               "image")
-            if not isinstance(upload, UploadFile):
-                raise ApiError(422, "invalid_field",
-                               "'image' must be a file part (with a filename)", "image")
-            data = await upload.read()
-        finally:
-            await form.close()
+        upload = await _read_upload(request)
         entry = request.scope.get(ACCESS_SCOPE_KEY, {})
-        entry["image_bytes"] = len(data)
-        header = upload_header(data, options.max_pixels)
-        try:
-            async with budget.hold(header.decode_bytes, options.admission_timeout_s):
-                with metrics.timed("decode"):
-                    image = await run_in_threadpool(decode_upload, data, options.max_pixels)
-                del data
-                # After EXIF orientation, which may swap the header's width and height.
-                height, width = image.shape[:2]
-                entry["image_width"], entry["image_height"] = width, height
-                model_start = time.perf_counter()
-                result = await backend.predict({"image": image, "metadata": metadata,
-                                                "explain": explain, "mask": mask})
-                # Queueing + batching + compute on the model side; latency_ms minus this is
-                # our own.
-                entry["model_ms"] = round((time.perf_counter() - model_start) * 1000.0, 2)
-                metrics.stage("model", time.perf_counter() - model_start)
-                del image
-                with metrics.timed("encode"):
-                    mask_png, heatmap_png = await run_in_threadpool(_encode_maps, result, mask)
-        except BudgetTimeout:
-            raise ServiceUnavailable("too many large images are being scored; retry "
-                                     "shortly") from None
+        result, size, maps = await _run_model(backend, budget, options, metrics, entry, upload,
+                                               {"explain": explain, "mask": mask})
         metrics.prediction(result)
-        focus = result["lesion_focus"]
-        return {
-            "image_id": image_id,
-            "width": width,
-            "height": height,
-            "classes": list(result["classes"]),
-            "probabilities": dict(zip(result["classes"], result["probabilities"], strict=True)),
-            "predicted_class": result["predicted_class"],
-            "malignant_prob": result["malignant_prob"],
-            "lesion_area_frac": result["lesion_area_frac"],
-            "lesion_focus": None if focus is None or math.isnan(focus) else focus,
-            # null when the classifier checkpoint has no calibration (raysky calibrate)
-            "refer": result.get("refer"),
-            "ood_score": result.get("ood_score"),
-            "ood": result.get("ood"),
-            "ita_deg": result.get("ita_deg"),
-            "skin_tone": result.get("skin_tone"),
-            "mask_png": mask_png,
-            "heatmap_png": heatmap_png,
-            "segmenter_version": result["segmenter_version"],
-            "classifier_version": result["classifier_version"],
-            "calibration_version": result.get("calibration_version"),
-            "latency_ms": round((time.perf_counter() - start) * 1000.0, 2),
-            "request_id": entry.get("request_id"),
-        }
+        return _response(result, upload.image_id, size, maps,
+                         time.perf_counter() - start, entry.get("request_id"))
 
     # Order matters: the access log wraps everything, including 413s decided from headers.
     app.add_middleware(BodyLimitMiddleware, max_bytes=options.max_body_bytes)

@@ -8,12 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from raysky.data.images import (
-    ImageDecodeError,
-    ImageHeader,
-    decode_image,
-    read_image_header,
-)
+from raysky.data.image_errors import ImageDecodeError
+from raysky.data.images import ImageHeader, decode_image, read_image_header
 from raysky.data.metadata import (
     MAX_AGE_YEARS,
     SEX_SPELLINGS,

@@ -18,7 +18,8 @@ import numpy as np
 from PIL import Image
 
 from raysky import storage
-from raysky.data.images import ImageDecodeError, decode_mask, load_rgb
+from raysky.data.image_errors import ImageDecodeError
+from raysky.data.images import decode_mask, load_rgb
 from raysky.data.metadata import MetadataVocab
 from raysky.data.readers import read_dataset
 from raysky.data.records import LesionRecord

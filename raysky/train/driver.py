@@ -257,7 +257,8 @@ def _calibrate_best(summary: TrainResult, val: list[LesionRecord],
     weights are fine, and ``raysky calibrate`` can calibrate them later on more data.
     """
     from raysky.calibration import NotEnoughCalibrationData
-    from raysky.calibration.collect import calibrate_checkpoint, describe_calibration
+    from raysky.calibration.fit import describe_calibration
+    from raysky.train.calibrate import calibrate_checkpoint
 
     if summary.best_checkpoint_uri is None:
         print("classifier: calibration skipped: the run reported no best checkpoint", flush=True)

@@ -19,7 +19,8 @@ from dataclasses import replace
 import numpy as np
 
 from raysky import storage
-from raysky.data.images import ImageDecodeError, encode_png, load_rgb
+from raysky.data.image_errors import ImageDecodeError
+from raysky.data.images import encode_png, load_rgb
 from raysky.data.records import LesionRecord
 from raysky.inference import binary_mask, segment_probabilities
 from raysky.models.checkpoint import load_checkpoint

@@ -1,15 +1,14 @@
 """The subgroup section of ``raysky report``: the audit table and a forest plot of malignant AUC
 with 95% intervals, as inline SVG (no plotting library, no script), like the reliability
-diagram of :mod:`raysky.calibration.plots`."""
+diagram of :mod:`raysky.review.reliability_plot`."""
 
 from __future__ import annotations
 
 import html
 import math
 
-from raysky.audit.subgroups import group_rows
 from raysky.data.taxonomy import MALIGNANT_CLASSES
-from raysky.metrics.intervals import format_interval
+from raysky.metrics.intervals import format_interval, group_rows
 
 _POINT, _FLAGGED, _FEW = "#0072B2", "#D55E00", "#999999"  # Okabe-Ito, as elsewhere in the report
 

@@ -1,6 +1,8 @@
 """The columns of a results file, defined once: the writer (:mod:`raysky.score.stages`) builds
-its tables in :func:`output_schema`, and the reader (:mod:`raysky.score.results`) derives from
-it where the columns added since the first format go when it reads older files.
+its tables in :func:`output_schema`, and the reader (:mod:`raysky.results.reader`) derives from
+it where the columns added since the first format go when it reads older files. The model's
+classes are named by the ``prob_<class>`` columns (:func:`class_columns`,
+:func:`result_classes`).
 """
 
 from __future__ import annotations
@@ -8,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import pyarrow as pa
+
+from raysky.data.taxonomy import canonical_label, order_classes
 
 PROB_PREFIX = "prob_"
 """Per-class probability columns are named ``prob_<class code>``."""
@@ -27,6 +31,8 @@ patient; the metadata the classifier was given, each with its source (``manifest
 device facts (Manufacturer, Manufacturer's Model Name, Light Source Polarization, Contact
 Method); and a ``warning`` about the input that did not stop it being scored (a malformed
 DICOM PatientAge)."""
+CASE_COLUMNS: tuple[str, ...] = ("lesion_id", "patient_id")
+"""The columns results can be grouped by into cases (:mod:`raysky.results.cases`)."""
 SOURCES: tuple[str, ...] = ("manifest", "metadata", "dicom")
 """Values of ``age_source``, ``sex_source`` and ``site_source``."""
 
@@ -86,3 +92,28 @@ def added_column_places() -> dict[str, tuple[str, str]]:
         dtype = "float32" if fields.field(index).type == pa.float32() else "object"
         places[name] = (fields.names[index - 1], dtype)
     return places
+
+
+def class_columns(frame_or_schema) -> list[str]:
+    """The ``prob_<class>`` columns, in file order."""
+    names = frame_or_schema.columns if hasattr(frame_or_schema, "columns") else frame_or_schema.names
+    return [name for name in names if name.startswith(PROB_PREFIX)]
+
+
+def result_classes(frame, source: str = "results") -> tuple[str, ...]:
+    """The model's classes, from the ``prob_<class>`` columns of ``frame``, in canonical order.
+
+    A column whose suffix is not a known diagnosis, or not its canonical code, is a
+    ``ValueError`` naming ``source`` and the column.
+    """
+    codes = []
+    for name in class_columns(frame):
+        suffix = name[len(PROB_PREFIX):]
+        try:
+            code = canonical_label(suffix)
+        except ValueError as exc:
+            raise ValueError(f"{source}: column {name!r}: {exc}") from None
+        if code != suffix:
+            raise ValueError(f"{source}: column {name!r} should be {PROB_PREFIX}{code}")
+        codes.append(code)
+    return order_classes(codes)

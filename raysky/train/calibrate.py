@@ -17,13 +17,17 @@ import numpy as np
 import torch
 
 from raysky import storage
-from raysky.calibration.decision import describe_decision
 from raysky.calibration.fit import check_counts, fit_calibration
+from raysky.calibration.gate import GateEncoder
 from raysky.calibration.ood import DEFAULT_METHOD, IMAGE_METHODS
 from raysky.calibration.referral import DEFAULT_SENSITIVITY
-from raysky.data.images import ImageDecodeError, load_mask, load_rgb
+from raysky.data.image_errors import ImageDecodeError
+from raysky.data.images import load_mask, load_rgb
 from raysky.data.records import LesionRecord
+from raysky.inference import classifier_outputs, lesion_mask_input, segment_probabilities
 from raysky.models.checkpoint import LoadedModel, load_checkpoint, save_calibrated
+from raysky.models.preprocess import masks_to_tensor, metadata_to_tensors, model_input
+from raysky.models.runtime import select_device
 
 BATCH_SIZE = 16
 
@@ -69,10 +73,6 @@ def collect_outputs(classifier: LoadedModel, records: Sequence[LesionRecord],
     :class:`raysky.calibration.gate.GateEncoder`) its features of the same images are
     collected too.
     """
-    from raysky.inference import classifier_outputs, lesion_mask_input, segment_probabilities
-    from raysky.models.preprocess import masks_to_tensor, metadata_to_tensors, model_input
-    from raysky.models.runtime import select_device
-
     device = select_device(use_gpu)
     model = classifier.model.eval().to(device)
     seg_model = segmenter.model.eval().to(device) if segmenter is not None else None
@@ -130,7 +130,7 @@ def calibrate_checkpoint(classifier_uri: str, records: Sequence[LesionRecord], o
     ``out_uri`` must differ from ``classifier_uri``, which is left as it was.
     """
     if storage.join(str(out_uri), "") == storage.join(str(classifier_uri), ""):
-        raise ValueError("--out must differ from --classifier: calibration writes a new "
+        raise ValueError("out_uri must differ from classifier_uri: calibration writes a new "
                          "checkpoint version and leaves the original unchanged")
     classifier = load_checkpoint(classifier_uri, "classifier")
     source = str(fitted_on.get("data", "the data"))
@@ -140,9 +140,6 @@ def calibrate_checkpoint(classifier_uri: str, records: Sequence[LesionRecord], o
     segmenter = load_checkpoint(segmenter_uri, "segmenter") if segmenter_uri else None
     gate = None
     if ood_method in IMAGE_METHODS:
-        from raysky.calibration.gate import GateEncoder
-        from raysky.models.runtime import select_device
-
         gate = GateEncoder(device=select_device(use_gpu))
     outputs = collect_outputs(classifier, records, segmenter, use_gpu=use_gpu, gate=gate)
     if outputs.skipped:
@@ -156,16 +153,3 @@ def calibrate_checkpoint(classifier_uri: str, records: Sequence[LesionRecord], o
         training_counts=training.get("train_classes"),
         gate=None if gate is None else {"encoder": gate.record, "features": outputs.gate_features})
     return save_calibrated(classifier_uri, out_uri, record)
-
-
-def describe_calibration(record: dict) -> str:
-    """A few lines on a calibration record, for the terminal: the temperature, referral and
-    OOD figures, then the decision offsets (or that none are set)."""
-    ref, ood = record["referral"], record["ood"]
-    return (f"calibration {record['version']}: temperature {record['temperature']:.3f} (NLL "
-            f"{record['nll_before']:.3f} -> {record['nll_after']:.3f}); refer at malignant_prob "
-            f">= {ref['threshold']:.4f}: sensitivity {ref['sensitivity']:.3f} (target "
-            f"{ref['target_sensitivity']:g}), specificity {ref['specificity']:.3f} on "
-            f"{ref['n_malignant']} malignant / {ref['n_benign']} benign; OOD {ood['method']} "
-            f"> {ood['threshold']:.4g}; fitted on {record['fitted_on']['n']} images\n"
-            f"{describe_decision(record)}")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import html
 from collections.abc import Sequence
 
+from raysky.calibration.evaluation import referral_intervals
+from raysky.metrics.intervals import format_interval
 from raysky.review.svg import UnitSquare
 
 COLORS = ("#D55E00", "#0072B2")  # Okabe-Ito, as in raysky.review.pictures: before, after
@@ -48,9 +50,6 @@ def reliability_section(calibration: dict | None) -> str:
     ref = calibration.get("referral")
     referral = ""
     if ref:
-        from raysky.calibration.evaluation import referral_intervals
-        from raysky.metrics.intervals import format_interval
-
         sens, spec = referral_intervals(ref)
         referral = (f" Referral at malignant probability &ge; {_num(ref['threshold'])}: "
                     f"sensitivity {format_interval(sens)}, specificity "

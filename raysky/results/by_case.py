@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import pandas as pd
 
-CASE_COLUMNS: tuple[str, ...] = ("lesion_id", "patient_id")
-"""The columns results can be grouped by."""
+from raysky.results.columns import CASE_COLUMNS
+from raysky.results.reader import OPTIONAL_COLUMNS, read, schema
+
 _READ = ("image_id", "status", "malignant_prob", "predicted_class", "refer", "ood",
          "lesion_id", "patient_id")
 
@@ -65,8 +66,6 @@ def cases(source: str | pd.DataFrame, by: str = "lesion_id") -> pd.DataFrame:
     Raises ``ValueError`` when ``by`` is not a case column, or when no image has a value in
     it (results scored without a manifest or metadata that names lesions or patients).
     """
-    from raysky.score.results import OPTIONAL_COLUMNS, read, schema
-
     if by not in CASE_COLUMNS:
         raise ValueError(f"cannot group results by {by!r}: expected one of "
                          f"{', '.join(CASE_COLUMNS)}")
@@ -81,7 +80,7 @@ def cases(source: str | pd.DataFrame, by: str = "lesion_id") -> pd.DataFrame:
     if frame.empty or frame[by].isna().all():
         where = source if isinstance(source, str) else "the results"
         raise ValueError(f"no image in {where} has a {by}: score with a manifest or a "
-                         f"--metadata CSV that has a {by} column")
+                         f"metadata CSV that has a {by} column")
     # An image without a case value is a case of its own, never dropped.
     key = frame[by].astype(object).where(frame[by].notna(), "\0image:" + frame["image_id"])
     rows = [_case(group, by) for _key, group in frame.groupby(key, sort=False)]

@@ -20,76 +20,46 @@ import os
 import shutil
 import sys
 import zlib
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import torch
 from PIL import Image
 
 from raysky import storage
-from raysky.audit.artefacts import ARTEFACT_KINDS, add_artefact, parse_kinds
-from raysky.audit.paired import compare, example_strip, read_scored
-from raysky.audit.skin_tone import fit_mask
+from raysky.audit.artefacts import add_artefact, parse_kinds
+from raysky.audit.paired import ROBUSTNESS_FILE, compare, example_strip, read_scored
+from raysky.data.ids import archive_image_id
+from raysky.data.image_errors import ImageDecodeError
+from raysky.data.images import load_mask, load_rgb
 from raysky.data.records import LesionRecord
+from raysky.data.skin_tone import fit_mask
+from raysky.data.splits import read_split
+from raysky.inference import binary_mask, segment_probabilities
+from raysky.jsonable import write_json
+from raysky.models.checkpoint import load_checkpoint
 from raysky.progress import Progress
-from raysky.review.evaluate import read_ground_truth, write_json
-from raysky.score.settings import ScoreSettings
-from raysky.settings import same_as, setting
+from raysky.score.pipeline import score_archive
+from raysky.score.settings import RobustnessSettings, ScoreSettings
+from raysky.settings import ParameterError
 
 MARKER = "_raysky_robustness.json"
-OUTPUT_FILE = "robustness.json"
 CLEAN = "clean"
 _OWNED = ("images", "artefact_masks", "results", "examples", "metadata.csv", "images.csv",
-          OUTPUT_FILE)
+          ROBUSTNESS_FILE)
 EXAMPLES = 4
-
-
-@dataclass
-class RobustnessSettings:
-    """One robustness run: the models, the data, the artefacts and where the work goes.
-
-    ``out`` is a local folder that this command owns (an existing one must hold an earlier
-    robustness run). ``limit`` scores a seeded sample of that many images. The scoring
-    fields are passed to :class:`raysky.score.ScoreSettings`.
-    """
-
-    segmenter: str = setting(help="segmenter checkpoint")
-    classifier: str = setting(help="classifier checkpoint")
-    data: str = setting(help="dataset: local folder or s3:// prefix")
-    format: str = setting(help="layout of the dataset")
-    out: str = setting("robustness", help="local working and output folder")
-    split: str | None = setting(
-        None, help="one split: for isic2018 Training, Validation or Test; otherwise train, val "
-        "or test of the splits.csv at the dataset root")
-    metadata: str | None = setting(None, help="metadata CSV, for the archive format")
-    artefacts: tuple[str, ...] = setting(ARTEFACT_KINDS, help="artefact types")
-    limit: int | None = setting(None, help="a seeded sample of this many images instead of all")
-    seed: int = setting(0, help="artefacts, sample and bootstrap seed")
-    replicates: int = setting(200, help="bootstrap replicates for the intervals")
-    # Handed on to ScoreSettings, so they mean what its fields mean (batch_size: smaller here).
-    batch_size: int = same_as(ScoreSettings, "batch_size", default=8)
-    workers: int | None = same_as(ScoreSettings, "workers")
-    cpus_per_worker: int = same_as(ScoreSettings, "cpus_per_worker")
-    gpus_per_worker: float = same_as(ScoreSettings, "gpus_per_worker")
-    ray_address: str | None = same_as(ScoreSettings, "ray_address")
-    progress: bool = same_as(ScoreSettings, "progress")
-
-    def identity(self) -> dict:
-        """What decides the images and results: a run with the same identity may resume."""
-        keys = ("segmenter", "classifier", "data", "format", "split", "metadata", "limit", "seed")
-        return {k: getattr(self, k) for k in keys} | {"artefacts": list(self.artefacts)}
 
 
 def _claim_output(settings: RobustnessSettings) -> None:
     """Make ``out`` ours: new, empty, or an earlier run's (whose files go if it differs)."""
     out = settings.out
     if storage.is_s3(out):
-        raise ValueError(f"--out {out}: robustness writes its image folders locally; give a "
-                         "local folder")
+        raise ParameterError("out", out, "robustness writes its image folders locally; give a "
+                             "local folder")
     marker = os.path.join(out, MARKER)
     if os.path.isdir(out) and os.listdir(out) and not os.path.exists(marker):
-        raise ValueError(f"--out {out} holds files that raysky robustness did not write; give "
-                         "a new or empty folder")
+        raise ParameterError("out", out, "holds files that raysky robustness did not write; give "
+                             "a new or empty folder")
     if os.path.exists(marker):
         with open(marker) as fh:
             same = json.load(fh) == settings.identity()
@@ -116,11 +86,6 @@ def _select(records: list[LesionRecord], limit: int | None, seed: int) -> list[L
 
 def _segmenter_masks(settings: RobustnessSettings, images: list[np.ndarray], cache: dict
                      ) -> list[np.ndarray]:
-    import torch
-
-    from raysky.inference import binary_mask, segment_probabilities
-    from raysky.models.checkpoint import load_checkpoint
-
     if "segmenter" not in cache:
         cache["segmenter"] = load_checkpoint(settings.segmenter, "segmenter")
     model = cache["segmenter"]
@@ -142,9 +107,6 @@ def prepare_folders(settings: RobustnessSettings, records: list[LesionRecord]
     its file gets; ``label``, ``lesion_id``, ``mask_source``, the metadata and per kind the
     artefact's area fraction) and the images that could not be read, with the reason.
     """
-    from raysky.data.images import ImageDecodeError, load_mask, load_rgb
-    from raysky.data.readers import archive_image_id
-
     out, kinds, cache = settings.out, settings.artefacts, {}
     for name in (CLEAN, *kinds):
         os.makedirs(os.path.join(out, "images", name), exist_ok=True)
@@ -199,8 +161,6 @@ def prepare_folders(settings: RobustnessSettings, records: list[LesionRecord]
 
 def score_folders(settings: RobustnessSettings) -> dict[str, str]:
     """Score every folder with :func:`raysky.score.score_archive`; returns name -> results."""
-    from raysky.score import ScoreSettings, score_archive
-
     outputs = {}
     for name in (CLEAN, *settings.artefacts):
         outputs[name] = os.path.join(settings.out, "results", name)
@@ -222,9 +182,8 @@ def run_robustness(settings: RobustnessSettings) -> dict:
     ``settings.out`` and returns the same dict."""
     settings.artefacts = parse_kinds(settings.artefacts)
     if settings.limit is not None and settings.limit < 1:
-        raise ValueError(f"--limit must be at least 1, got {settings.limit}")
-    records = _select(read_ground_truth(settings.data, settings.format, settings.metadata,
-                                        settings.split), settings.limit, settings.seed)
+        raise ParameterError("limit", settings.limit, "must be at least 1")
+    records = _select(read_split(settings.dataset()), settings.limit, settings.seed)
     if not records:
         raise ValueError(f"{settings.data}: no images to test")
     _claim_output(settings)
@@ -249,7 +208,7 @@ def run_robustness(settings: RobustnessSettings) -> dict:
         report["by_artefact"][kind] = compare(clean, altered, table, kind, settings.out,
                                               settings.replicates, settings.seed)
         report["examples"][kind] = example_strip(settings.out, kind, altered, shown)
-    write_json(report, os.path.join(settings.out, OUTPUT_FILE))
+    write_json(report, os.path.join(settings.out, ROBUSTNESS_FILE))
     return report
 
 
