@@ -143,7 +143,7 @@ def test_grad_cam_is_refused_not_faked(exports, sample_images):
     ported = onnx_pipeline(exports["segmenter"].read_bytes(), exports["classifier"].read_bytes())
     with pytest.raises(RuntimeError, match="cannot compute Grad-CAM"):
         ported(sample_images[0][:1], sample_images[1][:1], explain=True)
-    assert "--no-heatmaps" in NO_AUTOGRAD
+    assert "heatmaps=False" in NO_AUTOGRAD
 
 
 def test_a_checkpoint_whose_weights_fail_their_sha256_is_refused(checkpoints, tmp_path, capsys):
