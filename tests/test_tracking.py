@@ -69,9 +69,11 @@ def test_evaluate_logs_its_figures_to_the_given_run(sample_dir, tmp_path, capsys
     results = tmp_path / "results.parquet"
     write_results(str(results), rows, HAM10000_CLASSES)
     store = str(tmp_path / "store")
-    uri, _ = resolve_uri(store)
+    uri, artifacts_dir = resolve_uri(store)
     client = MlflowClient(uri)
-    run_id = client.create_run(client.create_experiment("raysky")).info.run_id
+    # An experiment made here without a location would put its artifacts in ./mlruns.
+    experiment = client.create_experiment("raysky", artifact_location=artifacts_dir)
+    run_id = client.create_run(experiment).info.run_id
 
     assert main(["evaluate", "--results", str(results), "--data", str(sample_dir),
                  "--format", "ham10000", "--mlflow", store, "--mlflow-run-id", run_id,
