@@ -181,3 +181,18 @@ def test_a_card_without_training_records_says_so_in_its_front_matter(tmp_path):
     meta = yaml.safe_load(text[4:].split("\n---\n", 1)[0])
     assert meta["license"] == "other" and meta["pipeline_tag"] == "image-segmentation"
     assert "datasets" not in meta and "model-index" not in meta
+
+
+def test_the_evaluation_section_gives_the_decision_rules_balanced_accuracy_beside_isics():
+    """A calibrated model serves predicted_class with decision offsets; its card must say what
+    that scores, not only ISIC's argmax figure, which can be several points lower."""
+    from raysky.review.output import card_sections
+
+    classification = {"balanced_accuracy": 0.659, "auc": 0.92}
+    with_rule = card_sections({"classification": {**classification,
+                                                  "decision": {"balanced_accuracy": 0.727}}})
+    without = card_sections({"classification": classification})
+    assert with_rule["evaluation"]["balanced_accuracy_predicted_class"] == 0.727
+    assert "balanced_accuracy_predicted_class" not in without["evaluation"]
+    text = render_markdown(build_card({"kind": "classifier", "card": with_rule}))
+    assert "balanced_accuracy 0.659, balanced_accuracy_predicted_class 0.727" in text

@@ -74,7 +74,12 @@ def card_sections(metrics: dict) -> dict[str, dict]:
     evaluation = {
         "data": metrics.get("data"), "format": metrics.get("format"), "split": metrics.get("split"),
         "images": metrics.get("coverage", {}).get("matched"),
-        "balanced_accuracy": cls.get("balanced_accuracy"), "auc": cls.get("auc"),
+        "balanced_accuracy": cls.get("balanced_accuracy"),
+        # what the served predicted_class scores, with the calibration's decision offsets; the
+        # argmax figure above is ISIC's. Left out for results scored without a decision rule.
+        **({"balanced_accuracy_predicted_class": cls["decision"].get("balanced_accuracy")}
+           if cls.get("decision") else {}),
+        "auc": cls.get("auc"),
         "malignant_auc": (cls.get("malignant") or {}).get("auc"),
         "dice": (metrics.get("segmentation") or {}).get("dice"),
         "ece_before": (calibration.get("before") or {}).get("ece"),
