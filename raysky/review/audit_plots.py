@@ -106,7 +106,7 @@ def subgroup_section(audit: dict | None) -> str:
             f"too few and not ranked; a group is flagged when its sensitivity interval lies "
             f"wholly below the overall sensitivity. "
             + (f"Sensitivity and specificity at the referral threshold {threshold:.4f}."
-               if threshold is not None else "No calibrated classifier given (--classifier): "
+               if threshold is not None else "No calibrated classifier given: "
                "no referral threshold, so no sensitivity or specificity."))
     return (f'<section id="subgroups"><h2>Subgroups</h2><p class="note">{html.escape(note)}</p>'
             f'<table><tr><th class="l">group</th><th>n</th><th>malignant</th>{head}<th>AUC rank'
