@@ -152,7 +152,8 @@ def test_wheel_carries_the_sample_its_licence_the_templates_and_the_licences(whe
     for name in ("HAM10000_metadata.csv", "README.md", "LICENSE.txt"):
         assert f"{SAMPLE}/{name}" in names, name
     for name in ("raysky/review/templates/report.html.j2", "raysky/review/templates/report.css",
-                 "raysky/__main__.py"):
+                 "raysky/review/templates/sections.html.j2",
+                 "raysky/review/templates/plots.html.j2", "raysky/__main__.py"):
         assert name in names, name
     licences = {Path(n).name for n in names if ".dist-info/licenses/" in n}
     assert {"LICENSE", "LICENSE.txt"} <= licences

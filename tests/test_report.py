@@ -271,9 +271,114 @@ def test_user_strings_are_escaped_and_the_plots_are_not(sample_dir, tmp_path):
     assert re.findall(r"<h3>(\S+) ", gallery)[0] == "ISIC_&lt;script&gt;alert(1)&lt;/script&gt;"
     assert "decoder said &lt;script&gt;alert(3)&lt;/script&gt; &amp; stopped" in page
     assert "/gone/&#34;&gt;&lt;script&gt;alert(2)&lt;/script&gt;.jpg" in page
-    # Code-built markup arrives as markup: the ROC and reliability plots are real SVG elements.
+    # The plots and sections are template macros: real SVG and HTML elements, not escaped text.
     assert page.count('<svg xmlns="http://www.w3.org/2000/svg"') >= 3
     assert "&lt;svg" not in page and "&lt;section" not in page
     for section in ("summary", "metrics", "calibration", "subgroups", "roc", "gallery", "flagged",
                     "ood"):
         assert f'<section id="{section}">' in page, section
+
+
+# --------------------------------------------------------------------------------------------
+# One escaping mechanism: every section's values are escaped exactly once, by the template
+# --------------------------------------------------------------------------------------------
+
+HOSTILE = "<script>alert(1)</script>\"&'"
+ONCE = "&lt;script&gt;alert(1)&lt;/script&gt;&#34;&amp;&#39;"  # what autoescape makes of it
+TWICE = re.compile(r"&amp;(?:lt|gt|amp|quot|#\d+|#x[0-9a-f]+);")  # an escaped entity
+
+
+def assert_escaped_once(html: str, occurrences: int | None = None) -> None:
+    """No raw markup from the value, no entity escaped a second time, and, when given, the
+    value escaped once exactly ``occurrences`` times."""
+    assert "<script" not in html and HOSTILE not in html
+    assert not TWICE.search(html), TWICE.search(html)
+    if occurrences is not None:
+        assert html.count(ONCE) == occurrences, html
+
+
+def test_every_section_macro_escapes_each_value_exactly_once():
+    from markupsafe import Markup
+
+    from raysky.review.audit_plots import robustness_view, subgroup_view
+    from raysky.review.pictures import roc_plot
+    from raysky.review.reliability_plot import calibration_view
+    from raysky.review.report import render_macro
+
+    assert str(Markup.escape(HOSTILE)) == ONCE
+    bins = [{"n": 5, "confidence": 0.6, "accuracy": 0.4},
+            {"n": 9, "confidence": 0.9, "accuracy": 0.8}]
+    calibration = calibration_view({
+        "temperature": 1.2, "before": {"reliability": bins, "ece": 0.1},
+        "referral": {"threshold": 0.4, "sensitivity": 0.9, "sensitivity_ci95": [0.8, 0.95],
+                     "specificity": 0.5, "specificity_ci95": [0.4, 0.6], "interval": HOSTILE}})
+    figure = {"value": 0.8, "low": 0.7, "high": 0.9}
+    group = {"group": HOSTILE, "n": 10, "malignant_n": 4, "too_few": False, "flagged": True,
+             "rank": 1, "balanced_accuracy": figure, "malignant_auc": figure,
+             "sensitivity": {"value": None, "reason": HOSTILE}, "specificity": figure}
+    audit = {"overall": {**group, "flagged": False}, "threshold": 0.4, "resampled_by": "lesion",
+             "replicates": 200, "min_per_class": 5, "unavailable": {HOSTILE: HOSTILE},
+             "groupings": {"g": {"column": "g", "groups": [group]}}}
+    robustness = robustness_view({
+        "images": 4, "data": HOSTILE, "split": HOSTILE, "masks": HOSTILE, "by_artefact": {
+            HOSTILE: {"pairs": 4, "flip_rate": {"value": 0.25},
+                      "mean_abs_delta_malignant_prob": 0.01,
+                      "macro_auprc": {"delta": -0.02, "low": -0.05, "high": 0.01},
+                      "malignant_auc": {"delta": None}, "artefact_attention": 0.2,
+                      "clean_attention_same_pixels": None, "artefact_area_frac": 0.05}}},
+        {HOSTILE: "data:image/jpeg;base64,AAAA"})
+    roc = roc_plot([(HOSTILE, np.array([0.0, 1.0]), np.array([0.0, 1.0]), 0.5)])
+    # Where the value appears: the referral's interval note; the group's row header, the
+    # missing sensitivity's reason in both rows, the unavailable grouping and its reason, the
+    # forest plot's label and hover title; the robustness note's data, split and masks, the
+    # row header, caption and alt text; the ROC legend.
+    for template, macro, view, times in (
+            ("sections.html.j2", "calibration", calibration, 1),
+            ("sections.html.j2", "subgroups", subgroup_view(audit), 7),
+            ("sections.html.j2", "robustness", robustness, 6),
+            ("plots.html.j2", "unit_square", roc, 1)):
+        html = str(render_macro(template, macro, view))
+        assert_escaped_once(html, times)
+        if macro == "robustness":  # figures keep their formats: unsigned rates, signed deltas
+            assert ("<td>0.250</td><td>0.010</td><td>-0.020 <small>[-0.050, +0.010]</small>"
+                    "</td><td>-</td><td>0.200</td><td>-</td><td>0.050</td>") in html
+
+
+def test_a_hostile_value_is_escaped_once_in_every_section_of_the_page(sample_dir, tmp_path):
+    records, rows = synthetic_rows(sample_dir, seed=3)
+    classes = [k[len("prob_"):] for k in rows[1] if k.startswith("prob_")]
+    ok = [row for row in rows if row["status"] == "ok"]
+    top = max(ok, key=lambda r: r["malignant_prob"])
+    top["image_id"], top["ood"], top["ood_score"] = "ISIC_" + HOSTILE, True, 0.9
+    for i, row in enumerate(ok):  # a subgroup (--by classifier_version) named by the value
+        row["classifier_version"] = HOSTILE if i % 2 else "cls-test"
+    path = tmp_path / "results.parquet"
+    write_results(str(path), rows, classes)
+    robust = tmp_path / "robustness"
+    (robust / "examples").mkdir(parents=True)
+    Image.new("RGB", (90, 30), (120, 60, 30)).save(robust / "examples" / "ruler.png")
+    kind = {"pairs": 4, "flip_rate": {"value": 0.25}, "mean_abs_delta_malignant_prob": 0.01,
+            "macro_auprc": {"delta": -0.02, "low": -0.05, "high": 0.01},
+            "malignant_auc": {"delta": 0.01, "low": -0.02, "high": 0.03},
+            "artefact_attention": 0.2, "clean_attention_same_pixels": 0.1,
+            "artefact_area_frac": 0.05}
+    (robust / "robustness.json").write_text(json.dumps({
+        "images": 4, "data": HOSTILE, "split": "val", "masks": "ground truth",
+        "by_artefact": {HOSTILE: kind},
+        "examples": {HOSTILE: str(robust / "examples" / "ruler.png")}}))
+    out = tmp_path / "report.html"
+    assert main(["report", "--results", str(path), "--out", str(out), "--data", str(sample_dir),
+                 "--format", "ham10000", "--by", "classifier_version", "--robustness",
+                 str(robust), "--top", "3"]) == 0
+    page = out.read_text()
+    assert_escaped_once(page)
+    sections = dict(re.findall(r'<section id="(\w+)">(.*?)</section>', page, re.S))
+    assert set(sections) >= {"summary", "metrics", "calibration", "subgroups", "roc", "gallery",
+                             "flagged", "ood", "robustness"}
+    # The header (models), the card and the lists, the subgroup table, the robustness table.
+    header = page[page.index("<header>"):page.index("</header>")]
+    for part in (header, sections["gallery"], sections["ood"], sections["subgroups"],
+                 sections["robustness"]):
+        assert ONCE in part
+    # The plots arrive as SVG elements, not as escaped text.
+    assert "&lt;svg" not in page and page.count('<svg xmlns="http://www.w3.org/2000/svg"') == 3

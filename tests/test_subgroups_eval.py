@@ -15,8 +15,9 @@ from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 from raysky.data.records import LesionRecord
 from raysky.data.taxonomy import MALIGNANT_CLASSES
-from raysky.review.audit_plots import subgroup_section
+from raysky.review.audit_plots import subgroup_view
 from raysky.review.evaluate import evaluate_frame
+from raysky.review.report import render_macro
 
 CLASSES = ["bcc", "mel", "nv"]
 THRESHOLD = 0.5
@@ -25,6 +26,11 @@ THRESHOLD = 0.5
 # the scalp too few to judge.
 SITES = {"back": (40, 40, 0.95), "trunk": (30, 30, 0.9), "face": (30, 30, 0.2),
          "hand": (0, 25, 0.9), "scalp": (4, 20, 0.9)}
+
+
+def subgroup_section(audit: dict) -> str:
+    """The report's subgroup section for ``audit``, rendered by its macro as the page does."""
+    return str(render_macro("sections.html.j2", "subgroups", subgroup_view(audit)))
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +161,7 @@ def test_by_a_results_column_and_a_missing_one(crafted):
 def test_report_section_highlights_flagged_and_marks_too_few(audit):
     page = subgroup_section(audit)
     rows = {name: kind for kind, name in
-            re.findall(r'<tr(?: class=(\w+))?><th class="l">([^<]+)</th>', page)}
+            re.findall(r'<tr(?: class="(\w+)")?><th class="l">([^<]+)</th>', page)}
     assert rows["site = face"] == "flagged"
     assert rows["site = scalp"] == rows["site = hand"] == "few"
     assert rows["site = back"] == rows["overall"] == ""
@@ -191,7 +197,7 @@ def test_one_figure_has_one_interval_in_evaluate_the_report_the_card_and_the_aud
     from raysky.models.card import build_card, render_markdown
     from raysky.models.checkpoint import read_checkpoint_meta
     from raysky.review.output import card_sections, format_table
-    from raysky.review.reliability_plot import reliability_section
+    from raysky.review.reliability_plot import calibration_view
 
     records, results, _truth = crafted
     calibration = {"version": "cal-test", "temperature": 1.0, "referral": {"threshold": THRESHOLD}}
@@ -207,8 +213,9 @@ def test_one_figure_has_one_interval_in_evaluate_the_report_the_card_and_the_aud
     printed = format_table(metrics)
     meta = read_checkpoint_meta(tiny_checkpoints["classifier"])
     card = render_markdown(build_card({**meta, "card": card_sections(metrics)}))
-    report = _text(reliability_section(metrics["calibration"])
-                   + subgroup_section(metrics["subgroups"]))
+    calibration = render_macro("sections.html.j2", "calibration",
+                               calibration_view(metrics["calibration"]))
+    report = _text(str(calibration) + subgroup_section(metrics["subgroups"]))
     for text in texts:
         # Twice each: the calibration or evaluation part, and the subgroup table's overall row.
         assert printed.count(text) == 2, (text, printed)

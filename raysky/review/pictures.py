@@ -1,5 +1,6 @@
 """The pictures of ``raysky report``: gallery thumbnails (the image with its mask outline,
-the Grad-CAM overlay), JPEG ``data:`` URIs, and the ROC curves as inline SVG."""
+the Grad-CAM overlay), JPEG ``data:`` URIs, and the ROC curves as plot data (drawn as inline
+SVG by ``templates/plots.html.j2``)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from PIL import Image
 
 from raysky.data.image_errors import ImageDecodeError
 from raysky.data.images import load_rgb
-from raysky.review.svg import UnitSquare
+from raysky.review.svg import Curve, SquarePlot, UnitSquare
 
 THUMBNAIL_SIZE = 240
 """Longest side of gallery pictures, in pixels."""
@@ -113,17 +114,16 @@ def load_picture(uri: str | None) -> np.ndarray | None:
         return None
 
 
-def roc_svg(curves: Sequence[tuple[str, np.ndarray, np.ndarray, float]], size: int = 340) -> str:
-    """ROC curves as inline SVG; ``curves`` holds ``(name, fpr, tpr, auc)`` tuples."""
+def roc_plot(curves: Sequence[tuple[str, np.ndarray, np.ndarray, float]],
+             size: int = 340) -> SquarePlot:
+    """ROC curves for the ``unit_square`` macro of ``templates/plots.html.j2``; ``curves``
+    holds ``(name, fpr, tpr, auc)`` tuples. The malignant-versus-benign curve is drawn thicker:
+    it is the one a referral decision rests on."""
     square = UnitSquare(size, legend_width=170)
-    parts = square.axes("ROC curves", "false-positive rate", "sensitivity", grid=True)
+    drawn = []
     for i, (name, fpr, tpr, auc) in enumerate(curves):
-        color = PALETTE[i % len(PALETTE)]
-        points = " ".join(square.point(f, t) for f, t in zip(fpr, tpr, strict=True))
         width = 2.5 if name == "malignant" else 1.5
-        parts.append(f'<polyline points="{points}" fill="none" stroke="{color}" '
-                     f'stroke-width="{width}"/>')
-        parts += square.legend(i, color, width,
-                               f"{name}  AUC {auc:.3f}" if not math.isnan(auc) else name)
-    parts.append("</svg>")
-    return "".join(parts)
+        drawn.append(Curve(square.polyline(fpr, tpr), PALETTE[i % len(PALETTE)], width,
+                           f"{name}  AUC {auc:.3f}" if not math.isnan(auc) else name))
+    return SquarePlot(square, "ROC curves", "false-positive rate", "sensitivity", tuple(drawn),
+                      grid=True)

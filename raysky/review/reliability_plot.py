@@ -1,62 +1,64 @@
-"""The reliability diagram of ``raysky report``, as inline SVG (no plotting library, no script)."""
+"""The reliability diagram of ``raysky report``, as plain data for the ``calibration`` macro of
+``templates/sections.html.j2`` (inline SVG, no plotting library, no script): pixel positions,
+colours and text here, markup and escaping in the template."""
 
 from __future__ import annotations
 
-import html
 from collections.abc import Sequence
 
 from raysky.calibration.evaluation import referral_intervals
 from raysky.metrics.intervals import format_interval
-from raysky.review.svg import UnitSquare
+from raysky.review.svg import Curve, Dot, SquarePlot, UnitSquare
 
 COLORS = ("#D55E00", "#0072B2")  # Okabe-Ito, as in raysky.review.pictures: before, after
 
 
-def reliability_svg(curves: Sequence[tuple[str, list[dict], float]], size: int = 340) -> str:
-    """Accuracy against confidence per bin, one polyline per ``(name, bins, ece)`` curve.
+def reliability_plot(curves: Sequence[tuple[str, list[dict], float]],
+                     size: int = 340) -> SquarePlot:
+    """Accuracy against confidence per bin, one line per ``(name, bins, ece)`` curve.
 
-    ``bins`` are :func:`raysky.metrics.reliability.reliability_bins` rows; each point's area grows with its
-    bin's count, and the diagonal is perfect calibration.
+    ``bins`` are :func:`raysky.metrics.reliability.reliability_bins` rows; each point's area
+    grows with its bin's count (so a bin of three images does not look as sure as one of three
+    hundred), and the diagonal is perfect calibration.
     """
     square = UnitSquare(size, legend_width=190)
-    parts = square.axes("reliability diagram", "confidence (top probability)", "accuracy")
     total = max(1, max((sum(b["n"] for b in bins) for _, bins, _ in curves), default=1))
+    drawn = []
     for i, (name, bins, ece) in enumerate(curves):
-        color = COLORS[i % len(COLORS)]
-        points = [(square.x(b["confidence"]), square.y(b["accuracy"])) for b in bins]
-        parts.append('<polyline points="' + " ".join(f"{x:.1f},{y:.1f}" for x, y in points)
-                     + f'" fill="none" stroke="{color}" stroke-width="2"/>')
-        for (x, y), b in zip(points, bins, strict=True):
-            radius = 2.0 + 8.0 * (b["n"] / total) ** 0.5
-            parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{radius:.1f}" fill="{color}" '
-                         f'fill-opacity="0.5"><title>{b["n"]} images, confidence '
-                         f'{b["confidence"]:.3f}, accuracy {b["accuracy"]:.3f}</title></circle>')
-        parts += square.legend(i, color, 2, f"{name}  ECE {ece:.3f}")
-    parts.append("</svg>")
-    return "".join(parts)
+        dots = tuple(
+            Dot(square.x(b["confidence"]), square.y(b["accuracy"]),
+                2.0 + 8.0 * (b["n"] / total) ** 0.5,
+                f"{b['n']} images, confidence {b['confidence']:.3f}, "
+                f"accuracy {b['accuracy']:.3f}")
+            for b in bins)
+        # The line runs through the markers' centres.
+        points = " ".join(f"{d.x:.1f},{d.y:.1f}" for d in dots)
+        drawn.append(Curve(points, COLORS[i % len(COLORS)], 2, f"{name}  ECE {ece:.3f}", dots))
+    return SquarePlot(square, "reliability diagram", "confidence (top probability)",
+                      "accuracy", tuple(drawn))
 
 
-def reliability_section(calibration: dict | None) -> str:
-    """The report's calibration section from ``evaluate``'s ``calibration`` dict ('' if none)."""
+def calibration_view(calibration: dict | None) -> dict | None:
+    """What the report's calibration section shows, from ``evaluate``'s ``calibration`` dict:
+    the temperature note, the referral figures as text, and the diagram. None when there is
+    nothing to draw, so the page leaves the section out."""
     if not calibration:
-        return ""
+        return None
     curves = [(name, calibration[key]["reliability"], calibration[key]["ece"])
               for name, key in (("uncalibrated", "before"), ("calibrated", "after"))
               if calibration.get(key) and calibration[key]["reliability"]]
     if not curves:
-        return ""
+        return None
     note = (f"temperature {calibration['temperature']:.3f}" if calibration.get("temperature")
             else "no temperature known: only the stored probabilities are shown")
     ref = calibration.get("referral")
-    referral = ""
+    referral = None
     if ref:
         sens, spec = referral_intervals(ref)
-        referral = (f" Referral at malignant probability &ge; {_num(ref['threshold'])}: "
-                    f"sensitivity {format_interval(sens)}, specificity "
-                    f"{format_interval(spec)} (95%, {html.escape(ref.get('interval', ''))}).")
-    return (f'<section id="calibration"><h2>Reliability (15 confidence bins)</h2>'
-            f'<p class="note">{html.escape(note)}; points sized by images per bin; the dashed '
-            f"diagonal is perfect calibration.{referral}</p>{reliability_svg(curves)}</section>")
+        # format_interval: the text evaluate and the model card print for the same figures.
+        referral = {"threshold": _num(ref["threshold"]), "sensitivity": format_interval(sens),
+                    "specificity": format_interval(spec), "interval": ref.get("interval", "")}
+    return {"note": note, "referral": referral, "plot": reliability_plot(curves)}
 
 
 def _num(value) -> str:

@@ -6,10 +6,11 @@ archived next to the results, or opened on a machine without network access. The
 scripts.
 
 The page is the Jinja2 template ``templates/report.html.j2`` (style sheet ``report.css`` beside
-it), rendered with autoescape on. The SVG plots and the sections that
-:mod:`raysky.review.reliability_plot` and :mod:`raysky.review.audit_plots` build (and escape) are passed in
-as ``Markup``; every other value, image ids, paths and error messages included, is escaped by
-the template.
+it), rendered with autoescape on. Its sections and SVG plots are macros too
+(``sections.html.j2``, ``plots.html.j2``): :mod:`raysky.review.reliability_plot`,
+:mod:`raysky.review.audit_plots` and :mod:`raysky.review.pictures` compute only numbers and
+plain text for them. So every value, image ids, group names, paths and error messages
+included, is escaped exactly once, by the template, and no Python-built markup enters the page.
 
 Sections: a summary of the run; with ground truth, the ISIC metrics, the confusion matrix and
 ROC curves; a gallery of the ``top_n`` lesions with the highest ``malignant_prob`` (image with
@@ -42,7 +43,7 @@ from raysky.data.records import DatasetRef
 from raysky.data.taxonomy import MALIGNANT_CLASSES
 from raysky.metrics.isic import binary_metrics, roc_points
 from raysky.results.columns import PROB_PREFIX, result_classes
-from raysky.review.audit_plots import robustness_section, subgroup_section
+from raysky.review.audit_plots import robustness_view, subgroup_view
 from raysky.review.evaluate import evaluate_against
 from raysky.review.inputs import read_results, results_columns
 from raysky.review.pictures import (
@@ -50,10 +51,11 @@ from raysky.review.pictures import (
     decode_heatmap,
     lesion_pictures,
     load_picture,
-    roc_svg,
+    roc_plot,
 )
-from raysky.review.reliability_plot import reliability_section
+from raysky.review.reliability_plot import calibration_view
 from raysky.review.settings import ReportOptions
+from raysky.review.svg import SquarePlot
 from raysky.review.task_metrics import class_probabilities, focus_statistics
 
 _LIGHT_COLUMNS = ("image_id", "source_uri", "status", "error", "width", "height",
@@ -70,6 +72,12 @@ def _environment() -> Environment:
                       trim_blocks=True, lstrip_blocks=True, undefined=StrictUndefined)
     env.filters["fmt"] = _fmt
     return env
+
+
+def render_macro(template: str, macro: str, *args) -> Markup:
+    """One macro of the page's templates rendered alone, exactly as the page renders it (same
+    environment, autoescape on): how tests look at one section or plot without a whole page."""
+    return getattr(_environment().get_template(template).module, macro)(*args)
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -123,8 +131,8 @@ def _per_class_rows(metrics: dict) -> list[tuple[str, dict]]:
     return rows
 
 
-def _robustness(folder: str) -> Markup:
-    """The robustness section from ``<folder>/robustness.json`` and its example strips."""
+def _robustness(folder: str) -> dict:
+    """The robustness section's data from ``<folder>/robustness.json`` and its example strips."""
     path = os.path.join(folder, ROBUSTNESS_FILE)
     if not os.path.exists(path):
         raise FileNotFoundError(f"robustness_dir {folder}: no {ROBUSTNESS_FILE} (the out folder "
@@ -135,10 +143,10 @@ def _robustness(folder: str) -> Markup:
     for kind, strip in report.get("examples", {}).items():
         if strip and os.path.exists(strip):
             strips[kind] = data_uri(np.asarray(Image.open(strip).convert("RGB")))
-    return Markup(robustness_section(report, strips))
+    return robustness_view(report, strips)
 
 
-def _roc_curves(labelled: pd.DataFrame, classes: Sequence[str]) -> Markup | None:
+def _roc_curves(labelled: pd.DataFrame, classes: Sequence[str]) -> SquarePlot | None:
     probs = class_probabilities(labelled, classes)
     labels = labelled["label"].to_numpy()
     curves = []
@@ -152,7 +160,7 @@ def _roc_curves(labelled: pd.DataFrame, classes: Sequence[str]) -> Markup | None
         scores = labelled["malignant_prob"].to_numpy(dtype=np.float64)
         fpr, tpr, _ = roc_points(truth, scores)
         curves.append(("malignant", fpr, tpr, binary_metrics(truth, scores)["auc"]))
-    return Markup(roc_svg(curves)) if curves else None
+    return roc_plot(curves) if curves else None
 
 
 def _pictures_for(rows: pd.DataFrame, binaries: pd.DataFrame) -> dict[str, tuple]:
@@ -230,9 +238,8 @@ def _run_facts(ok: pd.DataFrame) -> tuple[str, str]:
 def _metric_sections(page_data: dict, metrics: dict, ok: pd.DataFrame,
                      labels: dict[str, str]) -> None:
     """Fill the parts of ``page_data`` that need ground truth."""
-    # Built (and escaped) by their own modules, which their tests check directly.
-    page_data["calibration"] = Markup(reliability_section(metrics.get("calibration")))
-    page_data["subgroups"] = Markup(subgroup_section(metrics.get("subgroups")))
+    page_data["calibration"] = calibration_view(metrics.get("calibration"))
+    page_data["subgroups"] = subgroup_view(metrics.get("subgroups"))
     page_data["per_class"] = _per_class_rows(metrics)
     if metrics.get("classification"):
         page_data["confusion"] = confusion_cells(metrics["classification"]["confusion_matrix"])
@@ -287,7 +294,7 @@ def build_report(results_uri: str, out_uri: str, dataset: DatasetRef | None = No
         "summary": _summary_rows(frame, ok, errors, focus_stats, options.low_focus),
         "class_counts": [(c, int(counts.get(c, 0))) for c in classes],
         "metrics": metrics, "per_class": [], "confusion": None, "roc": None,
-        "calibration": "", "subgroups": "",
+        "calibration": None, "subgroups": None,
         "gallery": cards(chosen["gallery"]), "flagged": cards(chosen["flagged"]),
         "low_count": len(chosen["low"]), "low_focus": options.low_focus,
         "errors": [(str(r["image_id"]), str(r.get("source_uri", "")), str(r.get("error", "")))
@@ -297,7 +304,7 @@ def build_report(results_uri: str, out_uri: str, dataset: DatasetRef | None = No
             "rows": [(str(r["image_id"]), float(r["ood_score"]), str(r.get("source_uri", "")))
                      for _, r in ood_rows.iterrows()]},
         "robustness": (_robustness(options.robustness_dir)
-                       if options.robustness_dir is not None else ""),
+                       if options.robustness_dir is not None else None),
     }
     if metrics is not None:
         _metric_sections(page_data, metrics, ok, labels)
