@@ -29,7 +29,7 @@ import torch
 from raysky.models.card import machine_description
 from raysky.models.runtime import set_torch_threads
 from raysky.train.loops import make_optimizer
-from raysky.train.settings import LoopConfig
+from raysky.train.settings import LoopConfig, TrainSettings
 from raysky.train.tasks import make_task
 from raysky.train.tracking import Tracker, resolve_uri, start_run, training_params
 
@@ -48,12 +48,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     set_torch_threads(args.threads)
-    config = LoopConfig(kind=args.kind, preset=args.preset, epochs=args.epochs * 2,
-                        batch_size=args.batch_size, lr=1e-3, classes=["mel", "nv"],
-                        settings={"preset": args.preset, "batch_size": args.batch_size,
-                                  "epochs": args.epochs * 2, "lr": 1e-3, "workers": 1},
-                        provenance={"training_data": {"format": "ham10000", "train_images": 7598,
-                                                      "val_images": 1346}})
+    settings = TrainSettings(data="synthetic", name="benchmark", preset=args.preset,
+                             epochs=args.epochs * 2, batch_size=args.batch_size, lr=1e-3,
+                             workers=1)
+    config = LoopConfig.from_settings(
+        args.kind, settings, classes=["mel", "nv"],
+        record={"preset": args.preset, "batch_size": args.batch_size,
+                "epochs": args.epochs * 2, "lr": 1e-3, "workers": 1},
+        provenance={"training_data": {"format": "ham10000", "train_images": 7598,
+                                      "val_images": 1346}})
     task = make_task(config)
     torch.manual_seed(0)
     model = task.build_model()
@@ -76,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         if target is None:
             return 1
         tracker = Tracker(target.to_dict())
-        tracker.log_params(training_params(args.kind, config.settings, config.provenance))
+        tracker.log_params(training_params(args.kind, config.record, config.provenance))
         tracker.set_tags({"system": machine_description()})
         setup_s = time.perf_counter() - started
 

@@ -29,7 +29,7 @@ from raysky.train.recipe import (
     keep_frozen_in_eval,
     make_average,
 )
-from raysky.train.settings import LoopConfig
+from raysky.train.settings import LoopConfig, TrainSettings
 from raysky.train.tasks import ClassifierTask
 
 GEOMETRY_ONLY = AugmentConfig(brightness=0, contrast=0, saturation=0, hue=0, transpose=0.5)
@@ -138,8 +138,10 @@ def test_pasted_artefacts_never_touch_the_lesion_and_reach_the_skin():
 
 def _classifier_task(**recipe) -> ClassifierTask:
     base = recipe_to_dict(replace(PRESETS["tiny"].classifier_recipe, **recipe))
-    config = LoopConfig(kind="classifier", preset="tiny", epochs=1, batch_size=4, lr=1e-3,
-                        classes=["mel", "nv"], recipe=base)
+    settings = TrainSettings(data="unused", name="augment", preset="tiny", epochs=1,
+                             batch_size=4, lr=1e-3)
+    config = LoopConfig.from_settings("classifier", settings, classes=["mel", "nv"],
+                                      recipe=base)
     return ClassifierTask(config)
 
 

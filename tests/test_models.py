@@ -21,7 +21,7 @@ from raysky.models import (
 from raysky.models.blocks import ASPP, DualAttentionGate
 from raysky.models.preprocess import images_to_tensor, masks_to_tensor, metadata_to_tensors
 from raysky.models.runtime import autocast
-from raysky.train.settings import LoopConfig
+from raysky.train.settings import LoopConfig, TrainSettings
 from raysky.train.tasks import ClassifierTask
 
 torch.set_num_threads(2)
@@ -82,8 +82,10 @@ def test_metadata_is_numpy_until_the_one_tensor_conversion():
     assert torch.equal(tensors["age"], torch.from_numpy(encoded.age))
 
     # Training's batch columns (read-only, as Ray may hand them over) take the same path.
-    config = LoopConfig(kind="classifier", preset="tiny", epochs=1, batch_size=3, lr=1e-3,
-                        classes=list(get_preset("tiny").classifier.classes))
+    settings = TrainSettings(data="unused", name="metadata", preset="tiny", epochs=1,
+                             batch_size=3, lr=1e-3)
+    config = LoopConfig.from_settings("classifier", settings,
+                                      classes=list(get_preset("tiny").classifier.classes))
     task = ClassifierTask(config)
     batch = {**task.synthetic_batch(3), "age": encoded.age, "sex": encoded.sex,
              "site": encoded.site}

@@ -216,5 +216,5 @@ def test_lite_trains_from_imagenet_and_the_checkpoint_says_so(ray_local, sample_
     assert main(["train", "segmenter", *common, "--epochs", "2", "--name", "seg",
                  "--force-resume"]) == 0
     out = capsys.readouterr().out
-    assert "epochs was 1, now 2" in out and "--force-resume: continuing" in out
-    assert "checkpoint_epoch_0001: its weights win over --pretrained-encoder imagenet" in out
+    assert "epochs was 1, now 2" in out and "force_resume: continuing" in out
+    assert "checkpoint_epoch_0001: its weights win over pretrained_encoder='imagenet'" in out

@@ -25,8 +25,9 @@ from raysky.cli.main import main
 from raysky.data import read_dataset
 from raysky.data.taxonomy import order_classes
 from raysky.models import load_checkpoint
+from raysky.settings import ParameterError
 from raysky.storage import upload_directory
-from raysky.train import TrainSettings, train_segmenter
+from raysky.train import TrainSettings, train_classifier, train_segmenter
 from raysky.train.datasets import (
     class_weights,
     decode_rows,
@@ -34,6 +35,7 @@ from raysky.train.datasets import (
     load_splits,
     readable_rows,
 )
+from raysky.train.settings import LoopConfig
 
 TINY = {"preset": "tiny", "batch_size": 4, "workers": 2, "cpus_per_worker": 1, "progress_interval": 5.0}
 
@@ -109,14 +111,85 @@ def test_decoding_marks_an_unreadable_image_and_the_loop_can_drop_it(sample_copy
 
 def test_cli_rejects_bad_settings_before_starting_ray(sample_dir: Path, tmp_path: Path, capsys):
     common = ["--data", str(sample_dir), "--preset", "tiny", "--storage", str(tmp_path)]
+    # The command line names its flags, the fix's flags too, never a Python parameter.
     assert main(["train", "segmenter", *common, "--name", "big", "--batch-size", "64"]) == 2
-    assert "fewer than --batch-size 64" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("raysky train: error: --batch-size 64: ")
+    assert err.rstrip().endswith("fewer than one batch; lower --batch-size or --workers")
+    assert main(["train", "segmenter", *common, "--name", "big", "--epochs", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "raysky train: error: --epochs 0: must be at least 1"
     assert main(["train", "segmenter", *common, "--name", "a/b"]) == 2
-    assert "--name" in capsys.readouterr().err
+    assert "error: --name a/b: not a valid run name" in capsys.readouterr().err
     assert main(["train", "classifier", *common, "--name", "c", "--segmenter",
                  str(tmp_path / "missing")]) == 2
     assert "not a raysky checkpoint" in capsys.readouterr().err
     assert not list(tmp_path.iterdir()), "nothing may be written for rejected settings"
+
+
+def test_python_callers_read_the_parameters_they_passed(sample_dir: Path, tmp_path: Path):
+    """Below the CLI, errors name the keyword argument, and a fix its keyword, never a flag."""
+    base = {"data": str(sample_dir), "preset": "tiny", "storage": str(tmp_path), "name": "run"}
+    with pytest.raises(ParameterError, match=r"^batch_size=0: must be at least 1$"):
+        train_segmenter(TrainSettings(**base, batch_size=0))
+    with pytest.raises(ParameterError, match=r"^precision='fp8': must be one of auto, fp32, bf16$"):
+        train_segmenter(TrainSettings(**base, precision="fp8"))
+    with pytest.raises(ParameterError, match=r"^batch_size=64: .* fewer than one batch; lower "
+                       r"batch_size or workers$"):
+        train_segmenter(TrainSettings(**base, batch_size=64))
+    with pytest.raises(ParameterError, match=r"^segmenter=None: .*mask_source='ground-truth'"):
+        train_classifier(TrainSettings(**base))
+    with pytest.raises(ParameterError, match=r"^name='a/b': not a valid run name"):
+        TrainSettings(**{**base, "name": "a/b"})
+    with pytest.raises(ParameterError, match=r"^val_fraction=0.0: .* both need at least one "
+                       r"\(use more data or another val_fraction\)$"):
+        load_splits(str(sample_dir), "ham10000", val_fraction=0.0)
+    assert not list(tmp_path.iterdir()), "nothing may be written for rejected settings"
+
+
+def _earlier_checkpoint(storage_dir: Path, name: str, lr: float) -> None:
+    """A run's checkpoint as an earlier run with learning rate ``lr`` left it (no Ray needed:
+    resuming is refused before Ray starts)."""
+    from raysky.models import create_segmenter
+    from raysky.models.checkpoint import save_checkpoint
+    from raysky.train.settings import hyperparameters, with_recipe
+
+    settings = with_recipe(TrainSettings(data="d", name=name, preset="tiny", lr=lr), "segmenter")
+    save_checkpoint(create_segmenter("tiny"), str(storage_dir / name / "checkpoint_epoch_0001"),
+                    "tiny", extra={"hyperparameters": hyperparameters(settings)})
+
+
+def test_a_resume_with_other_settings_names_the_fix_in_the_callers_words(sample_dir: Path,
+                                                                          tmp_path: Path, capsys):
+    from raysky.train.preflight import check_existing_run
+    from raysky.train.settings import with_recipe
+
+    _earlier_checkpoint(tmp_path, "run", lr=1e-3)
+    settings = with_recipe(TrainSettings(data=str(sample_dir), name="run", preset="tiny",
+                                         storage=str(tmp_path), lr=2e-3), "segmenter")
+    with pytest.raises(ParameterError, match=r"^name='run': run .* was trained with other "
+                       r"settings: lr was 0.001, now 0.002; .* continue anyway with "
+                       r"force_resume=True, or use a new name$"):
+        check_existing_run(str(tmp_path / "run"), "segmenter", settings, ())
+    code = main(["train", "segmenter", "--data", str(sample_dir), "--preset", "tiny",
+                 "--storage", str(tmp_path), "--name", "run", "--lr", "0.002"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("raysky train: error: --name run: run ")
+    assert err.rstrip().endswith("continue anyway with --force-resume, or use a new name")
+    assert "force_resume" not in err
+
+
+def test_the_loop_config_crosses_to_the_workers_as_a_plain_dict():
+    settings = TrainSettings(data="d", name="run", preset="tiny", threads_per_worker=3)
+    config = LoopConfig.from_settings("classifier", settings, classes=["mel", "nv"],
+                                      record={"split": "splits.csv"})
+    # The preset's recipe fills what the settings left open; the rest is the settings' own.
+    assert config.settings.lr is not None and config.settings.batch_size is not None
+    assert config.recipe["lr"] == config.settings.lr and config.threads == 3
+    plain = config.to_dict()
+    assert plain["settings"]["name"] == "run" and plain["record"] == {"split": "splits.csv"}
+    assert LoopConfig.from_dict(plain) == config
+    # Plain data all the way down: even through JSON the settings come back as they were.
+    assert LoopConfig.from_dict(json.loads(json.dumps(plain))).settings == config.settings
 
 
 # ------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import sys
 import traceback
@@ -48,11 +49,22 @@ def flag_for(parser: argparse.ArgumentParser, args: argparse.Namespace, paramete
     dests = {name: dest for dest, (_cls, name, _conv) in
              (getattr(args, SETTING_DESTS, None) or {}).items()}
     dest = dests.get(parameter, parameter)
-    command = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    for action in command.choices[args.command]._actions:
+    for action in _chosen_parser(parser, args)._actions:
         if action.dest == dest and action.option_strings:
             return max(action.option_strings, key=len)
     return parameter
+
+
+def _chosen_parser(parser: argparse.ArgumentParser,
+                   args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The innermost sub-command parser ``args`` came through (``train segmenter``'s, not
+    ``train``'s): the one that declares the command's flags."""
+    while True:
+        commands = next((a for a in parser._actions
+                         if isinstance(a, argparse._SubParsersAction)), None)
+        if commands is None or getattr(args, commands.dest, None) not in commands.choices:
+            return parser
+        parser = commands.choices[getattr(args, commands.dest)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_TEMPFAIL
     except ParameterError as exc:
         # Raised below the CLI in Python's words; said here with the flag the user typed.
-        print(f"raysky {args.command}: error: {exc.with_flag(flag_for(parser, args, exc.parameter))}",
+        flag = functools.partial(flag_for, parser, args)
+        print(f"raysky {args.command}: error: {exc.with_flag(flag(exc.parameter), flag)}",
               file=sys.stderr)
         return EXIT_USAGE
     except (ValueError, FileNotFoundError, NotADirectoryError) as exc:

@@ -279,7 +279,7 @@ def initialise_encoders(encoders: dict[str, nn.Module], architecture: str, spec:
         records[name] = EncoderInit(source=source, sha256=digest, architecture=architecture,
                                     tensors_loaded=loaded, tensors_total=total)
     if state is None:
-        logger.warning("encoder %s starts from random weights (--pretrained-encoder none)",
+        logger.warning("encoder %s starts from random weights (pretrained_encoder='none')",
                        architecture)
     return records
 

@@ -86,7 +86,7 @@ def _audit_note(audit: dict) -> str:
             f"too few and not ranked; a group is flagged when its sensitivity interval lies "
             f"wholly below the overall sensitivity. "
             + (f"Sensitivity and specificity at the referral threshold {threshold:.4f}."
-               if threshold is not None else "No calibrated classifier given (--classifier): "
+               if threshold is not None else "No calibrated classifier given: "
                "no referral threshold, so no sensitivity or specificity."))
 
 

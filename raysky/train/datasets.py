@@ -24,6 +24,7 @@ from raysky.data.metadata import MetadataVocab
 from raysky.data.readers import read_dataset
 from raysky.data.records import LesionRecord
 from raysky.data.splits import SPLIT_FILE, apply_split_file, split_by_lesion
+from raysky.settings import ParameterError
 
 logger = logging.getLogger(__name__)
 
@@ -47,10 +48,13 @@ def load_splits(data_uri: str, format: str, val_fraction: float = 0.15,
         train, val = split_by_lesion(records, val_fraction=val_fraction, seed=seed)
         how = f"split_by_lesion(val_fraction={val_fraction}, seed={seed})"
     if not train or not val:
-        raise ValueError(
-            f"{data_uri}: the split left {len(train)} training and {len(val)} validation "
-            "images; both need at least one (use more data or another --val-fraction)"
-        )
+        problem = (f"{data_uri}: the split left {len(train)} training and {len(val)} "
+                   "validation images; both need at least one")
+        if how == split_uri:  # the split file decides: val_fraction plays no part
+            raise ValueError(f"{problem} (fix {split_uri} or use more data)")
+        raise ParameterError("val_fraction", val_fraction,
+                             problem + " (use more data or another {val_fraction})",
+                             mentions={"val_fraction": None})
     return train, val, how
 
 

@@ -27,6 +27,7 @@ from raysky.data.taxonomy import order_classes
 from raysky.jsonable import to_jsonable
 from raysky.models import get_preset
 from raysky.models.checkpoint import read_checkpoint_meta
+from raysky.settings import ParameterError
 from raysky.train.datasets import (
     build_dataset,
     cache_side,
@@ -44,7 +45,6 @@ from raysky.train.settings import (
     LoopConfig,
     TrainResult,
     TrainSettings,
-    hyperparameters,
     resolved_recipe,
     with_recipe,
 )
@@ -110,12 +110,15 @@ def _classes_and_weights(kind: str, settings: TrainSettings, train: list[LesionR
 
 
 def _check_rows_per_worker(settings: TrainSettings, train_rows: int) -> None:
+    """Every worker's shard must hold a whole batch: steps drop the last partial batch, so a
+    smaller shard would train on nothing."""
     rows_per_worker = train_rows // settings.workers
     if rows_per_worker < settings.batch_size:
-        raise ValueError(
-            f"{train_rows} training images over {settings.workers} workers leave "
-            f"{rows_per_worker} per worker, fewer than --batch-size {settings.batch_size}; lower "
-            "one of them")
+        raise ParameterError(
+            "batch_size", settings.batch_size, f"{train_rows} training images over "
+            f"{settings.workers} worker(s) leave {rows_per_worker} per worker, fewer than one "
+            "batch; lower {batch_size} or {workers}",
+            mentions={"batch_size": None, "workers": None})
 
 
 def _datasets(kind: str, train: list[LesionRecord], val: list[LesionRecord],
@@ -131,32 +134,24 @@ def _datasets(kind: str, train: list[LesionRecord], val: list[LesionRecord],
     return train_ds, val_ds
 
 
-def _loop_config(kind: str, settings: TrainSettings, train: list[LesionRecord],
-                 val: list[LesionRecord], split_how: str, classes: tuple[str, ...],
-                 weights: list[float] | None, vocab: MetadataVocab, tracking,
-                 extra_summary: dict | None) -> LoopConfig:
-    """What every worker's loop needs: the settings, the resolved recipe and the provenance
-    that the checkpoints and model cards record."""
-    precision, metric, mode = validate_settings(settings, kind)
-    summary_settings = {**asdict(settings), "precision": precision, "metric": metric,
-                        "metric_mode": mode, "split": split_how, **(extra_summary or {})}
+def _loop_config(kind: str, settings: TrainSettings, checked: tuple[str, str, str],
+                 train: list[LesionRecord], val: list[LesionRecord], split_how: str,
+                 classes: tuple[str, ...], weights: list[float] | None, vocab: MetadataVocab,
+                 tracking, extra_summary: dict | None) -> LoopConfig:
+    """What every worker's loop needs: the settings, with what the driver derived from them and
+    the data (``checked`` is :func:`validate_settings`'s precision, metric and mode), the
+    resolved recipe and the provenance that the checkpoints and model cards record."""
+    precision, metric, mode = checked
+    record = {**asdict(settings), "precision": precision, "metric": metric,
+              "metric_mode": mode, "split": split_how, **(extra_summary or {})}
     recipe = resolved_recipe(settings, kind)
     provenance = {"training_data": training_data(settings, kind, train, val, split_how),
                   "schedule": SCHEDULE, "augmentation": to_jsonable(recipe["augment"]),
                   "recipe": to_jsonable(recipe)}
-    return LoopConfig(
-        kind=kind, preset=settings.preset, epochs=settings.epochs,
-        batch_size=settings.batch_size, lr=settings.lr, weight_decay=settings.weight_decay,
-        encoder_lr_scale=settings.encoder_lr_scale, label_smoothing=settings.label_smoothing,
-        classes=list(classes), vocab=vocab.to_dict(), class_weights=weights,
-        use_metadata=settings.use_metadata, use_lesion_stream=settings.use_lesion_stream,
-        lesion_branch=settings.lesion_branch, recipe=recipe,
-        precision=precision, use_gpu=settings.gpu,
-        threads=settings.threads_per_worker or max(1, int(settings.cpus_per_worker)),
-        seed=settings.seed, train_rows=len(train), pretrained_encoder=settings.pretrained_encoder,
-        metric=metric, metric_mode=mode, run_name=settings.name,
-        progress_interval=settings.progress_interval, hyperparameters=hyperparameters(settings),
-        settings=to_jsonable(summary_settings), provenance=provenance,
+    return LoopConfig.from_settings(
+        kind, settings, metric=metric, metric_mode=mode, classes=list(classes),
+        vocab=vocab.to_dict(), class_weights=weights, train_rows=len(train), recipe=recipe,
+        record=to_jsonable(record), provenance=provenance,
         tracking=tracking and tracking.to_dict())
 
 
@@ -206,10 +201,12 @@ def _trainer(settings: TrainSettings, loop_config: LoopConfig, root: str, datase
     )
 
 
-def _run(kind: str, settings: TrainSettings, train: list[LesionRecord], val: list[LesionRecord],
-         split_how: str, extra_summary: dict | None = None) -> TrainResult:
-    """Check, decode, train on Ray Train, summarise and (for a classifier) calibrate."""
-    validate_settings(settings, kind)
+def _run(kind: str, settings: TrainSettings, checked: tuple[str, str, str],
+         train: list[LesionRecord], val: list[LesionRecord], split_how: str,
+         extra_summary: dict | None = None) -> TrainResult:
+    """Check the run against the data and the cluster, decode, train on Ray Train, summarise
+    and (for a classifier) calibrate. ``checked`` is what :func:`validate_settings` returned
+    for ``settings``, before any data was read."""
     preset = get_preset(settings.preset)
     size = (preset.segmenter if kind == "segmenter" else preset.classifier).input_size
     root = _storage_root(settings.storage)
@@ -223,11 +220,11 @@ def _run(kind: str, settings: TrainSettings, train: list[LesionRecord], val: lis
     ensure_ray(log_to_driver=True)
     check_cpus(settings)
     train_ds, val_ds = _datasets(kind, train, val, classes, vocab, size, settings.seed)
-    loop_config = _loop_config(kind, settings, train, val, split_how, classes, weights, vocab,
-                               tracking, extra_summary)
+    loop_config = _loop_config(kind, settings, checked, train, val, split_how, classes, weights,
+                               vocab, tracking, extra_summary)
     trainer = _trainer(settings, loop_config, root, {"train": train_ds, "val": val_ds})
     print(f"{kind}: {len(train)} training / {len(val)} validation images ({split_how}); "
-          f"{settings.workers} worker(s), preset {settings.preset}, {loop_config.precision}; "
+          f"{settings.workers} worker(s), preset {settings.preset}, {settings.precision}; "
           f"run {run_uri}", flush=True)
     if classes:
         print(f"{kind}: classes {list(classes)}, training counts {class_counts(train)}, loss "
@@ -297,13 +294,13 @@ def _summarise(result, run_uri: str, root: str, metric: str, mode: str) -> Train
 def train_segmenter(settings: TrainSettings) -> TrainResult:
     """Train (or resume) the Deep-UNet segmenter on the dataset's ground-truth masks."""
     settings = with_recipe(settings, "segmenter")
-    validate_settings(settings, "segmenter")
+    checked = validate_settings(settings, "segmenter")
     train, val, how = load_splits(settings.data, settings.format, settings.val_fraction, settings.seed)
     train, val = [r for r in train if r.mask_uri], [r for r in val if r.mask_uri]
     if not train or not val:
         raise ValueError(f"{settings.data}: the segmenter needs ground-truth masks, found "
                          f"{len(train)} training and {len(val)} validation images with one")
-    return _run("segmenter", settings, train, val, how)
+    return _run("segmenter", settings, checked, train, val, how)
 
 
 def train_classifier(settings: TrainSettings) -> TrainResult:
@@ -314,7 +311,7 @@ def train_classifier(settings: TrainSettings) -> TrainResult:
     ``mask_source="ground-truth"``.
     """
     settings = with_recipe(settings, "classifier")
-    validate_settings(settings, "classifier")
+    checked = validate_settings(settings, "classifier")
     train, val, how = load_splits(settings.data, settings.format, settings.val_fraction, settings.seed)
     train, val = [r for r in train if r.label], [r for r in val if r.label]
     extra: dict[str, Any] = {"mask_source": settings.mask_source}
@@ -338,4 +335,4 @@ def train_classifier(settings: TrainSettings) -> TrainResult:
             shown = "; ".join(f"{k}: {v}" for k, v in list(errors.items())[:5])
             print(f"classifier: skipped {len(errors)} unreadable image(s): {shown}", flush=True)
         extra.update(segmenter=settings.segmenter, segmenter_version=meta["version"], masks=mask_uri)
-    return _run("classifier", settings, train, val, how, extra)
+    return _run("classifier", settings, checked, train, val, how, extra)

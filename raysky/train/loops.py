@@ -76,9 +76,10 @@ SCHEDULE = ("AdamW; linear warm-up over min(one epoch, 10% of the steps), then c
 def make_optimizer(model: nn.Module, config: LoopConfig, steps_per_epoch: int):
     """AdamW with a linear warm-up over at most one epoch, then cosine decay to 1% of each
     group's peak rate (see :func:`parameter_groups`)."""
-    groups = parameter_groups(unwrap_ddp(model), config.lr, config.encoder_lr_scale)
-    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
-    total = max(1, steps_per_epoch * config.epochs)
+    settings = config.settings
+    groups = parameter_groups(unwrap_ddp(model), settings.lr, settings.encoder_lr_scale)
+    optimizer = torch.optim.AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
+    total = max(1, steps_per_epoch * settings.epochs)
     warmup = max(1, min(steps_per_epoch, total // 10))
 
     def factor(step: int) -> float:
@@ -126,12 +127,12 @@ def _score(metrics: dict, config: LoopConfig) -> dict:
 def write_checkpoint(directory: str, model: nn.Module, config: LoopConfig, state: dict,
                      metrics: dict, history: list[dict]) -> None:
     """Fill ``directory`` with a raysky checkpoint plus resume state, metrics and history."""
-    extra = {"epoch": metrics["epoch"], "run": config.run_name, "metrics": to_jsonable(metrics),
-             "settings": config.settings, "initial_weights": state["initial_weights"],
+    extra = {"epoch": metrics["epoch"], "run": config.settings.name,
+             "metrics": to_jsonable(metrics), "settings": config.record, "initial_weights": state["initial_weights"],
              "hyperparameters": state["hyperparameters"],
              "provenance": config.provenance, "machine": machine_description(),
              "training_seconds": sum(float(h.get("train_seconds", 0.0)) for h in history)}
-    save_checkpoint(unwrap_ddp(model), directory, config.preset, extra=extra)
+    save_checkpoint(unwrap_ddp(model), directory, config.settings.preset, extra=extra)
     torch.save(state, os.path.join(directory, STATE_FILE))
     with open(os.path.join(directory, METRICS_FILE), "w") as handle:
         json.dump(to_jsonable(metrics), handle, indent=2)
@@ -144,7 +145,7 @@ def _restore(model: nn.Module, checkpoint, task) -> dict:
         loaded = load_checkpoint(directory, expected_kind=task.kind)
         if task.kind == "classifier" and loaded.classes != task.classes:
             raise ValueError(f"the run's checkpoint has classes {list(loaded.classes)}, but this "
-                             f"run trains {list(task.classes)}; use a new --name")
+                             f"run trains {list(task.classes)}; train it under a new name")
         model.load_state_dict(loaded.model.state_dict())
         # weights_only: anything that can write to the run's storage must not be able to run
         # code on the workers. The optimizer and scheduler state are plain tensors and numbers.
@@ -214,26 +215,27 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     from ray.data import DataContext
 
-    config = LoopConfig(**loop_config)
+    config = LoopConfig.from_dict(loop_config)
+    settings = config.settings
     DataContext.get_current().enable_progress_bars = False
     worker = _setup(config)
-    if worker.start_epoch >= config.epochs:
+    if worker.start_epoch >= settings.epochs:
         if worker.rank == 0:
             print(f"{worker.task.kind}: already trained for {worker.start_epoch} epochs, nothing "
                   "to do", flush=True)
         return
     worker.tracker = Tracker(config.tracking, enabled=worker.rank == 0)
     if worker.start_epoch == 0:
-        worker.tracker.log_params(training_params(worker.task.kind, config.settings,
+        worker.tracker.log_params(training_params(worker.task.kind, config.record,
                                                   config.provenance))
     worker.tracker.set_tags({"system": machine_description(), "raysky.precision": worker.precision})
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
-    per_epoch = worker.steps_per_epoch * config.batch_size * worker.world
-    progress = Progress(f"{worker.task.kind} [{config.run_name}]",
-                        total=per_epoch * (config.epochs - worker.start_epoch), unit="img",
-                        interval=config.progress_interval)
-    for epoch in range(worker.start_epoch, config.epochs):
+    per_epoch = worker.steps_per_epoch * settings.batch_size * worker.world
+    progress = Progress(f"{worker.task.kind} [{settings.name}]",
+                        total=per_epoch * (settings.epochs - worker.start_epoch), unit="img",
+                        interval=settings.progress_interval)
+    for epoch in range(worker.start_epoch, settings.epochs):
         stats = _train_epoch(worker, train_shard, epoch, progress)
         _validate_and_report(worker, val_shard, epoch, stats)
 
@@ -249,8 +251,8 @@ def _setup(config: LoopConfig) -> _Worker:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     task = make_task(config, rank)
-    device = ray.train.torch.get_device() if config.use_gpu else torch.device("cpu")
-    torch.manual_seed(config.seed)
+    device = ray.train.torch.get_device() if config.settings.gpu else torch.device("cpu")
+    torch.manual_seed(config.settings.seed)
     model = task.build_model()
     checkpoint = ray.train.get_checkpoint()
     state = _restore(model, checkpoint, task) if checkpoint else None
@@ -264,7 +266,7 @@ def _setup(config: LoopConfig) -> _Worker:
     if state is not None and average is not None and "average" in state:
         average.load_state_dict(state["average"])
     model = ray.train.torch.prepare_model(model, move_to_device=False)
-    steps_per_epoch = max(1, config.train_rows // world // config.batch_size)
+    steps_per_epoch = max(1, config.train_rows // world // config.settings.batch_size)
     optimizer, scheduler = make_optimizer(model, config, steps_per_epoch)
     worker = _Worker(config, task, model, average, frozen, optimizer, scheduler, device,
                      precision, rank, world, steps_per_epoch, initial_weights,
@@ -285,7 +287,7 @@ def _initial_weights(model: nn.Module, config: LoopConfig, state: dict | None, k
                      rank: int) -> dict:
     if state is not None:
         return state["initial_weights"]
-    spec = config.pretrained_encoder or "none"
+    spec = config.settings.pretrained_encoder or "none"
     initial = {k: v.to_dict() for k, v in initialise_model(model, spec).items()}
     if rank == 0:
         for name, record in initial.items():
@@ -302,8 +304,10 @@ def _pretrained_counts(initial_weights: dict) -> dict:
 def _measure_step(task, model: nn.Module, device: torch.device, config: LoopConfig,
                   rank: int) -> tuple[str, torch.memory_format]:
     """Resolve ``auto`` precision, then the memory layout, by timing this model's own step."""
-    precision, timing = measure_precision(task, model, device, config.precision, config.batch_size)
-    inputs = task.inputs(task.synthetic_batch(config.batch_size), device, train=True)
+    batch_size = config.settings.batch_size
+    precision, timing = measure_precision(task, model, device, config.settings.precision,
+                                          batch_size)
+    inputs = task.inputs(task.synthetic_batch(batch_size), device, train=True)
 
     def step(probe: nn.Module, memory_format: torch.memory_format) -> None:
         probe_inputs = {**inputs, "image": inputs["image"].contiguous(memory_format=memory_format)}
@@ -331,10 +335,10 @@ def _train_epoch(worker: _Worker, shard, epoch: int, progress: Progress) -> dict
     task.augmenter.start_epoch(epoch)
     epoch_start = time.time()
     loss_sum, seen, unreadable, first_errors = 0.0, 0, 0, []
-    batches = shard.iter_batches(batch_size=config.batch_size, batch_format="numpy",
+    batches = shard.iter_batches(batch_size=config.settings.batch_size, batch_format="numpy",
                                  drop_last=True, prefetch_batches=2,
                                  local_shuffle_buffer_size=SHUFFLE_BUFFER,
-                                 local_shuffle_seed=config.seed * 1000 + epoch)
+                                 local_shuffle_seed=config.settings.seed * 1000 + epoch)
     for step, batch in enumerate(batches, start=1):
         batch, errors = readable_rows(batch)
         unreadable += len(errors)
@@ -350,8 +354,8 @@ def _train_epoch(worker: _Worker, shard, epoch: int, progress: Progress) -> dict
         if worker.first_step_at is None:
             worker.first_step_at = time.time()
         if worker.rank == 0:
-            progress.update(n * worker.world, extra=f"epoch {epoch + 1}/{config.epochs}, step "
-                            f"{step}/{worker.steps_per_epoch}, loss {loss:.4f}")
+            progress.update(n * worker.world, extra=f"epoch {epoch + 1}/{config.settings.epochs}, "
+                            f"step {step}/{worker.steps_per_epoch}, loss {loss:.4f}")
     train_seconds = time.time() - epoch_start
     loss_total, seen_total, unreadable_total = _all_reduce_sum(
         [loss_sum, float(seen), float(unreadable)], worker.device)
@@ -393,7 +397,7 @@ def _validate_and_report(worker: _Worker, shard, epoch: int, stats: dict[str, An
         if worker.rank == 0:
             evaluated = averaged(worker.model, worker.average)
             metrics.update(task.evaluate(evaluated, shard.iter_batches(
-                batch_size=config.batch_size, batch_format="numpy"), worker.device,
+                batch_size=config.settings.batch_size, batch_format="numpy"), worker.device,
                 worker.precision))
             _score(metrics, config)
             worker.history.append(to_jsonable(metrics))
@@ -408,7 +412,7 @@ def _validate_and_report(worker: _Worker, shard, epoch: int, stats: dict[str, An
                 state["model"] = unwrap_ddp(worker.model).state_dict()
             write_checkpoint(directory, evaluated, config, state, metrics, worker.history)
             report_checkpoint = ray.train.Checkpoint.from_directory(directory)
-            print(_epoch_line(task.kind, metrics, config.epochs), flush=True)
+            print(_epoch_line(task.kind, metrics, config.settings.epochs), flush=True)
             if worker.tracker is not None:
                 worker.tracker.log_metrics({k: v for k, v in metrics.items()
                                             if not k.endswith("_unix")}, step=epoch + 1)

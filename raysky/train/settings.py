@@ -7,14 +7,14 @@ from typing import Any
 
 from raysky import storage
 from raysky.jsonable import to_jsonable
-from raysky.settings import setting
+from raysky.settings import ParameterError, setting
 
 MASK_SOURCES = ("segmenter", "ground-truth")
 """Where the classifier's lesion masks come from."""
 
 
 def check_run_name(name: str) -> str:
-    """Return ``name`` if it is a safe run name, else raise ``ValueError`` naming ``--name``.
+    """Return ``name`` if it is a safe run name, else raise a ``ParameterError`` naming ``name``.
 
     The run lives at ``<storage>/<name>``, so the name must be one path component of safe
     characters (:func:`raysky.storage.name_problem`): ``..``, ``a/b`` or ``/abs`` would put the
@@ -22,11 +22,11 @@ def check_run_name(name: str) -> str:
     """
     problem = storage.name_problem(name, nested=False)
     if problem:
-        raise ValueError(f"--name {name!r} is not a valid run name: it {problem}")
+        raise ParameterError("name", name, f"not a valid run name: it {problem}")
     return name
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainSettings:
     """Everything one training run needs; the CLI flags map one-to-one onto these fields.
 
@@ -110,7 +110,7 @@ RECIPE_FIELDS = ("pretrained_encoder", "epochs", "batch_size", "lr", "encoder_lr
                  "label_smoothing", "class_weight_power")
 RESUME_FIELDS = ("lr", "encoder_lr_scale", "weight_decay", "batch_size", "workers", "epochs",
                  "label_smoothing", "class_weight_power")
-"""Hyperparameters a resumed run must share with the run it continues (or --force-resume)."""
+"""Hyperparameters a resumed run must share with the run it continues (or ``force_resume``)."""
 
 
 def with_recipe(settings: TrainSettings, kind: str) -> TrainSettings:
@@ -159,51 +159,58 @@ class TrainResult:
         return to_jsonable(asdict(self))
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoopConfig:
-    """What :func:`raysky.train.loops.train_loop_per_worker` needs on every worker.
+    """What :func:`raysky.train.loops.train_loop_per_worker` needs on every worker: the run's
+    :class:`TrainSettings` as they are, plus only what the driver derives from them and the data.
 
-    The driver builds it from :class:`TrainSettings`, the preset's recipe and the data (the
-    classes, the metadata vocabulary, the class weights, the split's size); Ray Train ships
-    it to the workers as a plain dict (:meth:`to_dict`), and each worker rebuilds it. The
-    defaults serve the throughput benchmark's plain loop, which builds one by hand.
+    Ray Train ships it to the workers as a plain dict (:meth:`to_dict`), and each worker
+    rebuilds it (:meth:`from_dict`). Build one with :meth:`from_settings`, which fills the
+    recipe fields the settings leave ``None``; the throughput benchmarks build theirs that way
+    too, and the defaults below serve their plain loop.
     """
 
     kind: str
-    preset: str
-    epochs: int
-    batch_size: int
-    lr: float
-    weight_decay: float = 1e-4
-    encoder_lr_scale: float = 1.0
-    label_smoothing: float = 0.0
+    settings: TrainSettings  # validated, recipe fields filled (with_recipe)
+    # the validation metric that picks the best checkpoint, and whether it is maximised
+    metric: str = "val_loss"
+    metric_mode: str = "min"
     classes: list[str] = field(default_factory=list)
     vocab: dict | None = None
     class_weights: list[float] | None = None
-    use_metadata: bool = True
-    use_lesion_stream: bool = True
-    lesion_branch: str | None = None
-    precision: str = "fp32"
-    use_gpu: bool = False
-    threads: int = 1
-    seed: int = 0
     train_rows: int = 0
-    pretrained_encoder: str | None = None
-    metric: str = "val_loss"
-    metric_mode: str = "min"
-    run_name: str = ""
-    progress_interval: float = 10.0
-    hyperparameters: dict[str, Any] = field(default_factory=dict)
-    settings: dict[str, Any] = field(default_factory=dict)
-    provenance: dict[str, Any] = field(default_factory=dict)
-    # the MLflow run rank 0 logs to (raysky.train.tracking.TrackingTarget), None: untracked
-    tracking: dict[str, str] | None = None
     # the preset's Recipe with this run's overrides (raysky.models.config.recipe_to_dict):
     # augmentation, moving average, frozen layers, metadata dropout
     recipe: dict[str, Any] = field(default_factory=dict)
+    # the settings as every checkpoint records them (``extra.settings``) and MLflow logs them:
+    # the fields, the resolved precision and metric, the split and the masks' source
+    record: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    # the MLflow run rank 0 logs to (raysky.train.tracking.TrackingTarget), None: untracked
+    tracking: dict[str, str] | None = None
+
+    @classmethod
+    def from_settings(cls, kind: str, settings: TrainSettings, **derived: Any) -> LoopConfig:
+        """The config of a ``kind`` run with ``settings``, their ``None`` recipe fields filled
+        from the preset's recipe (and ``recipe`` too, unless ``derived`` gives it)."""
+        derived.setdefault("recipe", resolved_recipe(settings, kind))
+        return cls(kind=kind, settings=with_recipe(settings, kind), **derived)
+
+    @property
+    def threads(self) -> int:
+        """Torch threads per worker: the settings' own, else the CPUs each worker holds."""
+        return self.settings.threads_per_worker or max(1, int(self.settings.cpus_per_worker))
+
+    @property
+    def hyperparameters(self) -> dict[str, Any]:
+        """What a resumed run must share with this one (:func:`hyperparameters`)."""
+        return hyperparameters(self.settings)
 
     def to_dict(self) -> dict[str, Any]:
         """The plain dict Ray Train passes to each worker as its ``train_loop_config``."""
-        from dataclasses import asdict
-
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LoopConfig:
+        """The config :meth:`to_dict` gave, rebuilt on a worker."""
+        return cls(**{**data, "settings": TrainSettings(**data["settings"])})

@@ -38,7 +38,7 @@ class _ImageTask:
         self.recipe = recipe_from_dict(config.recipe)
         self.cache_size = cache_side(model_config.input_size)
         self.augmenter = Augmenter(self.recipe.augment, model_config.input_size, self.cache_size,
-                                   config.seed, rank)
+                                   config.settings.seed, rank)
         # channels_last where a measured step says so (raysky.train.loops); NCHW until then.
         self.memory_format = torch.contiguous_format
 
@@ -68,11 +68,11 @@ class SegmenterTask(_ImageTask):
     kind = "segmenter"
 
     def __init__(self, config: LoopConfig, rank: int = 0):
-        super().__init__(config, get_preset(config.preset).segmenter, rank)
+        super().__init__(config, get_preset(config.settings.preset).segmenter, rank)
 
     def build_model(self) -> nn.Module:
         """A fresh segmenter for the preset."""
-        return create_segmenter(self.config.preset)
+        return create_segmenter(self.config.settings.preset)
 
     def inputs(self, batch: dict[str, np.ndarray], device: torch.device,
                train: bool = False) -> dict[str, torch.Tensor]:
@@ -112,7 +112,7 @@ class ClassifierTask(_ImageTask):
     kind = "classifier"
 
     def __init__(self, config: LoopConfig, rank: int = 0):
-        super().__init__(config, get_preset(config.preset).classifier, rank)
+        super().__init__(config, get_preset(config.settings.preset).classifier, rank)
         self.classes = tuple(config.classes)
         self.vocab = MetadataVocab.from_dict(config.vocab) if config.vocab else MetadataVocab()
         weights = config.class_weights
@@ -121,18 +121,18 @@ class ClassifierTask(_ImageTask):
     def build_model(self) -> nn.Module:
         """A fresh classifier with this run's classes and metadata setting."""
         overrides = {}
-        if self.config.lesion_branch:
-            overrides["lesion_branch"] = self.config.lesion_branch
-        return create_classifier(self.config.preset, classes=self.classes,
-                                 use_metadata=self.config.use_metadata, vocab=self.vocab,
-                                 use_lesion_stream=self.config.use_lesion_stream, **overrides)
+        if self.config.settings.lesion_branch:
+            overrides["lesion_branch"] = self.config.settings.lesion_branch
+        return create_classifier(self.config.settings.preset, classes=self.classes,
+                                 use_metadata=self.config.settings.use_metadata, vocab=self.vocab,
+                                 use_lesion_stream=self.config.settings.use_lesion_stream, **overrides)
 
     def inputs(self, batch: dict[str, np.ndarray], device: torch.device,
                train: bool = False) -> dict[str, Any]:
         """Normalised image, lesion mask, metadata tensors and label indices on ``device``."""
         image, mask = self.images(batch, device, train)
         metadata = None
-        if self.config.use_metadata:
+        if self.config.settings.use_metadata:
             encoded = EncodedMetadata(batch["age"], batch["sex"], batch["site"])
             if train:
                 encoded = self._drop_metadata(encoded)
@@ -166,7 +166,7 @@ class ClassifierTask(_ImageTask):
         logits = model(inputs["image"], inputs["mask"], inputs["metadata"])
         weight = self.weight.to(logits.device) if self.weight is not None else None
         return F.cross_entropy(logits.float(), inputs["label"], weight=weight,
-                               label_smoothing=self.config.label_smoothing)
+                               label_smoothing=self.config.settings.label_smoothing)
 
     def synthetic_batch(self, batch_size: int) -> dict[str, np.ndarray]:
         """A batch of the real shapes and dtypes with arbitrary values, for timing steps."""
