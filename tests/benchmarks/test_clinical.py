@@ -15,8 +15,8 @@ import numpy as np
 from PIL import Image
 
 from raysky.cli.main import main
+from tests.helpers import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
 VIEWS = ((False, 0), (False, 1), (False, 2), (False, 3), (True, 0), (True, 1), (True, 2),
          (True, 3))
 
@@ -67,7 +67,7 @@ def test_clinical_benchmark_runs_on_tiny_models(sample_dir, tiny_checkpoints, ra
                  "--segmenter", seg, "--classifier", cls, "--no-heatmaps",
                  "--output", str(run / "results-full")]) == 0
 
-    spec = importlib.util.spec_from_file_location("clinical", ROOT / "benchmarks" / "clinical.py")
+    spec = importlib.util.spec_from_file_location("clinical", REPO / "benchmarks" / "clinical.py")
     clinical = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(clinical)
     assert clinical.main(["--data", str(data), "--run", str(run), "--segmenter", seg,

@@ -15,8 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raysky.cli.exit_codes import EXIT_FAILURE, EXIT_OK, EXIT_TEMPFAIL, EXIT_USAGE
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
 
 
 def _raysky(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -99,12 +98,11 @@ def test_a_finished_run_that_still_has_transient_errors_exits_75(tiny_checkpoint
                                                                   tmp_path):
     """Every input has a row, one of them a transient error the run was told not to retry:
     done for now, but worth running again."""
-    from conftest import result_row
-
     from raysky.results.columns import output_schema
     from raysky.score import ScoreSettings
     from raysky.score.output import check_run_config
     from raysky.score.pipeline import RUN_CONFIG, _model_facts
+    from tests.helpers import result_row
 
     ids = _archive(sample_dir, tmp_path / "archive")
     output = tmp_path / "results"

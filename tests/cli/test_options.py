@@ -106,7 +106,7 @@ def test_settings_flags_are_the_settings_fields():
 
 
 def test_demo_flags_build_the_settings_they_name():
-    """Flag parsing only: tests/test_demo.py runs the real ``raysky demo`` end to end."""
+    """Flag parsing only: tests/local/test_demo.py runs the real ``raysky demo`` end to end."""
     from raysky.local.demo import DemoSettings
 
     args = build_parser().parse_args(["demo", "--preset", "tiny", "--workers", "1", "--out", "x"])

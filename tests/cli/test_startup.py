@@ -11,9 +11,9 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
+
 HEAVY = ("torch", "ray", "jinja2", "pandas")
 
 _PROBE = """

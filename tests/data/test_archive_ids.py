@@ -27,8 +27,7 @@ from raysky.data.archive import list_archive, read_archive
 from raysky.data.ids import assign_ids, hashed_image_id, path_hash, stand_in_id
 from raysky.score import ScoreSettings, score_archive
 from raysky.score.inputs import kept_ids, list_inputs
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
 
 
 def _ids(rels, **kwargs) -> dict[str, str]:

@@ -15,8 +15,8 @@ import pytest
 
 from raysky.data import read_dataset
 from raysky.data.splits import per_class_split
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 DEMO_TIMEOUT_S = 600
 
 

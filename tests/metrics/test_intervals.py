@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import ast
 import importlib
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,8 +21,9 @@ from raysky.metrics.intervals import (
     wilson_interval,
 )
 from raysky.metrics.isic import rank_auc, sensitivity_specificity
+from tests.helpers import REPO
 
-METRICS_DIR = Path(__file__).resolve().parents[1] / "raysky" / "metrics"
+METRICS_DIR = REPO / "raysky" / "metrics"
 
 
 @pytest.mark.parametrize("successes, n", [(0, 10), (3, 10), (10, 10), (62, 62), (245, 257)])

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from raysky.cli.main import build_parser
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
 CLI_DOCS = DOCS / "cli"
 README_MAX_LINES = 150

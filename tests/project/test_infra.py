@@ -25,7 +25,8 @@ import pytest
 import ray
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
+
 CLUSTER_YAML = REPO / "cluster.yaml"
 TERRAFORM_DIR = REPO / "infra" / "terraform"
 KUBE_DIR = REPO / "infra" / "kubernetes"

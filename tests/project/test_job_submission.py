@@ -25,10 +25,10 @@ import pytest
 from raysky import storage
 from raysky.models import create_classifier, create_segmenter, load_checkpoint, save_checkpoint
 from raysky.storage import upload_directory
+from tests.helpers import REPO
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(os.environ.get("VIRTUAL_ENV", REPO / ".venv")) / "bin"
 # What a job needs from the repository is the code (with its bundled sample) and the job
 # entrypoints; the rest

@@ -15,7 +15,8 @@ import tomllib
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
+
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 SAMPLE = "raysky/sample_data/ham10000_sample"
 

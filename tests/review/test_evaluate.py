@@ -19,12 +19,6 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import (
-    EXTRA_ID,
-    TIE_INDICES,
-    synthetic_rows,
-    write_results,
-)
 
 from raysky import storage
 from raysky.cli.main import main
@@ -35,8 +29,14 @@ from raysky.review.evaluate import evaluate
 from raysky.review.inputs import read_results
 from raysky.review.output import format_table
 from raysky.review.task_metrics import focus_statistics
+from tests.helpers import (
+    EXTRA_ID,
+    REPO,
+    TIE_INDICES,
+    synthetic_rows,
+    write_results,
+)
 
-REPO = Path(__file__).resolve().parents[1]
 ISIC_PYTHON = REPO / ".venv-isic" / "bin" / "python"
 TOL = 1e-6
 

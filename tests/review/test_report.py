@@ -19,12 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import result_row, synthetic_rows, write_results
 from PIL import Image
 
 from raysky.cli.main import main
 from raysky.data.images import load_rgb
 from raysky.data.readers import read_dataset
+from tests.helpers import REPO, result_row, synthetic_rows, write_results
 
 SCREENSHOT_COPY = Path("/tmp/raysky-report-screenshot.png")
 
@@ -240,7 +240,7 @@ def test_the_template_ships_with_the_package():
     assert "{% include \"report.css\"" in page and (templates / "report.css").is_file()
     tomllib = pytest.importorskip("tomllib", reason="Python 3.10 has no tomllib")
     # A wheel carries only the non-Python files pyproject names: every template must match.
-    config = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())
     patterns = config["tool"]["setuptools"]["package-data"]["raysky.review"]
     shipped = {p.name for pattern in patterns
                for p in Path(str(files("raysky.review"))).glob(pattern)}

@@ -9,7 +9,6 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import synthetic_rows, write_results
 from sklearn.metrics import roc_auc_score
 
 from raysky.calibration.temperature import recalibrate
@@ -17,6 +16,7 @@ from raysky.cli.main import main
 from raysky.data.readers import metadata_frame
 from raysky.data.taxonomy import HAM10000_CLASSES, MALIGNANT_CLASSES
 from raysky.review.evaluate import evaluate_frame
+from tests.helpers import synthetic_rows, write_results
 
 CLASSES = list(HAM10000_CLASSES)
 

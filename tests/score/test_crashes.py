@@ -15,7 +15,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -27,8 +26,8 @@ from raysky import results
 from raysky.results.columns import output_schema
 from raysky.score import inputs as inputs_module
 from raysky.score import pipeline, stages
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 DECODE_MARKER = "raysky-test-decode-crash"
 MODEL_MARKER = "raysky-test-model-crash"
 

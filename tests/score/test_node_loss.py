@@ -1,7 +1,8 @@
 """Node loss: a two-node local Ray cluster loses its worker node mid-run; the output is complete.
 
 The cluster must be the only Ray in its process, so the scenario runs in a subprocess (this
-file executed as a script) and never touches the session's ``ray_local``.
+module, run with ``python -m`` from the checkout so that ``tests.helpers`` imports) and never
+touches the session's ``ray_local``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
 
 
 def _rows_written(output: Path) -> int:
@@ -77,7 +78,7 @@ def test_losing_a_worker_node_mid_run_leaves_complete_output(sample_dir, tiny_ch
     total = len(list(archive.rglob("*.jpg")))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     done = subprocess.run(
-        [sys.executable, __file__, str(archive), str(output), tiny_checkpoints["segmenter"],
+        [sys.executable, "-m", __name__, str(archive), str(output), tiny_checkpoints["segmenter"],
          tiny_checkpoints["classifier"], str(report)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]

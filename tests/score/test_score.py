@@ -35,8 +35,8 @@ from raysky.results.columns import output_schema
 from raysky.score import ScoreSettings, score_archive, stages
 from raysky.score.output import check_run_config, split_table
 from raysky.storage import upload_directory
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 SAMPLE_SIZE = (200, 150)
 
 # id -> (expected status, a phrase the error must contain, original (width, height))

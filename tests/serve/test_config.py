@@ -22,8 +22,9 @@ from raysky.serve.security import (
     parse_api_keys,
     replica_checker,
 )
+from tests.helpers import REPO
 
-SERVE_CONFIG = Path(__file__).resolve().parents[1] / "infra" / "serve" / "raysky.yaml"
+SERVE_CONFIG = REPO / "infra" / "serve" / "raysky.yaml"
 
 
 # --- API keys ------------------------------------------------------------------------------
@@ -354,7 +355,7 @@ def test_the_serve_command_refuses_an_ill_typed_argument_before_ray_starts(tiny_
 
     serve_cli = Path(sys.executable).parent / "serve"
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = str(REPO)
     env[API_KEYS_ENV] = KEY_A
     done = subprocess.run(
         [str(serve_cli), "run", "raysky.serve.app:build_app", *_checkpoint_args(tiny_checkpoints),

@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import synthetic_rows, write_results
 from mlflow import MlflowClient
 
 from raysky.cli.main import main
@@ -23,6 +22,7 @@ from raysky.train.tracking import (
     open_run,
     resolve_uri,
 )
+from tests.helpers import synthetic_rows, write_results
 
 NOWHERE = "http://127.0.0.1:1"
 """Port 1 on the loopback address: nothing listens there, so every request is refused."""
