@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -12,18 +11,38 @@ import pytest
 from raysky.serve.batching import BatchQueue
 
 
-class SlowModel:
-    """Records each batch it is given and the thread it ran on; fails on a poisoned item."""
+class RecordingModel:
+    """Records each batch it is given and the thread it ran on; fails on a poisoned item.
 
-    def __init__(self, seconds: float = 0.1):
-        self.seconds = seconds
+    A ``held`` model tells the test's event loop when a batch starts (the event
+    :meth:`watch_start` returns) and then runs it only once the test sets ``release``. So "the
+    model is busy with [0]" is a fact the test awaits, not a guess at how long a sleep lasts on
+    a loaded machine.
+    """
+
+    def __init__(self, held: bool = False):
         self.batches: list[list[int]] = []
         self.threads: set[str] = set()
+        self.release = threading.Event()
+        if not held:
+            self.release.set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._started: asyncio.Event | None = None
+
+    def watch_start(self) -> asyncio.Event:
+        """An event on the running loop, set as soon as the model starts a batch."""
+        self._loop, self._started = asyncio.get_running_loop(), asyncio.Event()
+        return self._started
 
     def __call__(self, items: list[int]) -> list[int]:
         self.batches.append(list(items))
         self.threads.add(threading.current_thread().name)
-        time.sleep(self.seconds)
+        if self._started is not None:
+            # The model runs on the executor's thread; asyncio.Event is not thread-safe.
+            self._loop.call_soon_threadsafe(self._started.set)
+        # Bounded, so a test that fails before releasing the model cannot hang the executor.
+        if not self.release.wait(timeout=300):
+            raise TimeoutError("the test never released the held model")
         if -1 in items:
             raise ValueError("poisoned batch")
         return [item * 10 for item in items]
@@ -36,14 +55,18 @@ def executor():
 
 
 def test_requests_queued_behind_a_busy_model_run_as_one_batch(executor):
-    model = SlowModel()
+    model = RecordingModel(held=True)
 
     async def scenario():
         queue = BatchQueue(model, executor, max_batch_size=8)
+        started = model.watch_start()
         first = queue.submit([0])
-        await asyncio.sleep(0.03)  # the model is now busy with [0]
-        # Ten requests in three separate arrivals, as three Serve batches would bring them.
-        later = queue.submit([1, 2, 3]) + queue.submit([4]) + queue.submit([5, 6, 7, 8, 9, 10])
+        try:
+            await started.wait()  # the model is now busy with [0], and stays so until released
+            # Ten requests in three separate arrivals, as three Serve batches would bring them.
+            later = queue.submit([1, 2, 3]) + queue.submit([4]) + queue.submit([5, 6, 7, 8, 9, 10])
+        finally:
+            model.release.set()
         return await asyncio.gather(*first, *later)
 
     results = asyncio.run(scenario())
@@ -53,7 +76,7 @@ def test_requests_queued_behind_a_busy_model_run_as_one_batch(executor):
 
 
 def test_an_idle_model_starts_at_once(executor):
-    model = SlowModel(seconds=0.0)
+    model = RecordingModel()
 
     async def scenario():
         queue = BatchQueue(model, executor)
@@ -66,14 +89,18 @@ def test_an_idle_model_starts_at_once(executor):
 
 
 def test_cancelled_requests_are_not_scored(executor):
-    model = SlowModel()
+    model = RecordingModel(held=True)
 
     async def scenario():
         queue = BatchQueue(model, executor)
+        started = model.watch_start()
         busy = queue.submit([0])
-        await asyncio.sleep(0.03)
-        waiting = queue.submit([1, 2, 3])
-        waiting[1].cancel()  # its client went away while the model was busy
+        try:
+            await started.wait()  # the model is busy with [0]
+            waiting = queue.submit([1, 2, 3])
+            waiting[1].cancel()  # its client went away while the model was busy
+        finally:
+            model.release.set()
         return await asyncio.gather(*busy, waiting[0], waiting[2])
 
     assert asyncio.run(scenario()) == [0, 10, 30]
@@ -81,7 +108,7 @@ def test_cancelled_requests_are_not_scored(executor):
 
 
 def test_a_bad_item_fails_alone_and_its_batch_mates_are_retried_one_by_one(executor):
-    model = SlowModel(seconds=0.0)
+    model = RecordingModel()
 
     async def scenario():
         queue = BatchQueue(model, executor, max_batch_size=3)
@@ -106,4 +133,4 @@ def test_a_batch_function_returning_the_wrong_count_is_an_error(executor):
 
 def test_max_batch_size_must_be_positive(executor):
     with pytest.raises(ValueError, match="max_batch_size"):
-        BatchQueue(SlowModel(), executor, max_batch_size=0)
+        BatchQueue(RecordingModel(), executor, max_batch_size=0)
