@@ -15,7 +15,8 @@ means what that method says (higher: less like the calibration images, always):
 * ``energy`` (Liu et al., 2020): ``-logsumexp(logits)``; needs no statistics but only sees
   what the head makes of the features.
 
-Between the two classifier-feature scores (``tests/test_calibration_model.py`` prints both):
+Between the two classifier-feature scores
+(``tests/calibration/test_calibration_model.py`` prints both):
 on a ``tiny`` model trained on the bundled sample, photos from scikit-image's bundled data set
 are told apart from held-out dermoscopy far better by the Mahalanobis distance than by the
 energy score; on the real ``lite`` model neither catches most photos (docs/benchmarks.md), which is why

@@ -1,0 +1,94 @@
+"""benchmarks/clinical.py end to end on small data, so it is ready for the trained models:
+the bundled sample in its eight dihedral views (same lesion ids, so the lesion-disjoint halves
+keep each lesion's views together; 120 malignant and 160 benign images, enough for each half
+to calibrate), tiny checkpoints, the gate as OOD method. The figures mean nothing about a
+model here; the test checks that every one is produced, through the product's commands."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from raysky.cli.main import main
+from tests.helpers import REPO
+
+VIEWS = ((False, 0), (False, 1), (False, 2), (False, 3), (True, 0), (True, 1), (True, 2),
+         (True, 3))
+
+
+def _view(array: np.ndarray, mirror: bool, turns: int) -> np.ndarray:
+    return np.ascontiguousarray(np.rot90(array[:, ::-1] if mirror else array, turns))
+
+
+def _dihedral_dataset(sample_dir: Path, root: Path) -> None:
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    with open(sample_dir / "HAM10000_metadata.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    out_rows = []
+    for row in rows:
+        image = np.asarray(Image.open(sample_dir / "images" / f"{row['image_id']}.jpg"))
+        mask = np.asarray(Image.open(sample_dir / "masks" / f"{row['image_id']}_segmentation.png"))
+        for k, (mirror, turns) in enumerate(VIEWS):
+            new_id = f"{row['image_id']}d{k}"
+            Image.fromarray(_view(image, mirror, turns)).save(root / "images" / f"{new_id}.jpg",
+                                                              quality=95)
+            Image.fromarray(_view(mask, mirror, turns)).save(
+                root / "masks" / f"{new_id}_segmentation.png")
+            out_rows.append({**row, "image_id": new_id})
+    with open(root / "HAM10000_metadata.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(out_rows)
+    (root / "splits.csv").write_text("image_id,split\n" + "".join(
+        f"{r['image_id']},val\n" for r in out_rows))
+
+
+def test_clinical_benchmark_runs_on_tiny_models(sample_dir, tiny_checkpoints, ray_local,
+                                                tmp_path):
+    data = tmp_path / "ham"
+    _dihedral_dataset(sample_dir, data)
+    run = tmp_path / "run"
+    images = run / "val-images"
+    images.mkdir(parents=True)
+    for path in sorted((data / "images").glob("*.jpg")):
+        (images / path.name).symlink_to(path)
+    with open(data / "HAM10000_metadata.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    (run / "val-metadata.csv").write_text("image_id,age,sex,localization\n" + "".join(
+        f"{r['image_id']},{r['age']},{r['sex']},{r['localization']}\n" for r in rows))
+    seg, cls = tiny_checkpoints["segmenter"], tiny_checkpoints["classifier"]
+    assert main(["score", "--input", str(images), "--metadata", str(run / "val-metadata.csv"),
+                 "--segmenter", seg, "--classifier", cls, "--no-heatmaps",
+                 "--output", str(run / "results-full")]) == 0
+
+    spec = importlib.util.spec_from_file_location("clinical", REPO / "benchmarks" / "clinical.py")
+    clinical = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(clinical)
+    assert clinical.main(["--data", str(data), "--run", str(run), "--segmenter", seg,
+                          "--classifier", cls, "--single-stream", cls, "--skip-robustness",
+                          "--ood-methods", "imagenet-gate", "--per-kind", "2"]) == 0
+    figures = json.loads((run / "clinical" / "figures.json").read_text())
+    assert figures["in_sample"]["after"]["ece"] is not None
+    for half in (1, 2):
+        decision = figures[f"decision_half{half}"]
+        assert decision["images"] > 100  # a half of 280 images, lesions kept whole
+        for key in ("before", "after"):
+            assert 0.0 <= decision[key]["value"] <= 1.0
+            assert decision[key]["low"] <= decision[key]["value"] <= decision[key]["high"]
+        assert decision["difference"]["value"] == decision["after"]["value"] - \
+            decision["before"]["value"]
+        assert set(decision["decision_offsets"]) == {"mel", "nv", "bcc", "akiec", "bkl", "df",
+                                                     "vasc"}
+        assert decision["decision_rule"]["variant"] in ("prior", "prior+classwise")
+        ood = figures[f"ood_half{half}-imagenet-gate"]
+        assert {"photo", "text", "screenshot", "chart", "clinical"} <= set(ood["auroc_by_kind"])
+        assert 0.0 <= ood["auroc"] <= 1.0 and ood["photos"] >= 30
+        assert set(ood["dermoscopy_flagged_by_class"]) == {"mel", "nv", "bcc", "akiec", "bkl",
+                                                           "df", "vasc"}
+        assert figures[f"cross_fit_half{half}"]["referral"] is not None
