@@ -43,20 +43,6 @@ def setting_help(settings_class: type, name: str) -> str:
     raise KeyError(f"{settings_class.__name__} has no field {name!r}")
 
 
-def same_as(settings_class: type, name: str, default: Any = dataclasses.MISSING) -> Any:
-    """A field meaning what field ``name`` of ``settings_class`` means: its help and default.
-
-    For settings that are handed on to another command's settings (robustness scores with
-    :class:`raysky.score.ScoreSettings`), so the two cannot come to describe one knob in
-    two ways. ``default`` replaces the other field's default where this command wants its own.
-    """
-    other = next(f for f in dataclasses.fields(settings_class) if f.name == name)
-    if default is dataclasses.MISSING:
-        return dataclasses.field(default=other.default, default_factory=other.default_factory,
-                                 metadata={HELP: setting_help(settings_class, name)})
-    return setting(default, help=setting_help(settings_class, name))
-
-
 TTA_HELP = ("test-time augmentation: average the models over the four flips of each image "
             "(4x the model work; Grad-CAM explains the unflipped view)")
 """Scoring and serving run the same test-time augmentation (:class:`raysky.inference.LesionPipeline`)."""

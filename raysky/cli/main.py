@@ -44,10 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def flag_for(parser: argparse.ArgumentParser, args: argparse.Namespace, parameter: str) -> str:
     """The flag of the chosen sub-command that sets Python ``parameter``: a flag declared from
-    a settings field of that name, else the flag whose destination is the name, else the name
-    itself (a parameter the command computes rather than reads from a flag)."""
-    dests = {name: dest for dest, (_cls, name, _conv) in
-             (getattr(args, SETTING_DESTS, None) or {}).items()}
+    a settings field of that name (a nested field answers to its own name too, as the nested
+    settings' checks say ``batch_size``, not ``score.batch_size``), else the flag whose
+    destination is the name, else the name itself (a parameter the command computes rather
+    than reads from a flag)."""
+    dests: dict[str, str] = {}
+    for dest, (_cls, name, _conv) in (getattr(args, SETTING_DESTS, None) or {}).items():
+        dests[name] = dest
+        dests.setdefault(name.rpartition(".")[2], dest)
     dest = dests.get(parameter, parameter)
     for action in _chosen_parser(parser, args)._actions:
         if action.dest == dest and action.option_strings:

@@ -5,8 +5,10 @@ Every ``raysky`` command builds a settings object (``TrainSettings``, ``ScoreSet
 ``ServeSettings``, ...) from its flags; a default or a help text written again in the parser
 would drift from the dataclass's. :func:`add_setting` declares a flag from a field (declared
 with :func:`raysky.settings.setting`), and :func:`settings_from_args` turns the parsed flags
-back into the settings object. Flags that only steer the command line (``--json``,
-``--quiet``) keep their help in the parser.
+back into the settings object. A dotted field name (``score.batch_size``) reaches into a
+settings object nested in another (:attr:`raysky.score.RobustnessSettings.score`): the help is
+the nested class's, the default the outer field's default object's. Flags that only steer the
+command line (``--json``, ``--quiet``) keep their help in the parser.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import argparse
 import inspect
 from collections.abc import Callable
-from dataclasses import MISSING, Field, fields
+from dataclasses import MISSING, Field, fields, is_dataclass, replace
 from typing import Any, TypeVar
 
 from raysky.settings import setting_help
@@ -61,11 +63,50 @@ def _field(settings_class: type, name: str) -> Field:
     raise KeyError(f"{settings_class.__name__} has no field {name!r}")
 
 
+def resolve_setting(settings_class: type, name: str) -> tuple[type, str, Any]:
+    """(class declaring the field, its name there, its default) for field ``name`` of
+    ``settings_class``, where a dotted name walks into nested settings objects.
+
+    The default of a nested field is the one of the object its outer field defaults to, so an
+    outer class keeps its own defaults (robustness scores in smaller batches than ``raysky
+    score``) while the help stays where the field is declared.
+    """
+    *path, leaf = name.split(".")
+    owner, nested = settings_class, None
+    for part in path:
+        value = getattr(nested, part) if nested is not None else _default(_field(owner, part))
+        if not is_dataclass(value):
+            raise KeyError(f"{owner.__name__}.{part} holds no settings object to reach into")
+        owner, nested = type(value), value
+    default = _default(_field(owner, leaf)) if nested is None else getattr(nested, leaf)
+    return owner, leaf, default
+
+
+def _assemble(settings_class: type, values: dict[str, Any], base: Any = None) -> Any:
+    """``settings_class(**values)`` (or ``base`` with ``values`` replaced), where dotted names
+    set fields of the nested object their outer field holds, starting from its default."""
+    flat: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {}
+    for key, value in values.items():
+        outer, dot, inner = key.partition(".")
+        if dot:
+            nested.setdefault(outer, {})[inner] = value
+        else:
+            flat[key] = value
+    for outer, inner_values in nested.items():
+        start = flat.get(outer, MISSING)
+        if start is MISSING:
+            start = getattr(base, outer) if base is not None else _default(_field(settings_class, outer))
+        flat[outer] = _assemble(type(start), inner_values, start)
+    return replace(base, **flat) if base is not None else settings_class(**flat)
+
+
 def add_setting(parser: argparse._ActionsContainer, settings_class: type, name: str,
                 *flags: str, note: str | None = None, to_flag: Callable[[Any], Any] | None = None,
                 from_flag: Callable[[Any], Any] | None = None, **kwargs: Any) -> argparse.Action:
     """Add the flag ``flags`` for field ``name`` of ``settings_class`` to ``parser`` (or group).
 
+    ``name`` may be dotted, for a field of a nested settings object (see :func:`resolve_setting`).
     The flag's default is the field's (through ``to_flag`` where the flag counts in other units
     than the field, e.g. milliseconds for seconds; ``from_flag`` converts back in
     :func:`settings_from_args`); a field without a default makes a required flag. The help is
@@ -77,14 +118,14 @@ def add_setting(parser: argparse._ActionsContainer, settings_class: type, name: 
     if "default" in kwargs or "help" in kwargs:
         raise TypeError(f"--{name}: the default and the help come from "
                         f"{settings_class.__name__}.{name}")
+    owner, leaf, default = resolve_setting(settings_class, name)
     # argparse %-formats help strings; a literal % in a field's help must survive that.
-    text = setting_help(settings_class, name).replace("%", "%%")
+    text = setting_help(owner, leaf).replace("%", "%%")
     action_name = kwargs.get("action")
     if action_name == "store_false":
         text = f"don't {text}"
     if note:
         text = f"{text}; {note}"
-    default = _default(_field(settings_class, name))
     if default is MISSING:
         kwargs.setdefault("required", True)
     else:
@@ -105,7 +146,9 @@ def settings_from_args(settings_class: type[S], args: argparse.Namespace, **over
 
     Each such flag's value goes to its field (through its ``from_flag``); ``overrides`` set the
     fields that other flags decide (``--quiet`` for ``progress``) or that the command computes
-    (API keys it has read) and win over a flag of the same field.
+    (API keys it has read) and win over a flag of the same field. Dotted names, in flags and
+    overrides alike, set fields of a nested settings object, the rest of which keeps the outer
+    field's default.
     """
     dests = getattr(args, SETTING_DESTS, None) or {}
     values = {}
@@ -114,4 +157,4 @@ def settings_from_args(settings_class: type[S], args: argparse.Namespace, **over
             value = getattr(args, dest)
             values[name] = from_flag(value) if from_flag is not None and value is not None else value
     values.update(overrides)
-    return settings_class(**values)
+    return _assemble(settings_class, values)

@@ -36,11 +36,13 @@ def register(subparsers) -> None:
     add_setting(parser, RobustnessSettings, "limit", "--limit", type=int, metavar="N")
     add_setting(parser, RobustnessSettings, "seed", "--seed", type=int)
     add_setting(parser, RobustnessSettings, "replicates", "--replicates", type=int)
-    add_setting(parser, RobustnessSettings, "batch_size", "--batch-size", type=int)
-    add_setting(parser, RobustnessSettings, "workers", "--workers", type=int)
-    add_setting(parser, RobustnessSettings, "cpus_per_worker", "--cpus-per-worker", type=int)
-    add_setting(parser, RobustnessSettings, "gpus_per_worker", "--gpus-per-worker", type=float)
-    add_setting(parser, RobustnessSettings, "ray_address", "--address")
+    # How each folder is scored: the nested RobustnessSettings.score, with raysky score's help.
+    add_setting(parser, RobustnessSettings, "score.batch_size", "--batch-size", type=int)
+    add_setting(parser, RobustnessSettings, "score.workers", "--workers", type=int)
+    add_setting(parser, RobustnessSettings, "score.cpus_per_worker", "--cpus-per-worker", type=int)
+    add_setting(parser, RobustnessSettings, "score.gpus_per_worker", "--gpus-per-worker",
+                type=float)
+    add_setting(parser, RobustnessSettings, "score.ray_address", "--address")
     parser.add_argument("--update-card", metavar="CKPT_URI",
                         help="write a new version of --classifier here whose model card gains "
                         "the robustness table (the weights are copied as they are)")
@@ -56,9 +58,7 @@ def run(args: argparse.Namespace) -> int:
     from raysky.audit.paired import ROBUSTNESS_FILE
     from raysky.score.robustness import card_section, format_report, run_robustness
 
-    if args.replicates < 1:
-        raise ValueError(f"--replicates must be at least 1, got {args.replicates}")
-    settings = settings_from_args(RobustnessSettings, args, progress=not args.quiet)
+    settings = settings_from_args(RobustnessSettings, args, **{"score.progress": not args.quiet})
     tracker = open_tracking(args)
     report = run_robustness(settings)
     print(format_report(report))

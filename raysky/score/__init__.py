@@ -8,8 +8,8 @@ from __future__ import annotations
 from raysky.exports import lazy_exports
 
 _MODULES = {
-    "ScoreSettings": "settings", "RobustnessSettings": "settings", "ScoreSummary": "pipeline",
-    "score_archive": "pipeline",
+    "ScoreSettings": "settings", "ScoringResources": "settings", "RobustnessSettings": "settings",
+    "ScoreSummary": "pipeline", "score_archive": "pipeline",
 }
 __all__ = sorted(_MODULES)
 __getattr__, __dir__ = lazy_exports(__name__, _MODULES)

@@ -22,7 +22,6 @@ from raysky.models.runtime import on_torch_thread, set_torch_threads
 from raysky.onnx.export import export_checkpoint, read_metadata
 from raysky.onnx.opsets import DEFAULT_OPSET
 from raysky.onnx.runtime import OnnxClassifier, OnnxSegmenter
-from raysky.results.columns import INPUT_FACTS, model_output_schema
 from raysky.score.stages import ScoreModel
 
 
@@ -46,11 +45,9 @@ class OnnxScoreModel(ScoreModel):
         segmenter, classifier = (ray.get(m) if isinstance(m, ray.ObjectRef) else m
                                  for m in (segmenter, classifier))
         threads = on_torch_thread(set_torch_threads, threads)
-        self.pipeline = on_torch_thread(onnx_pipeline, segmenter, classifier, threads, tta)
-        self.heatmaps = False
-        self.classes = self.pipeline.classes
-        self.schema = model_output_schema(self.classes, False, extra)
-        self.carried = [name for name, _type in INPUT_FACTS] + list((extra or pa.schema([])).names)
+        # No heatmaps: Grad-CAM needs autograd, which an ONNX model does not have.
+        self._set_pipeline(on_torch_thread(onnx_pipeline, segmenter, classifier, threads, tta),
+                           heatmaps=False, extra=extra)
 
 
 @functools.lru_cache(maxsize=4)

@@ -29,6 +29,7 @@ from raysky.score import output as out
 from raysky.score.inputs import PACK_MARKER, kept_ids
 from raysky.score.pipeline import WRITE_CPUS, Written, collect_written, input_blocks
 from raysky.score.stages import MAX_INPUT_BYTES, read_failure, read_limited, write_batch
+from raysky.settings import ParameterError
 
 PACK_FORMAT = "raysky-pack/2"
 """Version 2: image ids from each file's own name (see ``read_archive``)."""
@@ -103,7 +104,7 @@ def pack_archive(input_uri: str, output_uri: str, rows_per_file: int = 1000,
     ``read_error`` and no bytes, so scoring gives it an error row."""
 
     if rows_per_file < 1:
-        raise ValueError(f"rows_per_file must be at least 1, got {rows_per_file}")
+        raise ParameterError("rows_per_file", rows_per_file, "must be at least 1")
     start = time.monotonic()
     run_id = out.new_run_id()
     with output_lock.locked(output_uri, run_id, "pack") as held:

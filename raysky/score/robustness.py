@@ -113,10 +113,11 @@ def prepare_folders(settings: RobustnessSettings, records: list[LesionRecord]
     for kind in kinds:
         os.makedirs(os.path.join(out, "artefact_masks", kind), exist_ok=True)
     rows, skipped = [], []
-    progress = Progress("artefacts", total=len(records)) if settings.progress else None
-    for start in range(0, len(records), settings.batch_size):
+    batch_size = settings.score.batch_size
+    progress = Progress("artefacts", total=len(records)) if settings.score.progress else None
+    for start in range(0, len(records), batch_size):
         batch, images, masks = [], [], []
-        for record in records[start:start + settings.batch_size]:
+        for record in records[start:start + batch_size]:
             storage.check_name(f"{record.image_id}.png", "image id", nested=False)
             try:
                 image = np.asarray(load_rgb(record.image_uri))
@@ -149,7 +150,7 @@ def prepare_folders(settings: RobustnessSettings, records: list[LesionRecord]
                 row[f"area_{kind}"] = float(changed.mean())
             rows.append(row)
         if progress:
-            progress.update(len(records[start:start + settings.batch_size]))
+            progress.update(len(records[start:start + batch_size]))
     table = pd.DataFrame(rows)
     if not len(table):
         raise ValueError(f"{settings.data}: no readable images to test")
@@ -168,10 +169,8 @@ def score_folders(settings: RobustnessSettings) -> dict[str, str]:
             input=os.path.join(settings.out, "images", name), output=outputs[name],
             segmenter=settings.segmenter, classifier=settings.classifier,
             metadata=os.path.join(settings.out, "metadata.csv"), heatmaps=True,
-            batch_size=settings.batch_size, workers=settings.workers,
-            cpus_per_worker=settings.cpus_per_worker, gpus_per_worker=settings.gpus_per_worker,
-            ray_address=settings.ray_address, progress=settings.progress))
-        if settings.progress:
+            **settings.score.resources()))
+        if settings.score.progress:
             print(f"{name}: {summary.scored} scored, {summary.skipped} already there",
                   file=sys.stderr)
     return outputs
@@ -183,6 +182,9 @@ def run_robustness(settings: RobustnessSettings) -> dict:
     settings.artefacts = parse_kinds(settings.artefacts)
     if settings.limit is not None and settings.limit < 1:
         raise ParameterError("limit", settings.limit, "must be at least 1")
+    if settings.replicates < 1:
+        raise ParameterError("replicates", settings.replicates, "must be at least 1")
+    settings.score.validate()
     records = _select(read_split(settings.dataset()), settings.limit, settings.seed)
     if not records:
         raise ValueError(f"{settings.data}: no images to test")

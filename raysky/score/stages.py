@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -30,6 +31,9 @@ from raysky.data.images import DEFAULT_MAX_PIXELS, decode_image, encode_png
 from raysky.models.runtime import on_torch_thread, set_torch_threads
 from raysky.results.columns import INPUT_FACTS, PROB_PREFIX, model_output_schema
 from raysky.score.output import write_pieces
+
+if TYPE_CHECKING:  # for the annotation only: ScoreModel imports it where it builds one
+    from raysky.inference import LesionPipeline
 
 MAX_INPUT_BYTES = 256 * 1024 * 1024
 """Objects larger than this are not read at all; no dermoscopy image comes near it."""
@@ -243,10 +247,18 @@ class ScoreModel:
 
         # Ray pins OMP_NUM_THREADS=1 in actors; use the CPUs this actor was granted instead.
         on_torch_thread(set_torch_threads, threads)
-        self.pipeline = on_torch_thread(LesionPipeline.from_uris, segmenter, classifier,
-                                        use_gpu=use_gpu, precision=precision, tta=tta)
+        self._set_pipeline(on_torch_thread(LesionPipeline.from_uris, segmenter, classifier,
+                                           use_gpu=use_gpu, precision=precision, tta=tta),
+                           heatmaps, extra)
+
+    def _set_pipeline(self, pipeline: LesionPipeline, heatmaps: bool, extra: pa.Schema | None) -> None:
+        """Adopt ``pipeline`` and derive what :meth:`__call__` writes from it: the row schema
+        and the input columns carried to each row. Every engine's constructor ends here
+        (:class:`raysky.score.onnx_engine.OnnxScoreModel` too), so a new column or carried
+        fact reaches all of them at once."""
+        self.pipeline = pipeline
         self.heatmaps = heatmaps
-        self.classes = self.pipeline.classes
+        self.classes = pipeline.classes
         self.schema = model_output_schema(self.classes, heatmaps, extra)
         # What is known about each input rides along to its results row.
         self.carried = [name for name, _type in INPUT_FACTS] + list((extra or pa.schema([])).names)

@@ -6,14 +6,20 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
-from dataclasses import MISSING, dataclass
+from dataclasses import MISSING, dataclass, fields, is_dataclass
 
 import pytest
 
-from raysky.cli.main import build_parser, main
-from raysky.cli.options import SETTING_DESTS, add_setting, settings_defaults, settings_from_args
+from raysky.cli.main import build_parser, flag_for, main
+from raysky.cli.options import (
+    SETTING_DESTS,
+    add_setting,
+    resolve_setting,
+    settings_defaults,
+    settings_from_args,
+)
 from raysky.score.pipeline import ScoreSettings
-from raysky.score.settings import RobustnessSettings
+from raysky.score.settings import ROBUSTNESS_BATCH_SIZE, RobustnessSettings, ScoringResources
 from raysky.serve.config import ServeSettings
 from raysky.settings import setting, setting_help
 from raysky.train.settings import TrainSettings
@@ -31,10 +37,19 @@ SETTINGS = {"score": ScoreSettings, "serve": ServeSettings, "robustness": Robust
             "train": TrainSettings}
 
 
+def _flat_defaults(settings_class: type) -> dict:
+    """``settings_defaults``, with the fields of a nested settings object under their names."""
+    defaults = settings_defaults(settings_class)
+    for value in list(defaults.values()):
+        if is_dataclass(value):
+            defaults.update({f.name: getattr(value, f.name) for f in fields(value)})
+    return defaults
+
+
 @pytest.mark.parametrize("command", sorted(REQUIRED))
 def test_flag_defaults_are_the_settings_defaults(command):
     args = vars(build_parser().parse_args([*command.split(), *REQUIRED[command]]))
-    defaults = settings_defaults(SETTINGS[command])
+    defaults = _flat_defaults(SETTINGS[command])
     compared = 0
     for dest, value in args.items():
         field = RENAMED.get(dest, dest)
@@ -75,14 +90,14 @@ def test_every_settings_flag_reads_its_field(command):
     assert len(dests) >= SETTINGS_BACKED[command]
     for dest, (settings_class, name, from_flag) in dests.items():
         action = actions[dest]
-        expected = settings_defaults(settings_class).get(name, MISSING)
+        owner, field_name, expected = resolve_setting(settings_class, name)
         if expected is MISSING:
             assert action.required, (command, dest)
         else:
             value = from_flag(action.default) if from_flag and action.default is not None \
                 else action.default
             assert value == expected, (command, dest)
-        field_help = setting_help(settings_class, name)
+        field_help = setting_help(owner, field_name)
         assert field_help in action.help.replace("%%", "%"), (command, dest)
         if "%(default)s" in action.help:
             assert expected not in (None, MISSING) and not isinstance(expected, bool)
@@ -170,9 +185,30 @@ def test_one_field_serves_every_command_that_means_it():
     score = vars(parser.parse_args(["score", *REQUIRED["score"]]))
     assert pack["rows_per_file"] == score["rows_per_file"] == ScoreSettings.rows_per_file
     assert pack["address"] is score["address"] is None
-    for name in ("ray_address", "workers", "cpus_per_worker", "gpus_per_worker", "batch_size"):
-        assert setting_help(RobustnessSettings, name) == setting_help(ScoreSettings, name)
-    assert RobustnessSettings.batch_size != ScoreSettings.batch_size  # its own default
+    # robustness nests its scoring settings: the same help as score's, its own batch size.
+    robustness = {a.dest: a for a in COMMANDS["robustness"]._actions}
+    scoring = {a.dest: a for a in COMMANDS["score"]._actions}
+    for dest in ("address", "workers", "cpus_per_worker", "gpus_per_worker", "batch_size"):
+        assert robustness[dest].help == scoring[dest].help, dest
+    assert robustness["batch_size"].default == ROBUSTNESS_BATCH_SIZE != ScoreSettings.batch_size
+    assert issubclass(ScoreSettings, ScoringResources)  # declared once, not copied
+
+
+def test_nested_settings_take_their_flags_and_keep_the_outer_defaults():
+    parser = build_parser()
+    args = parser.parse_args(["robustness", *REQUIRED["robustness"], "--workers", "3",
+                              "--address", "auto"])
+    settings = settings_from_args(RobustnessSettings, args, **{"score.progress": False})
+    assert settings.score == ScoringResources(batch_size=ROBUSTNESS_BATCH_SIZE, workers=3,
+                                              ray_address="auto", progress=False)
+    assert settings_from_args(RobustnessSettings, parser.parse_args(
+        ["robustness", *REQUIRED["robustness"]])) == RobustnessSettings(
+        segmenter="s", classifier="c", data="d", format="archive")
+    # Errors from the nested settings say "ray_address", the command line "--address".
+    assert flag_for(parser, args, "ray_address") == "--address"
+    assert flag_for(parser, args, "replicates") == "--replicates"
+    with pytest.raises(KeyError, match="no settings object"):
+        resolve_setting(RobustnessSettings, "seed.value")
 
 
 def test_add_setting_refuses_its_own_default_and_help():

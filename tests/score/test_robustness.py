@@ -17,13 +17,15 @@ from raysky.audit.artefacts import protected_region
 from raysky.audit.paired import compare, example_strip
 from raysky.cli.main import main
 from raysky.data import load_mask, read_archive, read_ham10000
-from raysky.score.robustness import _claim_output, _select, prepare_folders
-from raysky.score.settings import RobustnessSettings
+from raysky.score.robustness import _claim_output, _select, prepare_folders, run_robustness
+from raysky.score.settings import RobustnessSettings, ScoringResources
+from raysky.settings import ParameterError
 
 
-def _settings(tmp_path, data, checkpoints=None, **kw) -> RobustnessSettings:
+def _settings(tmp_path, data, checkpoints=None, batch_size=8, **kw) -> RobustnessSettings:
     checkpoints = checkpoints or {"segmenter": "unused", "classifier": "unused"}
-    kw = {"out": str(tmp_path / "out"), "artefacts": ("ruler", "hair"), "progress": False, **kw}
+    kw = {"out": str(tmp_path / "out"), "artefacts": ("ruler", "hair"),
+          "score": ScoringResources(batch_size=batch_size, progress=False), **kw}
     return RobustnessSettings(data=str(data), format="ham10000", **checkpoints, **kw)
 
 
@@ -143,6 +145,24 @@ def test_cli_names_the_artefact_types_for_an_unknown_one(tmp_path, sample_dir, c
     assert code == 2
     err = capsys.readouterr().err
     assert "'sticker'" in err and "ruler, ink, bubbles, hair, vignette" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_errors_name_python_parameters_and_the_cli_names_its_flags(tmp_path, sample_dir, capsys):
+    """Checked before any image is written: below the CLI in parameter names (the nested
+    scoring settings' too), on the command line with the flag the user typed."""
+    settings = _settings(tmp_path, sample_dir, replicates=0)
+    with pytest.raises(ParameterError, match=r"^replicates=0: must be at least 1$"):
+        run_robustness(settings)
+    settings = _settings(tmp_path, sample_dir, batch_size=0)
+    with pytest.raises(ParameterError, match=r"^batch_size=0: must be at least 1$"):
+        run_robustness(settings)
+    base = ["robustness", "--segmenter", "s", "--classifier", "c", "--data", str(sample_dir),
+            "--format", "ham10000", "--out", str(tmp_path / "out")]
+    assert main([*base, "--replicates", "0"]) == 2
+    assert "raysky robustness: error: --replicates 0: must be at least 1" in capsys.readouterr().err
+    assert main([*base, "--workers", "0"]) == 2
+    assert "error: --workers 0: must be at least 1" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

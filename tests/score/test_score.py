@@ -387,7 +387,7 @@ def test_cli_reports_user_mistakes_in_one_line(tiny_checkpoints, sample_dir, tmp
     assert "not a raysky checkpoint" in capsys.readouterr().err
     assert main([*base, "--batch-size", "0", "--segmenter", tiny_checkpoints["segmenter"],
                  "--classifier", tiny_checkpoints["classifier"]]) == 2
-    assert "batch_size must be at least 1" in capsys.readouterr().err
+    assert "error: --batch-size 0: must be at least 1" in capsys.readouterr().err
     assert main(["results", str(tmp_path / "empty")]) == 2
     assert "no result files" in capsys.readouterr().err
 
