@@ -23,16 +23,23 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import random
 import tempfile
 import time
 from pathlib import Path
 
 
 def _subset(data: str, limit: int, workdir: str) -> str:
-    """A HAM10000-layout folder with the first ``limit`` metadata rows, as symlinks."""
+    """A HAM10000-layout folder with a seeded sample of ``limit`` metadata rows, as symlinks.
+
+    A sample, not the first rows: HAM10000's metadata is grouped by diagnosis, so its first
+    thousand rows hold a few classes, and the split's validation side can then hold a class
+    its training side lacks, which training refuses.
+    """
     root = Path(data)
     with open(root / "HAM10000_metadata.csv", newline="") as handle:
-        rows = list(csv.DictReader(handle))[:limit]
+        rows = list(csv.DictReader(handle))
+    rows = random.Random(0).sample(rows, limit) if limit < len(rows) else rows
     out = Path(workdir) / "subset"
     (out / "images").mkdir(parents=True)
     (out / "masks").mkdir()
@@ -137,7 +144,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3, help="epochs per run; the first is warm-up")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2, help="torch threads on both sides")
-    parser.add_argument("--limit", type=int, default=0, help="use only the first N metadata rows")
+    parser.add_argument("--limit", type=int, default=0, help="use a seeded sample of N metadata rows")
     args = parser.parse_args()
 
     import ray
