@@ -134,16 +134,16 @@ def _datasets(kind: str, train: list[LesionRecord], val: list[LesionRecord],
     return train_ds, val_ds
 
 
-def _loop_config(kind: str, settings: TrainSettings, checked: tuple[str, str, str],
+def _loop_config(kind: str, settings: TrainSettings, checked: tuple[str, str],
                  train: list[LesionRecord], val: list[LesionRecord], split_how: str,
                  classes: tuple[str, ...], weights: list[float] | None, vocab: MetadataVocab,
                  tracking, extra_summary: dict | None) -> LoopConfig:
     """What every worker's loop needs: the settings, with what the driver derived from them and
-    the data (``checked`` is :func:`validate_settings`'s precision, metric and mode), the
+    the data (``checked`` is :func:`validate_settings`'s metric and mode), the
     resolved recipe and the provenance that the checkpoints and model cards record."""
-    precision, metric, mode = checked
-    record = {**asdict(settings), "precision": precision, "metric": metric,
-              "metric_mode": mode, "split": split_how, **(extra_summary or {})}
+    metric, mode = checked
+    record = {**asdict(settings), "metric": metric, "metric_mode": mode,
+              "split": split_how, **(extra_summary or {})}
     recipe = resolved_recipe(settings, kind)
     provenance = {"training_data": training_data(settings, kind, train, val, split_how),
                   "schedule": SCHEDULE, "augmentation": to_jsonable(recipe["augment"]),
@@ -201,7 +201,7 @@ def _trainer(settings: TrainSettings, loop_config: LoopConfig, root: str, datase
     )
 
 
-def _run(kind: str, settings: TrainSettings, checked: tuple[str, str, str],
+def _run(kind: str, settings: TrainSettings, checked: tuple[str, str],
          train: list[LesionRecord], val: list[LesionRecord], split_how: str,
          extra_summary: dict | None = None) -> TrainResult:
     """Check the run against the data and the cluster, decode, train on Ray Train, summarise

@@ -15,9 +15,9 @@ from raysky.train.loops import DEFAULT_METRIC
 from raysky.train.settings import MASK_SOURCES, TrainSettings, check_run_name, hyperparameters
 
 
-def validate_settings(settings: TrainSettings, kind: str) -> tuple[str, str, str]:
-    """Check the settings before anything starts; returns ``(precision, metric, mode)``, the
-    metric and its mode being the kind's defaults where the settings leave them ``None``.
+def validate_settings(settings: TrainSettings, kind: str) -> tuple[str, str]:
+    """Check the settings before anything starts; returns ``(metric, mode)``, the kind's
+    defaults where the settings leave them ``None``.
 
     ``settings`` has its recipe filled in (:func:`raysky.train.settings.with_recipe`).
     """
@@ -47,7 +47,7 @@ def validate_settings(settings: TrainSettings, kind: str) -> tuple[str, str, str
                 "segmenter", settings.segmenter, "the classifier's lesion masks need a segmenter "
                 "checkpoint (or {mask_source} to train on the dataset's ground-truth masks)",
                 mentions={"mask_source": "ground-truth"})
-    return settings.precision, metric, mode
+    return metric, mode
 
 
 def check_existing_run(run_uri: str, kind: str, settings: TrainSettings,
