@@ -325,6 +325,7 @@ def train_classifier(settings: TrainSettings) -> TrainResult:
         masked, errors = segmenter_masks(train + val, settings.segmenter, mask_uri,
                                          actors=max(1, settings.workers),
                                          cpus_per_actor=settings.cpus_per_worker,
+                                         threads=settings.worker_threads,
                                          use_gpu=settings.gpu)
         by_id = {r.image_id: r for r in masked}
         train = [by_id[r.image_id] for r in train if r.image_id in by_id]

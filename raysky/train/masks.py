@@ -91,8 +91,12 @@ class SegmenterMasker:
 
 def segmenter_masks(records: Sequence[LesionRecord], segmenter_uri: str, output_uri: str,
                     actors: int = 1, cpus_per_actor: float = 1, batch_size: int = 16,
-                    use_gpu: bool = False, precision: str = "fp32") -> tuple[list[LesionRecord], dict[str, str]]:
+                    use_gpu: bool = False, precision: str = "fp32", threads: int | None = None,
+                    ) -> tuple[list[LesionRecord], dict[str, str]]:
     """Compute segmenter masks for ``records`` under ``output_uri``; return the updated records.
+
+    Each actor runs ``threads`` torch threads (default: its CPUs), so that the masks of a
+    training run use the threads its workers will (``threads_per_worker``).
 
     Returns ``(records with mask_uri pointing at the segmenter's masks, {image_id: error})``.
     Images whose mask already exists under ``output_uri`` are not recomputed. Records whose
@@ -112,7 +116,7 @@ def segmenter_masks(records: Sequence[LesionRecord], segmenter_uri: str, output_
             SegmenterMasker,
             fn_constructor_kwargs={"segmenter_uri": segmenter_uri, "output_uri": output_uri,
                                    "use_gpu": use_gpu, "precision": precision,
-                                   "threads": max(1, int(cpus_per_actor))},
+                                   "threads": threads or max(1, int(cpus_per_actor))},
             compute=ActorPoolStrategy(min_size=1, max_size=max(1, actors)),
             batch_size=batch_size,
             batch_format="numpy",

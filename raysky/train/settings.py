@@ -105,6 +105,11 @@ class TrainSettings:
     def __post_init__(self) -> None:
         check_run_name(self.name)
 
+    @property
+    def worker_threads(self) -> int:
+        """Torch threads per worker: ``threads_per_worker``, else the CPUs each worker holds."""
+        return self.threads_per_worker or max(1, int(self.cpus_per_worker))
+
 
 RECIPE_FIELDS = ("pretrained_encoder", "epochs", "batch_size", "lr", "encoder_lr_scale", "weight_decay",
                  "label_smoothing", "class_weight_power")
@@ -198,8 +203,8 @@ class LoopConfig:
 
     @property
     def threads(self) -> int:
-        """Torch threads per worker: the settings' own, else the CPUs each worker holds."""
-        return self.settings.threads_per_worker or max(1, int(self.settings.cpus_per_worker))
+        """Torch threads per worker (:attr:`TrainSettings.worker_threads`)."""
+        return self.settings.worker_threads
 
     @property
     def hyperparameters(self) -> dict[str, Any]:

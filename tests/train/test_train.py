@@ -185,6 +185,10 @@ def test_the_loop_config_crosses_to_the_workers_as_a_plain_dict():
     # The preset's recipe fills what the settings left open; the rest is the settings' own.
     assert config.settings.lr is not None and config.settings.batch_size is not None
     assert config.recipe["lr"] == config.settings.lr and config.threads == 3
+    # Without threads_per_worker, a worker (and the mask job before training) runs one torch
+    # thread per CPU it holds.
+    assert TrainSettings(data="d", name="run", cpus_per_worker=2).worker_threads == 2
+    assert TrainSettings(data="d", name="run", cpus_per_worker=0.5).worker_threads == 1
     plain = config.to_dict()
     assert plain["settings"]["name"] == "run" and plain["record"] == {"split": "splits.csv"}
     assert LoopConfig.from_dict(plain) == config
