@@ -19,13 +19,16 @@ would be chosen on the very images it is measured on). Arms:
 Each classifier's val split is scored four ways: the 200x150 images with the metadata CSV (with
 Grad-CAM, for the lesion focus), the same without metadata, 600x450 renderings (3x bicubic
 upscales, standing in for the originals the shared subset lacks), and tight 224x224 crops round
-the ground-truth lesion box (10% margin) cut from those. Every run is written to
-``<out>/runs.json`` as it finishes, so a long benchmark that stops keeps what it measured.
+the ground-truth lesion box (10% margin) cut from those. ``--views frame200_tta`` also scores
+the frames with test-time augmentation (``raysky score --tta``), for runs already trained too.
+Every run is written to ``<out>/runs.json`` as it finishes, so a long benchmark that stops keeps
+what it measured.
 
 ``report`` reads what ``run`` wrote and prints, per arm, the mean over seeds and each seed's
 figures with 95% bootstrap intervals resampled by lesion: balanced accuracy (argmax, and with
 decision offsets cross-fitted on lesion-disjoint halves of val), macro AUC, thresholded Jaccard,
-the three framings, without metadata, and the median lesion focus; then paired bootstrap
+the three framings, without metadata, with TTA where scored, each class's AUC with the number
+of val lesions behind it, and the median lesion focus; then paired bootstrap
 intervals of each arm's balanced-accuracy difference to the default arm.
 """
 
@@ -129,6 +132,18 @@ def _timed(fn, *args):
     return value, time.monotonic() - started
 
 
+VIEWS: dict[str, dict] = {
+    "frame200": {},
+    "no_metadata": {"metadata": None, "heatmaps": False},
+    "frame600": {"rendering": "frame600", "heatmaps": False},
+    "crop224": {"rendering": "crop224", "heatmaps": False},
+    "frame200_tta": {"tta": True, "heatmaps": False},
+}
+"""How each val view is scored: the 200x150 frames with metadata and Grad-CAM, then the same
+without metadata, the other two renderings, and the frames with test-time augmentation."""
+DEFAULT_VIEWS = ("frame200", "no_metadata", "frame600", "crop224")
+
+
 def _score(settings_kw: dict, output: Path, **overrides) -> str:
     if not (output / "_SUCCESS").exists():
         score_archive(ScoreSettings(output=str(output), workers=1, cpus_per_worker=2,
@@ -136,8 +151,31 @@ def _score(settings_kw: dict, output: Path, **overrides) -> str:
     return str(output)
 
 
+def score_views(record: dict, key: str, seg: dict, views: dict[str, str], out: Path,
+                wanted: tuple[str, ...]) -> dict:
+    """Score the classifier of ``record`` on each ``wanted`` view it lacks, and note each
+    view's wall time (``score_view_s``), so a view added later needs no retraining."""
+    results = dict(record.get("results", {}))
+    seconds = dict(record.get("score_view_s", {}))
+    score = {"input": views["frame200"], "segmenter": seg["checkpoint"],
+             "classifier": record["checkpoint"], "metadata": views["metadata"]}
+    for view in wanted:
+        if view in results:
+            continue
+        overrides = dict(VIEWS[view])
+        rendering = overrides.pop("rendering", None)
+        if rendering:
+            overrides["input"] = views[rendering]
+        started = time.monotonic()
+        results[view] = _score(score, out / "results" / key / view.replace("_", "-"),
+                               **overrides)
+        seconds[view] = time.monotonic() - started
+    return {**record, "results": results, "score_view_s": seconds}
+
+
 def run_seed(args, seed: int, views: dict[str, str], runs: Runs, out: Path) -> None:
-    """Train this seed's segmenter and one classifier per arm, and score each."""
+    """Train this seed's segmenter and one classifier per arm, and score each on every view
+    asked for (scoring only, for a run already trained)."""
     common = {"data": args.data, "format": args.format, "preset": args.preset, "workers": 1,
               "cpus_per_worker": 1, "threads_per_worker": args.threads, "storage": str(out),
               "progress_interval": 60.0, "seed": seed}
@@ -152,32 +190,26 @@ def run_seed(args, seed: int, views: dict[str, str], runs: Runs, out: Path) -> N
         runs.put(seg_key, seg)
     for arm in args.arms:
         key = f"cls-{arm}-s{seed}"
-        if runs.get(key) is not None:
-            continue
-        epochs = args.cls_epochs
-        if arm == "encoder" and epochs:
-            epochs = max(1, epochs // 2)
-        result, wall = _timed(train_classifier, TrainSettings(
-            **common, name=key, epochs=epochs, segmenter=seg["checkpoint"], **ARMS[arm]))
-        classifier = result.latest_checkpoint_uri
-        score = {"input": views["frame200"], "segmenter": seg["checkpoint"],
-                 "classifier": classifier, "metadata": views["metadata"]}
+        record = runs.get(key)
+        if record is None:
+            record = _train_arm(args, arm, key, seg, seg_key, common)
+            print(f"[{key}] trained in {record['wall_s'] / 60:.1f} min; last epoch: "
+                  f"{_short(record['history'][-1] if record['history'] else {})}", flush=True)
         started = time.monotonic()
-        results = {
-            "frame200": _score(score, out / "results" / key / "frame200"),
-            "no_metadata": _score(score, out / "results" / key / "no-metadata", metadata=None,
-                                  heatmaps=False),
-            "frame600": _score(score, out / "results" / key / "frame600",
-                               input=views["frame600"], heatmaps=False),
-            "crop224": _score(score, out / "results" / key / "crop224", input=views["crop224"],
-                              heatmaps=False),
-        }
-        runs.put(key, {"arm": arm, "seed": seed, "epochs": len(result.history),
-                       "checkpoint": classifier, "segmenter": seg_key, "wall_s": wall,
-                       "score_s": time.monotonic() - started, "results": results,
-                       "history": result.history})
-        print(f"[{key}] trained in {wall / 60:.1f} min; last epoch: "
-              f"{_short(result.history[-1] if result.history else {})}", flush=True)
+        record = score_views(record, key, seg, views, out, (*DEFAULT_VIEWS, *args.views))
+        record.setdefault("score_s", time.monotonic() - started)
+        runs.put(key, record)
+
+
+def _train_arm(args, arm: str, key: str, seg: dict, seg_key: str, common: dict) -> dict:
+    epochs = args.cls_epochs
+    if arm == "encoder" and epochs:
+        epochs = max(1, epochs // 2)
+    result, wall = _timed(train_classifier, TrainSettings(
+        **common, name=key, epochs=epochs, segmenter=seg["checkpoint"], **ARMS[arm]))
+    return {"arm": arm, "seed": int(common["seed"]), "epochs": len(result.history),
+            "checkpoint": result.latest_checkpoint_uri, "segmenter": seg_key, "wall_s": wall,
+            "results": {}, "history": result.history}
 
 
 def _short(metrics: dict) -> str:
@@ -220,6 +252,10 @@ def main(argv: list[str] | None = None) -> int:
                             help="every seed's classifiers use this seed's segmenter (default: "
                                  "each seed trains its own); narrows the seeds' spread to the "
                                  "classifier's")
+    run_parser.add_argument("--views", nargs="*", default=[],
+                            choices=[v for v in VIEWS if v not in DEFAULT_VIEWS],
+                            help="extra val views to score, also for runs already trained "
+                                 "(frame200_tta: the frames with --tta)")
     run_parser.add_argument("--threads", type=int, default=2,
                             help="torch threads of the one training worker (default: 2)")
     args = parser.parse_args(argv)

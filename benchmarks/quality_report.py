@@ -25,13 +25,21 @@ from raysky.data.images import load_mask
 from raysky.data.records import DatasetRef
 from raysky.data.splits import read_split
 from raysky.metrics.intervals import bootstrap_intervals
-from raysky.metrics.isic import balanced_accuracy, jaccard_score, macro_auc, thresholded_jaccard
+from raysky.metrics.isic import (
+    balanced_accuracy,
+    jaccard_score,
+    macro_auc,
+    per_class_auc,
+    thresholded_jaccard,
+)
 from raysky.results import read as read_results
 
 TRAIN_COUNTS = {"mel": 843, "nv": 5186, "bcc": 377, "akiec": 217, "bkl": 832, "df": 59, "vasc": 84}
 """Images per class of the shared split's train side, the prior the checkpoints record."""
 
 KEYS = ("balanced_accuracy", "balanced_accuracy_offsets", "auc", "threshold_jaccard")
+EXTRA_VIEWS = ("no_metadata", "frame600", "crop224", "frame200_tta")
+"""The scored views compared with the 200x150 frames with metadata, where a run has them."""
 
 
 def _ground_truth(data: str, format: str) -> pd.DataFrame:
@@ -92,6 +100,19 @@ def _image_jaccard(results_uri: str, truth: pd.DataFrame) -> pd.Series:
     return pd.Series(values)
 
 
+def auc_per_class(labels: np.ndarray, probs: np.ndarray, lesions: np.ndarray,
+                  classes: list[str]) -> dict[str, dict]:
+    """Each class's one-vs-rest AUC with its lesion-resampled interval and how many val
+    lesions and images carry it: a class with a handful of lesions moves the macro AUC by
+    a seventh of whatever one of them does."""
+    metrics = {c: (lambda y, p, i=i: per_class_auc(y, p)[i]) for i, c in enumerate(classes)}
+    figures = bootstrap_intervals(metrics, labels, probs, clusters=lesions)
+    for i, c in enumerate(classes):
+        figures[c]["lesions"] = int(len(np.unique(lesions[labels == i])))
+        figures[c]["images"] = int(np.sum(labels == i))
+    return figures
+
+
 def run_figures(record: dict, truth: pd.DataFrame, classes: list[str]) -> dict:
     """One classifier run's figures, each with its interval."""
     index = {c: i for i, c in enumerate(classes)}
@@ -113,7 +134,10 @@ def run_figures(record: dict, truth: pd.DataFrame, classes: list[str]) -> dict:
     figures["recall"] = {c: float(np.mean(np.argmax(probs[labels == i], 1) == i))
                          for c, i in index.items()}
     lesions = main["lesion_id"].to_numpy()
-    for view in ("no_metadata", "frame600", "crop224"):
+    figures["auc_per_class"] = auc_per_class(labels, probs, lesions, classes)
+    for view in EXTRA_VIEWS:
+        if view not in record["results"]:
+            continue
         other = _joined(record["results"][view], truth, classes)
         other_probs = _probs(other.set_index("image_id").loc[main["image_id"]], classes)
         decided = _one_hot(cross_fitted_predictions(other_probs, labels, halves, lesions, classes),
@@ -180,8 +204,11 @@ def report(args) -> int:
                             "segmenter_train_min": runs[record["segmenter"]]["wall_s"] / 60,
                             **run_figures(record, truth, classes)}
             print(f"{key}: " + ", ".join(f"{k} {_fmt(figures[key][k])}" for k in KEYS), flush=True)
+            print("  AUC per class: " + ", ".join(
+                f"{c} {_fmt(v)} ({v['lesions']} lesions)"
+                for c, v in figures[key]["auc_per_class"].items()), flush=True)
     rows = ["balanced_accuracy", "balanced_accuracy_offsets", "auc", "threshold_jaccard",
-            *(f"{kind}_{view}" for view in ("no_metadata", "frame600", "crop224")
+            *(f"{kind}_{view}" for view in EXTRA_VIEWS
               for kind in ("balanced_accuracy", "balanced_accuracy_offsets", "auc")),
             "lesion_focus_median", "train_min"]
     print("\nmean over seeds, per arm:")
@@ -190,11 +217,12 @@ def report(args) -> int:
         mine = [f for f in figures.values() if f["arm"] == arm]
         if not mine:
             continue
-        summary[arm] = {r: _mean([f[r] for f in mine]) for r in rows}
+        summary[arm] = {r: _mean([f[r] for f in mine]) for r in rows if all(r in f for f in mine)}
         summary[arm]["seeds"] = sorted(f["seed"] for f in mine)
         print(f"  {arm} (seeds {summary[arm]['seeds']}):")
         for r in rows:
-            print(f"    {r:<42} {summary[arm][r]:.3f}")
+            if r in summary[arm]:
+                print(f"    {r:<42} {summary[arm][r]:.3f}")
     differences = {}
     base = "shared"
     for arm in args.arms:

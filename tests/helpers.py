@@ -6,6 +6,7 @@ imported like any module rather than from a conftest."""
 
 from __future__ import annotations
 
+import csv
 import math
 from datetime import datetime, timezone
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from PIL import Image
 
 from raysky import storage
 from raysky.data.images import encode_png, load_mask
@@ -121,3 +123,50 @@ def synthetic_rows(sample_dir: Path, seed: int = 0) -> tuple[list, list[dict]]:
     rows.append(result_row(EXTRA_ID, "/nowhere/ISIC_9999999.jpg", classes,
                            np.full(len(classes), 1 / len(classes)), np.zeros((4, 4), np.uint8)))
     return records, rows
+
+
+# --------------------------------------------------------------------------------------------
+# A HAM10000-layout dataset eight times the sample (benchmarks/ tests)
+# --------------------------------------------------------------------------------------------
+
+DIHEDRAL_VIEWS = ((False, 0), (False, 1), (False, 2), (False, 3), (True, 0), (True, 1),
+                  (True, 2), (True, 3))
+
+
+def _dihedral_view(array: np.ndarray, mirror: bool, turns: int) -> np.ndarray:
+    return np.ascontiguousarray(np.rot90(array[:, ::-1] if mirror else array, turns))
+
+
+def dihedral_dataset(sample_dir: Path, root: Path, val_per_class: int | None = None) -> None:
+    """The sample in its eight dihedral views at ``root`` (HAM10000 layout, ``splits.csv``).
+
+    The views keep their lesion's id, so a lesion's views stay on one side of any split.
+    ``val_per_class`` lesions of each class go to val and the rest to train; ``None`` puts
+    everything in val (a benchmark that only scores).
+    """
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    with open(sample_dir / "HAM10000_metadata.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    val_lesions: set[str] = set()
+    for dx in sorted({r["dx"] for r in rows}):
+        lesions = sorted({r["lesion_id"] for r in rows if r["dx"] == dx})
+        val_lesions.update(lesions if val_per_class is None else lesions[:val_per_class])
+    out_rows, splits = [], []
+    for row in rows:
+        image = np.asarray(Image.open(sample_dir / "images" / f"{row['image_id']}.jpg"))
+        mask = np.asarray(Image.open(sample_dir / "masks" / f"{row['image_id']}_segmentation.png"))
+        split = "val" if row["lesion_id"] in val_lesions else "train"
+        for k, (mirror, turns) in enumerate(DIHEDRAL_VIEWS):
+            new_id = f"{row['image_id']}d{k}"
+            Image.fromarray(_dihedral_view(image, mirror, turns)).save(
+                root / "images" / f"{new_id}.jpg", quality=95)
+            Image.fromarray(_dihedral_view(mask, mirror, turns)).save(
+                root / "masks" / f"{new_id}_segmentation.png")
+            out_rows.append({**row, "image_id": new_id})
+            splits.append(f"{new_id},{split}\n")
+    with open(root / "HAM10000_metadata.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(out_rows)
+    (root / "splits.csv").write_text("image_id,split\n" + "".join(splits))

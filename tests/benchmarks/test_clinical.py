@@ -9,50 +9,15 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
-from pathlib import Path
-
-import numpy as np
-from PIL import Image
 
 from raysky.cli.main import main
-from tests.helpers import REPO
-
-VIEWS = ((False, 0), (False, 1), (False, 2), (False, 3), (True, 0), (True, 1), (True, 2),
-         (True, 3))
-
-
-def _view(array: np.ndarray, mirror: bool, turns: int) -> np.ndarray:
-    return np.ascontiguousarray(np.rot90(array[:, ::-1] if mirror else array, turns))
-
-
-def _dihedral_dataset(sample_dir: Path, root: Path) -> None:
-    (root / "images").mkdir(parents=True)
-    (root / "masks").mkdir()
-    with open(sample_dir / "HAM10000_metadata.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    out_rows = []
-    for row in rows:
-        image = np.asarray(Image.open(sample_dir / "images" / f"{row['image_id']}.jpg"))
-        mask = np.asarray(Image.open(sample_dir / "masks" / f"{row['image_id']}_segmentation.png"))
-        for k, (mirror, turns) in enumerate(VIEWS):
-            new_id = f"{row['image_id']}d{k}"
-            Image.fromarray(_view(image, mirror, turns)).save(root / "images" / f"{new_id}.jpg",
-                                                              quality=95)
-            Image.fromarray(_view(mask, mirror, turns)).save(
-                root / "masks" / f"{new_id}_segmentation.png")
-            out_rows.append({**row, "image_id": new_id})
-    with open(root / "HAM10000_metadata.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(out_rows)
-    (root / "splits.csv").write_text("image_id,split\n" + "".join(
-        f"{r['image_id']},val\n" for r in out_rows))
+from tests.helpers import REPO, dihedral_dataset
 
 
 def test_clinical_benchmark_runs_on_tiny_models(sample_dir, tiny_checkpoints, ray_local,
                                                 tmp_path):
     data = tmp_path / "ham"
-    _dihedral_dataset(sample_dir, data)
+    dihedral_dataset(sample_dir, data)
     run = tmp_path / "run"
     images = run / "val-images"
     images.mkdir(parents=True)

@@ -1,0 +1,68 @@
+"""benchmarks/quality.py end to end on small data: ``run`` trains a tiny segmenter and two
+classifier arms through the product's training path and scores each val view, a second ``run``
+adds the TTA view without retraining, and ``report`` writes every figure with its interval.
+The figures mean nothing about a model here; the test checks that each is produced and that
+their bookkeeping (lesion counts, views, paired differences) is right."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import sys
+
+import pytest
+
+from tests.helpers import REPO, dihedral_dataset
+
+
+def _quality_module():
+    sys.path.insert(0, str(REPO / "benchmarks"))  # quality.py imports its report half beside it
+    spec = importlib.util.spec_from_file_location("quality", REPO / "benchmarks" / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_quality_benchmark_trains_scores_and_reports(sample_dir, ray_local, tmp_path):
+    data, out = tmp_path / "ham", tmp_path / "quality"
+    dihedral_dataset(sample_dir, data, val_per_class=2)
+    quality = _quality_module()
+    common = ["--data", str(data), "--preset", "tiny", "--out", str(out),
+              "--arms", "shared", "single"]
+    assert quality.main(["run", *common, "--seeds", "0", "--threads", "1"]) == 0
+    trained = json.loads((out / "runs.json").read_text())
+    assert set(trained) == {"seg-s0", "cls-shared-s0", "cls-single-s0"}
+    for key in ("cls-shared-s0", "cls-single-s0"):
+        assert set(trained[key]["results"]) == set(quality.DEFAULT_VIEWS)
+
+    # A view asked for later is scored for the runs already trained, which are not retrained.
+    assert quality.main(["run", *common, "--seeds", "0", "--views", "frame200_tta"]) == 0
+    rescored = json.loads((out / "runs.json").read_text())
+    for key in ("cls-shared-s0", "cls-single-s0"):
+        assert rescored[key]["wall_s"] == trained[key]["wall_s"]
+        assert rescored[key]["checkpoint"] == trained[key]["checkpoint"]
+        assert (out / "results" / key / "frame200-tta" / "_SUCCESS").exists()
+        assert set(rescored[key]["score_view_s"]) == {"frame200_tta"}
+
+    assert quality.main(["report", *common]) == 0
+    figures = json.loads((out / "figures.json").read_text())
+    with open(data / "HAM10000_metadata.csv", newline="") as f:
+        lesions = {r["image_id"]: (r["lesion_id"], r["dx"]) for r in csv.DictReader(f)}
+    val = {lesions[line.split(",")[0]] for line in
+           (data / "splits.csv").read_text().splitlines()[1:] if line.endswith(",val")}
+    for key in ("cls-shared-s0", "cls-single-s0"):
+        run = figures["runs"][key]
+        for name in ("balanced_accuracy", "balanced_accuracy_offsets",
+                     "balanced_accuracy_frame200_tta", "auc_frame200_tta", "auc_crop224"):
+            assert run[name]["low"] <= run[name]["value"] <= run[name]["high"], name
+        per_class = run["auc_per_class"]
+        assert set(per_class) == {dx for _lesion, dx in val}
+        for dx, entry in per_class.items():
+            assert entry["lesions"] == len({lesion for lesion, d in val if d == dx})
+            assert entry["images"] == 8 * entry["lesions"]  # no sample lesion has two images
+    assert set(figures["summary"]) == {"shared", "single"}
+    assert "balanced_accuracy_offsets_frame200_tta" in figures["summary"]["shared"]
+    difference = figures["differences"]["single - shared (offsets)"]
+    assert len(difference["per_seed"]) == 1
