@@ -113,6 +113,22 @@ def auc_per_class(labels: np.ndarray, probs: np.ndarray, lesions: np.ndarray,
     return figures
 
 
+def most_influential_lesion(labels: np.ndarray, probs: np.ndarray, lesions: np.ndarray,
+                            classes: list[str]) -> dict:
+    """The val lesion whose images, left out, move the macro AUC most, and the AUC without it:
+    how much of a miss one lesion of a rare class explains."""
+    full = macro_auc(labels, probs)
+    best = {"lesion": None, "macro_auc_without": full, "change": 0.0}
+    for lesion in np.unique(lesions):
+        keep = lesions != lesion
+        without = macro_auc(labels[keep], probs[keep])
+        if abs(without - full) > abs(best["change"]):
+            cls = classes[int(labels[~keep][0])]
+            best = {"lesion": str(lesion), "class": cls, "images": int(np.sum(~keep)),
+                    "macro_auc_without": without, "change": without - full}
+    return best
+
+
 def run_figures(record: dict, truth: pd.DataFrame, classes: list[str]) -> dict:
     """One classifier run's figures, each with its interval."""
     index = {c: i for i, c in enumerate(classes)}
@@ -135,6 +151,8 @@ def run_figures(record: dict, truth: pd.DataFrame, classes: list[str]) -> dict:
                          for c, i in index.items()}
     lesions = main["lesion_id"].to_numpy()
     figures["auc_per_class"] = auc_per_class(labels, probs, lesions, classes)
+    figures["auc_most_influential_lesion"] = most_influential_lesion(labels, probs, lesions,
+                                                                     classes)
     for view in EXTRA_VIEWS:
         if view not in record["results"]:
             continue
@@ -207,6 +225,11 @@ def report(args) -> int:
             print("  AUC per class: " + ", ".join(
                 f"{c} {_fmt(v)} ({v['lesions']} lesions)"
                 for c, v in figures[key]["auc_per_class"].items()), flush=True)
+            lesion = figures[key]["auc_most_influential_lesion"]
+            if lesion["lesion"]:
+                print(f"  without lesion {lesion['lesion']} ({lesion['class']}, "
+                      f"{lesion['images']} images) the macro AUC is "
+                      f"{lesion['macro_auc_without']:.3f} ({lesion['change']:+.3f})", flush=True)
     rows = ["balanced_accuracy", "balanced_accuracy_offsets", "auc", "threshold_jaccard",
             *(f"{kind}_{view}" for view in EXTRA_VIEWS
               for kind in ("balanced_accuracy", "balanced_accuracy_offsets", "auc")),

@@ -62,6 +62,12 @@ def test_quality_benchmark_trains_scores_and_reports(sample_dir, ray_local, tmp_
         for dx, entry in per_class.items():
             assert entry["lesions"] == len({lesion for lesion, d in val if d == dx})
             assert entry["images"] == 8 * entry["lesions"]  # no sample lesion has two images
+        influential = run["auc_most_influential_lesion"]
+        if influential["lesion"] is not None:  # None: no lesion moves the macro AUC at all
+            assert (influential["lesion"], influential["class"]) in val
+            assert influential["images"] == 8
+            assert influential["macro_auc_without"] == pytest.approx(
+                run["auc"]["value"] + influential["change"])
     assert set(figures["summary"]) == {"shared", "single"}
     assert "balanced_accuracy_offsets_frame200_tta" in figures["summary"]["shared"]
     difference = figures["differences"]["single - shared (offsets)"]
