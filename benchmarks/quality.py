@@ -175,11 +175,28 @@ def score_views(record: dict, key: str, seg: dict, views: dict[str, str], out: P
 
 def run_seed(args, seed: int, views: dict[str, str], runs: Runs, out: Path) -> None:
     """Train this seed's segmenter and one classifier per arm, and score each on every view
-    asked for (scoring only, for a run already trained)."""
+    asked for; a run already trained is only scored, with the segmenter it was trained with."""
     common = {"data": args.data, "format": args.format, "preset": args.preset, "workers": 1,
               "cpus_per_worker": 1, "threads_per_worker": args.threads, "storage": str(out),
               "progress_interval": 60.0, "seed": seed}
     seg_key = f"seg-s{seed if args.segmenter_seed is None else args.segmenter_seed}"
+    for arm in args.arms:
+        key = f"cls-{arm}-s{seed}"
+        record = runs.get(key)
+        if record is None:
+            record = _train_arm(args, arm, key, _segmenter(seg_key, runs, common, args), seg_key,
+                                common)
+            print(f"[{key}] trained in {record['wall_s'] / 60:.1f} min; last epoch: "
+                  f"{_short(record['history'][-1] if record['history'] else {})}", flush=True)
+        started = time.monotonic()
+        record = score_views(record, key, runs.get(record["segmenter"]), views, out,
+                             (*DEFAULT_VIEWS, *args.views))
+        record.setdefault("score_s", time.monotonic() - started)
+        runs.put(key, record)
+
+
+def _segmenter(seg_key: str, runs: Runs, common: dict, args) -> dict:
+    """The record of segmenter ``seg_key``, trained first if ``runs`` lacks it."""
     seg = runs.get(seg_key)
     if seg is None:
         result, wall = _timed(train_segmenter, TrainSettings(
@@ -188,17 +205,7 @@ def run_seed(args, seed: int, views: dict[str, str], runs: Runs, out: Path) -> N
         seg = {"checkpoint": result.latest_checkpoint_uri, "wall_s": wall,
                "metrics": result.history[-1] if result.history else {}}
         runs.put(seg_key, seg)
-    for arm in args.arms:
-        key = f"cls-{arm}-s{seed}"
-        record = runs.get(key)
-        if record is None:
-            record = _train_arm(args, arm, key, seg, seg_key, common)
-            print(f"[{key}] trained in {record['wall_s'] / 60:.1f} min; last epoch: "
-                  f"{_short(record['history'][-1] if record['history'] else {})}", flush=True)
-        started = time.monotonic()
-        record = score_views(record, key, seg, views, out, (*DEFAULT_VIEWS, *args.views))
-        record.setdefault("score_s", time.monotonic() - started)
-        runs.put(key, record)
+    return seg
 
 
 def _train_arm(args, arm: str, key: str, seg: dict, seg_key: str, common: dict) -> dict:
