@@ -44,7 +44,9 @@ def test_quality_benchmark_trains_scores_and_reports(sample_dir, ray_local, tmp_
         assert rescored[key]["wall_s"] == trained[key]["wall_s"]
         assert rescored[key]["checkpoint"] == trained[key]["checkpoint"]
         assert (out / "results" / key / "frame200-tta" / "_SUCCESS").exists()
-        assert set(rescored[key]["score_view_s"]) == {"frame200_tta"}
+        seconds = rescored[key]["score_view_s"]
+        assert set(seconds) == {*quality.DEFAULT_VIEWS, "frame200_tta"}
+        assert {v: seconds[v] for v in quality.DEFAULT_VIEWS} == trained[key]["score_view_s"]
 
     assert quality.main(["report", *common]) == 0
     figures = json.loads((out / "figures.json").read_text())
