@@ -105,7 +105,15 @@ def auc_per_class(labels: np.ndarray, probs: np.ndarray, lesions: np.ndarray,
     """Each class's one-vs-rest AUC with its lesion-resampled interval and how many val
     lesions and images carry it: a class with a handful of lesions moves the macro AUC by
     a seventh of whatever one of them does."""
-    metrics = {c: (lambda y, p, i=i: per_class_auc(y, p)[i]) for i, c in enumerate(classes)}
+    last: dict = {}
+
+    def class_auc(y: np.ndarray, p: np.ndarray, i: int) -> float:
+        # Every class's metric sees the same resample in turn: compute its AUCs once.
+        if last.get("y") is not y or last.get("p") is not p:
+            last.update(y=y, p=p, aucs=per_class_auc(y, p))
+        return last["aucs"][i]
+
+    metrics = {c: (lambda y, p, i=i: class_auc(y, p, i)) for i, c in enumerate(classes)}
     figures = bootstrap_intervals(metrics, labels, probs, clusters=lesions)
     for i, c in enumerate(classes):
         figures[c]["lesions"] = int(len(np.unique(lesions[labels == i])))
