@@ -213,6 +213,17 @@ def _mean(values: list[dict | float]) -> float:
     return float(np.mean(numbers))
 
 
+def _print_run(key: str, figures: dict) -> None:
+    print(f"{key}: " + ", ".join(f"{k} {_fmt(figures[k])}" for k in KEYS), flush=True)
+    print("  AUC per class: " + ", ".join(f"{c} {_fmt(v)} ({v['lesions']} lesions)"
+                                          for c, v in figures["auc_per_class"].items()))
+    lesion = figures["auc_most_influential_lesion"]
+    if lesion["lesion"]:
+        print(f"  without lesion {lesion['lesion']} ({lesion['class']}, {lesion['images']} "
+              f"images) the macro AUC is {lesion['macro_auc_without']:.3f} "
+              f"({lesion['change']:+.3f})", flush=True)
+
+
 def report(args) -> int:
     """Print the per-arm tables and write ``<out>/figures.json``."""
     out = Path(args.out).resolve()
@@ -229,15 +240,7 @@ def report(args) -> int:
                             "epochs": record["epochs"], "train_min": record["wall_s"] / 60,
                             "segmenter_train_min": runs[record["segmenter"]]["wall_s"] / 60,
                             **run_figures(record, truth, classes)}
-            print(f"{key}: " + ", ".join(f"{k} {_fmt(figures[key][k])}" for k in KEYS), flush=True)
-            print("  AUC per class: " + ", ".join(
-                f"{c} {_fmt(v)} ({v['lesions']} lesions)"
-                for c, v in figures[key]["auc_per_class"].items()), flush=True)
-            lesion = figures[key]["auc_most_influential_lesion"]
-            if lesion["lesion"]:
-                print(f"  without lesion {lesion['lesion']} ({lesion['class']}, "
-                      f"{lesion['images']} images) the macro AUC is "
-                      f"{lesion['macro_auc_without']:.3f} ({lesion['change']:+.3f})", flush=True)
+            _print_run(key, figures[key])
     rows = ["balanced_accuracy", "balanced_accuracy_offsets", "auc", "threshold_jaccard",
             *(f"{kind}_{view}" for view in EXTRA_VIEWS
               for kind in ("balanced_accuracy", "balanced_accuracy_offsets", "auc")),
