@@ -210,9 +210,9 @@ PRESETS: dict[str, Preset] = {
                                 frozen_blocks=1, augment=_FINE_TUNE_AUGMENT),
         # Loss weights at frequency**-0.25 (at -0.5 the 59 df training images weigh 9x an nv);
         # the decision offsets fitted at calibration do the rest of the balancing. df's val AUC
-        # still falls from 0.98 to about 0.71 over the epochs in every arm and seed: that is one
+        # peaks near 0.96 and ends at 0.71-0.75 in every arm and seed: that is one
         # of val's 7 df lesions (3 of its 10 images), which the model comes to call akiec;
-        # without it df's AUC is 0.999 and the macro AUC 0.04 higher (docs/benchmarks.md).
+        # without it the macro AUC is 0.03-0.04 higher (docs/benchmarks.md, "Quality").
         classifier_recipe=Recipe(epochs=10, lr=1.5e-3, encoder_lr_scale=0.33, batch_size=32,
                                  label_smoothing=0.1, class_weight_power=0.25,
                                  ema_decay=0.998, frozen_blocks=2,
