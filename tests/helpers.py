@@ -7,7 +7,9 @@ imported like any module rather than from a conftest."""
 from __future__ import annotations
 
 import csv
+import importlib.util
 import math
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -24,6 +26,18 @@ from raysky.data.taxonomy import HAM10000_CLASSES, MALIGNANT_CLASSES
 # The checkout's root: tests that read the docs, the deployment files or pyproject.toml, or
 # start a process in it.
 REPO = Path(__file__).resolve().parents[1]
+
+
+def load_benchmark(name: str):
+    """``benchmarks/<name>.py`` as a module, as ``python benchmarks/<name>.py`` would see it:
+    with ``benchmarks/`` importable, since a script may import a module beside it."""
+    folder = str(REPO / "benchmarks")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 # Rows of the sample with special roles in the synthetic results.
 ERROR_INDEX = 10  # a melanoma scored with status "error": must be left out of every metric

@@ -7,11 +7,10 @@ model here; the test checks that every one is produced, through the product's co
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 
 from raysky.cli.main import main
-from tests.helpers import REPO, dihedral_dataset
+from tests.helpers import dihedral_dataset, load_benchmark
 
 
 def test_clinical_benchmark_runs_on_tiny_models(sample_dir, tiny_checkpoints, ray_local,
@@ -32,9 +31,7 @@ def test_clinical_benchmark_runs_on_tiny_models(sample_dir, tiny_checkpoints, ra
                  "--segmenter", seg, "--classifier", cls, "--no-heatmaps",
                  "--output", str(run / "results-full")]) == 0
 
-    spec = importlib.util.spec_from_file_location("clinical", REPO / "benchmarks" / "clinical.py")
-    clinical = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(clinical)
+    clinical = load_benchmark("clinical")
     assert clinical.main(["--data", str(data), "--run", str(run), "--segmenter", seg,
                           "--classifier", cls, "--single-stream", cls, "--skip-robustness",
                           "--ood-methods", "imagenet-gate", "--per-kind", "2"]) == 0

@@ -4,25 +4,17 @@ fp32, and a failing configuration (out of memory) is reported in its row, not fa
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 import torch
 
-from tests.helpers import REPO
-
-
-def _gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers import load_benchmark
 
 
 @pytest.mark.slow
 def test_cpu_fallback_on_tiny_reports_every_configuration(tmp_path, capsys):
-    gpu_check = _gpu_check()
+    gpu_check = load_benchmark("gpu_check")
     out = tmp_path / "gpu.json"
     assert gpu_check.main(["--device", "cpu", "--preset", "tiny", "--steps", "2",
                            "--warmup", "0", "--train-batch", "2", "--predict-batch", "2",
@@ -46,7 +38,7 @@ def test_cpu_fallback_on_tiny_reports_every_configuration(tmp_path, capsys):
 
 
 def test_an_out_of_memory_configuration_is_reported_and_the_check_goes_on(capsys):
-    gpu_check = _gpu_check()
+    gpu_check = load_benchmark("gpu_check")
 
     def too_big() -> dict:
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
@@ -60,7 +52,7 @@ def test_an_out_of_memory_configuration_is_reported_and_the_check_goes_on(capsys
 
 
 def test_peak_table_matches_card_names_most_specific_first():
-    gpu_check = _gpu_check()
+    gpu_check = load_benchmark("gpu_check")
     assert gpu_check.peak_bf16_tflops("NVIDIA H100 80GB HBM3") == 989.0
     assert gpu_check.peak_bf16_tflops("NVIDIA H100 PCIe") == 756.0
     assert gpu_check.peak_bf16_tflops("NVIDIA H200") == 989.0

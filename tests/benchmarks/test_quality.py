@@ -7,28 +7,18 @@ their bookkeeping (lesion counts, views, paired differences) is right."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
-import sys
 
 import pytest
 
-from tests.helpers import REPO, dihedral_dataset
-
-
-def _quality_module():
-    sys.path.insert(0, str(REPO / "benchmarks"))  # quality.py imports its report half beside it
-    spec = importlib.util.spec_from_file_location("quality", REPO / "benchmarks" / "quality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers import dihedral_dataset, load_benchmark
 
 
 @pytest.mark.slow
 def test_quality_benchmark_trains_scores_and_reports(sample_dir, ray_local, tmp_path):
     data, out = tmp_path / "ham", tmp_path / "quality"
     dihedral_dataset(sample_dir, data, val_per_class=2)
-    quality = _quality_module()
+    quality = load_benchmark("quality")
     common = ["--data", str(data), "--preset", "tiny", "--out", str(out),
               "--arms", "shared", "single"]
     assert quality.main(["run", *common, "--seeds", "0", "--threads", "1"]) == 0
