@@ -103,18 +103,52 @@ def read_isic2018(root: str, split: str = "Training") -> list[LesionRecord]:
         if image_id not in task1_images and image_id not in task3_images:
             raise DatasetError(mask_uri, f"mask has no image {task1_dir}/{image_id}.jpg")
 
+    label_csv = _isic2018_label_csv(tree, split, task3_dir)
+    if label_csv is None and not task1_images:
+        raise DatasetError(
+            root, f"no ISIC 2018 {split} data: expected {task1_dir}/ with {mask_dir}/, or "
+            f"{task3_dir}/ with ISIC2018_Task3_{split}_GroundTruth.csv"
+        )
+    lesions = _isic2018_lesion_groups(tree, split)
+    records: list[LesionRecord] = []
+    if label_csv is not None:
+        table = load_csv(label_csv)
+        image_col = table.column("image")
+        columns = [table.column(name) for name in ISIC_COLUMN_NAMES["isic2018"].values()]
+        seen: dict[str, int] = {}
+        for row, values in table.rows:
+            image_id = check_unique(table, seen, values[image_col], row, image_col)
+            image_uri = task3_images.get(image_id) or task1_images.get(image_id)
+            if image_uri is None:
+                raise missing_image(table, row, image_id, tree, [task3_dir, task1_dir])
+            records.append(LesionRecord(image_id=image_id, image_uri=image_uri,
+                                        mask_uri=masks.get(image_id),
+                                        label=one_hot_label(table, row, values, columns),
+                                        lesion_id=lesions.get(image_id)))
+    labelled = {record.image_id for record in records}
+    for image_id, image_uri in sorted(task1_images.items()):
+        if image_id not in labelled:
+            records.append(LesionRecord(image_id=image_id, image_uri=image_uri,
+                                        mask_uri=masks.get(image_id),
+                                        lesion_id=lesions.get(image_id)))
+    return records
+
+
+def _isic2018_label_csv(tree: Tree, split: str, task3_dir: str) -> str | None:
+    """The split's Task 3 label CSV: the one ``ISIC2018_Task3_{split}_GroundTruth*.csv`` under the
+    root, failing that the one ``*.csv`` inside the Task 3 image folder; None when there is none."""
     label_csvs = tree.glob(f"ISIC2018_Task3_{split}_GroundTruth*.csv") or [
         uri for rel, uri in tree.files.items()
         if posixpath.dirname(rel).lower() == task3_dir.lower() and rel.lower().endswith(".csv")
     ]
     if len(label_csvs) > 1:
-        raise DatasetError(root, f"several ISIC 2018 {split} label CSVs: {', '.join(label_csvs)}")
-    if not label_csvs and not task1_images:
-        raise DatasetError(
-            root, f"no ISIC 2018 {split} data: expected {task1_dir}/ with {mask_dir}/, or "
-            f"{task3_dir}/ with ISIC2018_Task3_{split}_GroundTruth.csv"
-        )
+        raise DatasetError(tree.root, f"several ISIC 2018 {split} label CSVs: "
+                                      f"{', '.join(label_csvs)}")
+    return label_csvs[0] if label_csvs else None
 
+
+def _isic2018_lesion_groups(tree: Tree, split: str) -> dict[str, str | None]:
+    """Image id to lesion id from the split's optional ``LesionGroupings.csv``."""
     lesions: dict[str, str | None] = {}
     for uri in tree.glob(f"ISIC2018_Task3_{split}_LesionGroupings.csv")[:1]:
         groups = load_csv(uri)
@@ -123,30 +157,7 @@ def read_isic2018(root: str, split: str = "Training") -> list[LesionRecord]:
         for row, values in groups.rows:
             lesions[check_unique(groups, seen, values[image_col], row, image_col)] = (
                 values[lesion_col])
-
-    records: list[LesionRecord] = []
-    labelled: set[str] = set()
-    if label_csvs:
-        table = load_csv(label_csvs[0])
-        image_col = table.column("image")
-        columns = [table.column(name) for name in ISIC_COLUMN_NAMES["isic2018"].values()]
-        seen = {}
-        for row, values in table.rows:
-            image_id = check_unique(table, seen, values[image_col], row, image_col)
-            label = one_hot_label(table, row, values, columns)
-            image_uri = task3_images.get(image_id) or task1_images.get(image_id)
-            if image_uri is None:
-                raise missing_image(table, row, image_id, tree, [task3_dir, task1_dir])
-            labelled.add(image_id)
-            records.append(LesionRecord(image_id=image_id, image_uri=image_uri,
-                                        mask_uri=masks.get(image_id), label=label,
-                                        lesion_id=lesions.get(image_id)))
-    for image_id, image_uri in sorted(task1_images.items()):
-        if image_id not in labelled:
-            records.append(LesionRecord(image_id=image_id, image_uri=image_uri,
-                                        mask_uri=masks.get(image_id),
-                                        lesion_id=lesions.get(image_id)))
-    return records
+    return lesions
 
 
 def read_isic2019(root: str) -> list[LesionRecord]:
