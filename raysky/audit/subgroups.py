@@ -179,18 +179,7 @@ def subgroup_audit(table: pd.DataFrame, by: Sequence[str] = (), threshold: float
     AUC, 1 best; None when ``too_few``). A standard grouping whose columns are absent is listed
     under ``unavailable`` with the reason.
     """
-    unknown = [name for name in by if name not in table.columns and name not in STANDARD]
-    if unknown:
-        raise ValueError(f"no column {', '.join(map(repr, unknown))} to group by; the table has "
-                         f"{', '.join(map(str, table.columns))}")
-    missing = [c for c in ("label", "malignant_prob") if c not in table.columns]
-    if missing:
-        raise ValueError(f"the audit table lacks {', '.join(missing)} (join results to ground "
-                         "truth first: raysky.audit.subgroups.audit_table)")
-    rows = table[table["label"].notna()]
-    if "status" in rows.columns:
-        rows = rows[rows["status"] == "ok"]
-    rows = rows.reset_index(drop=True)
+    rows = _audited_rows(table, by)
     classes = result_classes(rows)
     index = {c: i for i, c in enumerate(classes)}
     # A label the model does not predict can never be recalled: an index no argmax returns.
@@ -222,21 +211,43 @@ def subgroup_audit(table: pd.DataFrame, by: Sequence[str] = (), threshold: float
         if labels is None:
             out["unavailable"][name] = f"no {' or '.join(STANDARD[name])} values"
             continue
-        groups = []
         order = {band: i for i, (_upper, band) in enumerate(AGE_BANDS)}
-        for value in sorted(labels.unique(), key=lambda v: (v == UNKNOWN, order.get(v, 0), v)):
-            result = {"group": value, **run((labels == value).to_numpy())}
-            sens, overall_sens = result.get("sensitivity", {}), overall.get("sensitivity", {})
-            result["flagged"] = bool(
-                not result["too_few"] and sens.get("high") is not None
-                and overall_sens.get("value") is not None and sens["high"] < overall_sens["value"])
-            groups.append(result)
-        ranked = sorted((g for g in groups if not g["too_few"] and g["malignant_auc"]["value"]
-                         is not None), key=lambda g: -g["malignant_auc"]["value"])
-        for g in groups:
-            g["rank"] = next((i for i, r in enumerate(ranked, 1) if r is g), None)
+        groups = [{"group": value, **run((labels == value).to_numpy())}
+                  for value in sorted(labels.unique(),
+                                      key=lambda v: (v == UNKNOWN, order.get(v, 0), v))]
+        _flag_and_rank(groups, overall)
         out["groupings"][name] = {"column": column, "groups": groups}
     return out
+
+
+def _audited_rows(table: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
+    """The labelled, ``ok`` rows of ``table``, after checking it has what the audit needs."""
+    unknown = [name for name in by if name not in table.columns and name not in STANDARD]
+    if unknown:
+        raise ValueError(f"no column {', '.join(map(repr, unknown))} to group by; the table has "
+                         f"{', '.join(map(str, table.columns))}")
+    missing = [c for c in ("label", "malignant_prob") if c not in table.columns]
+    if missing:
+        raise ValueError(f"the audit table lacks {', '.join(missing)} (join results to ground "
+                         "truth first: raysky.audit.subgroups.audit_table)")
+    rows = table[table["label"].notna()]
+    if "status" in rows.columns:
+        rows = rows[rows["status"] == "ok"]
+    return rows.reset_index(drop=True)
+
+
+def _flag_and_rank(groups: list[dict], overall: dict) -> None:
+    """Set each group's ``flagged`` (its sensitivity interval lies wholly below the overall
+    sensitivity) and ``rank`` (by malignant AUC, 1 best; None for ``too_few``), in place."""
+    overall_sens = overall.get("sensitivity", {}).get("value")
+    for group in groups:
+        high = group.get("sensitivity", {}).get("high")
+        group["flagged"] = bool(not group["too_few"] and high is not None
+                                and overall_sens is not None and high < overall_sens)
+    ranked = sorted((g for g in groups if not g["too_few"] and g["malignant_auc"]["value"]
+                     is not None), key=lambda g: -g["malignant_auc"]["value"])
+    for group in groups:
+        group["rank"] = next((i for i, r in enumerate(ranked, 1) if r is group), None)
 
 
 def format_subgroups(audit: dict) -> str:
