@@ -19,6 +19,7 @@ import base64
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -372,6 +373,20 @@ def create_api(backend: PredictBackend, options: ApiOptions | None = None,
 
     _add_health_routes(app, readiness, require_api_key)
 
+    _add_model_routes(app, backend, require_api_key, budget, options, metrics)
+
+    # Order matters: the access log wraps everything, including 413s decided from headers.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=options.max_body_bytes)
+    app.add_middleware(AccessLogMiddleware, logger_=access_logger)
+    app.add_middleware(RejectionMiddleware, metrics=metrics)
+    return app
+
+
+def _add_model_routes(app: FastAPI, backend: PredictBackend, require_api_key: Callable,
+                      budget: MemoryBudget, options: ApiOptions, metrics: ServeMetrics) -> None:
+    """``GET /v1/model`` and ``POST /v1/predict``, both behind the API key; every prediction
+    shares the decode memory ``budget``, the ``options`` and the ``metrics``."""
+
     @app.get("/v1/model", dependencies=[Depends(require_api_key)],
              summary="Classes, input sizes, versions, batching and the model cards of the "
              "served models", responses=error_responses(401, 503))
@@ -411,10 +426,4 @@ def create_api(backend: PredictBackend, options: ApiOptions | None = None,
         metrics.prediction(result)
         return _response(result, upload.image_id, size, maps,
                          time.perf_counter() - start, entry.get("request_id"))
-
-    # Order matters: the access log wraps everything, including 413s decided from headers.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=options.max_body_bytes)
-    app.add_middleware(AccessLogMiddleware, logger_=access_logger)
-    app.add_middleware(RejectionMiddleware, metrics=metrics)
-    return app
 
