@@ -92,18 +92,7 @@ def compare(clean: pd.DataFrame, altered: pd.DataFrame, table: pd.DataFrame, kin
         np.arange(len(ids)), clusters=clusters, replicates=replicates, seed=seed)
     stats["flip_rate"] = proportion_interval(flips.astype(bool), clusters)
     every = np.arange(len(ids))
-    attention, before, areas, not_placed = [], [], [], 0
-    for image_id in ids:
-        mask = np.asarray(Image.open(os.path.join(out, "artefact_masks", kind, f"{image_id}.png"))) > 0
-        if not mask.any():  # a lesion filling the frame leaves no skin to put it on
-            not_placed += 1
-            continue
-        maps = [frame.at[image_id, "heatmap_png"] for frame in (a, c)]
-        if any(m is None for m in maps):
-            continue
-        attention.append(artefact_attention(decode_heatmap(maps[0]), mask))
-        before.append(artefact_attention(decode_heatmap(maps[1]), mask))
-        areas.append(float(mask.mean()))
+    attention, before, areas, not_placed = _attention_on_artefacts(ids, c, a, out, kind)
     return {
         "pairs": len(ids), "labelled": int(known.sum()),
         "not_scored": int(len(table) - len(ids)),
@@ -119,6 +108,26 @@ def compare(clean: pd.DataFrame, altered: pd.DataFrame, table: pd.DataFrame, kin
         "artefact_area_frac": _mean(areas), "explained": len(attention),
         "not_placed": not_placed,
     }
+
+
+def _attention_on_artefacts(ids: list[str], clean: pd.DataFrame, altered: pd.DataFrame,
+                            out: str, kind: str) -> tuple[list[float], list[float], list[float], int]:
+    """Per image with an artefact and both heatmaps: the altered heatmap's share on the artefact's
+    pixels, the clean heatmap's share on the same pixels, and the artefact's area; then how many
+    images had no artefact placed (a lesion filling the frame leaves no skin to put it on)."""
+    attention, before, areas, not_placed = [], [], [], 0
+    for image_id in ids:
+        mask = np.asarray(Image.open(os.path.join(out, "artefact_masks", kind, f"{image_id}.png"))) > 0
+        if not mask.any():
+            not_placed += 1
+            continue
+        maps = [frame.at[image_id, "heatmap_png"] for frame in (altered, clean)]
+        if any(m is None for m in maps):
+            continue
+        attention.append(artefact_attention(decode_heatmap(maps[0]), mask))
+        before.append(artefact_attention(decode_heatmap(maps[1]), mask))
+        areas.append(float(mask.mean()))
+    return attention, before, areas, not_placed
 
 
 def _nan_none(value: float) -> float | None:
