@@ -99,20 +99,10 @@ def evaluate_frame(frame: pd.DataFrame, records: Sequence[LesionRecord],
         out["calibration"] = calibration_figures(labelled, classes, probs, checkpoint_calibration)
         out["subgroups"] = calibrated_subgroups(frame, records, checkpoint_calibration, by, metadata)
 
-    if "mask_png" in ok.columns:
-        segmented = ok[ok["mask_uri"].notna() & ok["mask_png"].notna()]
-        if len(segmented):
-            preds, ids, bad = [], [], []
-            for image_id, data in zip(segmented["image_id"], segmented["mask_png"], strict=True):
-                try:
-                    preds.append(decode_mask(bytes(data), f"mask_png of {image_id}"))
-                    ids.append(image_id)
-                except ImageDecodeError as exc:
-                    bad.append({"image_id": image_id, "error": exc.reason})
-            truths = _load_truth_masks(
-                segmented.set_index("image_id").loc[ids, "mask_uri"].tolist())
-            out["segmentation"] = segmentation_metrics(ids, preds, truths)
-            out["segmentation"]["undecodable_masks"] = bad
+    segmented = (ok[ok["mask_uri"].notna() & ok["mask_png"].notna()]
+                 if "mask_png" in ok.columns else ok.iloc[:0])
+    if len(segmented):
+        out["segmentation"] = _segmentation_figures(segmented)
 
     results_ok = frame[frame["status"] == "ok"]
     if "lesion_focus" in results_ok.columns and len(results_ok):
@@ -127,6 +117,20 @@ def evaluate_frame(frame: pd.DataFrame, records: Sequence[LesionRecord],
             if "lesion_area_frac" in results_ok.columns else None,
             correct, low_focus)
     return out
+
+
+def _segmentation_figures(segmented: pd.DataFrame) -> dict:
+    """Segmentation metrics of the rows with a ``mask_png`` and a ground-truth ``mask_uri``; a
+    ``mask_png`` that does not decode is listed under ``undecodable_masks``, not scored."""
+    preds, ids, bad = [], [], []
+    for image_id, data in zip(segmented["image_id"], segmented["mask_png"], strict=True):
+        try:
+            preds.append(decode_mask(bytes(data), f"mask_png of {image_id}"))
+            ids.append(image_id)
+        except ImageDecodeError as exc:
+            bad.append({"image_id": image_id, "error": exc.reason})
+    truths = _load_truth_masks(segmented.set_index("image_id").loc[ids, "mask_uri"].tolist())
+    return {**segmentation_metrics(ids, preds, truths), "undecodable_masks": bad}
 
 
 def evaluate_against(frame: pd.DataFrame, dataset: DatasetRef,
