@@ -317,3 +317,19 @@ def test_read_results_selects_columns_and_rows(synthetic):
     assert sorted(frame["image_id"]) == sorted(wanted)
     assert "mask_png" not in frame.columns and "lesion_focus" in frame.columns
     assert "prob_mel" in frame.columns  # class columns always come along
+
+
+def test_an_undecodable_mask_is_listed_and_the_rest_scored(sample_dir, tmp_path):
+    # One result's mask_png is not a PNG: it is named under undecodable_masks, with the reason,
+    # and the other masks are still scored.
+    records, rows = synthetic_rows(sample_dir, seed=2)
+    with_masks = [row for row in rows if row["status"] == "ok" and row.get("mask_png")]
+    broken = with_masks[0]
+    broken["mask_png"] = b"not a png"
+    path = tmp_path / "results.parquet"
+    write_results(str(path), rows, HAM10000_CLASSES)
+    segmentation = evaluate(str(path), DatasetRef(str(sample_dir), "ham10000"))["segmentation"]
+    assert [bad["image_id"] for bad in segmentation["undecodable_masks"]] == [broken["image_id"]]
+    assert segmentation["undecodable_masks"][0]["error"]
+    assert segmentation["n"] == len([r for r in with_masks
+                                     if r["image_id"] in {rec.image_id for rec in records}]) - 1
