@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import dataclasses
 import os
 import tempfile
 import time
@@ -158,7 +159,7 @@ async def _endpoint_load(url: str, encoded: list[bytes], total: int, concurrency
     return latencies, total / elapsed
 
 
-def main() -> None:
+def _parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="lite", choices=["tiny", "lite", "paper"],
@@ -184,7 +185,106 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads, in-process and per replica (0: all cores)")
     parser.add_argument("--gpu", action="store_true", help="run both on the GPU")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+@dataclasses.dataclass
+class Measured:
+    """What the alternating rounds measured, in seconds.
+
+    ``in_process_load`` maps a batch size to [images, seconds, CPU seconds]; ``endpoint_load``
+    is [images, seconds] under the concurrent clients, ``endpoint_cpu`` the CPU seconds each
+    role on the serving path used meanwhile, ``model_work`` the replica's own counters."""
+
+    latency_in_process: list[float] = dataclasses.field(default_factory=list)
+    latency_end_to_end: list[float] = dataclasses.field(default_factory=list)
+    latency_endpoint: list[float] = dataclasses.field(default_factory=list)
+    in_process_load: dict[int, list[float]] = dataclasses.field(default_factory=dict)
+    endpoint_load: list[float] = dataclasses.field(default_factory=lambda: [0, 0.0])
+    endpoint_cpu: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    model_work: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+
+def _warm_up(pipeline, arrays, batch_sizes: list[int]) -> None:
+    """Allocator, oneDNN primitives: every batch size once before anything is timed."""
+    for i in range(3):
+        pipeline([arrays[i % len(arrays)]])
+    for batch_size in batch_sizes:
+        pipeline([arrays[i % len(arrays)] for i in range(batch_size)])
+
+
+def _measure_rounds(args, pipeline, arrays, encoded, url: str,
+                    batch_sizes: list[int]) -> Measured:
+    """Rounds alternating in-process and endpoint measurements, so that load from anything
+    else on the machine falls on both sides alike."""
+    measured = Measured(in_process_load={b: [0, 0.0, 0.0] for b in batch_sizes})
+    per_round = max(1, args.latency_requests // args.rounds)
+    asyncio.run(_endpoint_load(url, encoded, 2 * args.concurrency, args.concurrency))
+    for r in range(args.rounds):
+        pipeline_only, end_to_end, http = _latency_pairs(pipeline, arrays, encoded, url,
+                                                         per_round, r * per_round)
+        measured.latency_in_process += pipeline_only
+        measured.latency_end_to_end += end_to_end
+        measured.latency_endpoint += http
+        for batch_size in batch_sizes:
+            batches = max(1, args.batch_images // batch_size)
+            result = _in_process_throughput(pipeline, arrays, batch_size, batches)
+            measured.in_process_load[batch_size] = [
+                a + b for a, b in zip(measured.in_process_load[batch_size], result, strict=True)]
+        cpu_before, stats_before = _cpu_by_role(), _replica_stats(url)
+        _, rate = asyncio.run(_endpoint_load(url, encoded, args.throughput_requests,
+                                             args.concurrency))
+        measured.endpoint_cpu.update(_cpu_by_role() - cpu_before)
+        measured.model_work.update(_replica_stats(url) - stats_before)  # during the load only
+        measured.endpoint_load[0] += args.throughput_requests
+        measured.endpoint_load[1] += args.throughput_requests / rate
+        best = max(done / seconds for done, seconds, _ in measured.in_process_load.values())
+        print(f"round {r + 1}/{args.rounds}: endpoint {rate:.2f} images/s, in-process "
+              f"best so far {best:.2f}", flush=True)
+    return measured
+
+
+def _print_latency(measured: Measured) -> None:
+    p50_in, p99_in = _percentiles(measured.latency_in_process)
+    p50_e2e, p99_e2e = _percentiles(measured.latency_end_to_end)
+    p50_http, p99_http = _percentiles(measured.latency_endpoint)
+    print("\nlatency at concurrency 1 (ms)            p50      p99")
+    print(f"  in-process pipeline                {p50_in:8.1f} {p99_in:8.1f}")
+    print(f"  in-process decode+pipeline+PNGs    {p50_e2e:8.1f} {p99_e2e:8.1f}   (reference)")
+    print(f"  endpoint over HTTP                 {p50_http:8.1f} {p99_http:8.1f}")
+    print(f"  ratio endpoint / in-process        {p50_http / p50_in:8.2f} {p99_http / p99_in:8.2f}"
+          "   (target <= 1.25)")
+
+
+def _print_throughput(measured: Measured, args) -> None:
+    load = measured.in_process_load
+    rates = {b: done / seconds for b, (done, seconds, _) in load.items()}
+    images, seconds = measured.endpoint_load
+    thr_http, work = images / seconds, measured.model_work
+    best_batch = max(rates, key=rates.get)
+    print("\nthroughput (images/s)")
+    for batch_size, rate in rates.items():
+        print(f"  in-process batch {batch_size:3d}               {rate:8.2f}")
+    print(f"  endpoint, {args.concurrency} concurrent clients      {thr_http:8.2f}   (mean batch "
+          f"{work['requests'] / max(work['batches'], 1):.1f} of max "
+          f"{args.max_batch_size}; model busy {work['compute_s'] / seconds:.0%} of the time)")
+    print(f"  ratio endpoint / in-process best (batch {best_batch}) "
+          f"{thr_http / rates[best_batch]:6.2f}   (target >= 0.9)")
+    in_cpu_ms = 1000.0 * load[best_batch][2] / load[best_batch][0]
+    http_cpu_ms = {role: 1000.0 * cpu / images for role, cpu in measured.endpoint_cpu.items()}
+    total_cpu_ms = sum(http_cpu_ms.values())
+    print(f"\nCPU per image at concurrency {args.concurrency} (ms, all processes on the path)")
+    for role, ms in sorted(http_cpu_ms.items(), key=lambda item: -item[1]):
+        print(f"  {role:33s}{ms:8.1f}")
+    print(f"  {'total':33s}{total_cpu_ms:8.1f}   (in-process at batch {best_batch}: "
+          f"{in_cpu_ms:.1f})")
+    ceiling = os.cpu_count() * 1000.0 / total_cpu_ms / rates[best_batch]
+    print(f"  ceiling of the ratio on {os.cpu_count()} cores    {ceiling:6.2f}   (cores / CPU per "
+          "image, over the in-process best)")
+
+
+def main() -> None:
+    args = _parse_args()
 
     import ray
 
@@ -203,12 +303,7 @@ def main() -> None:
         print(f"preset/checkpoints: {args.segmenter or args.preset}; {len(encoded)} images of "
               f"{arrays[0].shape[1]}x{arrays[0].shape[0]} from {args.data}; {threads} torch "
               f"threads; {os.cpu_count()} cores; device {pipeline.device}")
-
-        for i in range(3):  # warm-up: allocator, oneDNN primitives
-            pipeline([arrays[i % len(arrays)]])
-        for batch_size in batch_sizes:
-            pipeline([arrays[i % len(arrays)] for i in range(batch_size)])
-
+        _warm_up(pipeline, arrays, batch_sizes)
         # One model replica with the same threads as the in-process run, plus the ingress.
         ray.init(address="local", num_cpus=threads + 1, num_gpus=1 if args.gpu else 0,
                  include_dashboard=False, log_to_driver=False)
@@ -219,74 +314,12 @@ def main() -> None:
             max_ongoing_requests=max(16, 2 * args.max_batch_size),
             # Loopback only, and a key check is one SHA-256 per request: measured without.
             max_queued_requests=-1, api_keys=(), allow_unauthenticated=True))
-        # Rounds alternate in-process and endpoint measurements, so that load from anything
-        # else on the machine falls on both sides alike.
-        lat_in, e2e_in, lat_http, http_done = [], [], [], [0, 0.0]
-        thr_in = {b: [0, 0.0, 0.0] for b in batch_sizes}
-        http_cpu: collections.Counter = collections.Counter()
-        per_round = max(1, args.latency_requests // args.rounds)
         try:
-            asyncio.run(_endpoint_load(url, encoded, 2 * args.concurrency, args.concurrency))
-            model_work: collections.Counter = collections.Counter()  # during the load only
-            for r in range(args.rounds):
-                pipeline_only, end_to_end, http = _latency_pairs(pipeline, arrays, encoded, url,
-                                                                 per_round, r * per_round)
-                lat_in += pipeline_only
-                e2e_in += end_to_end
-                lat_http += http
-                for batch_size in batch_sizes:
-                    batches = max(1, args.batch_images // batch_size)
-                    done, seconds, cpu = _in_process_throughput(pipeline, arrays, batch_size,
-                                                                batches)
-                    thr_in[batch_size][0] += done
-                    thr_in[batch_size][1] += seconds
-                    thr_in[batch_size][2] += cpu
-                cpu_before, stats_before = _cpu_by_role(), _replica_stats(url)
-                _, rate = asyncio.run(_endpoint_load(url, encoded, args.throughput_requests,
-                                                     args.concurrency))
-                http_cpu.update(_cpu_by_role() - cpu_before)
-                model_work.update(_replica_stats(url) - stats_before)
-                http_done[0] += args.throughput_requests
-                http_done[1] += args.throughput_requests / rate
-                best = max(done / seconds for done, seconds, _ in thr_in.values())
-                print(f"round {r + 1}/{args.rounds}: endpoint {rate:.2f} images/s, in-process "
-                      f"best so far {best:.2f}", flush=True)
+            measured = _measure_rounds(args, pipeline, arrays, encoded, url, batch_sizes)
         finally:
             shutdown()
-
-    rates = {b: done / seconds for b, (done, seconds, _) in thr_in.items()}
-    thr_http = http_done[0] / http_done[1]
-    p50_in, p99_in = _percentiles(lat_in)
-    p50_e2e, p99_e2e = _percentiles(e2e_in)
-    p50_http, p99_http = _percentiles(lat_http)
-    best_batch = max(rates, key=rates.get)
-    print("\nlatency at concurrency 1 (ms)            p50      p99")
-    print(f"  in-process pipeline                {p50_in:8.1f} {p99_in:8.1f}")
-    print(f"  in-process decode+pipeline+PNGs    {p50_e2e:8.1f} {p99_e2e:8.1f}   (reference)")
-    print(f"  endpoint over HTTP                 {p50_http:8.1f} {p99_http:8.1f}")
-    print(f"  ratio endpoint / in-process        {p50_http / p50_in:8.2f} {p99_http / p99_in:8.2f}"
-          "   (target <= 1.25)")
-    print("\nthroughput (images/s)")
-    for batch_size, rate in rates.items():
-        print(f"  in-process batch {batch_size:3d}               {rate:8.2f}")
-    print(f"  endpoint, {args.concurrency} concurrent clients      {thr_http:8.2f}   (mean batch "
-          f"{model_work['requests'] / max(model_work['batches'], 1):.1f} of max "
-          f"{args.max_batch_size}; model busy {model_work['compute_s'] / http_done[1]:.0%} "
-          "of the time)")
-    in_cpu_ms = 1000.0 * thr_in[best_batch][2] / thr_in[best_batch][0]
-    http_cpu_ms = {role: 1000.0 * seconds / http_done[0] for role, seconds in http_cpu.items()}
-    total_cpu_ms = sum(http_cpu_ms.values())
-    print(f"  ratio endpoint / in-process best (batch {best_batch}) "
-          f"{thr_http / rates[best_batch]:6.2f}   (target >= 0.9)")
-    print(f"\nCPU per image at concurrency {args.concurrency} (ms, all processes on the path)")
-    for role, ms in sorted(http_cpu_ms.items(), key=lambda item: -item[1]):
-        print(f"  {role:33s}{ms:8.1f}")
-    print(f"  {'total':33s}{total_cpu_ms:8.1f}   (in-process at batch {best_batch}: "
-          f"{in_cpu_ms:.1f})")
-    ceiling = os.cpu_count() * 1000.0 / total_cpu_ms / rates[best_batch]
-    print(f"  ceiling of the ratio on {os.cpu_count()} cores    {ceiling:6.2f}   (cores / CPU per "
-          "image, over the in-process best)")
-
+    _print_latency(measured)
+    _print_throughput(measured, args)
 
 if __name__ == "__main__":
     main()
