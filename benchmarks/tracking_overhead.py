@@ -23,6 +23,8 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -34,7 +36,7 @@ from raysky.train.tasks import make_task
 from raysky.train.tracking import Tracker, resolve_uri, start_run, training_params
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="lite")
     parser.add_argument("--kind", default="segmenter", choices=("segmenter", "classifier"))
@@ -45,9 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--real-steps", type=int, default=474)
     parser.add_argument("--uri", help="tracking URI (default: a local sqlite store in a "
                         "temporary folder)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
-    set_torch_threads(args.threads)
+
+def _training_step(args: argparse.Namespace) -> tuple[Callable[[], float], LoopConfig, Any]:
+    """The real training step of ``args.kind`` on one synthetic batch, its loop config (what
+    tracking records) and its scheduler (whose learning rate is logged)."""
     settings = TrainSettings(data="synthetic", name="benchmark", preset=args.preset,
                              epochs=args.epochs * 2, batch_size=args.batch_size, lr=1e-3,
                              workers=1)
@@ -61,8 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     model = task.build_model()
     optimizer, scheduler = make_optimizer(model, config, args.steps)
-    device = torch.device("cpu")
-    inputs = task.inputs(task.synthetic_batch(args.batch_size), device)
+    inputs = task.inputs(task.synthetic_batch(args.batch_size), torch.device("cpu"))
 
     def step() -> float:
         loss = task.loss(model, inputs)
@@ -72,6 +76,35 @@ def main(argv: list[str] | None = None) -> int:
         scheduler.step()
         return float(loss.detach())
 
+    return step, config, scheduler
+
+
+def _alternate_epochs(args: argparse.Namespace, step: Callable[[], float], tracker: Tracker,
+                      scheduler) -> tuple[list[float], list[float], list[float]]:
+    """Untracked and tracked epochs in turn: their seconds, and each metrics call's seconds."""
+    for _ in range(3):  # warm-up: allocations, kernel choices
+        step()
+    plain, tracked, calls = [], [], []
+    for epoch in range(args.epochs * 2):
+        with_tracking = epoch % 2 == 1
+        started = time.perf_counter()
+        losses = [step() for _ in range(args.steps)]
+        if with_tracking:
+            call = time.perf_counter()
+            tracker.log_metrics({"epoch": epoch + 1, "train_loss": sum(losses) / len(losses),
+                                 "lr": scheduler.get_last_lr()[-1], "dice": 0.5,
+                                 "jaccard": 0.4, "val_loss": 0.7}, step=epoch + 1)
+            calls.append(time.perf_counter() - call)
+        (tracked if with_tracking else plain).append(time.perf_counter() - started)
+        print(f"epoch {epoch + 1} ({'tracked' if with_tracking else 'untracked'}): "
+              f"{(time.perf_counter() - started) / args.steps * 1000:.0f} ms/step", flush=True)
+    return plain, tracked, calls
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    set_torch_threads(args.threads)
+    step, config, scheduler = _training_step(args)
     with tempfile.TemporaryDirectory() as tmp:
         uri = args.uri or resolve_uri(f"{tmp}/store")[0]
         started = time.perf_counter()
@@ -82,23 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         tracker.log_params(training_params(args.kind, config.record, config.provenance))
         tracker.set_tags({"system": machine_description()})
         setup_s = time.perf_counter() - started
-
-        for _ in range(3):  # warm-up: allocations, kernel choices
-            step()
-        plain, tracked, calls = [], [], []
-        for epoch in range(args.epochs * 2):
-            with_tracking = epoch % 2 == 1
-            started = time.perf_counter()
-            losses = [step() for _ in range(args.steps)]
-            if with_tracking:
-                call = time.perf_counter()
-                tracker.log_metrics({"epoch": epoch + 1, "train_loss": sum(losses) / len(losses),
-                                     "lr": scheduler.get_last_lr()[-1], "dice": 0.5,
-                                     "jaccard": 0.4, "val_loss": 0.7}, step=epoch + 1)
-                calls.append(time.perf_counter() - call)
-            (tracked if with_tracking else plain).append(time.perf_counter() - started)
-            print(f"epoch {epoch + 1} ({'tracked' if with_tracking else 'untracked'}): "
-                  f"{(time.perf_counter() - started) / args.steps * 1000:.0f} ms/step", flush=True)
+        plain, tracked, calls = _alternate_epochs(args, step, tracker, scheduler)
         tracker.finish()
         if not tracker.enabled:
             return 1
@@ -114,7 +131,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"tracked / untracked epoch time at {args.steps} steps per epoch: {measured:.3f}")
     print(f"same, computed for {args.real_steps} steps per epoch: {real:.4f}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
