@@ -1,12 +1,14 @@
 """Clinical benchmark: calibration, referral, out-of-distribution flag and artefact robustness.
 
-    python benchmarks/quality.py  --data ../shared/data/ham10000 --seg-epochs 2 --cls-epochs 3
-    python benchmarks/clinical.py --data ../shared/data/ham10000 --run runs/quality
+    python benchmarks/quality.py run --data ../shared/data/ham10000 --seeds 0 --arms shared single
+    python benchmarks/clinical.py --data ../shared/data/ham10000 --run runs/quality --seed 0
 
-It reuses the models that ``benchmarks/quality.py`` trained under ``--run`` (the segmenter,
-the dual-stream classifier and the single-stream ablation) and goes through the product's own
-commands only: ``raysky calibrate``, ``raysky score``, ``raysky evaluate`` and ``raysky
-robustness``.
+It reuses what ``benchmarks/quality.py run`` recorded under ``--run`` for ``--seed`` (the
+``shared`` classifier, the segmenter it was trained with, its scores of the 200x150 val frames,
+and the ``single`` classifier for robustness where that arm ran); ``--segmenter`` and
+``--classifier`` take other checkpoints, whose val frames it then scores itself. It goes
+through the product's own commands only: ``raysky calibrate``, ``raysky score``, ``raysky
+evaluate`` and ``raysky robustness``.
 
 * **Calibration and referral, cross-fitted.** The val split is cut into two lesion-disjoint
   halves. Each half calibrates (temperature, decision offsets, referral threshold at 95%
@@ -27,7 +29,7 @@ robustness``.
 * **Artefacts.** ``raysky robustness`` on the val split for both classifiers: per artefact
   type the flip rate, the change of macro AUPRC and malignant AUC, and artefact attention.
 
-Figures land in ``<run>/clinical/figures.json``; the baselines are in the same run (the
+Figures land in ``<run>/clinical-s<seed>/figures.json``; the baselines are in the same run (the
 uncalibrated probabilities for ECE, the energy score for OOD, the clean images for
 robustness).
 """
@@ -39,6 +41,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -167,87 +170,173 @@ def calibration_figures(metrics_json: Path) -> dict:
     return json.loads(metrics_json.read_text())["calibration"]
 
 
-def main(argv: list[str] | None = None) -> int:
+@dataclass(frozen=True)
+class Inputs:
+    """What every step reads: the models, the val split as quality.py rendered it, the
+    classifier's uncalibrated val results, the non-dermoscopy folder and the ground truth."""
+
+    data: str
+    out: Path
+    segmenter: str
+    classifier: str
+    single_stream: str | None
+    images: str
+    metadata: str
+    val_results: str
+    photos: str
+    labels: dict[str, str]
+    lesions: dict[str, str]
+
+
+def run_models(run_dir: Path, seed: int) -> dict[str, str | None]:
+    """The checkpoints ``benchmarks/quality.py`` recorded in ``<run>/runs.json`` for ``seed``:
+    the ``shared`` classifier, the segmenter it was trained with, its scored 200x150 val frames,
+    and the ``single`` classifier where that arm ran."""
+    path = run_dir / "runs.json"
+    if not path.exists():
+        raise SystemExit(f"{path}: no such file; pass quality.py's --out as --run, or give "
+                         "--segmenter, --classifier and --val-results")
+    runs = json.loads(path.read_text())
+    shared, single = runs.get(f"cls-shared-s{seed}"), runs.get(f"cls-single-s{seed}")
+    if shared is None:
+        raise SystemExit(f"{path}: no cls-shared-s{seed}; run quality.py run --arms shared "
+                         f"--seeds {seed} first, or give --classifier")
+    return {"segmenter": runs[shared["segmenter"]]["checkpoint"],
+            "classifier": shared["checkpoint"],
+            "val_results": shared.get("results", {}).get("frame200"),
+            "single_stream": single["checkpoint"] if single else None}
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True, help="HAM10000 folder with splits.csv")
     parser.add_argument("--run", default="runs/quality", help="benchmarks/quality.py's --out")
-    parser.add_argument("--segmenter", help="default: the run's best segmenter")
-    parser.add_argument("--classifier", help="default: the run's best dual-stream classifier")
-    parser.add_argument("--single-stream", help="default: the run's best single-stream one")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="which of the run's seeds (default: 0)")
+    parser.add_argument("--segmenter", help="default: the run's segmenter of the classifier")
+    parser.add_argument("--classifier", help="default: the run's shared-arm classifier")
+    parser.add_argument("--val-results", help="the classifier's scores of the run's val "
+                        "frames (default: the run's, or scored here with --classifier)")
+    parser.add_argument("--single-stream", help="default: the run's single-arm classifier")
     parser.add_argument("--skip-robustness", action="store_true")
     parser.add_argument("--ood-methods", default="imagenet-gate,mahalanobis,energy",
                         help="OOD methods to calibrate and compare; the first also gives the "
                         "calibration and decision figures")
     parser.add_argument("--per-kind", type=int, default=10,
                         help="synthetic non-dermoscopy images of each kind")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def _models(args: argparse.Namespace) -> dict[str, str | None]:
+    """The run's models for ``--seed``, each replaced by one given explicitly."""
+    models = ({"segmenter": None, "classifier": None, "single_stream": None, "val_results": None}
+              if args.segmenter and args.classifier else run_models(Path(args.run), args.seed))
+    if args.classifier and not args.val_results:
+        models["val_results"] = None  # the run's val results are another classifier's
+    given = {"segmenter": args.segmenter, "classifier": args.classifier,
+             "single_stream": args.single_stream, "val_results": args.val_results}
+    return {**models, **{key: value for key, value in given.items() if value}}
+
+
+def _inputs(args: argparse.Namespace) -> Inputs:
     run_dir = Path(args.run)
-
-    def best(name: str) -> str:
-        return json.loads((run_dir / name / "result.json").read_text())["best_checkpoint_uri"]
-
-    segmenter = args.segmenter or best("seg")
-    classifier = args.classifier or best("cls-full")
-    single = args.single_stream or best("cls-single-stream")
-    out = run_dir / "clinical"
+    models = _models(args)
+    out = run_dir / f"clinical-s{args.seed}"
     out.mkdir(parents=True, exist_ok=True)
-    images, metadata = str(run_dir / "val-images"), str(run_dir / "val-metadata.csv")
-    photos = str(photo_folder(out, args.per_kind))
-    methods = [m.strip() for m in args.ood_methods.split(",") if m.strip()]
+    images, metadata = str(run_dir / "val" / "frame200"), str(run_dir / "val" / "metadata.csv")
+    val_results = models["val_results"]
+    if not val_results:
+        val_results = str(out / "results-uncalibrated")
+        run("score", "--input", images, "--metadata", metadata, "--segmenter",
+            models["segmenter"], "--classifier", models["classifier"], "--no-heatmaps",
+            "--output", val_results)
     ham = pd.read_csv(os.path.join(args.data, "HAM10000_metadata.csv"))
-    labels = dict(zip(ham.image_id, ham.dx, strict=True))
-    lesions = dict(zip(ham.image_id, ham.lesion_id, strict=True))
-    figures: dict = {"segmenter": segmenter, "classifier": classifier, "single_stream": single}
-    data = ("--format", "ham10000", "--segmenter", segmenter)
+    return Inputs(data=args.data, out=out, segmenter=models["segmenter"],
+                  classifier=models["classifier"], single_stream=models["single_stream"],
+                  images=images, metadata=metadata, val_results=val_results,
+                  photos=str(photo_folder(out, args.per_kind)),
+                  labels=dict(zip(ham.image_id, ham.dx, strict=True)),
+                  lesions=dict(zip(ham.image_id, ham.lesion_id, strict=True)))
 
-    # In-sample: what training-end calibration does (fit and measure on the whole val split).
-    run("calibrate", "--classifier", classifier, "--data", args.data, *data, "--split", "val",
-        "--out", str(out / "cal-val"))
-    run("evaluate", "--results", str(run_dir / "results-full"), "--data", args.data,
-        "--format", "ham10000", "--split", "val", "--classifier", str(out / "cal-val"),
-        "--out", str(out / "eval-val.json"))
-    figures["in_sample"] = calibration_figures(out / "eval-val.json")
 
-    for i, (root, held) in enumerate(lesion_halves(args.data, out), start=1):
-        for method in methods:
-            name = f"half{i}-{method}"
-            cal = str(out / f"cal-{name}")
-            run("calibrate", "--classifier", classifier, "--data", str(root), *data,
-                "--split", "val", "--ood-method", method, "--out", cal)
-            if method == methods[0]:
-                run("evaluate", "--results", str(run_dir / "results-full"), "--data", str(root),
-                    "--format", "ham10000", "--split", "test", "--classifier", cal,
-                    "--out", str(out / f"eval-{name}.json"))
-                figures[f"cross_fit_half{i}"] = calibration_figures(out / f"eval-{name}.json")
-            for what, source, extra in (("val", images, ("--metadata", metadata)),
-                                        ("photos", photos, ())):
-                run("score", "--input", source, *extra, "--segmenter", segmenter,
-                    "--classifier", cal, "--no-heatmaps", "--output",
-                    str(out / f"results-{what}-{name}"))
-            figures[f"ood_{name}"] = ood_figures(str(out / f"results-val-{name}"),
-                                                 str(out / f"results-photos-{name}"), held,
-                                                 labels)
-            if method == methods[0]:
-                record = json.loads((Path(cal) / "config.json").read_text())["calibration"]
-                figures[f"decision_half{i}"] = decision_figures(
-                    str(out / f"results-val-{name}"), held, labels, lesions, record)
+def in_sample_figures(inputs: Inputs) -> dict:
+    """What training-end calibration does: calibrate and evaluate on the whole val split."""
+    cal = str(inputs.out / "cal-val")
+    run("calibrate", "--classifier", inputs.classifier, "--data", inputs.data, "--format",
+        "ham10000", "--segmenter", inputs.segmenter, "--split", "val", "--out", cal)
+    run("evaluate", "--results", inputs.val_results, "--data", inputs.data,
+        "--format", "ham10000", "--split", "val", "--classifier", cal,
+        "--out", str(inputs.out / "eval-val.json"))
+    return calibration_figures(inputs.out / "eval-val.json")
 
+
+def half_figures(inputs: Inputs, half: int, root: Path, held: set[str],
+                 methods: list[str]) -> dict:
+    """One lesion-disjoint half calibrates, the other is measured: per OOD method its OOD
+    figures; with the first method the calibration, referral and decision figures too."""
+    figures: dict = {}
+    for method in methods:
+        name = f"half{half}-{method}"
+        cal = str(inputs.out / f"cal-{name}")
+        run("calibrate", "--classifier", inputs.classifier, "--data", str(root), "--format",
+            "ham10000", "--segmenter", inputs.segmenter, "--split", "val", "--ood-method",
+            method, "--out", cal)
+        if method == methods[0]:
+            run("evaluate", "--results", inputs.val_results, "--data", str(root),
+                "--format", "ham10000", "--split", "test", "--classifier", cal,
+                "--out", str(inputs.out / f"eval-{name}.json"))
+            figures[f"cross_fit_half{half}"] = calibration_figures(
+                inputs.out / f"eval-{name}.json")
+        for what, source, extra in (("val", inputs.images, ("--metadata", inputs.metadata)),
+                                    ("photos", inputs.photos, ())):
+            run("score", "--input", source, *extra, "--segmenter", inputs.segmenter,
+                "--classifier", cal, "--no-heatmaps", "--output",
+                str(inputs.out / f"results-{what}-{name}"))
+        scored = str(inputs.out / f"results-val-{name}")
+        figures[f"ood_{name}"] = ood_figures(scored, str(inputs.out / f"results-photos-{name}"),
+                                             held, inputs.labels)
+        if method == methods[0]:
+            record = json.loads((Path(cal) / "config.json").read_text())["calibration"]
+            figures[f"decision_half{half}"] = decision_figures(scored, held, inputs.labels,
+                                                               inputs.lesions, record)
+    return figures
+
+
+def robustness_figures(inputs: Inputs) -> dict:
+    """``raysky robustness`` on the val split for the classifier and the single-stream one."""
+    figures = {}
+    for label, model in (("dual_stream", inputs.classifier),
+                         ("single_stream", inputs.single_stream)):
+        if model is None:
+            print(f"robustness of {label}: no such classifier in the run, left out", flush=True)
+            continue
+        folder = inputs.out / f"robustness-{label}"
+        run("robustness", "--segmenter", inputs.segmenter, "--classifier", model,
+            "--data", inputs.data, "--format", "ham10000", "--split", "val",
+            "--out", str(folder))
+        figures[f"robustness_{label}"] = json.loads(
+            (folder / "robustness.json").read_text())["by_artefact"]
+    return figures
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    inputs = _inputs(args)
+    methods = [m.strip() for m in args.ood_methods.split(",") if m.strip()]
+    figures: dict = {"segmenter": inputs.segmenter, "classifier": inputs.classifier,
+                     "single_stream": inputs.single_stream, "val_results": inputs.val_results,
+                     "in_sample": in_sample_figures(inputs)}
+    for half, (root, held) in enumerate(lesion_halves(args.data, inputs.out), start=1):
+        figures.update(half_figures(inputs, half, root, held, methods))
     if not args.skip_robustness:
-        for label, model in (("dual_stream", classifier), ("single_stream", single)):
-            folder = out / f"robustness-{label}"
-            run("robustness", "--segmenter", segmenter, "--classifier", model,
-                "--data", args.data, "--format", "ham10000", "--split", "val",
-                "--out", str(folder))
-            figures[f"robustness_{label}"] = json.loads(
-                (folder / "robustness.json").read_text())["by_artefact"]
+        figures.update(robustness_figures(inputs))
 
-    (out / "figures.json").write_text(json.dumps(figures, indent=2, default=str))
+    path = inputs.out / "figures.json"
+    path.write_text(json.dumps(figures, indent=2, default=str))
     print(json.dumps({k: v for k, v in figures.items() if not k.startswith("robustness")},
                      indent=2, default=str))
-    print(f"figures written to {out / 'figures.json'}")
+    print(f"figures written to {path}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -30,14 +30,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 def load_benchmark(name: str):
     """``benchmarks/<name>.py`` as a module, as ``python benchmarks/<name>.py`` would see it:
-    with ``benchmarks/`` importable, since a script may import a module beside it."""
+    with ``benchmarks/`` importable, since a script may import a module beside it, and the module
+    in ``sys.modules`` (dataclasses look their module up there)."""
     folder = str(REPO / "benchmarks")
     if folder not in sys.path:
         sys.path.insert(0, folder)
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(name)
 
 # Rows of the sample with special roles in the synthetic results.
 ERROR_INDEX = 10  # a melanoma scored with status "error": must be left out of every metric

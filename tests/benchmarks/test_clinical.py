@@ -1,13 +1,15 @@
 """benchmarks/clinical.py end to end on small data, so it is ready for the trained models:
 the bundled sample in its eight dihedral views (same lesion ids, so the lesion-disjoint halves
 keep each lesion's views together; 120 malignant and 160 benign images, enough for each half
-to calibrate), tiny checkpoints, the gate as OOD method. The figures mean nothing about a
-model here; the test checks that every one is produced, through the product's commands."""
+to calibrate), tiny checkpoints in the layout benchmarks/quality.py leaves, the gate as OOD
+method. The figures mean nothing about a model here; the test checks that every one is produced, through the product's commands."""
 
 from __future__ import annotations
 
 import csv
 import json
+
+import pytest
 
 from raysky.cli.main import main
 from tests.helpers import dihedral_dataset, load_benchmark
@@ -17,25 +19,36 @@ def test_clinical_benchmark_runs_on_tiny_models(sample_dir, tiny_checkpoints, ra
                                                 tmp_path):
     data = tmp_path / "ham"
     dihedral_dataset(sample_dir, data)
+    # The layout benchmarks/quality.py run leaves: the val frames, their metadata, the scored
+    # frames and runs.json naming each model.
     run = tmp_path / "run"
-    images = run / "val-images"
+    images = run / "val" / "frame200"
     images.mkdir(parents=True)
     for path in sorted((data / "images").glob("*.jpg")):
         (images / path.name).symlink_to(path)
     with open(data / "HAM10000_metadata.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    (run / "val-metadata.csv").write_text("image_id,age,sex,localization\n" + "".join(
+    (run / "val" / "metadata.csv").write_text("image_id,age,sex,localization\n" + "".join(
         f"{r['image_id']},{r['age']},{r['sex']},{r['localization']}\n" for r in rows))
     seg, cls = tiny_checkpoints["segmenter"], tiny_checkpoints["classifier"]
-    assert main(["score", "--input", str(images), "--metadata", str(run / "val-metadata.csv"),
+    scored = run / "results" / "cls-shared-s0" / "frame200"
+    assert main(["score", "--input", str(images), "--metadata", str(run / "val" / "metadata.csv"),
                  "--segmenter", seg, "--classifier", cls, "--no-heatmaps",
-                 "--output", str(run / "results-full")]) == 0
+                 "--output", str(scored)]) == 0
+    (run / "runs.json").write_text(json.dumps({
+        "seg-s0": {"checkpoint": seg},
+        "cls-shared-s0": {"arm": "shared", "seed": 0, "checkpoint": cls, "segmenter": "seg-s0",
+                          "results": {"frame200": str(scored)}}}))
 
     clinical = load_benchmark("clinical")
-    assert clinical.main(["--data", str(data), "--run", str(run), "--segmenter", seg,
-                          "--classifier", cls, "--single-stream", cls, "--skip-robustness",
-                          "--ood-methods", "imagenet-gate", "--per-kind", "2"]) == 0
-    figures = json.loads((run / "clinical" / "figures.json").read_text())
+    with pytest.raises(SystemExit, match="no cls-shared-s1; run quality.py run"):
+        clinical.run_models(run, seed=1)
+    assert clinical.main(["--data", str(data), "--run", str(run), "--seed", "0",
+                          "--skip-robustness", "--ood-methods", "imagenet-gate",
+                          "--per-kind", "2"]) == 0
+    figures = json.loads((run / "clinical-s0" / "figures.json").read_text())
+    assert (figures["segmenter"], figures["classifier"]) == (seg, cls)
+    assert figures["val_results"] == str(scored) and figures["single_stream"] is None
     assert figures["in_sample"]["after"]["ece"] is not None
     for half in (1, 2):
         decision = figures[f"decision_half{half}"]
