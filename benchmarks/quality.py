@@ -188,6 +188,7 @@ def run_seed(args, seed: int, views: dict[str, str], runs: Runs, out: Path) -> N
                                 common)
             print(f"[{key}] trained in {record['wall_s'] / 60:.1f} min; last epoch: "
                   f"{_short(record['history'][-1] if record['history'] else {})}", flush=True)
+            runs.put(key, record)  # a run stopped while scoring keeps the trained model
         started = time.monotonic()
         record = score_views(record, key, runs.get(record["segmenter"]), views, out,
                              (*DEFAULT_VIEWS, *args.views))
