@@ -118,12 +118,12 @@ def read_isic2018(root: str, split: str = "Training") -> list[LesionRecord]:
         seen: dict[str, int] = {}
         for row, values in table.rows:
             image_id = check_unique(table, seen, values[image_col], row, image_col)
+            label = one_hot_label(table, row, values, columns)
             image_uri = task3_images.get(image_id) or task1_images.get(image_id)
             if image_uri is None:
                 raise missing_image(table, row, image_id, tree, [task3_dir, task1_dir])
             records.append(LesionRecord(image_id=image_id, image_uri=image_uri,
-                                        mask_uri=masks.get(image_id),
-                                        label=one_hot_label(table, row, values, columns),
+                                        mask_uri=masks.get(image_id), label=label,
                                         lesion_id=lesions.get(image_id)))
     labelled = {record.image_id for record in records}
     for image_id, image_uri in sorted(task1_images.items()):
