@@ -5,8 +5,8 @@
 
 It reuses what ``benchmarks/quality.py run`` recorded under ``--run`` for ``--seed`` (the
 ``shared`` classifier, the segmenter it was trained with, its scores of the 200x150 val frames,
-and the ``single`` classifier for robustness where that arm ran); ``--segmenter`` and
-``--classifier`` take other checkpoints, whose val frames it then scores itself. It goes
+and the ``single`` classifier for robustness where that arm ran); ``--segmenter`` or
+``--classifier`` take other checkpoints, and the val frames are then scored here. It goes
 through the product's own commands only: ``raysky calibrate``, ``raysky score``, ``raysky
 evaluate`` and ``raysky robustness``.
 
@@ -231,8 +231,8 @@ def _models(args: argparse.Namespace) -> dict[str, str | None]:
     """The run's models for ``--seed``, each replaced by one given explicitly."""
     models = ({"segmenter": None, "classifier": None, "single_stream": None, "val_results": None}
               if args.segmenter and args.classifier else run_models(Path(args.run), args.seed))
-    if args.classifier and not args.val_results:
-        models["val_results"] = None  # the run's val results are another classifier's
+    if (args.classifier or args.segmenter) and not args.val_results:
+        models["val_results"] = None  # the run's val results came from other models
     given = {"segmenter": args.segmenter, "classifier": args.classifier,
              "single_stream": args.single_stream, "val_results": args.val_results}
     return {**models, **{key: value for key, value in given.items() if value}}

@@ -67,3 +67,26 @@ def test_clinical_benchmark_runs_on_tiny_models(sample_dir, tiny_checkpoints, ra
         assert set(ood["dermoscopy_flagged_by_class"]) == {"mel", "nv", "bcc", "akiec", "bkl",
                                                            "df", "vasc"}
         assert figures[f"cross_fit_half{half}"]["referral"] is not None
+
+
+def test_clinical_models_come_from_the_run_unless_given(tmp_path):
+    # quality.py's runs.json names the models; a checkpoint given instead means the run's val
+    # scores belong to other models, so they are scored again (val_results None).
+    (tmp_path / "runs.json").write_text(json.dumps({
+        "seg-s0": {"checkpoint": "seg0"},
+        "cls-shared-s0": {"checkpoint": "shared0", "segmenter": "seg-s0",
+                          "results": {"frame200": "scored0"}},
+        "cls-single-s0": {"checkpoint": "single0", "segmenter": "seg-s0"}}))
+    clinical = load_benchmark("clinical")
+    args = clinical._parse_args(["--data", "d", "--run", str(tmp_path)])
+    assert clinical._models(args) == {"segmenter": "seg0", "classifier": "shared0",
+                                      "val_results": "scored0", "single_stream": "single0"}
+    args = clinical._parse_args(["--data", "d", "--run", str(tmp_path), "--segmenter", "seg9"])
+    assert clinical._models(args) == {"segmenter": "seg9", "classifier": "shared0",
+                                      "val_results": None, "single_stream": "single0"}
+    args = clinical._parse_args(["--data", "d", "--run", str(tmp_path / "none"),
+                                 "--segmenter", "s", "--classifier", "c"])
+    assert clinical._models(args) == {"segmenter": "s", "classifier": "c", "val_results": None,
+                                      "single_stream": None}
+    with pytest.raises(SystemExit, match="runs.json: no such file"):
+        clinical.run_models(tmp_path / "none", seed=0)
