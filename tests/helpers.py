@@ -7,7 +7,7 @@ imported like any module rather than from a conftest."""
 from __future__ import annotations
 
 import csv
-import importlib.util
+import importlib
 import math
 import sys
 from datetime import datetime, timezone
