@@ -186,24 +186,12 @@ class LesionPipeline:
         """Score a batch of RGB uint8 arrays; ``metadata`` holds ``age``/``sex``/``site`` dicts."""
         if not images:
             return []
-        metadata = metadata or [{}] * len(images)
         seg_prob = self.segment(images)
         cls_input = self._input(images, self.classifier_meta)
         cls_mask = lesion_mask_input(seg_prob, cls_input.shape[-2:])
-        meta_tensors = metadata_to_tensors(self.vocab.encode_batch(
-            [m.get("age") for m in metadata], [m.get("sex") for m in metadata],
-            [m.get("site") for m in metadata],
-        ), self.device)
-        if explain:
-            offsets = (None if self.decision_offsets is None
-                       else torch.as_tensor(self.decision_offsets, dtype=torch.float32))
-            (probs, heatmaps), logits, features = self.explainer.explain(
-                cls_input, cls_mask, meta_tensors, autocast=self._autocast,
-                temperature=self.temperature, offsets=offsets)
-        else:
-            logits, features = classifier_outputs(self.classifier, cls_input, cls_mask,
-                                                  meta_tensors, self.device, self.precision)
-            probs, heatmaps = torch.softmax(logits / self.temperature, dim=1), None
+        meta_tensors = self._metadata_tensors(metadata or [{}] * len(images))
+        probs, heatmaps, logits, features = self._classify(cls_input, cls_mask, meta_tensors,
+                                                           explain)
         ood_scores = ood_flags = None
         if self.ood_scorer is not None:
             # Scored on the unflipped view, the one Grad-CAM explains.
@@ -214,35 +202,67 @@ class LesionPipeline:
             flipped = self._flipped_probabilities(cls_input, cls_mask, meta_tensors)
             probs = torch.stack([probs.detach().float(), *flipped]).mean(0)
         probs = probs.cpu()
-        results = []
-        for i, image in enumerate(images):
-            height, width = image.shape[:2]
-            mask = binary_mask(seg_prob[i], height, width)
-            heatmap, focus = None, float("nan")
-            if heatmaps is not None:
-                heatmap = np.clip(resize_map(heatmaps[i], height, width), 0.0, 1.0)
-                focus = float(lesion_focus(torch.from_numpy(heatmap)[None],
-                                           torch.from_numpy(mask)[None])[0])
-            ita = ita_degrees(image, mask)
-            p = probs[i].numpy().astype(np.float32)
-            p = p / p.sum()
-            malignant = float(p[self.malignant].sum()) if self.malignant else 0.0
-            results.append(LesionPrediction(
-                probabilities=p,
-                predicted_class=self.classes[self._decide(p)],
-                malignant_prob=malignant,
-                mask=mask,
-                lesion_area_frac=float(mask.mean()),
-                heatmap=heatmap,
-                lesion_focus=focus,
-                refer=(None if self.referral_threshold is None
-                       else refer(malignant, self.referral_threshold)),
-                ood_score=None if ood_scores is None else float(ood_scores[i]),
-                ood=None if ood_flags is None else bool(ood_flags[i]),
-                ita_deg=ita,
-                skin_tone=skin_tone_category(ita),
-            ))
-        return results
+        return [self._prediction(
+            image, seg_prob[i], probs[i],
+            None if heatmaps is None else heatmaps[i],
+            None if ood_scores is None else float(ood_scores[i]),
+            None if ood_flags is None else bool(ood_flags[i]),
+        ) for i, image in enumerate(images)]
+
+    def _metadata_tensors(self, metadata: Sequence[dict]) -> dict[str, torch.Tensor]:
+        """The classifier's metadata inputs; a missing field is encoded as unknown."""
+        return metadata_to_tensors(self.vocab.encode_batch(
+            [m.get("age") for m in metadata], [m.get("sex") for m in metadata],
+            [m.get("site") for m in metadata],
+        ), self.device)
+
+    def _classify(self, image: torch.Tensor, mask: torch.Tensor,
+                  metadata: dict[str, torch.Tensor], explain: bool):
+        """Calibrated probabilities, Grad-CAM maps (None unless ``explain``), logits, features.
+
+        Grad-CAM needs gradients, so the explaining path must not run under ``no_grad``.
+        """
+        if explain:
+            offsets = (None if self.decision_offsets is None
+                       else torch.as_tensor(self.decision_offsets, dtype=torch.float32))
+            (probs, heatmaps), logits, features = self.explainer.explain(
+                image, mask, metadata, autocast=self._autocast,
+                temperature=self.temperature, offsets=offsets)
+            return probs, heatmaps, logits, features
+        logits, features = classifier_outputs(self.classifier, image, mask, metadata,
+                                              self.device, self.precision)
+        return torch.softmax(logits / self.temperature, dim=1), None, logits, features
+
+    def _prediction(self, image: np.ndarray, seg_prob: torch.Tensor, probs: torch.Tensor,
+                    heatmap_small: torch.Tensor | None, ood_score: float | None,
+                    ood: bool | None) -> LesionPrediction:
+        """One image's prediction at its own size, from the batch's outputs for it."""
+        height, width = image.shape[:2]
+        mask = binary_mask(seg_prob, height, width)
+        heatmap, focus = None, float("nan")
+        if heatmap_small is not None:
+            heatmap = np.clip(resize_map(heatmap_small, height, width), 0.0, 1.0)
+            focus = float(lesion_focus(torch.from_numpy(heatmap)[None],
+                                       torch.from_numpy(mask)[None])[0])
+        ita = ita_degrees(image, mask)
+        p = probs.numpy().astype(np.float32)
+        p = p / p.sum()
+        malignant = float(p[self.malignant].sum()) if self.malignant else 0.0
+        return LesionPrediction(
+            probabilities=p,
+            predicted_class=self.classes[self._decide(p)],
+            malignant_prob=malignant,
+            mask=mask,
+            lesion_area_frac=float(mask.mean()),
+            heatmap=heatmap,
+            lesion_focus=focus,
+            refer=(None if self.referral_threshold is None
+                   else refer(malignant, self.referral_threshold)),
+            ood_score=ood_score,
+            ood=ood,
+            ita_deg=ita,
+            skin_tone=skin_tone_category(ita),
+        )
 
     def _decide(self, probabilities: np.ndarray) -> int:
         """The predicted class index of one calibrated probability row (see :mod:`decision`).
