@@ -15,6 +15,13 @@ from raysky.score.settings import ENGINES, ScoreSettings
 
 def register(subparsers) -> None:
     """Add the ``score``, ``pack`` and ``results`` sub-commands."""
+    _add_score(subparsers)
+    _add_pack(subparsers)
+    _add_results(subparsers)
+
+
+def _add_score(subparsers) -> None:
+    """``raysky score``: every option is a :class:`ScoreSettings` field."""
     score = subparsers.add_parser(
         "score", help="score an archive of images (prefix or packed shards) into Parquet",
         description="Segment, classify and explain (Grad-CAM) every image under --input with Ray "
@@ -48,6 +55,9 @@ def register(subparsers) -> None:
     score.add_argument("--json", action="store_true", help="print the summary as JSON")
     score.set_defaults(func=run_score)
 
+
+def _add_pack(subparsers) -> None:
+    """``raysky pack``: repack image objects into Parquet shards."""
     pack = subparsers.add_parser(
         "pack", help="repack small image objects into Parquet shards for faster scoring",
         description="Copy every image under --input into Parquet shards (image_id, source_uri, "
@@ -62,6 +72,9 @@ def register(subparsers) -> None:
     add_setting(pack, ScoreSettings, "ray_address", "--address")
     pack.set_defaults(func=run_pack)
 
+
+def _add_results(subparsers) -> None:
+    """``raysky results``: summarise what ``raysky score`` wrote."""
     show = subparsers.add_parser(
         "results", help="summarise scoring results, per image or per lesion/patient",
         description="Read results written by `raysky score` (one row per input, duplicates "

@@ -249,6 +249,19 @@ def _metric_sections(page_data: dict, metrics: dict, ok: pd.DataFrame,
         page_data["roc"] = _roc_curves(matched, metrics["classification"]["classes"])
 
 
+def _shown_pictures(results_uri: str, names: list[str], chosen: dict[str, pd.DataFrame]) -> dict:
+    """The pictures of the rows the page shows, by image id; only their masks and heatmaps are
+    read, so a large results set costs no more than the page."""
+    shown = pd.concat([chosen["gallery"], chosen["flagged"], chosen["ood_shown"]]
+                      ).drop_duplicates("image_id")
+    if not len(shown):
+        return {}
+    binary_columns = [n for n in ("mask_png", "heatmap_png") if n in names]
+    binaries = read_results(results_uri, ["image_id", *binary_columns],
+                            image_ids=shown["image_id"].tolist())
+    return _pictures_for(shown, binaries)
+
+
 def build_report(results_uri: str, out_uri: str, dataset: DatasetRef | None = None,
                  options: ReportOptions | None = None) -> dict:
     """Write the HTML review page for ``results_uri`` to ``out_uri`` (local or ``s3://``).
@@ -271,13 +284,7 @@ def build_report(results_uri: str, out_uri: str, dataset: DatasetRef | None = No
     metrics, labels = (_ground_truth(results_uri, names, dataset, options)
                        if dataset is not None else (None, {}))
     chosen = _selections(ok, options)
-    shown = pd.concat([chosen["gallery"], chosen["flagged"], chosen["ood_shown"]]
-                      ).drop_duplicates("image_id")
-    binary_columns = [n for n in ("mask_png", "heatmap_png") if n in names]
-    binaries = (read_results(results_uri, ["image_id", *binary_columns],
-                             image_ids=shown["image_id"].tolist())
-                if len(shown) else pd.DataFrame({"image_id": []}))
-    pictures = _pictures_for(shown, binaries) if len(shown) else {}
+    pictures = _shown_pictures(results_uri, names, chosen)
 
     def cards(rows: pd.DataFrame) -> list[dict]:
         return [_card(row, classes, pictures[row["image_id"]], options.low_focus,
