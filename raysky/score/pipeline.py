@@ -188,16 +188,7 @@ def build_dataset(inputs: Inputs, settings: ScoreSettings, classes: tuple[str, .
     ``one_per_task`` puts each input in its own block, so that one image that kills its
     worker takes no other row with it.
     """
-    import ray
-
-    if inputs.table is not None:
-        blocks = ([inputs.table.slice(i, 1) for i in range(inputs.table.num_rows)] if one_per_task
-                  else input_blocks(inputs.table, settings.batch_size))
-        ds = ray.data.from_arrow(blocks)
-    else:
-        fs, _ = storage.resolve(inputs.shards[0])
-        paths = [storage.resolve(uri)[1] for uri in inputs.shards]
-        ds = ray.data.read_parquet(paths, filesystem=fs, columns=inputs.shard_columns)
+    ds = _input_dataset(inputs, settings.batch_size, one_per_task)
     # A decode task holds the worst decode of one image (up to 37 bytes per pixel for a float
     # TIFF) plus the batch's RGB pixels, so it reserves that much memory; fewer concurrent
     # decodes beat an out-of-memory node. The reservation also keeps Ray Data from fusing
@@ -209,18 +200,7 @@ def build_dataset(inputs: Inputs, settings: ScoreSettings, classes: tuple[str, .
                    "metadata": inputs.metadata},
         memory=decode_batch_memory(settings.batch_size, settings.max_pixels),
     )
-    model_stage, model_kwargs = stages.ScoreModel, {
-        "segmenter": settings.segmenter, "classifier": settings.classifier,
-        "heatmaps": settings.heatmaps, "use_gpu": settings.gpus_per_worker > 0,
-        "precision": settings.precision, "threads": settings.cpus_per_worker,
-        "tta": settings.tta, "extra": inputs.extra,
-    }
-    if settings.engine == "onnx":
-        from raysky.score.onnx_engine import OnnxScoreModel, exported_models
-
-        model_stage, model_kwargs = OnnxScoreModel, {
-            **exported_models(settings.segmenter, settings.classifier),
-            "threads": settings.cpus_per_worker, "tta": settings.tta, "extra": inputs.extra}
+    model_stage, model_kwargs = _model_stage(settings, inputs.extra)
     ds = _map_stage(
         ds, model_stage, batch_size=settings.batch_size,
         compute=_pool(settings), num_cpus=settings.cpus_per_worker,
@@ -243,6 +223,36 @@ def build_dataset(inputs: Inputs, settings: ScoreSettings, classes: tuple[str, .
     # afterwards and are dealt with one by one instead of aborting the run.
     ds.context.max_errored_blocks = -1
     return ds
+
+
+def _input_dataset(inputs: Inputs, batch_size: int, one_per_task: bool):
+    """The rows to score: the listed table in blocks of ``batch_size`` (or one row per block),
+    or the Parquet shards that hold them."""
+    import ray
+
+    if inputs.table is not None:
+        blocks = ([inputs.table.slice(i, 1) for i in range(inputs.table.num_rows)] if one_per_task
+                  else input_blocks(inputs.table, batch_size))
+        return ray.data.from_arrow(blocks)
+    fs, _ = storage.resolve(inputs.shards[0])
+    paths = [storage.resolve(uri)[1] for uri in inputs.shards]
+    return ray.data.read_parquet(paths, filesystem=fs, columns=inputs.shard_columns)
+
+
+def _model_stage(settings: ScoreSettings, extra: pa.Schema | None) -> tuple[type, dict]:
+    """The model actor's class and constructor arguments for ``settings.engine``."""
+    if settings.engine == "onnx":
+        from raysky.score.onnx_engine import OnnxScoreModel, exported_models
+
+        return OnnxScoreModel, {
+            **exported_models(settings.segmenter, settings.classifier),
+            "threads": settings.cpus_per_worker, "tta": settings.tta, "extra": extra}
+    return stages.ScoreModel, {
+        "segmenter": settings.segmenter, "classifier": settings.classifier,
+        "heatmaps": settings.heatmaps, "use_gpu": settings.gpus_per_worker > 0,
+        "precision": settings.precision, "threads": settings.cpus_per_worker,
+        "tta": settings.tta, "extra": extra,
+    }
 
 
 def _model_facts(settings: ScoreSettings) -> dict:
