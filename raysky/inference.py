@@ -217,7 +217,8 @@ class LesionPipeline:
         ), self.device)
 
     def _classify(self, image: torch.Tensor, mask: torch.Tensor,
-                  metadata: dict[str, torch.Tensor], explain: bool):
+                  metadata: dict[str, torch.Tensor], explain: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """Calibrated probabilities, Grad-CAM maps (None unless ``explain``), logits, features.
 
         Grad-CAM needs gradients, so the explaining path must not run under ``no_grad``.
