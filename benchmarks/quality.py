@@ -20,7 +20,8 @@ Each classifier's val split is scored four ways: the 200x150 images with the met
 Grad-CAM, for the lesion focus), the same without metadata, 600x450 renderings (3x bicubic
 upscales, standing in for the originals the shared subset lacks), and tight 224x224 crops round
 the ground-truth lesion box (10% margin) cut from those. ``--views frame200_tta`` also scores
-the frames with test-time augmentation (``raysky score --tta``), for runs already trained too.
+the frames with test-time augmentation (``raysky score --tta``), and ``frame200_at176`` /
+``frame200_at192`` with the classifier run at that input size, for runs already trained too.
 Every run is written to ``<out>/runs.json`` as it finishes, so a long benchmark that stops keeps
 what it measured.
 
@@ -46,6 +47,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from raysky.data.images import load_mask, load_rgb  # noqa: E402
+from raysky.models.checkpoint import CONFIG_FILE, save_version  # noqa: E402
 from raysky.score import ScoreSettings, score_archive  # noqa: E402
 from raysky.train import TrainSettings, train_classifier, train_segmenter  # noqa: E402
 from raysky.train.datasets import load_splits  # noqa: E402
@@ -138,9 +140,13 @@ VIEWS: dict[str, dict] = {
     "frame600": {"rendering": "frame600", "heatmaps": False},
     "crop224": {"rendering": "crop224", "heatmaps": False},
     "frame200_tta": {"tta": True, "heatmaps": False},
+    "frame200_at176": {"classifier_input_size": 176, "heatmaps": False},
+    "frame200_at192": {"classifier_input_size": 192, "heatmaps": False},
 }
 """How each val view is scored: the 200x150 frames with metadata and Grad-CAM, then the same
-without metadata, the other two renderings, and the frames with test-time augmentation."""
+without metadata, the other two renderings, the frames with test-time augmentation, and the
+frames with the classifier run at a larger input than it trained at (FixRes: random-resized
+crops show lesions larger in training than whole frames do at the same size)."""
 DEFAULT_VIEWS = ("frame200", "no_metadata", "frame600", "crop224")
 
 
@@ -166,11 +172,23 @@ def score_views(record: dict, key: str, seg: dict, views: dict[str, str], out: P
         rendering = overrides.pop("rendering", None)
         if rendering:
             overrides["input"] = views[rendering]
+        size = overrides.pop("classifier_input_size", None)
+        if size:
+            overrides["classifier"] = _resized(record["checkpoint"], size,
+                                               out / "resized" / f"{key}-{size}")
         started = time.monotonic()
         results[view] = _score(score, out / "results" / key / view.replace("_", "-"),
                                **overrides)
         seconds[view] = time.monotonic() - started
     return {**record, "results": results, "score_view_s": seconds}
+
+
+def _resized(checkpoint: str, size: int, target: Path) -> str:
+    """A copy of the classifier at ``checkpoint`` that scoring runs at ``size`` px (the
+    weights are the same; its pooling makes the network size-agnostic)."""
+    if not (target / CONFIG_FILE).exists():
+        save_version(checkpoint, str(target), {"input_size": size})
+    return str(target)
 
 
 def run_seed(args, seed: int, views: dict[str, str], runs: Runs, out: Path) -> None:
@@ -263,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     run_parser.add_argument("--views", nargs="*", default=[],
                             choices=[v for v in VIEWS if v not in DEFAULT_VIEWS],
                             help="extra val views to score, also for runs already trained "
-                                 "(frame200_tta: the frames with --tta)")
+                                 "(frame200_tta: the frames with --tta; frame200_atN: the "
+                                 "classifier at N px)")
     run_parser.add_argument("--threads", type=int, default=2,
                             help="torch threads of the one training worker (default: 2)")
     args = parser.parse_args(argv)

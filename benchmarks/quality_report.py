@@ -38,7 +38,8 @@ TRAIN_COUNTS = {"mel": 843, "nv": 5186, "bcc": 377, "akiec": 217, "bkl": 832, "d
 """Images per class of the shared split's train side, the prior the checkpoints record."""
 
 KEYS = ("balanced_accuracy", "balanced_accuracy_offsets", "auc", "threshold_jaccard")
-EXTRA_VIEWS = ("no_metadata", "frame600", "crop224", "frame200_tta")
+EXTRA_VIEWS = ("no_metadata", "frame600", "crop224", "frame200_tta", "frame200_at176",
+               "frame200_at192")
 """The scored views compared with the 200x150 frames with metadata, where a run has them."""
 
 

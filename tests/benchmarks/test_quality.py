@@ -1,6 +1,6 @@
 """benchmarks/quality.py end to end on small data: ``run`` trains a tiny segmenter and two
 classifier arms through the product's training path and scores each val view, a second ``run``
-adds the TTA view without retraining, and ``report`` writes every figure with its interval.
+adds the TTA and larger-input views without retraining, and ``report`` writes every figure with its interval.
 The figures mean nothing about a model here; the test checks that each is produced and that
 their bookkeeping (lesion counts, views, paired differences) is right."""
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 
@@ -28,14 +29,21 @@ def test_quality_benchmark_trains_scores_and_reports(sample_dir, ray_local, tmp_
         assert set(trained[key]["results"]) == set(quality.DEFAULT_VIEWS)
 
     # A view asked for later is scored for the runs already trained, which are not retrained.
-    assert quality.main(["run", *common, "--seeds", "0", "--views", "frame200_tta"]) == 0
+    later = ("frame200_tta", "frame200_at192")
+    assert quality.main(["run", *common, "--seeds", "0", "--views", *later]) == 0
     rescored = json.loads((out / "runs.json").read_text())
     for key in ("cls-shared-s0", "cls-single-s0"):
         assert rescored[key]["wall_s"] == trained[key]["wall_s"]
         assert rescored[key]["checkpoint"] == trained[key]["checkpoint"]
         assert (out / "results" / key / "frame200-tta" / "_SUCCESS").exists()
+        assert (out / "results" / key / "frame200-at192" / "_SUCCESS").exists()
+        # The larger-input view runs a copy of the same weights that says 192 px.
+        resized = json.loads((out / "resized" / f"{key}-192" / "config.json").read_text())
+        original = json.loads((Path(trained[key]["checkpoint"]) / "config.json").read_text())
+        assert resized["input_size"] == 192 != original["input_size"]
+        assert resized["weights_sha256"] == original["weights_sha256"]
         seconds = rescored[key]["score_view_s"]
-        assert set(seconds) == {*quality.DEFAULT_VIEWS, "frame200_tta"}
+        assert set(seconds) == {*quality.DEFAULT_VIEWS, *later}
         assert {v: seconds[v] for v in quality.DEFAULT_VIEWS} == trained[key]["score_view_s"]
 
     assert quality.main(["report", *common]) == 0
@@ -47,7 +55,8 @@ def test_quality_benchmark_trains_scores_and_reports(sample_dir, ray_local, tmp_
     for key in ("cls-shared-s0", "cls-single-s0"):
         run = figures["runs"][key]
         for name in ("balanced_accuracy", "balanced_accuracy_offsets",
-                     "balanced_accuracy_frame200_tta", "auc_frame200_tta", "auc_crop224"):
+                     "balanced_accuracy_frame200_tta", "auc_frame200_tta", "auc_crop224",
+                     "balanced_accuracy_offsets_frame200_at192"):
             assert run[name]["low"] <= run[name]["value"] <= run[name]["high"], name
         per_class = run["auc_per_class"]
         assert set(per_class) == {dx for _lesion, dx in val}
