@@ -180,12 +180,14 @@ def run_figures(record: dict, truth: pd.DataFrame, classes: list[str]) -> dict:
     return figures
 
 
-def paired_difference(a: dict, b: dict, truth: pd.DataFrame, classes: list[str]) -> dict:
-    """Balanced accuracy of run ``a`` minus run ``b`` on the same val images (argmax, and with
-    each run's cross-fitted decision offsets), with paired lesion bootstrap intervals."""
+def paired_difference(a: dict, b: dict, truth: pd.DataFrame, classes: list[str],
+                      view_a: str = "frame200", view_b: str = "frame200") -> dict:
+    """Balanced accuracy (argmax, and with each side's cross-fitted decision offsets) and
+    macro AUC of run ``a``'s ``view_a`` minus run ``b``'s ``view_b`` on the same val images,
+    with paired lesion bootstrap intervals."""
     index = {c: i for i, c in enumerate(classes)}
-    first = _joined(a["results"]["frame200"], truth, classes)
-    second = _joined(b["results"]["frame200"], truth, classes).set_index("image_id")
+    first = _joined(a["results"][view_a], truth, classes)
+    second = _joined(b["results"][view_b], truth, classes).set_index("image_id")
     second = second.loc[first["image_id"]]
     labels = first["label"].map(index).to_numpy()
     lesions = first["lesion_id"].to_numpy()
@@ -195,7 +197,8 @@ def paired_difference(a: dict, b: dict, truth: pd.DataFrame, classes: list[str])
                                      len(classes)) for x in (p, q))
     return bootstrap_intervals(
         {"argmax": lambda y, p, q, _dp, _dq: balanced_accuracy(y, p) - balanced_accuracy(y, q),
-         "offsets": lambda y, _p, _q, dp, dq: balanced_accuracy(y, dp) - balanced_accuracy(y, dq)},
+         "offsets": lambda y, _p, _q, dp, dq: balanced_accuracy(y, dp) - balanced_accuracy(y, dq),
+         "auc": lambda y, p, q, _dp, _dq: macro_auc(y, p) - macro_auc(y, q)},
         labels, p, q, decided_p, decided_q, clusters=lesions)
 
 
@@ -273,8 +276,33 @@ def report(args) -> int:
                                                            "mean": _mean(per_seed)}
             print(f"balanced accuracy {arm} - {base} ({decision}): mean {_mean(per_seed):+.3f}; "
                   "per seed " + "; ".join(_fmt(d) for d in per_seed))
+    differences.update(_size_differences(runs, figures, args.arms, truth, classes))
     (out / "figures.json").write_text(json.dumps(
         {"runs": figures, "summary": summary, "differences": differences,
          "targets": {"balanced_accuracy": 0.72, "auc": 0.94, "threshold_jaccard": 0.80,
                      "training_minutes": 60}}, indent=2, default=float))
     return 0
+
+
+SIZE_VIEWS = ("frame200_at176", "frame200_at192")
+"""The views that run a classifier at a larger side than it trained at (FixRes)."""
+
+
+def _size_differences(runs: dict, figures: dict, arms: list[str], truth: pd.DataFrame,
+                      classes: list[str]) -> dict:
+    """Per arm and larger side: the same weights at that side minus at the trained side, on
+    the same frames, paired per seed (balanced accuracy both ways, macro AUC)."""
+    differences = {}
+    for arm in arms:
+        for view in SIZE_VIEWS:
+            keys = [k for k, f in figures.items()
+                    if f["arm"] == arm and view in runs[k]["results"]]
+            diffs = [paired_difference(runs[k], runs[k], truth, classes, view_a=view)
+                     for k in keys]
+            for figure in ("argmax", "offsets", "auc") if diffs else ():
+                per_seed = [d[figure] for d in diffs]
+                differences[f"{arm}: {view} - frame200 ({figure})"] = {
+                    "per_seed": per_seed, "mean": _mean(per_seed)}
+                print(f"{arm} {view} minus the trained side ({figure}): mean "
+                      f"{_mean(per_seed):+.3f}; per seed " + "; ".join(_fmt(d) for d in per_seed))
+    return differences

@@ -73,3 +73,9 @@ def test_quality_benchmark_trains_scores_and_reports(sample_dir, ray_local, tmp_
     assert "balanced_accuracy_offsets_frame200_tta" in figures["summary"]["shared"]
     difference = figures["differences"]["single - shared (offsets)"]
     assert len(difference["per_seed"]) == 1
+    # The same weights at 192 px against the side they trained at, paired on the same frames.
+    for arm in ("shared", "single"):
+        for figure in ("argmax", "offsets", "auc"):
+            larger = figures["differences"][f"{arm}: frame200_at192 - frame200 ({figure})"]
+            (seed,) = larger["per_seed"]
+            assert seed["low"] <= seed["value"] <= seed["high"]
