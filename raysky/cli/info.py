@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
                 # On stderr, so stdout stays the checkpoint's JSON for scripts.
                 print(describe_calibration(meta["calibration"]), file=sys.stderr)
         return 0
-    from raysky.models.config import PRESETS, encoder_label
+    from raysky.models.config import PRESETS, encoder_label, inference_size
 
     for preset in PRESETS.values():
         seg, cls = preset.segmenter, preset.classifier
@@ -55,7 +55,10 @@ def run(args: argparse.Namespace) -> int:
                 shared = config.lesion_branch == "shared"
                 streams = "" if shared else "2 x "
                 view = " (lesion view mask-pooled from its map)" if shared else ""
-            print(f"  {kind:10s} {streams}{encoder_label(config)}{view} @ {config.input_size} px; "
+            served = inference_size(config)
+            size = (f"{config.input_size} px" if served == config.input_size
+                    else f"{config.input_size} px (runs at {served})")
+            print(f"  {kind:10s} {streams}{encoder_label(config)}{view} @ {size}; "
                   f"weights {recipe.pretrained_encoder}, lr {recipe.lr:g} (encoders x"
                   f"{recipe.encoder_lr_scale:g}), batch {recipe.batch_size}, weight decay "
                   f"{recipe.weight_decay:g}, label smoothing {recipe.label_smoothing:g}")

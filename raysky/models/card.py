@@ -90,6 +90,7 @@ def build_card(meta: dict) -> dict[str, Any]:
             "calibration_version": (calibration or {}).get("version"),
             "raysky_version": meta.get("raysky_version"), "created_at": meta.get("created_at"),
             "encoder": config.get("encoder"), "input_size": meta.get("input_size"),
+            "trained_input_size": config.get("input_size"),
             "parameters": meta.get("parameters"), "classes": classes,
             "lesion_stream": config.get("use_lesion_stream"),
             "metadata": config.get("use_metadata"),
@@ -312,11 +313,17 @@ def to_yaml(value: Any, indent: int = 0) -> list[str]:
     return [f"{pad}{_yaml_scalar(value)}"]
 
 
+def _trained_at(model: dict) -> str:
+    """Where a model runs at another side than it trained at (FixRes), the side it trained at."""
+    trained = model.get("trained_input_size")
+    return "" if trained in (None, model["input_size"]) else f" (trained at {trained} px)"
+
+
 def _model_lines(card: dict) -> list[str]:
     model = card["model"]
     lines = [f"- Kind: {model['kind']}, preset `{model['preset']}`: {model['architecture']}",
-             f"- Encoder: {_value(model['encoder'])} at {_value(model['input_size'])} px; "
-             f"{_value(model['parameters'])} parameters",
+             f"- Encoder: {_value(model['encoder'])} at {_value(model['input_size'])} px"
+             f"{_trained_at(model)}; {_value(model['parameters'])} parameters",
              f"- Version {model['version']}, weights sha256 `{model['weights_sha256']}`"
              + (f", calibration {model['calibration_version']}"
                 if model["calibration_version"] else ""),

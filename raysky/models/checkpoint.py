@@ -29,6 +29,7 @@ from raysky.models.config import (
     SegmenterConfig,
     config_from_dict,
     config_to_dict,
+    inference_size,
 )
 from raysky.models.runtime import unwrap_ddp
 from raysky.models.segmenter import DeepUNet
@@ -93,7 +94,8 @@ def describe(model: nn.Module, preset: str, weights: bytes, extra: dict | None =
         "kind": kind,
         "preset": preset,
         "config": config_to_dict(config),
-        "input_size": config.input_size,
+        # What scoring, serving and calibration resize to; training's side is the config's.
+        "input_size": inference_size(config),
         "normalization": {"mean": list(config.mean), "std": list(config.std),
                           "color_constancy": config.color_constancy},
         "version": weights_version(weights, kind),

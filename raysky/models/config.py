@@ -44,6 +44,11 @@ class ClassifierConfig:
     encoder: str = "densenet201"
     encoder_kwargs: dict = field(default_factory=dict)
     input_size: int = 224
+    # The side scoring, serving and calibration run it at (None: input_size). Training's
+    # random-resized crops show a lesion larger than a whole frame at the same side shows it,
+    # so a somewhat larger side outside training matches what the model learned (FixRes,
+    # Touvron et al. 2019). Its pooled features make the network indifferent to the side.
+    inference_size: int | None = None
     classes: tuple[str, ...] = HAM10000_CLASSES
     embed_dim: int = 256
     num_heads: int = 8
@@ -64,6 +69,12 @@ class ClassifierConfig:
     def num_classes(self) -> int:
         """Number of output logits."""
         return len(self.classes)
+
+
+def inference_size(config: SegmenterConfig | ClassifierConfig) -> int:
+    """The side a model runs at outside training: a classifier's ``inference_size`` where
+    set, else the ``input_size`` it trained at."""
+    return getattr(config, "inference_size", None) or config.input_size
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,7 +15,7 @@ from raysky.models.checkpoint import (
     CheckpointIntegrityError,
     read_checkpoint_meta,
 )
-from raysky.models.preprocess import metadata_to_tensors
+from raysky.models.preprocess import metadata_to_tensors, model_input
 
 
 def _classifier_inputs():
@@ -124,3 +125,32 @@ def test_checkpoints_without_the_full_hash_are_checked_against_their_version(tmp
     (old / "config.json").write_text(json.dumps(description))
     with pytest.raises(CheckpointIntegrityError, match="cannot verify"):
         load_checkpoint(str(old))
+
+
+def test_a_classifier_runs_at_its_inference_size_outside_training(tmp_path):
+    """``inference_size`` (FixRes) is what scoring, serving and calibration resize to: the
+    checkpoint says so, the card says both sides, and the same weights run at it."""
+    model = create_classifier("tiny", inference_size=96).eval()
+    meta = save_checkpoint(model, str(tmp_path / "cls"), preset="tiny")
+    assert meta["input_size"] == 96 and meta["config"]["input_size"] == 64
+
+    loaded = load_checkpoint(str(tmp_path / "cls"), expected_kind="classifier")
+    images = [np.full((150, 200, 3), 120, np.uint8), np.zeros((450, 600, 3), np.uint8)]
+    pixels = model_input(images, loaded.meta)
+    assert pixels.shape == (2, 3, 96, 96)
+    encoded = metadata_to_tensors(loaded.model.vocab.encode_batch([None, 40], [None, "male"],
+                                                                  [None, "back"]))
+    with torch.no_grad():
+        logits = loaded.model(pixels, torch.ones(2, 1, 96, 96), encoded)
+    assert logits.shape == (2, len(loaded.classes)) and torch.isfinite(logits).all()
+    card = (tmp_path / "cls" / "model_card.md").read_text()
+    assert "at 96 px (trained at 64 px)" in card
+
+    plain = save_checkpoint(create_classifier("tiny"), str(tmp_path / "plain"), preset="tiny")
+    assert plain["input_size"] == 64
+    assert "trained at" not in (tmp_path / "plain" / "model_card.md").read_text()
+
+
+def test_an_inference_size_below_the_encoder_stride_is_refused():
+    with pytest.raises(ValueError, match="inference_size=16 .* at least 32"):
+        create_classifier("tiny", inference_size=16)
