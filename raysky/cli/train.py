@@ -99,6 +99,8 @@ def register(subparsers) -> None:
                         "image only (ablation)")
     add_setting(lesion, TrainSettings, "lesion_branch", "--lesion-branch",
                 choices=LESION_BRANCHES)
+    add_setting(cls, TrainSettings, "inference_size", "--inference-size", type=int,
+                metavar="PX")
     cls.set_defaults(func=run, kind="classifier")
 
 

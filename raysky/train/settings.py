@@ -100,10 +100,16 @@ class TrainSettings:
         None, help="the lesion view: encoder (a second encoder on the background-suppressed "
         "image, the paper) or shared (the full image's feature map pooled with the mask); "
         "default: the preset's")
+    inference_size: int | None = setting(
+        None, help="the side in px that scoring, serving and calibration run the classifier at "
+        "(FixRes: a little larger than it trains at); default: the preset's")
     mask_source: str = "segmenter"
 
     def __post_init__(self) -> None:
         check_run_name(self.name)
+        if self.inference_size is not None and self.inference_size < 32:
+            raise ParameterError("inference_size", self.inference_size,
+                                 "must be at least 32, the encoder's downsampling")
 
     @property
     def worker_threads(self) -> int:

@@ -123,6 +123,8 @@ class ClassifierTask(_ImageTask):
         overrides = {}
         if self.config.settings.lesion_branch:
             overrides["lesion_branch"] = self.config.settings.lesion_branch
+        if self.config.settings.inference_size:
+            overrides["inference_size"] = self.config.settings.inference_size
         return create_classifier(self.config.settings.preset, classes=self.classes,
                                  use_metadata=self.config.settings.use_metadata, vocab=self.vocab,
                                  use_lesion_stream=self.config.settings.use_lesion_stream, **overrides)

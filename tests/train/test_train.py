@@ -140,6 +140,8 @@ def test_python_callers_read_the_parameters_they_passed(sample_dir: Path, tmp_pa
         train_classifier(TrainSettings(**base))
     with pytest.raises(ParameterError, match=r"^name='a/b': not a valid run name"):
         TrainSettings(**{**base, "name": "a/b"})
+    with pytest.raises(ParameterError, match=r"^inference_size=16: must be at least 32"):
+        TrainSettings(**base, inference_size=16)
     with pytest.raises(ParameterError, match=r"^val_fraction=0.0: .* both need at least one "
                        r"\(use more data or another val_fraction\)$"):
         load_splits(str(sample_dir), "ham10000", val_fraction=0.0)
@@ -313,7 +315,7 @@ def test_classifier_cli_trains_on_segmenter_masks_from_s3(segmenter_run, bucket,
     upload_directory(str(sample_dir), data)
     code = main(["train", "classifier", "--data", data, "--segmenter", seg.best_checkpoint_uri,
                  "--preset", "tiny", "--epochs", "1", "--batch-size", "4", "--workers", "2",
-                 "--storage", f"{bucket}/runs", "--name", "cls"])
+                 "--storage", f"{bucket}/runs", "--name", "cls", "--inference-size", "80"])
     assert code == 0
     out = capsys.readouterr().out
     summary = json.loads(storage.read_bytes(f"{bucket}/runs/cls/result.json"))
@@ -323,6 +325,8 @@ def test_classifier_cli_trains_on_segmenter_masks_from_s3(segmenter_run, bucket,
     labels = {r.label for r in read_dataset(str(sample_dir), "ham10000")}
     assert loaded.classes == order_classes(labels)
     assert loaded.meta["extra"]["settings"]["segmenter"] == seg.best_checkpoint_uri
+    # It trained at the preset's 64 px; scoring, serving and calibration run it at 80.
+    assert loaded.meta["input_size"] == 80 and loaded.meta["config"]["input_size"] == 64
     metrics = summary["metrics"]
     assert set(metrics["auc_per_class"]) == set(loaded.classes)
     # Macro AUC is the mean of the per-class AUCs that are defined on this validation split.
