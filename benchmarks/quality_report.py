@@ -38,8 +38,9 @@ TRAIN_COUNTS = {"mel": 843, "nv": 5186, "bcc": 377, "akiec": 217, "bkl": 832, "d
 """Images per class of the shared split's train side, the prior the checkpoints record."""
 
 KEYS = ("balanced_accuracy", "balanced_accuracy_offsets", "auc", "threshold_jaccard")
-EXTRA_VIEWS = ("no_metadata", "frame600", "crop224", "frame200_tta", "frame200_at176",
-               "frame200_at192")
+SIZE_VIEWS = ("frame200_at176", "frame200_at192")
+"""The views that run a classifier at a larger side than it trained at (FixRes)."""
+EXTRA_VIEWS = ("no_metadata", "frame600", "crop224", "frame200_tta", *SIZE_VIEWS)
 """The scored views compared with the 200x150 frames with metadata, where a run has them."""
 
 
@@ -283,9 +284,6 @@ def report(args) -> int:
                      "training_minutes": 60}}, indent=2, default=float))
     return 0
 
-
-SIZE_VIEWS = ("frame200_at176", "frame200_at192")
-"""The views that run a classifier at a larger side than it trained at (FixRes)."""
 
 
 def _size_differences(runs: dict, figures: dict, arms: list[str], truth: pd.DataFrame,

@@ -1,6 +1,7 @@
 """benchmarks/quality.py end to end on small data: ``run`` trains a tiny segmenter and two
 classifier arms through the product's training path and scores each val view, a second ``run``
-adds the TTA and larger-input views without retraining, and ``report`` writes every figure with its interval.
+adds the TTA and larger-input views without retraining, and ``report`` writes every figure with
+its interval.
 The figures mean nothing about a model here; the test checks that each is produced and that
 their bookkeeping (lesion counts, views, paired differences) is right."""
 
