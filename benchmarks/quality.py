@@ -142,11 +142,15 @@ VIEWS: dict[str, dict] = {
     "frame200_tta": {"tta": True, "heatmaps": False},
     "frame200_at176": {"classifier_input_size": 176, "heatmaps": False},
     "frame200_at192": {"classifier_input_size": 192, "heatmaps": False},
+    "no_metadata_at192": {"classifier_input_size": 192, "metadata": None, "heatmaps": False},
+    "frame600_at192": {"classifier_input_size": 192, "rendering": "frame600", "heatmaps": False},
+    "crop224_at192": {"classifier_input_size": 192, "rendering": "crop224", "heatmaps": False},
 }
 """How each val view is scored: the 200x150 frames with metadata and Grad-CAM, then the same
 without metadata, the other two renderings, the frames with test-time augmentation, and the
 frames with the classifier run at a larger input than it trained at (FixRes: random-resized
-crops show lesions larger in training than whole frames do at the same size)."""
+crops show lesions larger in training than whole frames do at the same size), and the other
+three views at that larger input."""
 DEFAULT_VIEWS = ("frame200", "no_metadata", "frame600", "crop224")
 
 

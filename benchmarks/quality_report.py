@@ -38,8 +38,10 @@ TRAIN_COUNTS = {"mel": 843, "nv": 5186, "bcc": 377, "akiec": 217, "bkl": 832, "d
 """Images per class of the shared split's train side, the prior the checkpoints record."""
 
 KEYS = ("balanced_accuracy", "balanced_accuracy_offsets", "auc", "threshold_jaccard")
-SIZE_VIEWS = ("frame200_at176", "frame200_at192")
-"""The views that run a classifier at a larger side than it trained at (FixRes)."""
+SIZE_VIEWS = ("frame200_at176", "frame200_at192", "no_metadata_at192", "frame600_at192",
+              "crop224_at192")
+"""The views that run a classifier at a larger side than it trained at (FixRes); each is
+paired against the view before its ``_at`` suffix, scored at the trained side."""
 EXTRA_VIEWS = ("no_metadata", "frame600", "crop224", "frame200_tta", *SIZE_VIEWS)
 """The scored views compared with the 200x150 frames with metadata, where a run has them."""
 
@@ -288,19 +290,20 @@ def report(args) -> int:
 
 def _size_differences(runs: dict, figures: dict, arms: list[str], truth: pd.DataFrame,
                       classes: list[str]) -> dict:
-    """Per arm and larger side: the same weights at that side minus at the trained side, on
-    the same frames, paired per seed (balanced accuracy both ways, macro AUC)."""
+    """Per arm and larger-side view: the same weights at that side minus at the trained side,
+    on the same images and view, paired per seed (balanced accuracy both ways, macro AUC)."""
     differences = {}
     for arm in arms:
         for view in SIZE_VIEWS:
+            base = view.rsplit("_at", 1)[0]
             keys = [k for k, f in figures.items()
-                    if f["arm"] == arm and view in runs[k]["results"]]
-            diffs = [paired_difference(runs[k], runs[k], truth, classes, view_a=view)
-                     for k in keys]
+                    if f["arm"] == arm and {view, base} <= runs[k]["results"].keys()]
+            diffs = [paired_difference(runs[k], runs[k], truth, classes, view_a=view,
+                                       view_b=base) for k in keys]
             for figure in ("argmax", "offsets", "auc") if diffs else ():
                 per_seed = [d[figure] for d in diffs]
-                differences[f"{arm}: {view} - frame200 ({figure})"] = {
+                differences[f"{arm}: {view} - {base} ({figure})"] = {
                     "per_seed": per_seed, "mean": _mean(per_seed)}
-                print(f"{arm} {view} minus the trained side ({figure}): mean "
+                print(f"{arm} {view} minus {base} at the trained side ({figure}): mean "
                       f"{_mean(per_seed):+.3f}; per seed " + "; ".join(_fmt(d) for d in per_seed))
     return differences

@@ -30,7 +30,7 @@ def test_quality_benchmark_trains_scores_and_reports(sample_dir, ray_local, tmp_
         assert set(trained[key]["results"]) == set(quality.DEFAULT_VIEWS)
 
     # A view asked for later is scored for the runs already trained, which are not retrained.
-    later = ("frame200_tta", "frame200_at192")
+    later = ("frame200_tta", "frame200_at192", "crop224_at192")
     assert quality.main(["run", *common, "--seeds", "0", "--views", *later]) == 0
     rescored = json.loads((out / "runs.json").read_text())
     for key in ("cls-shared-s0", "cls-single-s0"):
@@ -38,6 +38,7 @@ def test_quality_benchmark_trains_scores_and_reports(sample_dir, ray_local, tmp_
         assert rescored[key]["checkpoint"] == trained[key]["checkpoint"]
         assert (out / "results" / key / "frame200-tta" / "_SUCCESS").exists()
         assert (out / "results" / key / "frame200-at192" / "_SUCCESS").exists()
+        assert (out / "results" / key / "crop224-at192" / "_SUCCESS").exists()
         # The larger-input view runs a copy of the same weights that says 192 px.
         resized = json.loads((out / "resized" / f"{key}-192" / "config.json").read_text())
         original = json.loads((Path(trained[key]["checkpoint"]) / "config.json").read_text())
@@ -74,9 +75,12 @@ def test_quality_benchmark_trains_scores_and_reports(sample_dir, ray_local, tmp_
     assert "balanced_accuracy_offsets_frame200_tta" in figures["summary"]["shared"]
     difference = figures["differences"]["single - shared (offsets)"]
     assert len(difference["per_seed"]) == 1
-    # The same weights at 192 px against the side they trained at, paired on the same frames.
+    # The same weights at 192 px against the side they trained at, paired on the same images
+    # of the same view: the frames against the frames, the crops against the crops.
     for arm in ("shared", "single"):
-        for figure in ("argmax", "offsets", "auc"):
-            larger = figures["differences"][f"{arm}: frame200_at192 - frame200 ({figure})"]
-            (seed,) = larger["per_seed"]
-            assert seed["low"] <= seed["value"] <= seed["high"]
+        for view, base in (("frame200_at192", "frame200"), ("crop224_at192", "crop224")):
+            for figure in ("argmax", "offsets", "auc"):
+                larger = figures["differences"][f"{arm}: {view} - {base} ({figure})"]
+                (seed,) = larger["per_seed"]
+                assert seed["low"] <= seed["value"] <= seed["high"]
+        assert not any(key.startswith(f"{arm}: no_metadata_at192") for key in figures["differences"])
