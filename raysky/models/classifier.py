@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from raysky.data.metadata import MetadataVocab
-from raysky.models.config import LESION_BRANCHES, ClassifierConfig
+from raysky.models.config import LESION_BRANCHES, MIN_INPUT_SIZE, ClassifierConfig
 from raysky.models.preprocess import metadata_to_tensors
 
 
@@ -153,10 +153,10 @@ class DualStreamClassifier(nn.Module):
         if config.lesion_branch not in LESION_BRANCHES:
             raise ValueError(f"lesion_branch={config.lesion_branch!r}; choose one of "
                              f"{', '.join(LESION_BRANCHES)}")
-        if config.inference_size is not None and config.inference_size < 32:
+        if config.inference_size is not None and config.inference_size < MIN_INPUT_SIZE:
             raise ValueError(f"inference_size={config.inference_size} is too small for the "
-                             "encoder's 32x downsampling; give at least 32, or None to run at "
-                             "input_size")
+                             f"encoder's {MIN_INPUT_SIZE}x downsampling; give at least "
+                             f"{MIN_INPUT_SIZE}, or None to run at input_size")
         self.config = config
         self.vocab = vocab or MetadataVocab()
         self.full_encoder = self._make_encoder(config)

@@ -71,6 +71,10 @@ class ClassifierConfig:
         return len(self.classes)
 
 
+MIN_INPUT_SIZE = 32
+"""The smallest side a classifier runs at: its encoders downsample by 32."""
+
+
 def inference_size(config: SegmenterConfig | ClassifierConfig) -> int:
     """The side a model runs at outside training: a classifier's ``inference_size`` where
     set, else the ``input_size`` it trained at."""

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from raysky import storage
 from raysky.jsonable import to_jsonable
+from raysky.models.config import MIN_INPUT_SIZE, get_preset, recipe_to_dict
 from raysky.settings import ParameterError, setting
 
 MASK_SOURCES = ("segmenter", "ground-truth")
@@ -107,9 +108,9 @@ class TrainSettings:
 
     def __post_init__(self) -> None:
         check_run_name(self.name)
-        if self.inference_size is not None and self.inference_size < 32:
+        if self.inference_size is not None and self.inference_size < MIN_INPUT_SIZE:
             raise ParameterError("inference_size", self.inference_size,
-                                 "must be at least 32, the encoder's downsampling")
+                                 f"must be at least {MIN_INPUT_SIZE}, the encoder's downsampling")
 
     @property
     def worker_threads(self) -> int:
@@ -126,10 +127,6 @@ RESUME_FIELDS = ("lr", "encoder_lr_scale", "weight_decay", "batch_size", "worker
 
 def with_recipe(settings: TrainSettings, kind: str) -> TrainSettings:
     """``settings`` with every ``None`` recipe field filled from the preset's recipe for ``kind``."""
-    from dataclasses import replace
-
-    from raysky.models.config import get_preset
-
     recipe = get_preset(settings.preset).recipe(kind)
     filled = {name: getattr(recipe, name) for name in RECIPE_FIELDS if getattr(settings, name) is None}
     return replace(settings, **filled)
@@ -137,10 +134,6 @@ def with_recipe(settings: TrainSettings, kind: str) -> TrainSettings:
 
 def resolved_recipe(settings: TrainSettings, kind: str) -> dict[str, Any]:
     """The preset's recipe for ``kind`` with this run's overrides, as a JSON-ready dict."""
-    from dataclasses import replace
-
-    from raysky.models.config import get_preset, recipe_to_dict
-
     recipe = get_preset(settings.preset).recipe(kind)
     overrides = {name: getattr(settings, name) for name in RECIPE_FIELDS
                  if getattr(settings, name) is not None}
