@@ -37,6 +37,7 @@ from raysky.models.runtime import (
 from raysky.progress import Progress
 from raysky.train.datasets import readable_rows
 from raysky.train.recipe import (
+    MEMORY_LAYOUTS,
     averaged,
     choose_memory_format,
     freeze_early_layers,
@@ -107,12 +108,28 @@ def _check_unreadable(kind: str, epoch: int, unreadable: int, seen: int,
             + "; ".join(examples))
 
 
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if not _distributed():
         return values
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     torch.distributed.all_reduce(tensor)
     return tensor.tolist()
+
+
+def rank_zero_choice(choice: list, device: torch.device) -> list:
+    """``choice`` as the worker of rank 0 made it, on every worker of the process group (as
+    given where there is none). DDP needs every replica's parameters in one memory layout, and
+    a step timed on each worker separately can come out differently on two of them."""
+    if not _distributed():
+        return choice
+    shared = list(choice)
+    torch.distributed.broadcast_object_list(
+        shared, src=0, device=device if device.type == "cuda" else None)
+    return shared
 
 
 def _score(metrics: dict, config: LoopConfig) -> dict:
@@ -303,7 +320,19 @@ def _pretrained_counts(initial_weights: dict) -> dict:
 
 def _measure_step(task, model: nn.Module, device: torch.device, config: LoopConfig,
                   rank: int) -> tuple[str, torch.memory_format]:
-    """Resolve ``auto`` precision, then the memory layout, by timing this model's own step."""
+    """Resolve ``auto`` precision, then the memory layout, by timing this model's own step on
+    the worker of rank 0, which every other worker then follows (:func:`rank_zero_choice`)."""
+    if rank != 0 and _distributed():
+        precision, layout = rank_zero_choice([None, None], device)
+        return precision, MEMORY_LAYOUTS[layout]
+    precision, memory_format = _timed_choice(task, model, device, config, rank)
+    layout = next(name for name, value in MEMORY_LAYOUTS.items() if value == memory_format)
+    rank_zero_choice([precision, layout], device)
+    return precision, memory_format
+
+
+def _timed_choice(task, model: nn.Module, device: torch.device, config: LoopConfig,
+                  rank: int) -> tuple[str, torch.memory_format]:
     batch_size = config.settings.batch_size
     precision, timing = measure_precision(task, model, device, config.settings.precision,
                                           batch_size)

@@ -71,6 +71,10 @@ def averaged(model: nn.Module, average: torch.optim.swa_utils.AveragedModel | No
     return average.module if average is not None else unwrap_ddp(model)
 
 
+MEMORY_LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+"""The memory layouts a training step is timed in, by the names logs and workers use."""
+
+
 def choose_memory_format(model: nn.Module, step: Callable[[nn.Module, torch.memory_format], None],
                          device: torch.device, trials: int = 3, margin: float = 0.95
                          ) -> tuple[torch.memory_format, dict[str, float]]:
@@ -83,7 +87,7 @@ def choose_memory_format(model: nn.Module, step: Callable[[nn.Module, torch.memo
     """
     if device.type == "cuda":
         return torch.channels_last, {}
-    layouts = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+    layouts = MEMORY_LAYOUTS
     probes = {name: copy.deepcopy(unwrap_ddp(model)).to(memory_format=fmt).train()
               for name, fmt in layouts.items()}
     times: dict[str, list[float]] = {name: [] for name in layouts}
