@@ -325,14 +325,14 @@ def _measure_step(task, model: nn.Module, device: torch.device, config: LoopConf
     if rank != 0 and _distributed():
         precision, layout = rank_zero_choice([None, None], device)
         return precision, MEMORY_LAYOUTS[layout]
-    precision, memory_format = _timed_choice(task, model, device, config, rank)
+    precision, memory_format = _timed_choice(task, model, device, config)
     layout = next(name for name, value in MEMORY_LAYOUTS.items() if value == memory_format)
     rank_zero_choice([precision, layout], device)
     return precision, memory_format
 
 
-def _timed_choice(task, model: nn.Module, device: torch.device, config: LoopConfig,
-                  rank: int) -> tuple[str, torch.memory_format]:
+def _timed_choice(task, model: nn.Module, device: torch.device,
+                  config: LoopConfig) -> tuple[str, torch.memory_format]:
     batch_size = config.settings.batch_size
     precision, timing = measure_precision(task, model, device, config.settings.precision,
                                           batch_size)
@@ -346,7 +346,7 @@ def _timed_choice(task, model: nn.Module, device: torch.device, config: LoopConf
         probe.zero_grad(set_to_none=True)
 
     memory_format, layout_timing = choose_memory_format(model, step, device)
-    if rank == 0 and (timing or layout_timing):
+    if timing or layout_timing:
         measured = {**timing, **layout_timing}
         print(f"{task.kind}: precision {precision}, "
               f"{'channels_last' if memory_format == torch.channels_last else 'NCHW'} (measured "
