@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,33 @@ from raysky.sample_data import SAMPLE_DIR
 # Tests must be reproducible and must never reach the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+_forks_with_ray: list[int] = []
+"""One entry per fork of this process made while it held a connected Ray driver."""
+
+
+def _note_a_fork_of_the_ray_driver() -> None:
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        _forks_with_ray.append(os.getpid())
+
+
+# A fork of the test session while its Ray driver is connected (a default
+# ``multiprocessing.Manager`` or ``Pool`` on Linux does one) left the driver unable to reach
+# actors it started afterwards: the next Ray Train run waited for ever, and CI timed out with
+# no error. The guard below turns that into a failure of the test that forked.
+os.register_at_fork(before=_note_a_fork_of_the_ray_driver)
+
+
+@pytest.fixture(autouse=True)
+def _no_fork_of_the_ray_driver():
+    forks_before = len(_forks_with_ray)
+    yield
+    if len(_forks_with_ray) > forks_before:
+        pytest.fail("this test forked the test process while it holds a connected Ray driver; "
+                    "start child processes with the spawn method (multiprocessing.get_context("
+                    "'spawn')) or as a subprocess", pytrace=False)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
