@@ -77,27 +77,27 @@ MEMORY_LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channe
 
 def choose_memory_format(model: nn.Module, step: Callable[[nn.Module, torch.memory_format], None],
                          device: torch.device, trials: int = 3, margin: float = 0.95
-                         ) -> tuple[torch.memory_format, dict[str, float]]:
+                         ) -> tuple[str, dict[str, float]]:
     """channels_last or NCHW, whichever a measured training step of this model runs faster.
 
     CUDA takes channels_last without measuring. On CPUs it depends on the model and the
     kernels (measured here: 1.6x faster for Lite0 at 128-160 px), so ``step(probe, format)``
-    is timed on a copy each way, interleaved, and channels_last wins when its median is under ``margin``
-    of NCHW's. Returns the format and the median times.
+    is timed on a copy each way, interleaved, and channels_last wins when its median is under
+    ``margin`` of NCHW's. Returns the layout's name in :data:`MEMORY_LAYOUTS` (a name, so that
+    workers can exchange it) and the median times.
     """
     if device.type == "cuda":
-        return torch.channels_last, {}
-    layouts = MEMORY_LAYOUTS
+        return "channels_last", {}
     probes = {name: copy.deepcopy(unwrap_ddp(model)).to(memory_format=fmt).train()
-              for name, fmt in layouts.items()}
-    times: dict[str, list[float]] = {name: [] for name in layouts}
+              for name, fmt in MEMORY_LAYOUTS.items()}
+    times: dict[str, list[float]] = {name: [] for name in MEMORY_LAYOUTS}
     for name, probe in probes.items():  # warm-up: first calls allocate and pick kernels
-        step(probe, layouts[name])
+        step(probe, MEMORY_LAYOUTS[name])
     for _ in range(trials):
         for name, probe in probes.items():
             started = time.perf_counter()
-            step(probe, layouts[name])
+            step(probe, MEMORY_LAYOUTS[name])
             times[name].append(time.perf_counter() - started)
     median = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
     best = "channels_last" if median["channels_last"] < margin * median["nchw"] else "nchw"
-    return layouts[best], median
+    return best, median
