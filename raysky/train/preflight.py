@@ -92,12 +92,23 @@ def check_existing_run(run_uri: str, kind: str, settings: TrainSettings,
 
 
 def check_cpus(settings: TrainSettings) -> None:
-    """Ray Data decodes on CPUs the workers do not hold; with none left, training would hang."""
+    """Ray Data decodes on CPUs the workers do not hold; with none left, training would hang.
+
+    A cluster large enough whose CPUs are busy now (another job, a Serve deployment) only
+    delays the run: Ray Train waits for them without a word, so this says so once.
+    """
     import ray
 
     total = ray.cluster_resources().get("CPU", 0.0)
     held = settings.workers * settings.cpus_per_worker
     if total - held >= 1:
+        free = ray.available_resources().get("CPU", 0.0)
+        if free - held < 1:
+            print(f"warning: {free:g} of the Ray cluster's {total:g} CPUs are free now; this "
+                  f"run needs {held + 1:g} ({settings.workers} worker(s) x "
+                  f"{settings.cpus_per_worker:g} CPU, and 1 for Ray Data), so Ray Train waits "
+                  "until other jobs, Serve deployments or actors release theirs (`ray status` "
+                  "shows what holds them)", flush=True)
         return
     error = ParameterError(
         "workers", settings.workers, f"the Ray cluster has {total:g} CPUs and "

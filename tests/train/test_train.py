@@ -126,6 +126,43 @@ def test_cli_rejects_bad_settings_before_starting_ray(sample_dir: Path, tmp_path
     assert not list(tmp_path.iterdir()), "nothing may be written for rejected settings"
 
 
+def _wait_for_free_cpus(ray, at_least: float = 0.0, at_most: float = float("inf")) -> None:
+    """Ray's view of free resources lags actors starting and ending by up to a second."""
+    deadline = time.monotonic() + 30
+    while not at_least <= ray.available_resources().get("CPU", 0.0) <= at_most:
+        assert time.monotonic() < deadline, f"free CPUs stayed {ray.available_resources()}"
+        time.sleep(0.2)
+
+
+def test_busy_cpus_are_a_warning_that_training_will_wait(ray_local, sample_dir: Path,
+                                                         tmp_path: Path, capsys):
+    """A cluster big enough but busy now only delays a run, and Ray Train waits without a
+    word; the preflight says so, and says nothing when the CPUs are free."""
+    from raysky.train.preflight import check_cpus
+
+    settings = TrainSettings(data=str(sample_dir), preset="tiny", storage=str(tmp_path),
+                             name="run", workers=1, cpus_per_worker=1)
+    _wait_for_free_cpus(ray_local, at_least=2)
+    check_cpus(settings)
+    assert "warning" not in capsys.readouterr().out
+
+    @ray_local.remote(num_cpus=3)
+    class Holder:
+        def ready(self) -> bool:
+            return True
+
+    holder = Holder.remote()
+    try:
+        ray_local.get(holder.ready.remote())
+        _wait_for_free_cpus(ray_local, at_most=1)
+        check_cpus(settings)
+    finally:
+        ray_local.kill(holder)
+    out = capsys.readouterr().out
+    assert "warning: 1 of the Ray cluster's 4 CPUs are free now; this run needs 2 " in out
+    assert "Ray Train waits" in out
+
+
 def test_python_callers_read_the_parameters_they_passed(sample_dir: Path, tmp_path: Path):
     """Below the CLI, errors name the keyword argument, and a fix its keyword, never a flag."""
     base = {"data": str(sample_dir), "preset": "tiny", "storage": str(tmp_path), "name": "run"}
