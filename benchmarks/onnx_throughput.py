@@ -68,6 +68,38 @@ def batches(items: list, size: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
+def _network_rates(engines: tuple, image_batches: list, repeats: int) -> dict[str, list[float]]:
+    """Images per second of each engine's segmenter and classifier alone, on inputs made once
+    (resized, normalised, masked) so that only the networks are timed."""
+    reference = engines[0]
+    seg_meta, cls_meta = reference.segmenter_meta, reference.classifier_meta
+    norm_s, norm_c = seg_meta["normalization"], cls_meta["normalization"]
+    seg_in = [images_to_tensor(i, seg_meta["input_size"], norm_s["mean"], norm_s["std"])
+              for i in image_batches]
+    cls_in = [images_to_tensor(i, cls_meta["input_size"], norm_c["mean"], norm_c["std"])
+              for i in image_batches]
+    with torch.inference_mode():
+        masks = [lesion_mask_input(torch.sigmoid(reference.segmenter(x))[:, 0], c.shape[-2:])
+                 for x, c in zip(seg_in, cls_in, strict=True)]
+    meta = [metadata_to_tensors(reference.vocab.encode_batch([None] * len(x), [None] * len(x),
+                                                            [None] * len(x))) for x in cls_in]
+
+    def networks(pipeline, part: str) -> Callable[[], None]:
+        def run() -> None:
+            with torch.inference_mode():
+                for x, c, m, md in zip(seg_in, cls_in, masks, meta, strict=True):
+                    if part == "segmenter":
+                        pipeline.segmenter(x)
+                    else:
+                        pipeline.classifier.classify_with_features(
+                            *pipeline.classifier.encode(c, m), md)
+        return run
+
+    images = sum(len(x) for x in seg_in)
+    return {part: images_per_second([networks(p, part) for p in engines], images, repeats)
+            for part in ("segmenter", "classifier")}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default="raysky/sample_data/ham10000_sample/images", help="folder of images to score")
@@ -98,35 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         return lambda: [pipeline(i, m, explain=False) for i, m in groups]
 
     engines = (torch_pipeline, ort_pipeline)
-    rates = {"pipeline": images_per_second([whole(p) for p in engines], len(images), args.repeats)}
-
-    seg_meta, cls_meta = torch_pipeline.segmenter_meta, torch_pipeline.classifier_meta
-    norm_s, norm_c = seg_meta["normalization"], cls_meta["normalization"]
-    seg_in = [images_to_tensor(i, seg_meta["input_size"], norm_s["mean"], norm_s["std"])
-              for i, _ in groups]
-    cls_in = [images_to_tensor(i, cls_meta["input_size"], norm_c["mean"], norm_c["std"])
-              for i, _ in groups]
-    with torch.inference_mode():
-        masks = [lesion_mask_input(torch.sigmoid(torch_pipeline.segmenter(x))[:, 0],
-                                   c.shape[-2:]) for x, c in zip(seg_in, cls_in, strict=True)]
-    meta = [metadata_to_tensors(torch_pipeline.vocab.encode_batch([None] * len(x), [None] * len(x),
-                                                                 [None] * len(x))) for x in cls_in]
-
-    def networks(pipeline, part: str) -> Callable[[], None]:
-        def run() -> None:
-            with torch.inference_mode():
-                for x, c, m, md in zip(seg_in, cls_in, masks, meta, strict=True):
-                    if part == "segmenter":
-                        pipeline.segmenter(x)
-                    else:
-                        pipeline.classifier.classify_with_features(
-                            *pipeline.classifier.encode(c, m), md)
-        return run
-
-    for part in ("segmenter", "classifier"):
-        rates[part] = images_per_second([networks(p, part) for p in engines], len(images),
-                                        args.repeats)
-
+    rates = {"pipeline": images_per_second([whole(p) for p in engines], len(images), args.repeats),
+             **_network_rates(engines, [i for i, _ in groups], args.repeats)}
     print(f"{args.preset} ({args.weights} encoders), {len(images)} images from {args.data}, "
           f"batches of {args.batch_size}, {args.threads} threads, median of {args.repeats}; "
           f"export of both models: {export_s:.0f} s (once per scoring run)")
