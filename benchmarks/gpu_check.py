@@ -241,6 +241,28 @@ def compare(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _open_device(kind: str, threads: int) -> tuple[torch.device, str]:
+    """The device to measure on and its name: the current CUDA card, with cuDNN's autotuner
+    on, or the CPU with ``threads`` torch threads (0: all cores)."""
+    from raysky.models.runtime import set_torch_threads
+
+    if kind == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+        torch.backends.cudnn.benchmark = True
+        return device, torch.cuda.get_device_name(device)
+    set_torch_threads(threads or None)
+    return torch.device("cpu"), "cpu"
+
+
+def _print_comparisons(comparisons: list[dict]) -> None:
+    print("bf16 autocast + channels_last against fp32 (same run):")
+    for entry in comparisons:
+        diff = (f"largest probability difference {entry['max_prob_diff']:.2e}"
+                if "max_prob_diff" in entry else
+                f"first-step loss difference {entry['first_loss_diff']:.2e}")
+        print(f"  {entry['config']:26s} speed-up {entry['speedup']:5.2f}x  {diff}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
@@ -254,18 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="write the figures as JSON here")
     args = parser.parse_args(argv)
 
-    from raysky.models.runtime import set_torch_threads
-
-    if args.device == "cuda":
-        if not torch.cuda.is_available():
-            parser.error("--device cuda, but torch sees no CUDA device (use --device cpu)")
-        device = torch.device("cuda", torch.cuda.current_device())
-        torch.backends.cudnn.benchmark = True
-        name = torch.cuda.get_device_name(device)
-    else:
-        device = torch.device("cpu")
-        set_torch_threads(args.threads or None)
-        name = "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but torch sees no CUDA device (use --device cpu)")
+    device, name = _open_device(args.device, args.threads)
     warmup = args.warmup if args.warmup is not None else (3 if device.type == "cuda" else 1)
     peak = peak_bf16_tflops(name) if device.type == "cuda" else None
     presets = args.preset or ["paper", "lite"]
@@ -288,12 +301,7 @@ def main(argv: list[str] | None = None) -> int:
                 lambda m=mode, p=preset: measure_predict(
                     p, device, m, args.predict_batch, args.steps, warmup, peak)))
     comparisons = compare(rows)
-    print("bf16 autocast + channels_last against fp32 (same run):")
-    for entry in comparisons:
-        diff = (f"largest probability difference {entry['max_prob_diff']:.2e}"
-                if "max_prob_diff" in entry else
-                f"first-step loss difference {entry['first_loss_diff']:.2e}")
-        print(f"  {entry['config']:26s} speed-up {entry['speedup']:5.2f}x  {diff}")
+    _print_comparisons(comparisons)
     elapsed = time.monotonic() - started
     print(f"finished in {elapsed:.0f} s")
     figures = {"device": name, "peak_bf16_tflops": peak, "torch": torch.__version__,
