@@ -35,7 +35,7 @@ from raysky.data.archive import read_archive
 from raysky.data.images import decode_image
 from raysky.inference import LesionPipeline, lesion_mask_input
 from raysky.models import create_classifier, create_segmenter, save_checkpoint
-from raysky.models.preprocess import images_to_tensor, metadata_to_tensors
+from raysky.models.preprocess import metadata_to_tensors, model_input
 from raysky.models.runtime import set_torch_threads
 from raysky.onnx.export import export_checkpoint
 from raysky.score.onnx_engine import onnx_pipeline
@@ -72,12 +72,8 @@ def _network_rates(engines: tuple, image_batches: list, repeats: int) -> dict[st
     """Images per second of each engine's segmenter and classifier alone, on inputs made once
     (resized, normalised, masked) so that only the networks are timed."""
     reference = engines[0]
-    seg_meta, cls_meta = reference.segmenter_meta, reference.classifier_meta
-    norm_s, norm_c = seg_meta["normalization"], cls_meta["normalization"]
-    seg_in = [images_to_tensor(i, seg_meta["input_size"], norm_s["mean"], norm_s["std"])
-              for i in image_batches]
-    cls_in = [images_to_tensor(i, cls_meta["input_size"], norm_c["mean"], norm_c["std"])
-              for i in image_batches]
+    seg_in = [model_input(i, reference.segmenter_meta) for i in image_batches]
+    cls_in = [model_input(i, reference.classifier_meta) for i in image_batches]
     with torch.inference_mode():
         masks = [lesion_mask_input(torch.sigmoid(reference.segmenter(x))[:, 0], c.shape[-2:])
                  for x, c in zip(seg_in, cls_in, strict=True)]
