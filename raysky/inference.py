@@ -24,13 +24,38 @@ from raysky.models.preprocess import metadata_to_tensors, model_input, resize_ma
 from raysky.models.runtime import autocast, prepare_for_device, select_device
 from raysky.models.segmenter import MASK_THRESHOLD
 
-TTA_FLIPS: tuple[tuple[int, ...], ...] = ((-1,), (-2,), (-2, -1))
-"""Test-time views besides the image itself: horizontal, vertical and both flips.
+@dataclass(frozen=True)
+class DihedralView:
+    """One symmetry of the square: transpose H and W if ``transpose``, then flip ``flips``.
 
-Dermoscopy has no canonical orientation, so a flipped lesion is as valid an input as the
-original. The four views form a group, so the averaged answer is the same for an image and
-any flip of it. The dims count from the end, so they address H and W of an NCHW image and
-of an ``[B, h, w]`` map alike."""
+    The dims count from the end, so a view addresses H and W of an NCHW image and of an
+    ``[B, h, w]`` map alike. Both models see square inputs, so every view of one is valid.
+    """
+
+    transpose: bool
+    flips: tuple[int, ...]
+
+    def apply(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The view of ``tensor``."""
+        if self.transpose:
+            tensor = tensor.transpose(-2, -1)
+        return tensor.flip(self.flips) if self.flips else tensor
+
+    def undo(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Map a view's output back onto the original's pixels (the inverse of :meth:`apply`)."""
+        if self.flips:
+            tensor = tensor.flip(self.flips)
+        return tensor.transpose(-2, -1) if self.transpose else tensor
+
+
+TTA_VIEWS: tuple[DihedralView, ...] = tuple(
+    DihedralView(transpose, flips) for transpose in (False, True)
+    for flips in ((), (-1,), (-2,), (-2, -1)))[1:]
+"""Test-time views besides the image itself: the other seven elements of the dihedral group.
+
+Dermoscopy has no canonical orientation, and training augments with the same group (flips and
+the transpose), so each view is as valid an input as the original. The eight views form a
+group, so the averaged answer is the same for an image and any flip or transpose of it."""
 
 logger = logging.getLogger(__name__)
 
@@ -41,15 +66,16 @@ def segment_probabilities(segmenter: torch.nn.Module, meta: dict, images: Sequen
     """Lesion probabilities at the segmenter's input size, ``[B, h, w]`` float32.
 
     ``meta`` is the segmenter checkpoint's metadata (input size and normalisation). With
-    ``tta`` the flipped views run in the same batch and their maps, flipped back, are averaged.
+    ``tta`` the other dihedral views (:data:`TTA_VIEWS`) run in the same batch and their maps,
+    mapped back, are averaged.
     """
     tensor = model_input(images, meta).to(device)
-    flips = TTA_FLIPS if tta else ()
+    views = TTA_VIEWS if tta else ()
     with torch.inference_mode(), autocast(device, precision):
-        logits = segmenter(torch.cat([tensor, *(tensor.flip(dims) for dims in flips)]))
+        logits = segmenter(torch.cat([tensor, *(view.apply(tensor) for view in views)]))
     prob = torch.sigmoid(logits.float())[:, 0].split(len(tensor))
-    unflipped = [prob[0], *(p.flip(dims) for p, dims in zip(prob[1:], flips, strict=True))]
-    return torch.stack(unflipped).mean(0)
+    restored = [prob[0], *(view.undo(p) for p, view in zip(prob[1:], views, strict=True))]
+    return torch.stack(restored).mean(0)
 
 
 def lesion_mask_input(probabilities: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -173,10 +199,10 @@ class LesionPipeline:
         return segment_probabilities(self.segmenter, self.segmenter_meta, images, self.device,
                                      self.precision, self.tta)
 
-    def _flipped_probabilities(self, image: torch.Tensor, mask: torch.Tensor,
-                               metadata: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        # Grad-CAM explains the unflipped view; the flips only refine the probabilities.
-        views = [(image.flip(dims), mask.flip(dims)) for dims in TTA_FLIPS]
+    def _view_probabilities(self, image: torch.Tensor, mask: torch.Tensor,
+                            metadata: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        # Grad-CAM explains the original view; the other views only refine the probabilities.
+        views = [(view.apply(image), view.apply(mask)) for view in TTA_VIEWS]
         with torch.inference_mode(), self._autocast():
             return [torch.softmax(self.classifier(x, m, metadata).float() / self.temperature,
                                   dim=1) for x, m in views]
@@ -194,13 +220,13 @@ class LesionPipeline:
                                                            explain)
         ood_scores = ood_flags = None
         if self.ood_scorer is not None:
-            # Scored on the unflipped view, the one Grad-CAM explains.
+            # Scored on the original view, the one Grad-CAM explains.
             ood_scores = self.ood_scorer(features.cpu().numpy(), logits.cpu().numpy(),
                                          images=images)
             ood_flags = self.ood_scorer.flag(ood_scores)
         if self.tta:
-            flipped = self._flipped_probabilities(cls_input, cls_mask, meta_tensors)
-            probs = torch.stack([probs.detach().float(), *flipped]).mean(0)
+            other_views = self._view_probabilities(cls_input, cls_mask, meta_tensors)
+            probs = torch.stack([probs.detach().float(), *other_views]).mean(0)
         probs = probs.cpu()
         return [self._prediction(
             image, seg_prob[i], probs[i],

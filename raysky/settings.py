@@ -43,8 +43,8 @@ def setting_help(settings_class: type, name: str) -> str:
     raise KeyError(f"{settings_class.__name__} has no field {name!r}")
 
 
-TTA_HELP = ("test-time augmentation: average the models over the four flips of each image "
-            "(4x the model work; Grad-CAM explains the unflipped view)")
+TTA_HELP = ("test-time augmentation: average the models over the eight flips and transposes "
+            "of each image (8x the model work; Grad-CAM explains the original view)")
 """Scoring and serving run the same test-time augmentation (:class:`raysky.inference.LesionPipeline`)."""
 
 

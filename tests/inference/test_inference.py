@@ -53,22 +53,34 @@ def test_swapped_checkpoints_are_refused(tmp_path):
         LesionPipeline.from_uris(str(tmp_path / "cls"), str(tmp_path / "seg"))
 
 
-def test_tta_answers_the_same_for_an_image_and_its_flips(pipeline, sample_dir):
+def test_tta_answers_the_same_for_an_image_and_its_flips_and_transposes(pipeline, sample_dir):
     image = np.asarray(Image.open(sorted((sample_dir / "images").glob("*.jpg"))[7]).convert("RGB"))
+    views = [(transpose, flips) for transpose in (False, True) for flips in ((), (1,), (0,), (0, 1))]
     pipeline.tta = True
     try:
-        views = [image, image[:, ::-1], image[::-1], image[::-1, ::-1]]
-        results = pipeline([np.ascontiguousarray(v) for v in views])
+        results = pipeline([np.ascontiguousarray(_dihedral(image, *view)) for view in views])
         plain_tta = results[0]
     finally:
         pipeline.tta = False
     plain = pipeline([image])[0]
-    # The four flips form a group, so TTA's average is the same whichever flip comes in ...
-    for result in results[1:]:
+    # The eight views form a group, so TTA's average is the same whichever view comes in ...
+    for result, view in zip(results[1:], views[1:], strict=True):
         np.testing.assert_allclose(result.probabilities, plain_tta.probabilities, atol=1e-4)
-    unflipped = [results[1].mask[:, ::-1], results[2].mask[::-1], results[3].mask[::-1, ::-1]]
-    for mask in unflipped:
-        assert (mask == plain_tta.mask).mean() > 0.999
-    # ... while one view alone is not flip-invariant, so TTA changed the answer.
+        assert (_undo(result.mask, *view) == plain_tta.mask).mean() > 0.999
+    # ... while one view alone is not invariant, so TTA changed the answer.
     assert np.abs(plain.probabilities - plain_tta.probabilities).max() > 1e-4
     assert plain_tta.heatmap is not None and plain_tta.heatmap.shape == image.shape[:2]
+
+
+def _dihedral(array: np.ndarray, transpose: bool, flips: tuple[int, ...]) -> np.ndarray:
+    """The view of an ``HxW[xC]`` image: transpose H and W if ``transpose``, then flip ``flips``."""
+    if transpose:
+        array = array.swapaxes(0, 1)
+    return np.flip(array, flips) if flips else array
+
+
+def _undo(array: np.ndarray, transpose: bool, flips: tuple[int, ...]) -> np.ndarray:
+    """Map a view's ``HxW`` mask back onto the original image's pixels."""
+    if flips:
+        array = np.flip(array, flips)
+    return array.swapaxes(0, 1) if transpose else array
