@@ -36,6 +36,7 @@ def register(subparsers) -> None:
     add_setting(parser, RobustnessSettings, "limit", "--limit", type=int, metavar="N")
     add_setting(parser, RobustnessSettings, "seed", "--seed", type=int)
     add_setting(parser, RobustnessSettings, "replicates", "--replicates", type=int)
+    add_setting(parser, RobustnessSettings, "tta", "--tta", action="store_true")
     # How each folder is scored: the nested RobustnessSettings.score, with raysky score's help.
     add_setting(parser, RobustnessSettings, "score.batch_size", "--batch-size", type=int)
     add_setting(parser, RobustnessSettings, "score.workers", "--workers", type=int)

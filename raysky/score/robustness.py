@@ -169,7 +169,7 @@ def score_folders(settings: RobustnessSettings) -> dict[str, str]:
             input=os.path.join(settings.out, "images", name), output=outputs[name],
             segmenter=settings.segmenter, classifier=settings.classifier,
             metadata=os.path.join(settings.out, "metadata.csv"), heatmaps=True,
-            **settings.score.resources()))
+            tta=settings.tta, **settings.score.resources()))
         if settings.score.progress:
             print(f"{name}: {summary.scored} scored, {summary.skipped} already there",
                   file=sys.stderr)
@@ -230,7 +230,8 @@ def format_report(report: dict) -> str:
     """The printed table: one line per artefact kind."""
     lines = [f"{report['images']} images; artefacts placed with {report['masks']} masks "
              f"({report['mask_source']['ground_truth']} ground truth, "
-             f"{report['mask_source']['segmenter']} segmenter)",
+             f"{report['mask_source']['segmenter']} segmenter)"
+             f"{'; scored with test-time augmentation' if report.get('tta') else ''}",
              f"{'artefact':<10}{'pairs':>6}{'flip':>8}{'|dp_mal|':>10}{'dAUPRC':>9}"
              f"{'dAUC_mal':>10}{'attention':>11}{'clean':>8}{'area':>8}"]
     for kind, r in report["by_artefact"].items():

@@ -162,6 +162,7 @@ class RobustnessSettings:
     limit: int | None = setting(None, help="a seeded sample of this many images instead of all")
     seed: int = setting(0, help="artefacts, sample and bootstrap seed")
     replicates: int = setting(200, help="bootstrap replicates for the intervals")
+    tta: bool = setting(False, help=TTA_HELP)
     score: ScoringResources = setting(
         default_factory=lambda: ScoringResources(batch_size=ROBUSTNESS_BATCH_SIZE),
         help="how every folder is scored (batch size, workers, Ray); also the batch size of "
@@ -173,5 +174,6 @@ class RobustnessSettings:
 
     def identity(self) -> dict:
         """What decides the images and results: a run with the same identity may resume."""
-        keys = ("segmenter", "classifier", "data", "format", "split", "metadata", "limit", "seed")
+        keys = ("segmenter", "classifier", "data", "format", "split", "metadata", "limit", "seed",
+                "tta")
         return {k: getattr(self, k) for k in keys} | {"artefacts": list(self.artefacts)}

@@ -90,6 +90,10 @@ def test_the_output_folder_is_claimed_carefully(tmp_path, sample_dir):
     settings.seed = 1
     _claim_output(settings)  # another run: its old results would pair with new images
     assert not (tmp_path / "out" / "results").exists()
+    (tmp_path / "out" / "results").mkdir()
+    settings.tta = True
+    _claim_output(settings)  # scored another way: its old results would mix two pipelines
+    assert not (tmp_path / "out" / "results").exists()
     with pytest.raises(ValueError, match="local folder"):
         _claim_output(_settings(tmp_path, sample_dir, out="s3://bucket/x"))
 
@@ -178,13 +182,13 @@ def test_robustness_end_to_end_on_the_sample(tmp_path, sample_copy, tiny_checkpo
                  "--classifier", tiny_checkpoints["classifier"], "--data", str(sample_copy),
                  "--format", "ham10000", "--split", "val", "--artefacts", "ruler,bubbles",
                  "--out", str(out), "--limit", "4", "--workers", "1", "--cpus-per-worker", "1",
-                 "--batch-size", "4", "--replicates", "20", "--quiet",
+                 "--batch-size", "4", "--replicates", "20", "--tta", "--quiet",
                  "--update-card", str(tmp_path / "classifier-carded")])
     assert code == 0
     printed = capsys.readouterr().out
     assert "ruler" in printed and "bubbles" in printed
     report = json.loads((out / "robustness.json").read_text())
-    assert report["images"] == 4 and report["split"] == "val"
+    assert report["images"] == 4 and report["split"] == "val" and report["tta"] is True
     assert report["mask_source"] == {"ground_truth": 4, "segmenter": 0}
     assert report["masks"] == "ground truth"
     assert set(report["by_artefact"]) == {"ruler", "bubbles"}
