@@ -24,6 +24,7 @@ from raysky.models.preprocess import metadata_to_tensors, model_input, resize_ma
 from raysky.models.runtime import autocast, prepare_for_device, select_device
 from raysky.models.segmenter import MASK_THRESHOLD
 
+
 @dataclass(frozen=True)
 class DihedralView:
     """One symmetry of the square: transpose H and W if ``transpose``, then flip ``flips``.
