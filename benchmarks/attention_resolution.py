@@ -56,6 +56,19 @@ class _Bound(torch.nn.Module):
         return self.model(image, self.mask, self.metadata)
 
 
+def _layer_heatmap(model, layer, image: torch.Tensor, mask: torch.Tensor, metadata: dict
+                   ) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Grad-CAM maps at ``layer`` (None: the last map, as raysky explains) and that layer's grid."""
+    if layer is None:
+        heat = GradCAMExplainer(model)(image, mask, metadata).heatmaps
+        return heat, tuple(model.encode(image[:1], mask[:1])[0].shape[-2:])
+    from pytorch_grad_cam import GradCAM
+
+    with GradCAM(model=_Bound(model, mask, metadata), target_layers=[layer]) as cam:
+        heat = torch.from_numpy(cam(input_tensor=image, targets=None))
+        return heat, tuple(cam.activations_and_grads.activations[0].shape[-2:])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True)
@@ -66,8 +79,6 @@ def main() -> int:
     parser.add_argument("--limit", type=int, default=400)
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args()
-
-    from pytorch_grad_cam import GradCAM
 
     from raysky.metrics.intervals import bootstrap_intervals
 
@@ -94,13 +105,7 @@ def main() -> int:
             [r.age for r in batch], [r.sex for r in batch], [r.site for r in batch]))
         size = tuple(truths.shape[-2:])
         for name, layer in layers.items():
-            if layer is None:
-                heat = GradCAMExplainer(model)(image, mask, metadata).heatmaps
-                shapes[name] = tuple(model.encode(image[:1], mask[:1])[0].shape[-2:])
-            else:
-                with GradCAM(model=_Bound(model, mask, metadata), target_layers=[layer]) as cam:
-                    heat = torch.from_numpy(cam(input_tensor=image, targets=None))
-                    shapes[name] = tuple(cam.activations_and_grads.activations[0].shape[-2:])
+            heat, shapes[name] = _layer_heatmap(model, layer, image, mask, metadata)
             heat = torch.nn.functional.interpolate(heat[:, None].float(), size=size,
                                                    mode="bilinear", align_corners=False)[:, 0]
             focus[name].extend(lesion_focus(heat, truths).tolist())

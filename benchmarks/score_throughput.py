@@ -193,6 +193,30 @@ def plain_loop(files: list[str], ckpt: dict, batch_size: int, out: Path) -> floa
     return len(files) / (time.perf_counter() - start)
 
 
+def _ray_runs(sources: list[str], archive: Path, work: Path, ckpt: dict, args):
+    """On a Ray started here: N and 10N images with heatmaps and without (seconds), then the
+    peak memory samplers of an N and a 10N run."""
+    import ray
+
+    ray.init(address="local", num_cpus=args.threads + 1, include_dashboard=False,
+             log_to_driver=False)
+    try:
+        end_to_end(make_archive(sources, args.batch_size * 2, work / "warmup"), work / "w", ckpt,
+                   args)
+        big_archive = make_archive(sources, 10 * args.images, work / "archive10")
+        timings = [end_to_end(folder, work / "out", ckpt, args, heatmaps=heatmaps)
+                   for heatmaps in (True, False) for folder in (archive, big_archive)]
+        # Memory in runs of their own: sampling PSS reads every process's smaps, which costs
+        # enough CPU to skew the timed runs.
+        with MemorySampler() as small:
+            end_to_end(archive, work / "out", ckpt, args)
+        with MemorySampler() as big:
+            end_to_end(big_archive, work / "out", ckpt, args)
+    finally:
+        ray.shutdown()
+    return (*timings, small, big)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default="raysky/sample_data/ham10000_sample", help="folder of images (archive layout)")
@@ -202,9 +226,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                         help="torch threads for every measurement (default: visible cores)")
     args = parser.parse_args(argv)
-
-    import ray
-
     set_torch_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="raysky-bench-"))
     try:
@@ -222,21 +243,8 @@ def main(argv: list[str] | None = None) -> int:
 
         floor = model_floor(arrays, ckpt, args.batch_size)
         plain = plain_loop(files, ckpt, args.batch_size, work)
-        ray.init(address="local", num_cpus=args.threads + 1, include_dashboard=False,
-                 log_to_driver=False)
-        end_to_end(make_archive(sources, args.batch_size * 2, work / "warmup"), work / "w", ckpt, args)
-        big_archive = make_archive(sources, 10 * n, work / "archive10")
-        heat_small = end_to_end(archive, work / "out", ckpt, args, heatmaps=True)
-        heat_big = end_to_end(big_archive, work / "out", ckpt, args, heatmaps=True)
-        no_heat_small = end_to_end(archive, work / "out", ckpt, args, heatmaps=False)
-        no_heat_big = end_to_end(big_archive, work / "out", ckpt, args, heatmaps=False)
-        # Memory in runs of their own: sampling PSS reads every process's smaps, which costs
-        # enough CPU to skew the timed runs.
-        with MemorySampler() as small:
-            end_to_end(archive, work / "out", ckpt, args)
-        with MemorySampler() as big:
-            end_to_end(big_archive, work / "out", ckpt, args)
-        ray.shutdown()
+        heat_small, heat_big, no_heat_small, no_heat_big, small, big = _ray_runs(
+            sources, archive, work, ckpt, args)
         with_heat, startup = steady_state(n, heat_small, 10 * n, heat_big)
         without_heat, _ = steady_state(n, no_heat_small, 10 * n, no_heat_big)
 
