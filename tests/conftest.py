@@ -35,14 +35,26 @@ def _note_a_fork_of_the_ray_driver() -> None:
 os.register_at_fork(before=_note_a_fork_of_the_ray_driver)
 
 
-@pytest.fixture(autouse=True)
-def _no_fork_of_the_ray_driver():
-    forks_before = len(_forks_with_ray)
-    yield
-    if len(_forks_with_ray) > forks_before:
-        pytest.fail("this test forked the test process while it holds a connected Ray driver; "
+_forks_reported = [0]
+"""How many entries of ``_forks_with_ray`` have already failed a test."""
+
+
+def _fail_on_new_forks(culprit: str) -> None:
+    new = len(_forks_with_ray) - _forks_reported[0]
+    _forks_reported[0] = len(_forks_with_ray)
+    if new:
+        pytest.fail(f"{culprit} forked the test process while it holds a connected Ray driver; "
                     "start child processes with the spawn method (multiprocessing.get_context("
                     "'spawn')) or as a subprocess", pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def _no_fork_of_the_ray_driver():
+    # Checked before the test too: a module- or session-scoped fixture is set up (and torn
+    # down) outside any test's own guard, so its fork shows up here, at the next test.
+    _fail_on_new_forks("a fixture set up for this test (or one torn down after the test before)")
+    yield
+    _fail_on_new_forks("this test")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
