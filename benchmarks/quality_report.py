@@ -44,6 +44,9 @@ SIZE_VIEWS = ("frame200_at176", "frame200_at192", "no_metadata_at192", "frame600
 paired against the view before its ``_at`` suffix, scored at the trained side."""
 EXTRA_VIEWS = ("no_metadata", "frame600", "crop224", "frame200_tta", *SIZE_VIEWS)
 """The scored views compared with the 200x150 frames with metadata, where a run has them."""
+PAIRED_VIEWS = {"frame200_tta": "frame200", **{v: v.rsplit("_at", 1)[0] for v in SIZE_VIEWS}}
+"""Views that score the same images as another view with the same weights, differently:
+test-time augmentation, or a larger side. Each is paired against that view."""
 
 
 def _ground_truth(data: str, format: str) -> pd.DataFrame:
@@ -279,7 +282,7 @@ def report(args) -> int:
                                                            "mean": _mean(per_seed)}
             print(f"balanced accuracy {arm} - {base} ({decision}): mean {_mean(per_seed):+.3f}; "
                   "per seed " + "; ".join(_fmt(d) for d in per_seed))
-    differences.update(_size_differences(runs, figures, args.arms, truth, classes))
+    differences.update(_view_differences(runs, figures, args.arms, truth, classes))
     (out / "figures.json").write_text(json.dumps(
         {"runs": figures, "summary": summary, "differences": differences,
          "targets": {"balanced_accuracy": 0.72, "auc": 0.94, "threshold_jaccard": 0.80,
@@ -288,14 +291,13 @@ def report(args) -> int:
 
 
 
-def _size_differences(runs: dict, figures: dict, arms: list[str], truth: pd.DataFrame,
+def _view_differences(runs: dict, figures: dict, arms: list[str], truth: pd.DataFrame,
                       classes: list[str]) -> dict:
-    """Per arm and larger-side view: the same weights at that side minus at the trained side,
-    on the same images and view, paired per seed (balanced accuracy both ways, macro AUC)."""
+    """Per arm and view of :data:`PAIRED_VIEWS`: that view minus its base view, the same
+    weights on the same images, paired per seed (balanced accuracy both ways, macro AUC)."""
     differences = {}
     for arm in arms:
-        for view in SIZE_VIEWS:
-            base = view.rsplit("_at", 1)[0]
+        for view, base in PAIRED_VIEWS.items():
             keys = [k for k, f in figures.items()
                     if f["arm"] == arm and {view, base} <= runs[k]["results"].keys()]
             diffs = [paired_difference(runs[k], runs[k], truth, classes, view_a=view,
@@ -304,6 +306,6 @@ def _size_differences(runs: dict, figures: dict, arms: list[str], truth: pd.Data
                 per_seed = [d[figure] for d in diffs]
                 differences[f"{arm}: {view} - {base} ({figure})"] = {
                     "per_seed": per_seed, "mean": _mean(per_seed)}
-                print(f"{arm} {view} minus {base} at the trained side ({figure}): mean "
+                print(f"{arm} {view} minus {base}, same weights and images ({figure}): mean "
                       f"{_mean(per_seed):+.3f}; per seed " + "; ".join(_fmt(d) for d in per_seed))
     return differences

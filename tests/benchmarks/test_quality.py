@@ -76,9 +76,11 @@ def test_quality_benchmark_trains_scores_and_reports(sample_dir, ray_local, tmp_
     difference = figures["differences"]["single - shared (offsets)"]
     assert len(difference["per_seed"]) == 1
     # The same weights at 192 px against the side they trained at, paired on the same images
-    # of the same view: the frames against the frames, the crops against the crops.
+    # of the same view (the frames against the frames, the crops against the crops), and
+    # with test-time augmentation against without.
     for arm in ("shared", "single"):
-        for view, base in (("frame200_at192", "frame200"), ("crop224_at192", "crop224")):
+        for view, base in (("frame200_at192", "frame200"), ("crop224_at192", "crop224"),
+                           ("frame200_tta", "frame200")):
             for figure in ("argmax", "offsets", "auc"):
                 larger = figures["differences"][f"{arm}: {view} - {base} ({figure})"]
                 (seed,) = larger["per_seed"]
