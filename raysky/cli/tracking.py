@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from raysky.train.tracking import LOCAL_STORE
+from raysky.train.tracking import LOCAL_STORE, Tracker
 
 
 def add_tracking_flags(parser: argparse.ArgumentParser) -> None:
@@ -20,7 +20,7 @@ def add_tracking_flags(parser: argparse.ArgumentParser) -> None:
                        "or a local folder (default: %(default)s in this folder)")
 
 
-def open_tracking(args: argparse.Namespace):
+def open_tracking(args: argparse.Namespace) -> Tracker:
     """The :class:`~raysky.train.tracking.Tracker` of the run the flags name, checked before
     the command's work (off without ``--mlflow-run-id``)."""
     from raysky.train.tracking import open_run

@@ -7,8 +7,12 @@ is enough to rebuild its model exactly, and presets are just named sets of value
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
+from typing import TypeVar
 
 from raysky.data.taxonomy import HAM10000_CLASSES, order_classes
+
+ConfigT = TypeVar("ConfigT")
+"""Any configuration dataclass, for :func:`config_from_dict`."""
 
 LESION_BRANCHES: tuple[str, ...] = ("encoder", "shared")
 """Ways to build the classifier's lesion view: its own encoder on the background-suppressed
@@ -283,7 +287,7 @@ def config_to_dict(config: SegmenterConfig | ClassifierConfig) -> dict:
     return asdict(config)
 
 
-def config_from_dict(cls: type, data: dict):
+def config_from_dict(cls: type[ConfigT], data: dict) -> ConfigT:
     """Rebuild a configuration from :func:`config_to_dict` output; unknown keys are an error."""
     known = {f.name for f in fields(cls)}
     unknown = set(data) - known

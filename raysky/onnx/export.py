@@ -34,6 +34,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -43,6 +44,10 @@ from raysky import __version__, storage
 from raysky.models.checkpoint import LoadedModel, load_checkpoint
 from raysky.models.segmenter import MASK_THRESHOLD
 from raysky.onnx.opsets import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
+
+if TYPE_CHECKING:  # both are imported where used: exporting and scoring need them, training not
+    import onnx
+    import onnxruntime
 
 FORMAT = "raysky-onnx/1"
 PARITY_ATOL = 1e-4
@@ -152,7 +157,8 @@ def _batch_dynamic(module: nn.Module, count: int, batch) -> tuple:
 
 
 def export_module(module: nn.Module, inputs: Sequence[torch.Tensor], input_names: Sequence[str],
-                  output_names: Sequence[str], opset: int = DEFAULT_OPSET, what: str = "model"):
+                  output_names: Sequence[str], opset: int = DEFAULT_OPSET, what: str = "model"
+                  ) -> onnx.ModelProto:
     """``module`` as an ``onnx.ModelProto`` with a dynamic batch dimension on every input.
 
     An operator the exporter cannot translate at ``opset`` is an :class:`OnnxExportError`
@@ -186,7 +192,7 @@ def export_module(module: nn.Module, inputs: Sequence[torch.Tensor], input_names
     return program.model_proto
 
 
-def session(model: bytes, threads: int = 1):
+def session(model: bytes, threads: int = 1) -> onnxruntime.InferenceSession:
     """An ONNX Runtime CPU session over serialised ``model`` with ``threads`` intra-op threads.
 
     Set explicitly: Ray runs actors with ``OMP_NUM_THREADS=1``, and ONNX Runtime's own default

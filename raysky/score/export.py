@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -28,6 +29,9 @@ from raysky import storage
 from raysky.data.taxonomy import ISIC_COLUMN_NAMES
 from raysky.results import reader
 from raysky.results.columns import PROB_PREFIX, class_columns
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 FORMATS: tuple[str, ...] = ("isic2018", "isic2019")
 EXTRA_COLUMNS: dict[str, tuple[str, ...]] = {"isic2018": (), "isic2019": ("UNK",)}
@@ -52,7 +56,7 @@ class ExportSummary:
         return "\n".join(lines)
 
 
-def submission_frame(frame, format: str):
+def submission_frame(frame: pd.DataFrame, format: str) -> pd.DataFrame:
     """The classification table for ``format`` from a results frame (``image_id``, ``prob_*``)."""
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r}; expected one of {', '.join(FORMATS)}")

@@ -25,7 +25,8 @@ from raysky.onnx.runtime import OnnxClassifier, OnnxSegmenter
 from raysky.score.stages import ScoreModel
 
 
-def onnx_pipeline(segmenter: bytes, classifier: bytes, threads: int = 1, tta: bool = False):
+def onnx_pipeline(segmenter: bytes, classifier: bytes, threads: int = 1, tta: bool = False
+                  ) -> LesionPipeline:
     """A :class:`~raysky.inference.LesionPipeline` whose networks are the two exports."""
     seg_meta = read_metadata(segmenter)["checkpoint"]
     cls_meta = read_metadata(classifier)["checkpoint"]

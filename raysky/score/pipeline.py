@@ -13,6 +13,7 @@ import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -28,6 +29,9 @@ from raysky.score import output as out
 from raysky.score import stages
 from raysky.score.inputs import Inputs, input_rows, list_inputs, lost_ids
 from raysky.score.settings import ScoreSettings
+
+if TYPE_CHECKING:
+    import ray.data
 
 RUN_CONFIG = "_raysky_score.json"
 RESULTS_FORMAT = "raysky-results/2"
@@ -180,7 +184,7 @@ def _map_stage(ds, fn, **kwargs):
 
 
 def build_dataset(inputs: Inputs, settings: ScoreSettings, classes: tuple[str, ...], run_id: str,
-                  one_per_task: bool = False):
+                  one_per_task: bool = False) -> ray.data.Dataset:
     """The lazy Ray Dataset for one run; iterating it yields one manifest row per file written.
 
     Every task is retried :data:`TASK_RETRIES` times when its worker dies, then its rows are

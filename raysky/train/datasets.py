@@ -13,6 +13,7 @@ import math
 import random
 from collections import Counter
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
@@ -25,6 +26,9 @@ from raysky.data.readers import read_dataset
 from raysky.data.records import LesionRecord
 from raysky.data.splits import SPLIT_FILE, apply_split_file, split_by_lesion
 from raysky.settings import ParameterError
+
+if TYPE_CHECKING:
+    import ray.data
 
 logger = logging.getLogger(__name__)
 
@@ -159,7 +163,7 @@ def readable_rows(batch: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], 
 
 
 def build_dataset(rows: list[dict], size: int, train: bool, decode_batch_size: int = 8,
-                  seed: int = 0):
+                  seed: int = 0) -> ray.data.Dataset:
     """A materialized Ray Dataset of the rows decoded into the uint8 cache at ``size``.
 
     Images are decoded once, here, and every epoch iterates the cached blocks: decoding and

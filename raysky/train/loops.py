@@ -74,7 +74,8 @@ SCHEDULE = ("AdamW; linear warm-up over min(one epoch, 10% of the steps), then c
 """What :func:`make_optimizer` does, in words, for the model card."""
 
 
-def make_optimizer(model: nn.Module, config: LoopConfig, steps_per_epoch: int):
+def make_optimizer(model: nn.Module, config: LoopConfig, steps_per_epoch: int
+                   ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW with a linear warm-up over at most one epoch, then cosine decay to 1% of each
     group's peak rate (see :func:`parameter_groups`)."""
     settings = config.settings
