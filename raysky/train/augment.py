@@ -13,7 +13,10 @@ a JPEG; every epoch augments the cached pixels here, a whole batch at a time, wi
 * colour: brightness, contrast, saturation and hue jitter on the image only.
 
 Randomness comes from an explicit :class:`torch.Generator`, seeded per run, worker and epoch,
-so a rerun with the same seed draws the same augmentations.
+so a rerun with the same seed draws the same stream of augmentations. Which image meets which
+draw follows the order the images arrive in, and that is not seeded: Ray re-orders the cached
+blocks every epoch (:func:`raysky.train.datasets.build_dataset`) and hands blocks to workers as
+they ask. Two runs with the same seed are therefore alike in distribution, not bitwise.
 """
 
 from __future__ import annotations
@@ -238,7 +241,7 @@ def resize_batch(images: torch.Tensor, masks: torch.Tensor, size: int
 
 def epoch_generator(seed: int, rank: int, epoch: int) -> torch.Generator:
     """The augmentation generator of one worker's epoch: a rerun with the same seed draws the
-    same augmentations, and every epoch and worker draws new ones."""
+    same stream, and every epoch and worker draws a new one."""
     return torch.Generator().manual_seed((seed * 1_000_003 + rank) * 10_007 + epoch)
 
 

@@ -169,8 +169,9 @@ def build_dataset(rows: list[dict], size: int, train: bool, decode_batch_size: i
     Images are decoded once, here, and every epoch iterates the cached blocks: decoding and
     resizing JPEGs each epoch cost as much CPU as the model's own step on a small machine.
     Augmentation happens in the training worker (:mod:`raysky.train.augment`), so it still
-    differs every epoch. The training rows are shuffled once and their blocks re-ordered every
-    epoch; the loop's local shuffle buffer mixes across blocks.
+    differs every epoch. The training rows are shuffled once (seeded) and their blocks re-ordered
+    every epoch (not seeded: Ray draws a new order each time the dataset is iterated, which is
+    what makes every epoch's order new); the loop's local shuffle buffer mixes across blocks.
     """
     import ray.data
 
