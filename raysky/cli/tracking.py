@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from raysky.train.tracking import LOCAL_STORE, Tracker
+from raysky.train.tracking import LOCAL_STORE, Tracker, open_run
 
 
 def add_tracking_flags(parser: argparse.ArgumentParser) -> None:
@@ -23,6 +23,4 @@ def add_tracking_flags(parser: argparse.ArgumentParser) -> None:
 def open_tracking(args: argparse.Namespace) -> Tracker:
     """The :class:`~raysky.train.tracking.Tracker` of the run the flags name, checked before
     the command's work (off without ``--mlflow-run-id``)."""
-    from raysky.train.tracking import open_run
-
     return open_run(args.mlflow, args.mlflow_run_id)
