@@ -14,9 +14,9 @@ a JPEG; every epoch augments the cached pixels here, a whole batch at a time, wi
 
 Randomness comes from an explicit :class:`torch.Generator`, seeded per run, worker and epoch,
 so a rerun with the same seed draws the same stream of augmentations. Which image meets which
-draw follows the order the images arrive in, and that is not seeded: Ray re-orders the cached
-blocks every epoch (:func:`raysky.train.datasets.build_dataset`) and hands blocks to workers as
-they ask. Two runs with the same seed are therefore alike in distribution, not bitwise.
+draw follows the order the images arrive in, which the same seed also fixes
+(:func:`raysky.train.datasets.build_dataset`) as long as one worker trains: several workers
+take blocks as they ask for them.
 """
 
 from __future__ import annotations

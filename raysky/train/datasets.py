@@ -169,9 +169,12 @@ def build_dataset(rows: list[dict], size: int, train: bool, decode_batch_size: i
     Images are decoded once, here, and every epoch iterates the cached blocks: decoding and
     resizing JPEGs each epoch cost as much CPU as the model's own step on a small machine.
     Augmentation happens in the training worker (:mod:`raysky.train.augment`), so it still
-    differs every epoch. The training rows are shuffled once (seeded) and their blocks re-ordered
-    every epoch (not seeded: Ray draws a new order each time the dataset is iterated, which is
-    what makes every epoch's order new); the loop's local shuffle buffer mixes across blocks.
+    differs every epoch. The training rows are shuffled once and their blocks re-ordered every
+    epoch, both drawn from ``seed``; the loop's local shuffle buffer mixes across blocks. With
+    one worker, two runs with the same seed therefore see the same images in the same order and
+    draw the same augmentations for each. (Several workers take blocks as they ask for them,
+    which no seed fixes; and the memory layout the loop measures at run time can differ between
+    runs, and with it the last bits of the arithmetic.)
     """
     import ray.data
 
@@ -187,5 +190,14 @@ def build_dataset(rows: list[dict], size: int, train: bool, decode_batch_size: i
     # The training loop prints its own progress (epoch, step, loss, rate, ETA); Ray Data's
     # bars from every worker would bury it.
     dataset.context.enable_progress_bars = False
+    # Decode tasks finish in any order; keeping the rows' order makes the cache, and so the
+    # seeded block order below, the same in every run.
+    dataset.context.execution_options.preserve_order = True
     dataset = dataset.materialize()
-    return dataset.randomize_block_order(seed=None) if train else dataset
+    dataset.context.execution_options.preserve_order = False
+    if not train:
+        return dataset
+    # Reseeded by Ray on every execution, that is every epoch: a new order each epoch, and the
+    # same sequence of orders in every run with this seed.
+    order = ray.data.RandomSeedConfig(seed=seed, reseed_after_execution=True)
+    return dataset.randomize_block_order(seed=order)

@@ -382,6 +382,26 @@ def test_classifier_cli_trains_on_segmenter_masks_from_s3(segmenter_run, bucket,
 
 
 @pytest.mark.slow
+def test_the_training_order_is_new_every_epoch_and_the_same_in_every_run_of_a_seed(ray_local,
+                                                                                   sample_dir):
+    """Each ``build_dataset`` call stands for one run, each iteration for one epoch (Ray
+    re-executes the block order then, as it does for every epoch of a Ray Train run)."""
+    from raysky.train.datasets import build_dataset
+
+    records = read_dataset(str(sample_dir), "ham10000")
+    rows = encode_rows(records, order_classes({r.label for r in records}))
+
+    def epoch_orders(seed: int, epochs: int = 2) -> list[list[str]]:
+        dataset = build_dataset(rows, size=16, train=True, decode_batch_size=2, seed=seed)
+        return [[str(i) for batch in dataset.iter_batches(batch_size=None, batch_format="numpy")
+                 for i in batch["image_id"]] for _ in range(epochs)]
+
+    run, rerun, other_seed = epoch_orders(3), epoch_orders(3), epoch_orders(4)
+    assert run == rerun
+    assert run[0] != run[1] and sorted(run[0]) == sorted(run[1]) == sorted(r.image_id for r in records)
+    assert run != other_seed
+
+
 def test_classifier_trains_from_a_pretrained_encoder_on_ground_truth_masks(ray_local, sample_dir,
                                                                            tmp_path):
     import torch
