@@ -402,6 +402,7 @@ def test_the_training_order_is_new_every_epoch_and_the_same_in_every_run_of_a_se
     assert run != other_seed
 
 
+@pytest.mark.slow
 def test_classifier_trains_from_a_pretrained_encoder_on_ground_truth_masks(ray_local, sample_dir,
                                                                            tmp_path):
     import torch
