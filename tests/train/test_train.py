@@ -29,6 +29,7 @@ from raysky.settings import ParameterError
 from raysky.storage import upload_directory
 from raysky.train import TrainSettings, train_classifier, train_segmenter
 from raysky.train.datasets import (
+    build_dataset,
     class_weights,
     decode_rows,
     encode_rows,
@@ -386,8 +387,6 @@ def test_the_training_order_is_new_every_epoch_and_the_same_in_every_run_of_a_se
                                                                                    sample_dir):
     """Each ``build_dataset`` call stands for one run, each iteration for one epoch (Ray
     re-executes the block order then, as it does for every epoch of a Ray Train run)."""
-    from raysky.train.datasets import build_dataset
-
     records = read_dataset(str(sample_dir), "ham10000")
     rows = encode_rows(records, order_classes({r.label for r in records}))
 
