@@ -56,6 +56,8 @@ ARMS = {
     "shared": {"lesion_branch": "shared"},
     "encoder": {"lesion_branch": "encoder"},
     "single": {"use_lesion_stream": False},
+    # shared, plus the artefact-consistency loss at AugMix's order of weight (not tuned)
+    "consistency": {"lesion_branch": "shared", "artefact_consistency": 10.0},
 }
 RENDERINGS = ("frame200", "frame600", "crop224")
 CROP_MARGIN = 0.10

@@ -36,6 +36,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     add_setting(recipe, TrainSettings, "weight_decay", "--weight-decay", type=float)
     add_setting(recipe, TrainSettings, "label_smoothing", "--label-smoothing", type=float)
     add_setting(recipe, TrainSettings, "class_weight_power", "--class-weight-power", type=float)
+    add_setting(recipe, TrainSettings, "artefact_consistency", "--artefact-consistency",
+                type=float)
 
     cluster = parser.add_argument_group("cluster")
     add_setting(cluster, TrainSettings, "workers", "--workers", type=int)

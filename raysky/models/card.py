@@ -109,6 +109,7 @@ def build_card(meta: dict) -> dict[str, Any]:
             "weight_decay": settings.get("weight_decay"),
             "label_smoothing": settings.get("label_smoothing"),
             "class_weight_power": settings.get("class_weight_power"),
+            "artefact_consistency": settings.get("artefact_consistency"),
             "schedule": provenance.get("schedule"), "augmentation": provenance.get("augmentation"),
             "precision": metrics.get("precision", settings.get("precision")),
             "training_seconds": extra.get("training_seconds"),
@@ -371,7 +372,9 @@ def _recipe_lines(card: dict) -> list[str]:
             f"{_value(recipe['encoder_lr_scale'], 2)}), weight decay "
             f"{_value(recipe['weight_decay'], 6)}, label smoothing "
             f"{_value(recipe['label_smoothing'], 2)}, class weight power "
-            f"{_value(recipe['class_weight_power'], 2)}",
+            f"{_value(recipe['class_weight_power'], 2)}"
+            + (f", artefact consistency {_value(recipe['artefact_consistency'], 2)}"
+               if recipe.get("artefact_consistency") else ""),
             f"- Schedule: {_value(recipe['schedule'])}",
             f"- Augmentation: {_value(recipe['augmentation'])}",
             "- Training time: " + (

@@ -135,7 +135,11 @@ class Recipe:
     through their large maps is the costliest part of a step. ``metadata_dropout`` is the
     chance that each of age, sex and site is shown as unknown, and ``metadata_drop_all`` that
     all three are, so the model also learns to classify archives without metadata (the ISIC
-    2019 winners dropped fields with p=0.1).
+    2019 winners dropped fields with p=0.1). ``artefact_consistency`` weighs a loss that asks
+    the classifier's prediction on an image with a drawn artefact to agree with its prediction
+    on the same view without it (the Jensen-Shannon divergence of the two, as AugMix does;
+    0: off): augmentation alone shows artefacts on every class, but does not ask that the
+    answer for one image stay the same.
     """
 
     pretrained_encoder: str = "imagenet"
@@ -150,6 +154,7 @@ class Recipe:
     frozen_blocks: int | None = None
     metadata_dropout: float = 0.0
     metadata_drop_all: float = 0.0
+    artefact_consistency: float = 0.0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 

@@ -10,7 +10,9 @@ a JPEG; every epoch augments the cached pixels here, a whole batch at a time, wi
 * artefacts: with probability ``AugmentConfig.artefacts`` one layer from a bank drawn by
   :mod:`raysky.audit.artefacts` (rulers, ink, bubbles, hairs, dark corners), composited over
   the image outside the dilated lesion mask, before the geometry, as a camera would record it;
-* colour: brightness, contrast, saturation and hue jitter on the image only.
+* colour: brightness, contrast, saturation and hue jitter on the image only;
+* twins (:func:`augment_pairs`): where the recipe asks for artefact consistency, an artefacted
+  image's clean twin under the same geometry and colour, for the classifier's consistency loss.
 
 Randomness comes from an explicit :class:`torch.Generator`, seeded per run, worker and epoch,
 so a rerun with the same seed draws the same stream of augmentations. Which image meets which
@@ -129,10 +131,9 @@ def colour_matrices(n: int, config: AugmentConfig, generator: torch.Generator
     return matrix, (1 - contrast) * brightness
 
 
-def _jitter(images: torch.Tensor, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
-    """Colour jitter of ``[B, 3, H, W]`` in [0, 1] (see :func:`colour_matrices`)."""
+def _jitter(images: torch.Tensor, matrix: torch.Tensor, pull: torch.Tensor) -> torch.Tensor:
+    """Colour jitter of ``[B, 3, H, W]`` in [0, 1] by maps :func:`colour_matrices` drew."""
     n = images.shape[0]
-    matrix, pull = colour_matrices(n, config, generator)
     mean_grey = images.mean(dim=(2, 3)) @ _GREY
     flat = torch.baddbmm((pull * mean_grey)[:, None, None].expand(n, 3, 1), matrix,
                          images.flatten(2))
@@ -170,10 +171,16 @@ class ArtefactBank:
               generator: torch.Generator, margin: int = 2) -> torch.Tensor:
         """Composite a random layer over each image with probability ``chance``, outside its
         lesion mask dilated by ``margin`` pixels (at the images' size)."""
+        return self.paste_indexed(images, masks, chance, generator, margin)[0]
+
+    def paste_indexed(self, images: torch.Tensor, masks: torch.Tensor, chance: float,
+                      generator: torch.Generator, margin: int = 2
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`paste`, and the indices of the images that got a layer."""
         n, _, height, width = images.shape
         chosen = torch.nonzero(_chance(chance, n, generator)).flatten()
         if not len(chosen):
-            return images
+            return images, chosen
         pick = torch.randint(len(self.kinds), (len(chosen),), generator=generator)
         colour, alpha = self.colour[pick], self.alpha[pick]
         if colour.shape[-2:] != (height, width):
@@ -193,7 +200,7 @@ class ArtefactBank:
         alpha = alpha.masked_fill(protected, 0.0)
         out = images.clone()
         out[chosen] = images[chosen] * (1 - alpha) + colour * alpha
-        return out
+        return out, chosen
 
 
 def augment_batch(images: torch.Tensor, masks: torch.Tensor, size: int, config: AugmentConfig,
@@ -206,25 +213,46 @@ def augment_batch(images: torch.Tensor, masks: torch.Tensor, size: int, config: 
     An image without a lesion in its mask gets a random crop where ``lesion_zoom`` draws a
     zoom, and ``artefacts`` (a bank) is needed for ``config.artefacts > 0``.
     """
+    out, out_mask, _ = augment_pairs(images, masks, size, config, generator, artefacts)
+    return out, out_mask
+
+
+def augment_pairs(images: torch.Tensor, masks: torch.Tensor, size: int, config: AugmentConfig,
+                  generator: torch.Generator, artefacts: ArtefactBank | None = None,
+                  pairs: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`augment_batch`, plus a clean twin of up to ``pairs`` images that got an artefact.
+
+    A twin is its image before the artefact was pasted, under the same crop, rotation, flips
+    and colour jitter, so the pair differs by the artefact alone: what a consistency loss
+    needs to teach that an artefact outside the lesion must not change the prediction.
+    Returns the ``B`` augmented images followed by the twins, their masks likewise, and
+    ``twin_of``: for each twin, the index of its artefacted image.
+    """
     n = images.shape[0]
     pixels = images.permute(0, 3, 1, 2).float().div_(255.0)
     lesion = masks.bool()
+    twin_of = torch.zeros(0, dtype=torch.long)
     if config.artefacts > 0:
         if artefacts is None:
             raise ValueError("config.artefacts > 0 needs an ArtefactBank (artefacts=)")
-        pixels = artefacts.paste(pixels, lesion, config.artefacts, generator)
+        clean = pixels
+        pixels, chosen = artefacts.paste_indexed(pixels, lesion, config.artefacts, generator)
+        twin_of = chosen[:pairs]
+        pixels = torch.cat([pixels, clean[twin_of]])
+    rows = torch.cat([torch.arange(n), twin_of])
     boxes = _crop_boxes(n, config, generator)
     if config.lesion_zoom > 0:
         zoom_boxes, has_lesion = _lesion_boxes(lesion, config, generator)
         zoom = _chance(config.lesion_zoom, n, generator) & has_lesion
         boxes = torch.where(zoom[:, None], zoom_boxes, boxes)
-    theta = _affine(n, boxes, config, generator)
-    grid = F.affine_grid(theta, [n, 3, size, size], align_corners=False)
+    theta = _affine(n, boxes, config, generator)[rows]
+    grid = F.affine_grid(theta, [len(rows), 3, size, size], align_corners=False)
     out = F.grid_sample(pixels, grid, mode="bilinear", padding_mode="reflection",
                         align_corners=False)
-    out_mask = F.grid_sample(lesion.float()[:, None], grid, mode="nearest",
+    out_mask = F.grid_sample(lesion[rows].float()[:, None], grid, mode="nearest",
                              padding_mode="reflection", align_corners=False)
-    return _jitter(out, config, generator), out_mask
+    matrix, pull = colour_matrices(n, config, generator)
+    return _jitter(out, matrix[rows], pull[rows]), out_mask, twin_of
 
 
 def resize_batch(images: torch.Tensor, masks: torch.Tensor, size: int
@@ -271,3 +299,11 @@ class Augmenter:
         if not train:
             return resize_batch(images_t, masks_t, self.size)
         return augment_batch(images_t, masks_t, self.size, self.config, self.generator, self.bank)
+
+    def paired(self, images: np.ndarray, masks: np.ndarray, pairs: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A training batch with clean twins of up to ``pairs`` artefacted images appended
+        (:func:`augment_pairs`)."""
+        return augment_pairs(torch.from_numpy(np.ascontiguousarray(images)),
+                             torch.from_numpy(np.ascontiguousarray(masks)), self.size,
+                             self.config, self.generator, self.bank, pairs)

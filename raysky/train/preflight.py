@@ -34,6 +34,15 @@ def validate_settings(settings: TrainSettings, kind: str) -> tuple[str, str]:
             raise ParameterError(name, getattr(settings, name), "must be positive")
     if not 0 <= settings.label_smoothing < 1:
         raise ParameterError("label_smoothing", settings.label_smoothing, "must be in [0, 1)")
+    if settings.artefact_consistency < 0:
+        raise ParameterError("artefact_consistency", settings.artefact_consistency,
+                             "must be 0 (off) or positive")
+    if settings.artefact_consistency > 0 and (
+            kind != "classifier" or not get_preset(settings.preset).recipe(kind).augment.artefacts):
+        raise ParameterError(
+            "artefact_consistency", settings.artefact_consistency,
+            f"needs a classifier recipe that pastes artefacts, and the {settings.preset} "
+            f"preset's {kind} recipe does not; set it to 0")
     metric, mode = DEFAULT_METRIC[kind]
     metric, mode = settings.metric or metric, settings.metric_mode or mode
     if mode not in ("max", "min"):

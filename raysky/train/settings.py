@@ -68,6 +68,9 @@ class TrainSettings:
     label_smoothing: float | None = setting(None, help="label smoothing (classifier)")
     class_weight_power: float | None = setting(
         None, help="loss weight of each class is frequency**-power (classifier)")
+    artefact_consistency: float | None = setting(
+        None, help="weight of a loss asking the prediction on an image with a drawn artefact to "
+        "agree with the same view without it (classifier; 0: off)")
     force_resume: bool = setting(
         False, help="resume a run even though lr, batch size, workers or epochs differ from "
         "the ones it was started with")
@@ -119,9 +122,9 @@ class TrainSettings:
 
 
 RECIPE_FIELDS = ("pretrained_encoder", "epochs", "batch_size", "lr", "encoder_lr_scale", "weight_decay",
-                 "label_smoothing", "class_weight_power")
+                 "label_smoothing", "class_weight_power", "artefact_consistency")
 RESUME_FIELDS = ("lr", "encoder_lr_scale", "weight_decay", "batch_size", "workers", "epochs",
-                 "label_smoothing", "class_weight_power")
+                 "label_smoothing", "class_weight_power", "artefact_consistency")
 """Hyperparameters a resumed run must share with the run it continues (or ``force_resume``)."""
 
 

@@ -51,8 +51,13 @@ class _ImageTask:
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised images and 0/1 masks on ``device``: augmented from the uint8 cache for
         training, resized for validation, normalised as inference normalises."""
+        return self.to_model(*self.augmenter(batch["image"], batch["mask"], train), device)
+
+    def to_model(self, pixels: torch.Tensor, masks: torch.Tensor, device: torch.device
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images in [0, 1] normalised as inference normalises, and their masks, on ``device``
+        in the memory layout the step was measured fastest in."""
         cfg = self.model_config
-        pixels, masks = self.augmenter(batch["image"], batch["mask"], train)
         image = normalize(pixels, cfg.mean, cfg.std, cfg.color_constancy)
         image = image.to(device, non_blocking=True).contiguous(memory_format=self.memory_format)
         return image, masks.to(device, non_blocking=True)
@@ -105,9 +110,24 @@ class SegmenterTask(_ImageTask):
                 "val_images": count}
 
 
+CONSISTENCY_PAIRS = 0.25
+"""With artefact consistency on, up to this share of a training batch gets a clean twin: each
+twin costs one more image's forward and backward pass."""
+
+
+def jensen_shannon(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:
+    """Mean Jensen-Shannon divergence (nats) between the rows' softmax distributions: symmetric
+    and bounded by log 2, so neither view is taken as the truth and no pair dominates."""
+    p, q = torch.softmax(logits_a, dim=1), torch.softmax(logits_b, dim=1)
+    log_mean = ((p + q) / 2).clamp_min(1e-7).log()
+    return 0.5 * (F.kl_div(log_mean, p, reduction="batchmean")
+                  + F.kl_div(log_mean, q, reduction="batchmean"))
+
+
 class ClassifierTask(_ImageTask):
     """Classifier: weighted cross-entropy, validated by accuracy, balanced accuracy and
-    per-class AUC; training hides metadata at the recipe's rates."""
+    per-class AUC; training hides metadata at the recipe's rates and, with
+    ``artefact_consistency``, asks artefacted images to agree with their clean twins."""
 
     kind = "classifier"
 
@@ -131,16 +151,37 @@ class ClassifierTask(_ImageTask):
 
     def inputs(self, batch: dict[str, np.ndarray], device: torch.device,
                train: bool = False) -> dict[str, Any]:
-        """Normalised image, lesion mask, metadata tensors and label indices on ``device``."""
-        image, mask = self.images(batch, device, train)
+        """Normalised image, lesion mask, metadata tensors and label indices on ``device``.
+
+        A training batch with artefact consistency on has clean twins appended to its images,
+        masks and metadata (not its labels); ``twin_of`` gives each twin's artefacted image.
+        """
+        n = len(batch["image"])
+        pairs = int(n * CONSISTENCY_PAIRS) if train and self.consistency > 0 else 0
+        if pairs:
+            pixels, masks, twin_of = self.augmenter.paired(batch["image"], batch["mask"], pairs)
+            image, mask = self.to_model(pixels, masks, device)
+        else:
+            (image, mask), twin_of = self.images(batch, device, train), torch.zeros(0, dtype=torch.long)
         metadata = None
         if self.config.settings.use_metadata:
             encoded = EncodedMetadata(batch["age"], batch["sex"], batch["site"])
             if train:
                 encoded = self._drop_metadata(encoded)
+            if len(twin_of):
+                rows = np.concatenate([np.arange(n), twin_of.numpy()])
+                encoded = EncodedMetadata(np.asarray(encoded.age)[rows],
+                                          np.asarray(encoded.sex)[rows],
+                                          np.asarray(encoded.site)[rows])
             metadata = metadata_to_tensors(encoded, device)
         return {"image": image, "mask": mask, "metadata": metadata,
-                "label": torch.as_tensor(batch["label"], dtype=torch.long).to(device)}
+                "label": torch.as_tensor(batch["label"], dtype=torch.long).to(device),
+                "twin_of": twin_of.to(device)}
+
+    @property
+    def consistency(self) -> float:
+        """The weight of the artefact-consistency loss (0: off)."""
+        return self.config.settings.artefact_consistency or 0.0
 
     def _drop_metadata(self, encoded: EncodedMetadata) -> EncodedMetadata:
         """Show each field as unknown with ``metadata_dropout``, all three with
@@ -164,11 +205,17 @@ class ClassifierTask(_ImageTask):
 
     def loss(self, model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
         """Class-weighted, label-smoothed cross-entropy (the weights offset HAM10000's 67%
-        ``nv``; smoothing keeps a fine-tuned model from growing over-confident)."""
-        logits = model(inputs["image"], inputs["mask"], inputs["metadata"])
+        ``nv``; smoothing keeps a fine-tuned model from growing over-confident), plus the
+        artefact-consistency term where the batch has clean twins."""
+        logits = model(inputs["image"], inputs["mask"], inputs["metadata"]).float()
+        labels = inputs["label"]
         weight = self.weight.to(logits.device) if self.weight is not None else None
-        return F.cross_entropy(logits.float(), inputs["label"], weight=weight,
+        loss = F.cross_entropy(logits[:len(labels)], labels, weight=weight,
                                label_smoothing=self.config.settings.label_smoothing)
+        twin_of = inputs.get("twin_of")
+        if twin_of is not None and len(twin_of):
+            loss = loss + self.consistency * jensen_shannon(logits[twin_of], logits[len(labels):])
+        return loss
 
     def synthetic_batch(self, batch_size: int) -> dict[str, np.ndarray]:
         """A batch of the real shapes and dtypes with arbitrary values, for timing steps."""
