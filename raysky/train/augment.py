@@ -131,10 +131,11 @@ def colour_matrices(n: int, config: AugmentConfig, generator: torch.Generator
     return matrix, (1 - contrast) * brightness
 
 
-def _jitter(images: torch.Tensor, matrix: torch.Tensor, pull: torch.Tensor) -> torch.Tensor:
-    """Colour jitter of ``[B, 3, H, W]`` in [0, 1] by maps :func:`colour_matrices` drew."""
+def _jitter(images: torch.Tensor, matrix: torch.Tensor, pull: torch.Tensor,
+            mean_grey: torch.Tensor) -> torch.Tensor:
+    """Colour jitter of ``[B, 3, H, W]`` in [0, 1] by maps :func:`colour_matrices` drew, each
+    image's contrast pulling towards its ``mean_grey``."""
     n = images.shape[0]
-    mean_grey = images.mean(dim=(2, 3)) @ _GREY
     flat = torch.baddbmm((pull * mean_grey)[:, None, None].expand(n, 3, 1), matrix,
                          images.flatten(2))
     return flat.view_as(images).clamp_(0.0, 1.0)
@@ -252,7 +253,9 @@ def augment_pairs(images: torch.Tensor, masks: torch.Tensor, size: int, config: 
     out_mask = F.grid_sample(lesion[rows].float()[:, None], grid, mode="nearest",
                              padding_mode="reflection", align_corners=False)
     matrix, pull = colour_matrices(n, config, generator)
-    return _jitter(out, matrix[rows], pull[rows]), out_mask, twin_of
+    # A twin's contrast pulls towards its artefacted image's grey, as that image's does.
+    mean_grey = (out.mean(dim=(2, 3)) @ _GREY)[rows]
+    return _jitter(out, matrix[rows], pull[rows], mean_grey), out_mask, twin_of
 
 
 def resize_batch(images: torch.Tensor, masks: torch.Tensor, size: int

@@ -37,12 +37,15 @@ def validate_settings(settings: TrainSettings, kind: str) -> tuple[str, str]:
     if settings.artefact_consistency < 0:
         raise ParameterError("artefact_consistency", settings.artefact_consistency,
                              "must be 0 (off) or positive")
-    if settings.artefact_consistency > 0 and (
-            kind != "classifier" or not get_preset(settings.preset).recipe(kind).augment.artefacts):
+    if settings.artefact_consistency > 0 and kind != "classifier":
+        raise ParameterError("artefact_consistency", settings.artefact_consistency,
+                             "applies to the classifier only; leave it unset or 0 here")
+    if settings.artefact_consistency > 0 and not get_preset(settings.preset).recipe(
+            kind).augment.artefacts:
         raise ParameterError(
             "artefact_consistency", settings.artefact_consistency,
-            f"needs a classifier recipe that pastes artefacts, and the {settings.preset} "
-            f"preset's {kind} recipe does not; set it to 0")
+            f"needs a recipe that pastes artefacts (its clean twins are what the loss compares), "
+            f"and the {settings.preset} preset's classifier recipe pastes none; set it to 0")
     metric, mode = DEFAULT_METRIC[kind]
     metric, mode = settings.metric or metric, settings.metric_mode or mode
     if mode not in ("max", "min"):

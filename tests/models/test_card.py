@@ -70,6 +70,11 @@ def test_the_card_agrees_with_the_checkpoint(checkpoint):
     assert text == render_markdown(card)
     assert meta["version"] in text and "0.585" in text and "7598 training" in text
     assert "not measured (`raysky robustness --update-card OUT`)" in text
+    assert "class weight power 0.50\n" in text  # no consistency loss recorded, none shown
+    consistent = {**meta, "extra": {**meta["extra"], "settings": {
+        **meta["extra"]["settings"], "artefact_consistency": 10.0}}}
+    assert "class weight power 0.50, artefact consistency 10.00\n" in render_markdown(
+        build_card(consistent))
 
 
 def test_updating_the_card_is_a_new_version_with_the_same_weights(checkpoint, tmp_path):

@@ -9,6 +9,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from raysky.data.metadata import EncodedMetadata
 from raysky.models import create_classifier, create_segmenter
@@ -18,6 +19,7 @@ from raysky.train.augment import (
     ArtefactBank,
     Augmenter,
     augment_batch,
+    augment_pairs,
     colour_matrices,
     epoch_generator,
     resize_batch,
@@ -31,7 +33,7 @@ from raysky.train.recipe import (
     make_average,
 )
 from raysky.train.settings import LoopConfig, TrainSettings
-from raysky.train.tasks import ClassifierTask
+from raysky.train.tasks import ClassifierTask, jensen_shannon
 
 GEOMETRY_ONLY = AugmentConfig(brightness=0, contrast=0, saturation=0, hue=0, transpose=0.5)
 
@@ -137,10 +139,60 @@ def test_pasted_artefacts_never_touch_the_lesion_and_reach_the_skin():
                       epoch_generator(0, 0, 0))
 
 
+def test_a_clean_twin_differs_from_its_artefacted_image_by_the_artefact_alone():
+    images, masks = _disks()
+    config = AugmentConfig(transpose=0.5, lesion_zoom=0.5, artefacts=1.0)
+    bank = ArtefactBank.draw(96, seed=0, per_kind=2)
+    out, out_mask, twin_of = augment_pairs(images, masks, 64, config, epoch_generator(0, 0, 0),
+                                           bank, pairs=3)
+    assert out.shape == (11, 3, 64, 64) and out_mask.shape == (11, 1, 64, 64)
+    assert len(twin_of) == 3 and len(set(twin_of.tolist())) == 3
+    # The twins cost no draws: the batch itself is what augment_batch gives for the seed.
+    alone, alone_mask = augment_batch(images, masks, 64, config, epoch_generator(0, 0, 0), bank)
+    assert torch.equal(out[:8], alone) and torch.equal(out_mask[:8], alone_mask)
+    # Same crop, rotation, flips and colour: the lesion is the same to the last bit...
+    assert torch.equal(out_mask[8:], out_mask[twin_of])
+    inside = -F.max_pool2d(-out_mask[8:], 5, stride=1, padding=2) > 0
+    difference = (out[8:] - out[twin_of]).abs().amax(dim=1, keepdim=True)
+    assert inside.any() and difference[inside].max() < 1e-5
+    # ...and the skin differs where an artefact was pasted (unless the crop left it out).
+    assert (difference.flatten(1).amax(dim=1) > 0.05).any()
+    # Without a layer to paste, a twin is its image.
+    blank = ArtefactBank(bank.colour, torch.zeros_like(bank.alpha), bank.kinds)
+    out, _, twin_of = augment_pairs(images, masks, 64, config, epoch_generator(0, 0, 0), blank,
+                                    pairs=8)
+    assert torch.allclose(out[8:], out[twin_of], atol=1e-6)
+
+
+def test_the_consistency_loss_adds_the_pairs_divergence_and_labels_only_the_batch():
+    augment = replace(AugmentConfig.none(), artefacts=1.0)
+    task = _classifier_task(augment=augment, artefact_consistency=10.0)
+    model = task.build_model().eval()
+    batch = {**task.synthetic_batch(8), "age": np.tile([[0.5, 0.0]], (8, 1)).astype(np.float32),
+             "sex": np.arange(8) % 2, "site": np.arange(8)}
+    inputs = task.inputs(batch, torch.device("cpu"), train=True)
+    twin_of = inputs["twin_of"]
+    assert len(twin_of) == 2 and len(inputs["label"]) == 8  # a quarter of 8 get a twin
+    assert inputs["image"].shape[0] == inputs["mask"].shape[0] == 10
+    # A twin shows its image's patient (as metadata dropout left it).
+    for name, values in inputs["metadata"].items():
+        assert torch.equal(values[8:], values[twin_of]), name
+    logits = model(inputs["image"], inputs["mask"], inputs["metadata"]).float()
+    plain = F.cross_entropy(logits[:8], inputs["label"], weight=task.weight, label_smoothing=0.0)
+    expected = plain + 10.0 * jensen_shannon(logits[twin_of], logits[8:])
+    assert torch.allclose(task.loss(model, inputs), expected, atol=1e-5)
+    assert float(jensen_shannon(logits, logits).detach()) == pytest.approx(0.0, abs=1e-6)
+    # Validation and runs without the loss see no twins.
+    assert len(task.inputs(batch, torch.device("cpu"))["twin_of"]) == 0
+    off = _classifier_task(augment=augment)
+    assert len(off.inputs(batch, torch.device("cpu"), train=True)["twin_of"]) == 0
+
+
 def _classifier_task(**recipe) -> ClassifierTask:
     base = recipe_to_dict(replace(PRESETS["tiny"].classifier_recipe, **recipe))
     settings = TrainSettings(data="unused", name="augment", preset="tiny", epochs=1,
-                             batch_size=4, lr=1e-3)
+                             batch_size=4, lr=1e-3,
+                             artefact_consistency=recipe.get("artefact_consistency"))
     config = LoopConfig.from_settings("classifier", settings, classes=["mel", "nv"],
                                       recipe=base)
     return ClassifierTask(config)

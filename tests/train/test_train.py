@@ -176,6 +176,16 @@ def test_python_callers_read_the_parameters_they_passed(sample_dir: Path, tmp_pa
         train_segmenter(TrainSettings(**base, batch_size=64))
     with pytest.raises(ParameterError, match=r"^segmenter=None: .*mask_source='ground-truth'"):
         train_classifier(TrainSettings(**base))
+    with pytest.raises(ParameterError, match=r"^artefact_consistency=-1.0: must be 0 \(off\) "
+                       r"or positive$"):
+        train_classifier(TrainSettings(**base, segmenter="seg", artefact_consistency=-1.0))
+    with pytest.raises(ParameterError, match=r"^artefact_consistency=10.0: needs a recipe that "
+                       r"pastes artefacts .* the tiny preset's classifier recipe pastes none; "
+                       r"set it to 0$"):
+        train_classifier(TrainSettings(**base, segmenter="seg", artefact_consistency=10.0))
+    with pytest.raises(ParameterError, match=r"^artefact_consistency=10.0: applies to the "
+                       r"classifier only"):
+        train_segmenter(TrainSettings(**{**base, "preset": "lite"}, artefact_consistency=10.0))
     with pytest.raises(ParameterError, match=r"^name='a/b': not a valid run name"):
         TrainSettings(**{**base, "name": "a/b"})
     with pytest.raises(ParameterError, match=r"^inference_size=16: must be at least 32"):
