@@ -1,7 +1,10 @@
 """Paired figures of one artefact kind: clean and altered results of the same images.
 
-Rows pair by image id. The flip rate and the mean absolute change of ``malignant_prob`` are
-over every pair, the flip rate with a Wilson interval by lesion; macro AUPRC (the mean over
+Rows pair by image id. The flip rates and the mean absolute change of ``malignant_prob`` are
+over every pair, the flip rates with a Wilson interval by lesion: ``flip_rate`` of
+``predicted_class``, the decision a clinic sees (with a calibration's decision offsets), and
+``argmax_flip_rate`` of the most probable class (the network's own answer, which temperature
+leaves alone; offsets move decisions near a boundary, so the first is the larger). Macro AUPRC (the mean over
 classes of average precision, as :func:`raysky.metrics.isic.average_precision` computes it) and
 malignant AUC over the labelled pairs, as altered minus clean, each with a paired bootstrap
 interval (one resample of lesions, or of images without lesion ids, scores both sides); see
@@ -67,6 +70,7 @@ def compare(clean: pd.DataFrame, altered: pd.DataFrame, table: pd.DataFrame, kin
     cols = [f"prob_{c}" for c in classes]
     c, a = clean.loc[ids], altered.loc[ids]
     flips = (c["predicted_class"].to_numpy() != a["predicted_class"].to_numpy()).astype(float)
+    argmax_flips = c[cols].to_numpy().argmax(axis=1) != a[cols].to_numpy().argmax(axis=1)
     delta_p = np.abs(a["malignant_prob"].to_numpy() - c["malignant_prob"].to_numpy())
     labels = meta["label"].to_numpy(object)
     known = pd.notna(labels)
@@ -91,12 +95,14 @@ def compare(clean: pd.DataFrame, altered: pd.DataFrame, table: pd.DataFrame, kin
         {"delta_macro_auprc": paired(auprc), "delta_malignant_auc": paired(auc)},
         np.arange(len(ids)), clusters=clusters, replicates=replicates, seed=seed)
     stats["flip_rate"] = proportion_interval(flips.astype(bool), clusters)
+    stats["argmax_flip_rate"] = proportion_interval(argmax_flips, clusters)
     every = np.arange(len(ids))
     attention, before, areas, not_placed = _attention_on_artefacts(ids, c, a, out, kind)
     return {
         "pairs": len(ids), "labelled": int(known.sum()),
         "not_scored": int(len(table) - len(ids)),
         "flip_rate": _interval(stats["flip_rate"]),
+        "argmax_flip_rate": _interval(stats["argmax_flip_rate"]),
         "mean_abs_delta_malignant_prob": float(delta_p.mean()) if len(ids) else None,
         "macro_auprc": {"clean": _nan_none(auprc(every, pc_, mc)),
                         "altered": _nan_none(auprc(every, pa_, ma)),

@@ -232,17 +232,19 @@ def format_report(report: dict) -> str:
              f"({report['mask_source']['ground_truth']} ground truth, "
              f"{report['mask_source']['segmenter']} segmenter)"
              f"{'; scored with test-time augmentation' if report.get('tta') else ''}",
-             f"{'artefact':<10}{'pairs':>6}{'flip':>8}{'|dp_mal|':>10}{'dAUPRC':>9}"
+             f"{'artefact':<10}{'pairs':>6}{'flip':>8}{'argmax':>8}{'|dp_mal|':>10}{'dAUPRC':>9}"
              f"{'dAUC_mal':>10}{'attention':>11}{'clean':>8}{'area':>8}"]
     for kind, r in report["by_artefact"].items():
         lines.append(
             f"{kind:<10}{r['pairs']:>6}{_fmt(r['flip_rate']['value']):>8}"
+            f"{_fmt(r.get('argmax_flip_rate', {}).get('value')):>8}"
             f"{_fmt(r['mean_abs_delta_malignant_prob']):>10}"
             f"{_fmt(r['macro_auprc']['delta'], True):>9}"
             f"{_fmt(r['malignant_auc']['delta'], True):>10}"
             f"{_fmt(r['artefact_attention']):>11}{_fmt(r['clean_attention_same_pixels']):>8}"
             f"{_fmt(r['artefact_area_frac']):>8}")
-    lines.append("flip: share of images whose predicted class changed; dAUPRC, dAUC_mal: altered "
+    lines.append("flip: share of images whose predicted class changed (argmax: whose most "
+                 "probable class changed, before decision offsets); dAUPRC, dAUC_mal: altered "
                  "minus clean; attention: Grad-CAM share on the artefact's pixels (clean: the "
                  "clean image's share on the same pixels; area: their share of the image)")
     return "\n".join(lines)

@@ -132,6 +132,19 @@ def test_compare_computes_flips_deltas_and_attention_exactly(tmp_path):
                      str(tmp_path), replicates=50, seed=0)
     assert result["pairs"] == n and result["flip_rate"]["value"] == pytest.approx(4 / n)
     assert result["flip_rate"]["low"] <= 0.2 <= result["flip_rate"]["high"]
+    assert result["argmax_flip_rate"]["value"] == pytest.approx(4 / n)  # the decision is the argmax
+    # A decision with offsets flips where the argmax does not: p_mel 0.45 -> 0.35 crosses 0.4.
+    near, moved = np.full(n, 0.45), np.full(n, 0.45)
+    moved[:3] = 0.35
+
+    def decided(p_mel):
+        return frame(p_mel, np.ones((10, 10))).assign(
+            predicted_class=np.where(p_mel > 0.4, "mel", "nv"))
+
+    offsets = compare(decided(near), decided(moved), table, kind, str(tmp_path), replicates=20,
+                      seed=0)
+    assert offsets["flip_rate"]["value"] == pytest.approx(3 / n)
+    assert offsets["argmax_flip_rate"]["value"] == 0.0
     assert result["mean_abs_delta_malignant_prob"] == pytest.approx(4 * 0.8 / n)
     assert result["malignant_auc"]["clean"] == 1.0
     assert result["malignant_auc"]["delta"] == pytest.approx(result["malignant_auc"]["altered"] - 1)
