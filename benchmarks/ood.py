@@ -63,7 +63,7 @@ def cached_features(encoder: GateEncoder, name: str, frame: pd.DataFrame, root: 
                     out: Path) -> np.ndarray:
     """Gate features of ``frame``'s images, from ``out/<name>.npz`` when its ids match."""
     cache = out / f"{name}.npz"
-    ids = frame.image_id.to_numpy()
+    ids = frame.image_id.to_numpy().astype(str)  # not object: the cache loads without pickle
     if cache.exists():
         stored = np.load(cache, allow_pickle=False)
         if list(stored["ids"]) == list(ids):

@@ -4,13 +4,14 @@ Rows pair by image id. The flip rates and the mean absolute change of ``malignan
 over every pair, the flip rates with a Wilson interval by lesion: ``flip_rate`` of
 ``predicted_class``, the decision a clinic sees (with a calibration's decision offsets), and
 ``argmax_flip_rate`` of the most probable class (the network's own answer, which temperature
-leaves alone; offsets move decisions near a boundary, so the first is the larger). Macro AUPRC (the mean over
-classes of average precision, as :func:`raysky.metrics.isic.average_precision` computes it) and
-malignant AUC over the labelled pairs, as altered minus clean, each with a paired bootstrap
-interval (one resample of lesions, or of images without lesion ids, scores both sides); see
-:mod:`raysky.metrics.intervals`. Artefact attention is the Grad-CAM share
-on the artefact's known pixels (:func:`raysky.audit.attention.artefact_attention`), beside the
-clean image's share on the same pixels and the pixels' share of the image.
+leaves alone; offsets move decisions near a class boundary, so the first is usually the
+larger). Macro AUPRC (the mean over classes of average precision, as
+:func:`raysky.metrics.isic.average_precision` computes it) and malignant AUC over the labelled
+pairs, as altered minus clean, each with a paired bootstrap interval (one resample of lesions,
+or of images without lesion ids, scores both sides); see :mod:`raysky.metrics.intervals`.
+Artefact attention is the Grad-CAM share on the artefact's known pixels
+(:func:`raysky.audit.attention.artefact_attention`), beside the clean image's share on the same
+pixels and the pixels' share of the image.
 """
 
 from __future__ import annotations

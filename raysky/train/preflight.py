@@ -39,7 +39,7 @@ def validate_settings(settings: TrainSettings, kind: str) -> tuple[str, str]:
                              "must be 0 (off) or positive")
     if settings.artefact_consistency > 0 and kind != "classifier":
         raise ParameterError("artefact_consistency", settings.artefact_consistency,
-                             "applies to the classifier only; leave it unset or 0 here")
+                             "applies to the classifier only; leave it unset or 0 for the segmenter")
     if settings.artefact_consistency > 0 and not get_preset(settings.preset).recipe(
             kind).augment.artefacts:
         raise ParameterError(

@@ -162,7 +162,8 @@ class ClassifierTask(_ImageTask):
             pixels, masks, twin_of = self.augmenter.paired(batch["image"], batch["mask"], pairs)
             image, mask = self.to_model(pixels, masks, device)
         else:
-            (image, mask), twin_of = self.images(batch, device, train), torch.zeros(0, dtype=torch.long)
+            image, mask = self.images(batch, device, train)
+            twin_of = torch.zeros(0, dtype=torch.long)
         metadata = None
         if self.config.settings.use_metadata:
             encoded = EncodedMetadata(batch["age"], batch["sex"], batch["site"])
