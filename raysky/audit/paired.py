@@ -71,13 +71,13 @@ def compare(clean: pd.DataFrame, altered: pd.DataFrame, table: pd.DataFrame, kin
     cols = [f"prob_{c}" for c in classes]
     c, a = clean.loc[ids], altered.loc[ids]
     flips = (c["predicted_class"].to_numpy() != a["predicted_class"].to_numpy()).astype(float)
-    argmax_flips = c[cols].to_numpy().argmax(axis=1) != a[cols].to_numpy().argmax(axis=1)
     delta_p = np.abs(a["malignant_prob"].to_numpy() - c["malignant_prob"].to_numpy())
     labels = meta["label"].to_numpy(object)
     known = pd.notna(labels)
     truth = np.isin(labels, list(MALIGNANT_CLASSES))
     pc_, pa_ = c[cols].to_numpy(np.float64), a[cols].to_numpy(np.float64)
     mc, ma = c["malignant_prob"].to_numpy(np.float64), a["malignant_prob"].to_numpy(np.float64)
+    argmax_flips = pc_.argmax(axis=1) != pa_.argmax(axis=1)
 
     def paired(fn):  # a metric on (clean, altered) rows of a resample, as altered - clean
         return lambda i: fn(i, pa_, ma) - fn(i, pc_, mc)

@@ -239,7 +239,8 @@ def augment_pairs(images: torch.Tensor, masks: torch.Tensor, size: int, config: 
         clean = pixels
         pixels, chosen = artefacts.paste_indexed(pixels, lesion, config.artefacts, generator)
         twin_of = chosen[:pairs]
-        pixels = torch.cat([pixels, clean[twin_of]])
+        if len(twin_of):  # no copy of the batch when nothing is twinned
+            pixels = torch.cat([pixels, clean[twin_of]])
     rows = torch.cat([torch.arange(n), twin_of])
     boxes = _crop_boxes(n, config, generator)
     if config.lesion_zoom > 0:
@@ -254,7 +255,7 @@ def augment_pairs(images: torch.Tensor, masks: torch.Tensor, size: int, config: 
                              padding_mode="reflection", align_corners=False)
     matrix, pull = colour_matrices(n, config, generator)
     # A twin's contrast pulls towards its artefacted image's grey, as that image's does.
-    mean_grey = (out.mean(dim=(2, 3)) @ _GREY)[rows]
+    mean_grey = (out[:n].mean(dim=(2, 3)) @ _GREY)[rows]
     return _jitter(out, matrix[rows], pull[rows], mean_grey), out_mask, twin_of
 
 
