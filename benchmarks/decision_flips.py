@@ -28,10 +28,13 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from robustness_pair import read_images  # noqa: E402  (beside this script, on its path)
+
 from raysky.audit.paired import read_scored  # noqa: E402
 from raysky.calibration.decision import (  # noqa: E402
     balanced_accuracy,
     decide,
+    log_prior,
     offsets_vector,
     prior_offsets,
 )
@@ -56,9 +59,9 @@ def checkpoint_rule(classifier: str) -> tuple[list[str], np.ndarray, np.ndarray 
     if not counts or any(int(counts.get(c, 0)) <= 0 for c in classes):
         raise SystemExit(f"{classifier}: records no training images for every class "
                          f"({counts}); pass a checkpoint trained by raysky train")
-    prior = np.array([float(counts[c]) for c in classes])
+    logp, _source = log_prior(classes, np.array([], dtype=np.int64), counts)
     offsets = offsets_vector((meta.get("calibration") or {}).get("decision_offsets"), classes)
-    return classes, np.log(prior / prior.sum()), offsets
+    return classes, logp, offsets
 
 
 def log_probs(frame: pd.DataFrame, ids: list[str], classes: list[str]) -> np.ndarray:
@@ -70,11 +73,7 @@ def log_probs(frame: pd.DataFrame, ids: list[str], classes: list[str]) -> np.nda
 def load_run(folder: str, classes: list[str]) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
     """The run's image table over the images scored ok in every folder, and ``log p`` of each
     folder (clean and every artefact kind) in that table's order."""
-    path = os.path.join(folder, "images.csv")
-    if not os.path.exists(path):
-        raise SystemExit(f"{path}: not found; pass the --out folder of a finished raysky "
-                         f"robustness run")
-    table = pd.read_csv(path, dtype={"image_id": str, "file_id": str})
+    table = read_images(folder)
     kinds = [c.removeprefix("area_") for c in table.columns if c.startswith("area_")]
     frames = {name: read_scored(os.path.join(folder, "results", name), table)
               for name in (CLEAN, *kinds)}
@@ -100,8 +99,7 @@ def rule_figures(table: pd.DataFrame, scores: dict[str, np.ndarray], classes: li
                                   replicates=replicates, seed=seed)
     flips = {kind: proportion_interval(clean != decide(score, offsets), lesions)
              for kind, score in scores.items() if kind != CLEAN}
-    return {"offsets": dict(zip(classes, map(float, offsets), strict=True)),
-            "balanced_accuracy": accuracy, "flip_rate": flips}
+    return {"balanced_accuracy": accuracy, "flip_rate": flips}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,15 +34,24 @@ from raysky.score.robustness import CLEAN  # noqa: E402
 SAME_COLUMNS = ("file_id", "lesion_id", "label")
 
 
+def _run_file(folder: str, name: str) -> str:
+    path = os.path.join(folder, name)
+    if not os.path.exists(path):
+        raise SystemExit(f"{path}: not found; pass the --out folder of a finished raysky "
+                         f"robustness run")
+    return path
+
+
+def read_images(folder: str) -> pd.DataFrame:
+    """A robustness folder's image table (``images.csv``: ids, labels, lesions, areas)."""
+    return pd.read_csv(_run_file(folder, "images.csv"), dtype={"image_id": str, "file_id": str})
+
+
 def load_run(folder: str) -> tuple[pd.DataFrame, dict]:
-    """A robustness folder's image table (``images.csv``) and report (``robustness.json``)."""
-    paths = [os.path.join(folder, name) for name in ("images.csv", ROBUSTNESS_FILE)]
-    for path in paths:
-        if not os.path.exists(path):
-            raise SystemExit(f"{path}: not found; pass the --out folder of a finished "
-                             f"raysky robustness run")
-    with open(paths[1]) as f:
-        return pd.read_csv(paths[0], dtype={"image_id": str, "file_id": str}), json.load(f)
+    """A robustness folder's image table and report (``robustness.json``)."""
+    table = read_images(folder)
+    with open(_run_file(folder, ROBUSTNESS_FILE)) as f:
+        return table, json.load(f)
 
 
 def check_same_images(baseline: pd.DataFrame, candidate: pd.DataFrame, kinds: list[str]) -> None:
@@ -68,18 +77,16 @@ def check_same_images(baseline: pd.DataFrame, candidate: pd.DataFrame, kinds: li
                              f"artefacts differ; rerun both with the same --seed and masks")
 
 
-def _scored_pair(folder: str, table: pd.DataFrame, kind: str
-                 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The clean and the ``kind`` results of one run, from its folder's fixed layout."""
-    return tuple(read_scored(os.path.join(folder, "results", name), table)
-                 for name in (CLEAN, kind))
+def _scored(folder: str, table: pd.DataFrame, name: str) -> pd.DataFrame:
+    """One results folder of a run (``clean`` or a kind), from its folder's fixed layout."""
+    return read_scored(os.path.join(folder, "results", name), table)
 
 
-def compare_kind(runs: list[tuple[str, pd.DataFrame]], kind: str, replicates: int,
+def compare_kind(runs: list[tuple[str, pd.DataFrame, pd.DataFrame]], kind: str, replicates: int,
                  seed: int) -> dict:
     """The paired figures of one artefact kind for ``runs`` = [baseline, candidate], each as
-    (folder, image table)."""
-    frames = [_scored_pair(folder, table, kind) for folder, table in runs]
+    (folder, image table, clean results)."""
+    frames = [(clean, _scored(folder, table, kind)) for folder, table, clean in runs]
     ids = sorted(set.intersection(*(set(f.index) for pair in frames for f in pair)))
     if not ids:
         raise SystemExit(f"{kind}: no image was scored ok in all four folders")
@@ -131,7 +138,8 @@ def compare_runs(baseline: str, candidate: str, replicates: int = 1000, seed: in
     if not kinds:
         raise SystemExit("the two runs measured no artefact kind in common")
     check_same_images(table_a, table_b, kinds)
-    runs = [(folder, table) for folder, table, _report in loaded]
+    # The clean results are read once per run, not once per kind.
+    runs = [(folder, table, _scored(folder, table, CLEAN)) for folder, table, _report in loaded]
     return {"baseline": baseline, "candidate": candidate, "replicates": replicates, "seed": seed,
             "by_artefact": {kind: compare_kind(runs, kind, replicates, seed) for kind in kinds}}
 
